@@ -1,0 +1,3 @@
+"""graphserve: an OpenAI-compatible LLM server that is ready after its largest CUDA graph."""
+
+__version__ = "0.1.0"

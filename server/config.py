@@ -1,0 +1,100 @@
+"""Configuration dataclasses shared by the CLI, the API and the engine.
+
+Nothing here imports torch or transformers: the CLI builds these before the HTTP
+port is bound, and the port must be bound before the heavy imports start.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+GRAPH_CAPTURE_MODES = ("lazy", "eager", "off")
+DTYPES = ("auto", "bfloat16", "float16", "float32")
+DEVICES = ("auto", "cuda", "cpu")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message says which and why."""
+
+
+def default_capture_sizes(max_num_seqs: int) -> list[int]:
+    """`[1, 2, 4, 8, 16, 24, ..., max_num_seqs]`: powers of two up to 8, then steps of 8.
+
+    `max_num_seqs` itself is always included so every decode batch has a graph to pad into.
+    """
+    sizes = [s for s in (1, 2, 4, 8) if s <= max_num_seqs]
+    sizes += list(range(16, max_num_seqs + 1, 8))
+    if not sizes or sizes[-1] != max_num_seqs:
+        sizes.append(max_num_seqs)
+    return sorted(set(sizes))
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs to load a model and schedule requests."""
+
+    model: str | None = None  # local HF directory; None means the embedded default model
+    served_model_name: str | None = None  # name reported by /v1/models; default: directory name
+    dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
+    device: str = "auto"  # auto: cuda if available, else cpu
+    max_model_len: int | None = None  # None: the model's limit, shrunk to fit the KV budget
+    max_num_seqs: int | None = None  # None: 256 on CUDA, 8 on CPU
+    max_queue: int = 1024  # waiting requests beyond this are rejected (HTTP 429)
+    max_num_batched_tokens: int | None = None  # prefill chunk; None: 2048 on CUDA, 256 on CPU
+    gpu_memory_utilization: float = 0.90  # fraction of total GPU memory the server may hold
+    graph_capture: str = "lazy"  # lazy | eager | off
+    cuda_graph_sizes: list[int] | None = None  # None: default_capture_sizes(max_num_seqs)
+    capture_budget_ms: float = 50.0  # max predicted capture time allowed between two steps
+    capture_min_interval_ms: float = 250.0  # spacing of captures while requests are running
+    idle_debounce_ms: float = 100.0  # quiet time before idle capture starts
+    seed: int = 0  # base seed for requests that give none
+
+    def validate(self) -> None:
+        """Raise ConfigError for values that can never work (checked before any heavy import)."""
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.graph_capture not in GRAPH_CAPTURE_MODES:
+            raise ConfigError(
+                f"--graph-capture must be one of {', '.join(GRAPH_CAPTURE_MODES)}, "
+                f"got {self.graph_capture!r}"
+            )
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.max_queue < 0:
+            raise ConfigError(f"--max-queue must be >= 0, got {self.max_queue}")
+        if not 0.0 < self.gpu_memory_utilization <= 1.0:
+            raise ConfigError(
+                f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        if self.cuda_graph_sizes is not None:
+            if not self.cuda_graph_sizes or any(s < 1 for s in self.cuda_graph_sizes):
+                raise ConfigError("--cuda-graph-sizes must be a non-empty list of positive integers")
+        if self.capture_budget_ms < 0 or self.idle_debounce_ms < 0 or self.capture_min_interval_ms < 0:
+            raise ConfigError("capture timing options must be >= 0")
+
+
+@dataclass
+class ServerConfig:
+    """HTTP server settings plus the engine configuration."""
+
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_key: str | None = None
+    drain_timeout: float = 30.0  # seconds in-flight requests may take after SIGTERM
+    startup_failure_grace: float = 5.0  # seconds a failed startup stays observable before exit
+    log_format: str = "text"  # text | json
+    log_level: str = "info"
+
+    def validate(self) -> None:
+        self.engine.validate()
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"--port must be in 0..65535, got {self.port}")
+        if self.drain_timeout < 0:
+            raise ConfigError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
+        if self.log_format not in ("text", "json"):
+            raise ConfigError(f"--log-format must be text or json, got {self.log_format!r}")
