@@ -8,6 +8,7 @@ over its weights. Everything that can be wrong with a model directory is reporte
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 from dataclasses import dataclass
@@ -144,14 +145,18 @@ def load_checkpoint(model: str | None, device: str, dtype: str, served_name: str
         raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
 
     torch_dtype = resolve_dtype(dtype, device)
+    # With accelerate installed, transformers writes weights straight into device memory;
+    # without it, load on the CPU and move (slower, twice the host memory, but it works).
+    direct = device != "cpu" and importlib.util.find_spec("accelerate") is not None
     try:
         hf_model = AutoModelForCausalLM.from_pretrained(
             path,
             dtype=torch_dtype,
             local_files_only=True,
-            device_map=device,
-            low_cpu_mem_usage=True,
+            **({"device_map": device} if direct else {}),
         )
+        if device != "cpu" and not direct:
+            hf_model.to(device)
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
