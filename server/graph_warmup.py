@@ -34,6 +34,8 @@ for the health endpoint.
 from __future__ import annotations
 
 import bisect
+import contextlib
+import gc
 import logging
 import math
 import threading
@@ -51,12 +53,16 @@ SizeState = Literal["pending", "capturing", "captured", "failed"]
 DispatchKind = Literal["exact", "padded", "eager"]
 CapturePhase = Literal["startup", "busy", "idle", "unscheduled"]
 
-# Capture time is predicted as the maximum of the most recent measured captures, of any size.
-# Capture cost is dominated by recording one launch per kernel, which hardly depends on the
-# batch size, so measurements of other sizes are good predictors. The maximum (rather than an
-# average) keeps a stall from overrunning the budget by surprise; the short window lets the
-# first capture, which also pays one-time costs (pool growth, library workspaces), age out.
-_PREDICTION_WINDOW = 4
+# Capture time is predicted as the (lower) median of the last few measured captures, of any
+# size. Capture cost is dominated by recording one launch per kernel, which hardly depends on
+# the batch size, so other sizes' measurements are good predictors and in steady conditions the
+# median is close to the maximum. A maximum or an average would let one outlier (a GC pause,
+# the first capture's pool growth and library warm-up) lift the prediction over the budget, and
+# under sustained load nothing would ever correct it: busy capture only runs when the
+# prediction fits, so no new measurement arrives until the server goes idle. With the median,
+# an isolated slow capture costs at most one over-budget stall; once most recent captures are
+# slow, the prediction exceeds the budget and the remaining sizes wait for idle time.
+_PREDICTION_WINDOW = 5
 
 # Until a second graph has been captured, each additional graph is assumed to grow the shared
 # pool by this fraction of the largest graph's pool. Smaller graphs capture after the largest
@@ -646,7 +652,10 @@ class CapturePolicy:
         self._last_capture_end = now
 
     def _predict_locked(self) -> float | None:
-        return max(self._recent_capture_s) if self._recent_capture_s else None
+        if not self._recent_capture_s:
+            return None
+        recent = sorted(self._recent_capture_s)
+        return recent[(len(recent) - 1) // 2]
 
     def _rebuild_dispatch_locked(self) -> None:
         table: list[int | None] = [None] * (self._largest + 1)
@@ -730,3 +739,203 @@ class CapturePolicy:
 
 def _mib(n: int) -> str:
     return f"{n / 2**20:.1f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------
+# The CUDA graph runner (torch is imported lazily: the policy above must stay torch-free)
+# ---------------------------------------------------------------------------------------------
+
+
+class DecodeRunner:
+    """Runs decode steps from static input buffers, replaying a captured graph when it can.
+
+    One buffer set serves every batch size: graph for size s reads `inputs[:, :s]` and writes
+    `logits[:s]`. Logits go into a buffer allocated outside the graph pool, so the pool holds
+    only each graph's transient activations, which smaller graphs reuse (largest captured
+    first): full coverage costs little more memory than the largest graph alone.
+
+    All methods run on the engine thread. Captures use `capture_begin`/`capture_end` directly
+    rather than `torch.cuda.graph(...)`, whose entry empties the allocator's cache (device and
+    pinned host): mid-serving that would force fresh cudaMallocs into the next steps.
+    """
+
+    def __init__(
+        self, model, kv_cache, policy: CapturePolicy, max_num_seqs: int, scratch_slot: int
+    ):
+        import torch
+
+        self._torch = torch
+        self.model = model
+        self.kv_cache = kv_cache
+        self.policy = policy
+        self.max_n = max_num_seqs
+        self.scratch_slot = scratch_slot
+        self.device = model.device
+        self.cuda = self.device.type == "cuda"
+        # Rows: token ids, positions, slots. Padding rows and warm-up runs use the scratch slot.
+        self.inputs = torch.zeros(3, self.max_n, dtype=torch.int64, device=self.device)
+        self.logits = torch.empty(
+            self.max_n, model.shape.vocab_size, dtype=model.dtype, device=self.device
+        )
+        self._host = torch.zeros(3, self.max_n, dtype=torch.int64, pin_memory=self.cuda)
+        self.graphs: dict[int, object] = {}
+        self._failed_graphs: list[object] = []  # never freed: see capture()
+        self._pool = None
+        self._stream = torch.cuda.Stream() if self.cuda else None
+        self._reserved_before = 0
+        # Tests inject faults here: called inside a capture with the size being captured.
+        self.fault_injector = None
+
+    # -- startup ----------------------------------------------------------------------------
+
+    def startup(self) -> None:
+        """Warm up, then capture the policy's startup sizes (lazy: the largest only)."""
+        if not self.cuda:
+            self._warm(self.max_n)  # still exercise the step once, so the first request is fast
+            return
+        plan = self.policy.startup_plan()
+        torch = self._torch
+        # Eager runs at the largest size on the capture stream first: cuBLAS creates its
+        # workspace and Triton compiles its kernels outside any graph pool.
+        for n in sorted({self.max_n, 1}, reverse=True):
+            self._warm(n)
+        torch.cuda.synchronize()
+        self._reserved_before = torch.cuda.memory_reserved()
+        if not plan:
+            return
+        gc.collect()  # once per bulk, not per graph
+        gc.freeze()
+        try:
+            for size in plan:
+                if not self.policy.active:  # the largest failed: the policy is off, serve eagerly
+                    break
+                self.capture(size, bulk=True)
+        finally:
+            gc.unfreeze()
+
+    def _warm(self, n: int) -> None:
+        self._fill_padding()
+        torch = self._torch
+        ctx = torch.cuda.stream(self._stream) if self.cuda else contextlib.nullcontext()
+        with ctx:
+            self._decode_static(n)
+        if self.cuda:
+            torch.cuda.current_stream().wait_stream(self._stream)
+
+    def _fill_padding(self) -> None:
+        self.inputs[0].zero_()
+        self.inputs[1].zero_()
+        self.inputs[2].fill_(self.scratch_slot)
+
+    def _decode_static(self, n: int) -> None:
+        self.model.decode(
+            self.inputs[0, :n],
+            self.inputs[1, :n],
+            self.inputs[2, :n],
+            self.kv_cache,
+            self.logits[:n],
+        )
+
+    # -- capture ----------------------------------------------------------------------------
+
+    def capture(self, size: int, bulk: bool = False) -> bool:
+        """Capture the graph for `size`; report to the policy. Never raises.
+
+        A failed capture may leave its graph holding blocks of the shared pool; freeing it (or
+        any graph of the pool) and capturing again into that pool trips an allocator assert,
+        so failed graphs are kept alive and never retried.
+        """
+        torch = self._torch
+        self.policy.begin(size)
+        if not bulk:
+            gc.freeze()  # no GC pass (and no tensor frees from __del__) during the capture
+        graph = torch.cuda.CUDAGraph()
+        t0 = time.perf_counter()
+        try:
+            self._fill_padding()
+            with torch.cuda.stream(self._stream):
+                self._decode_static(size)  # warm-up: per-shape kernel selection outside capture
+            torch.cuda.synchronize()
+            with torch.cuda.stream(self._stream):
+                graph.capture_begin(pool=self._pool)
+                try:
+                    if self.fault_injector is not None:
+                        self.fault_injector(size)
+                    self._decode_static(size)
+                finally:
+                    graph.capture_end()
+            torch.cuda.synchronize()
+        except Exception as exc:  # OOM, CUDA error, injected fault
+            self._failed_graphs.append(graph)
+            self._recover_from_failed_capture()
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            logger.warning("graph capture for batch size %d failed: %s", size, reason)
+            self.policy.failed(size, reason)
+            return False
+        finally:
+            if not bulk:
+                gc.unfreeze()
+        seconds = time.perf_counter() - t0
+        if self._pool is None:
+            self._pool = graph.pool()
+        self.graphs[size] = graph
+        pool_bytes = max(0, torch.cuda.memory_reserved() - self._reserved_before)
+        self.policy.succeeded(size, seconds, pool_bytes)
+        logger.info(
+            "captured decode graph for batch size %d in %.1f ms (graph pool %.1f MiB)",
+            size,
+            seconds * 1e3,
+            pool_bytes / 2**20,
+        )
+        return True
+
+    def _recover_from_failed_capture(self) -> None:
+        torch = self._torch
+        try:
+            if torch.cuda.is_current_stream_capturing():
+                logger.error("stream still capturing after a failed capture")
+            with torch.cuda.stream(self._stream):
+                if torch.cuda.is_current_stream_capturing():
+                    logger.error("capture stream still capturing after a failed capture")
+            torch.cuda.synchronize()
+        except Exception:
+            logger.exception("device synchronize after a failed capture raised")
+
+    # -- running ----------------------------------------------------------------------------
+
+    def run(self, ids: list[int], positions: list[int], slots: list[int]):
+        """Decode one token for each row; returns the logits view `[n, vocab]`."""
+        n = len(ids)
+        dispatch = self.policy.select(n)
+        graph = self.graphs.get(dispatch.size) if dispatch.size is not None else None
+        rows = dispatch.size if graph is not None else n
+        host = self._host
+        host[0, :n] = self._torch.tensor(ids)
+        host[1, :n] = self._torch.tensor(positions)
+        host[2, :n] = self._torch.tensor(slots)
+        if rows > n:
+            host[0:2, n:rows] = 0
+            host[2, n:rows] = self.scratch_slot
+        self.inputs[:, :rows].copy_(host[:, :rows], non_blocking=True)
+        if graph is not None:
+            graph.replay()
+        else:
+            self._decode_static(n)
+        return self.logits[:n]
+
+    def describe(self) -> str:
+        snap = self.policy.snapshot()
+        cov = snap.get("coverage", {})
+        captured, total = cov.get("captured", 0), cov.get("total", 0)
+        return f"mode={snap.get('mode')}, captured {captured}/{total} sizes"
+
+    def device_info(self) -> dict:
+        torch = self._torch
+        info = {"type": self.device.type, "torch": torch.__version__}
+        if self.cuda:
+            info["name"] = torch.cuda.get_device_name(self.device)
+            info["total_memory_bytes"] = torch.cuda.get_device_properties(self.device).total_memory
+        from server import ops
+
+        info["kernels"] = "triton" if ops.triton_enabled() else "torch"
+        return info

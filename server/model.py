@@ -61,7 +61,7 @@ class LayerWeights:
 
 @dataclass
 class PrefillChunk:
-    """Tokens `[start, start + length)` of the sequence in `slot`, at `offset` in the packed batch."""
+    """Tokens `[start, start + length)` of the sequence in `slot`, at `offset` in the batch."""
 
     slot: int
     start: int
@@ -86,7 +86,10 @@ def _cat_bias(*linears) -> torch.Tensor | None:
     if all(b is None for b in biases):
         return None
     return torch.cat(
-        [b if b is not None else torch.zeros_like(lin.weight[:, 0]) for b, lin in zip(biases, linears)]
+        [
+            b if b is not None else torch.zeros_like(lin.weight[:, 0])
+            for b, lin in zip(biases, linears, strict=True)
+        ]
     )
 
 
@@ -96,7 +99,9 @@ class DecoderModel:
     def __init__(self, hf_model, max_model_len: int):
         config = hf_model.config
         inner = hf_model.model
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        head_dim = (
+            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        )
         self.shape = ModelShape(
             num_layers=config.num_hidden_layers,
             hidden_size=config.hidden_size,
@@ -203,7 +208,7 @@ class DecoderModel:
 
     @torch.inference_mode()
     def prefill(self, input_ids, positions, slots, kv_cache, chunks: list[PrefillChunk]):
-        """Packed prompt chunks; returns logits `[len(chunks), vocab]` at each chunk's last token."""
+        """Packed prompt chunks; returns logits `[len(chunks), vocab]` at each chunk's end."""
 
         def attend(i, q):
             k_cache, v_cache = kv_cache[i]
@@ -240,8 +245,12 @@ def allocate_kv_cache(shape: ModelShape, num_slots: int, max_len: int, dtype, de
     """
     return [
         (
-            torch.zeros(num_slots, shape.num_kv_heads, max_len, shape.head_dim, dtype=dtype, device=device),
-            torch.zeros(num_slots, shape.num_kv_heads, max_len, shape.head_dim, dtype=dtype, device=device),
+            torch.zeros(
+                num_slots, shape.num_kv_heads, max_len, shape.head_dim, dtype=dtype, device=device
+            ),
+            torch.zeros(
+                num_slots, shape.num_kv_heads, max_len, shape.head_dim, dtype=dtype, device=device
+            ),
         )
         for _ in range(shape.num_layers)
     ]

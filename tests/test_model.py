@@ -24,7 +24,9 @@ def pair(arch_dir):
 
     ours = load_checkpoint(str(arch_dir), "cpu", "float32")
     model = DecoderModel(ours.hf_model, MAX_LEN)
-    ref = AutoModelForCausalLM.from_pretrained(arch_dir, dtype=torch.float32, local_files_only=True).eval()
+    ref = AutoModelForCausalLM.from_pretrained(
+        arch_dir, dtype=torch.float32, local_files_only=True
+    ).eval()
     return model, ref
 
 
@@ -58,7 +60,11 @@ def test_chunked_prefill_then_padded_decode_matches_hf(pair):
     out = torch.empty(3, model.shape.vocab_size)
     for t in range(25, 40):
         model.decode(
-            torch.tensor([7, ids[t], 0]), torch.tensor([0, t, 0]), torch.tensor([scratch, slot, scratch]), kv, out
+            torch.tensor([7, ids[t], 0]),
+            torch.tensor([0, t, 0]),
+            torch.tensor([scratch, slot, scratch]),
+            kv,
+            out,
         )
         _close(out[1], full[t])
 
@@ -67,10 +73,16 @@ def test_packed_prefill_of_different_lengths(pair):
     model, ref = pair
     kv = allocate_kv_cache(model.shape, 3, MAX_LEN, torch.float32, "cpu")
     a, b = list(range(3, 20)), list(range(30, 36))
-    chunks = [PrefillChunk(slot=0, start=0, length=len(a), offset=0), PrefillChunk(slot=2, start=0, length=len(b), offset=len(a))]
+    chunks = [
+        PrefillChunk(slot=0, start=0, length=len(a), offset=0),
+        PrefillChunk(slot=2, start=0, length=len(b), offset=len(a)),
+    ]
     logits = model.prefill(
-        torch.tensor(a + b), torch.tensor(list(range(len(a))) + list(range(len(b)))),
-        torch.tensor([0] * len(a) + [2] * len(b)), kv, chunks,
+        torch.tensor(a + b),
+        torch.tensor(list(range(len(a))) + list(range(len(b)))),
+        torch.tensor([0] * len(a) + [2] * len(b)),
+        kv,
+        chunks,
     )
     _close(logits[0], _ref_logits(ref, a)[-1])
     _close(logits[1], _ref_logits(ref, b)[-1])
@@ -84,8 +96,10 @@ def test_padding_rows_do_not_touch_other_slots(pair):
         v.normal_()
     before = [(k[:2].clone(), v[:2].clone()) for k, v in kv]
     out = torch.empty(4, model.shape.vocab_size)
-    model.decode(torch.tensor([5, 6, 7, 8]), torch.zeros(4, dtype=torch.long), torch.full((4,), 2), kv, out)
-    for (k, v), (k0, v0) in zip(kv, before):
+    model.decode(
+        torch.tensor([5, 6, 7, 8]), torch.zeros(4, dtype=torch.long), torch.full((4,), 2), kv, out
+    )
+    for (k, v), (k0, v0) in zip(kv, before, strict=True):
         assert torch.equal(k[:2], k0) and torch.equal(v[:2], v0)
 
 
@@ -103,7 +117,11 @@ def test_unsupported_architecture_is_a_clear_error(tmp_path):
 
 @pytest.mark.parametrize(
     "breakage, message",
-    [("missing", "does not exist"), ("no_config", "no config.json"), ("no_weights", "no \\*.safetensors")],
+    [
+        ("missing", "does not exist"),
+        ("no_config", "no config.json"),
+        ("no_weights", "no \\*.safetensors"),
+    ],
 )
 def test_broken_directory_is_a_clear_error(tmp_path, breakage, message):
     path = tmp_path / "m"
