@@ -335,6 +335,9 @@ class CapturePolicy:
                 )
             if self._ready_at is None:
                 self._ready_at = self._clock()
+                # No request can have been admitted before ready, so the idle debounce starts
+                # now rather than at the engine's first next_capture(0, 0) after its first wait.
+                self._idle_since = self._ready_at
 
     # ------------------------------------------------------------------------- dispatch
 

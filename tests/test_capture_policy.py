@@ -419,6 +419,15 @@ def test_idle_captures_remaining_sizes_descending_after_debounce():
     assert all(e["captured_in"] in ("startup", "idle") for e in policy.snapshot()["sizes"])
 
 
+def test_idle_debounce_starts_at_ready():
+    policy, clock, runner = ready_policy("lazy", idle_debounce_s=0.1)
+    clock.advance(0.06)
+    assert policy.idle_wait_s() == pytest.approx(0.04)
+    clock.advance(0.041)
+    # The engine's first call after its first idle wait already gets a size.
+    assert policy.next_capture(0, 0) == 24
+
+
 def test_arrival_stops_idle_capture_at_once():
     policy, clock, runner = ready_policy("lazy", idle_debounce_s=0.1, min_interval_s=0.25)
     policy.next_capture(0, 0)
