@@ -72,8 +72,14 @@ class EngineConfig:
             )
         if self.cuda_graph_sizes is not None:
             if not self.cuda_graph_sizes or any(s < 1 for s in self.cuda_graph_sizes):
-                raise ConfigError("--cuda-graph-sizes must be a non-empty list of positive integers")
-        if self.capture_budget_ms < 0 or self.idle_debounce_ms < 0 or self.capture_min_interval_ms < 0:
+                raise ConfigError(
+                    "--cuda-graph-sizes must be a non-empty list of positive integers"
+                )
+        if (
+            self.capture_budget_ms < 0
+            or self.idle_debounce_ms < 0
+            or self.capture_min_interval_ms < 0
+        ):
             raise ConfigError("capture timing options must be >= 0")
 
 

@@ -107,14 +107,18 @@ def check_config(config, path: Path) -> None:
             f"(architectures={getattr(config, 'architectures', None)}); supported: {supported}"
         )
     rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    rope_type = (
+        rope.get("rope_type", rope.get("type", "default")) if isinstance(rope, dict) else "default"
+    )
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ModelLoadError(
             f"{path}: rope type {rope_type!r} is not supported "
             f"(supported: {', '.join(sorted(SUPPORTED_ROPE_TYPES))})"
         )
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
-        raise ModelLoadError(f"{path}: hidden_act={config.hidden_act!r} is not supported (silu only)")
+        raise ModelLoadError(
+            f"{path}: hidden_act={config.hidden_act!r} is not supported (silu only)"
+        )
 
 
 def resolve_dtype(dtype: str, device: str):

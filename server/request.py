@@ -55,13 +55,17 @@ class SamplingParams:
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequestError("top_p must be in (0, 1]", "top_p")
         if self.top_k < -1:
-            raise InvalidRequestError("top_k must be -1, 0 (disabled) or a positive integer", "top_k")
+            raise InvalidRequestError(
+                "top_k must be -1, 0 (disabled) or a positive integer", "top_k"
+            )
         if self.seed is not None and not -(2**63) <= self.seed < 2**64:
             raise InvalidRequestError("seed must fit in 64 bits", "seed")
         if any(not isinstance(s, str) or not s for s in self.stop):
             raise InvalidRequestError("stop strings must be non-empty strings", "stop")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
-            raise InvalidRequestError("stop_token_ids must be non-negative integers", "stop_token_ids")
+            raise InvalidRequestError(
+                "stop_token_ids must be non-negative integers", "stop_token_ids"
+            )
 
     @property
     def greedy(self) -> bool:

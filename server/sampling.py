@@ -92,7 +92,9 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return torch.where(greedy_rows, greedy_tokens, sampled)
 
 
-def _filter_top_k_top_p(scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
+def _filter_top_k_top_p(
+    scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]
+) -> torch.Tensor:
     """Set logits outside each row's top-k and top-p (nucleus) set to -inf."""
     device = scaled.device
     vocab = scaled.shape[1]

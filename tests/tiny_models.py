@@ -44,7 +44,9 @@ def build_tokenizer(path: Path) -> None:
     fast.save_pretrained(path)
 
 
-def build_checkpoint(path: Path, arch: str = "llama", seed: int = 0, vocab_size: int = 400, **overrides) -> Path:
+def build_checkpoint(
+    path: Path, arch: str = "llama", seed: int = 0, vocab_size: int = 400, **overrides
+) -> Path:
     """Write a random-weight checkpoint of `arch` (fp32 safetensors) plus tokenizer to `path`."""
     from transformers import (
         LlamaConfig,
@@ -79,8 +81,12 @@ def build_checkpoint(path: Path, arch: str = "llama", seed: int = 0, vocab_size:
     if arch == "llama":
         # Llama 3 style RoPE scaling, so the scaled-frequency path is exercised.
         kwargs["rope_parameters"] = {
-            "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-            "low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 128,
+            "rope_type": "llama3",
+            "rope_theta": 500000.0,
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 128,
         }
     if arch == "qwen3":
         kwargs["head_dim"] = 32  # Qwen3 decouples head_dim from hidden/heads
