@@ -8,8 +8,9 @@ package ships a small text corpus (`server/data/*.txt`) instead of weights. On f
 `tokenizer_config.json`, chat template). The engine then loads it through exactly the same code as
 any real checkpoint.
 
-The build is deterministic (same bytes every time), takes well under a second after the
-torch/transformers imports, and is published with one atomic rename so concurrent processes never
+The build is deterministic (same weight and tokenizer bytes every time, on transformers 5.17 and
+5.24 alike), takes a fraction of a second once torch and transformers' Llama classes are imported,
+and is published with one atomic rename so concurrent processes never
 see a half-written directory. The weights are random: generated text is gibberish by design.
 """
 
@@ -473,7 +474,10 @@ def _file_lock(path: Path) -> Iterator[bool]:
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as exc:
-        raise DefaultModelError(f"cannot create the lock file {path}: {exc}") from exc
+        raise DefaultModelError(
+            f"cannot create the lock file {path} ({exc}); "
+            f"set {CACHE_ENV_VAR} to a writable directory or pass --model"
+        ) from exc
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
