@@ -1,0 +1,191 @@
+"""Decode and prefill speed of one checkpoint: CUDA graph vs eager, next to the bandwidth floor.
+
+Measured in one process, on one GPU, in this order:
+1. HBM read bandwidth (sum over a 4 GiB bf16 tensor) -> decode floor = weight bytes / bandwidth.
+2. Weight loading through the server's loader, the KV cache, Triton warm-up.
+3. Capture of every size descending into one pool (the `eager` policy's startup work): time per
+   graph, pool memory after the largest vs after all.
+4. Per batch size: ms per decode step replaying the graph vs running the same step eagerly
+   (CUDA events, median), at a given context length; plus one full engine step at batch 1
+   (host input copy + replay + greedy sampling + device->host) to show host overhead.
+5. Prefill throughput (tokens/s) for one long prompt and for a packed batch of prompts.
+
+    python bench/decode.py --model /tmp/llama-8b --out bench/results/decode-8b.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def cuda_time_ms(fn, iters: int, warmup: int = 3) -> float:
+    """Median milliseconds of `fn()` over `iters` runs, timed with CUDA events."""
+    import torch
+
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def hbm_read_bandwidth() -> float:
+    """Bytes per second reading a 4 GiB bf16 tensor (random data, median of 20)."""
+    import torch
+
+    x = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
+    ms = cuda_time_ms(lambda: x.sum(), 20)
+    nbytes = x.numel() * x.element_size()
+    del x
+    torch.cuda.empty_cache()
+    return nbytes / (ms / 1e3)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
+    ap.add_argument("--graph-sizes", default=None, help="capture list (default: the server's default)")
+    ap.add_argument("--context", type=int, default=512, help="tokens each row attends to")
+    ap.add_argument("--prefill", type=int, default=2048, help="tokens per prefill step")
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+
+    import torch
+    import transformers
+
+    from server import ops
+    from server.config import default_capture_sizes
+    from server.graph_warmup import CapturePolicy, DecodeRunner
+    from server.model import DecoderModel, PrefillChunk, allocate_kv_cache
+    from server.model_loader import load_checkpoint
+    from server.sampling import SamplingBatch, sample
+
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    max_n = max(batch_sizes)
+    sizes = sorted({int(s) for s in args.graph_sizes.split(",")}) if args.graph_sizes else default_capture_sizes(max_n)
+    sizes = sorted(set(sizes) | set(batch_sizes))
+    max_n = max(sizes)
+    result: dict = {
+        "model": args.model,
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "context": args.context,
+    }
+
+    bw = hbm_read_bandwidth()
+    result["hbm_read_gb_s"] = bw / 1e9
+
+    t0 = time.perf_counter()
+    ckpt = load_checkpoint(args.model, "cuda", "bfloat16")
+    result["load_s"] = time.perf_counter() - t0
+    weight_bytes = ckpt.weight_bytes
+    max_len = max(args.context + 64, args.prefill + 64)
+    model = DecoderModel(ckpt.hf_model, max_len)
+    ckpt.hf_model = None
+    triton = ops.use_triton(True)
+    kv = allocate_kv_cache(model.shape, max_n + 1, max_len, torch.bfloat16, "cuda")
+    for k, v in kv:
+        k.normal_()
+        v.normal_()
+    result["weight_gb"] = weight_bytes / 1e9
+    result["kernels"] = "triton" if triton else "torch"
+    # Weights + the KV actually read at batch 1 (the cache is read only up to the context).
+    kv_per_row = model.shape.kv_bytes_per_token * 2 * args.context
+    result["floor_ms_batch1"] = (weight_bytes + kv_per_row) / bw * 1e3
+
+    policy = CapturePolicy(sizes, "eager")
+    runner = DecodeRunner(model, kv, policy, max_n, max_n)
+    t0 = time.perf_counter()
+    runner.startup()  # warm-up + every size, descending, one pool
+    capture_all_s = time.perf_counter() - t0
+    policy.mark_ready()
+    snap = policy.snapshot()
+    per_size = {s["size"]: s for s in snap["sizes"]}
+    result["capture"] = {
+        "sizes": sizes,
+        "startup_total_s": capture_all_s,
+        "largest_capture_s": per_size[max_n]["capture_ms"] / 1e3,
+        "all_captures_s": sum(s["capture_ms"] for s in snap["sizes"]) / 1e3,
+        "pool_bytes_largest": per_size[max_n]["pool_bytes_after"],
+        "pool_bytes_all": snap["pool_bytes_total"],
+        "per_size_ms": {s["size"]: s["capture_ms"] for s in snap["sizes"]},
+    }
+    result["capture"]["pool_ratio_all_vs_largest"] = (
+        result["capture"]["pool_bytes_all"] / max(1, result["capture"]["pool_bytes_largest"])
+    )
+
+    rows = []
+    g = torch.Generator(device="cuda").manual_seed(0)
+    for b in batch_sizes:
+        runner.inputs[0, :b] = torch.randint(0, model.shape.vocab_size, (b,), device="cuda", generator=g)
+        runner.inputs[1, :b] = args.context - 1
+        runner.inputs[2, :b] = torch.arange(b, device="cuda")
+        eager = cuda_time_ms(lambda b=b: runner._decode_static(b), max(5, args.iters // 3))
+        graph = cuda_time_ms(runner.graphs[b].replay, args.iters)
+        rows.append({"batch": b, "eager_ms": eager, "graph_ms": graph, "speedup": eager / graph})
+    result["decode"] = rows
+
+    # One whole engine step at batch 1: host->device inputs, replay, greedy sample, tokens back.
+    greedy = SamplingBatch([0.0], [1.0], [0], [0], [0])
+
+    def engine_step():
+        logits = runner.run([5], [args.context - 1], [0])
+        sample(logits, greedy).tolist()
+
+    for _ in range(5):
+        engine_step()
+    t0 = time.perf_counter()
+    for _ in range(args.iters):
+        engine_step()
+    result["engine_step_ms_batch1"] = (time.perf_counter() - t0) / args.iters * 1e3
+
+    # Prefill throughput.
+    prefill = {}
+    for n_seqs in (1, 8):
+        per = args.prefill // n_seqs
+        ids = torch.randint(0, model.shape.vocab_size, (per * n_seqs,), device="cuda")
+        pos = torch.arange(per, device="cuda").repeat(n_seqs)
+        slots = torch.arange(n_seqs, device="cuda").repeat_interleave(per)
+        chunks = [PrefillChunk(slot=i, start=0, length=per, offset=i * per) for i in range(n_seqs)]
+        ms = cuda_time_ms(lambda: model.prefill(ids, pos, slots, kv, chunks), 5, warmup=2)
+        prefill[f"{n_seqs}x{per}"] = {"ms": ms, "tokens_per_s": per * n_seqs / (ms / 1e3)}
+    result["prefill"] = prefill
+
+    print(f"\n{result['device']}  torch {result['torch']}  kernels={result['kernels']}  "
+          f"HBM read {result['hbm_read_gb_s']:.0f} GB/s  weights {result['weight_gb']:.2f} GB  "
+          f"floor(b=1, ctx {args.context}) {result['floor_ms_batch1']:.2f} ms")  # fmt: skip
+    cap = result["capture"]
+    print(f"capture: largest {cap['largest_capture_s'] * 1e3:.0f} ms, all {len(sizes)} sizes "
+          f"{cap['all_captures_s']:.2f} s; pool all/largest = {cap['pool_ratio_all_vs_largest']:.3f}")  # fmt: skip
+    print(f"{'batch':>5} {'eager ms':>9} {'graph ms':>9} {'speedup':>7}")
+    for r in rows:
+        print(f"{r['batch']:>5} {r['eager_ms']:>9.2f} {r['graph_ms']:>9.2f} {r['speedup']:>7.2f}")
+    print(f"engine step batch 1 (with sampling and host sync): {result['engine_step_ms_batch1']:.2f} ms")
+    for k, v in prefill.items():
+        print(f"prefill {k}: {v['ms']:.1f} ms, {v['tokens_per_s']:.0f} tok/s")
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
