@@ -11,7 +11,6 @@ The server's routes, flags and metrics are read from `server.api`, `server.cli` 
 
 from __future__ import annotations
 
-import ast
 import json
 import re
 import shlex
@@ -302,18 +301,38 @@ def server_routes() -> set[str]:
     return paths
 
 
-def exported_metrics() -> set[str]:
-    """Metric names server/metrics.py exports (string literals, with the counter `_total`)."""
-    source = REPO / "server" / "metrics.py"
-    if not source.exists():
-        return set(DOCUMENTED_METRICS)
-    names: set[str] = set()
-    for node in ast.walk(ast.parse(source.read_text())):
-        if isinstance(node, ast.Constant) and isinstance(node.value, str):
-            if re.fullmatch(r"graphserve_[a-z0-9_]+", node.value):
-                names.add(node.value)
-    # prometheus_client appends _total to counters declared without it.
-    names |= {f"{n}_total" for n in names if not n.endswith("_total")}
+class _EngineStub:
+    """Just the engine contract's scrape-time surface: `stats()` and `graph_report()`."""
+
+    def stats(self) -> dict:
+        return {"running": 0, "waiting": 0}
+
+    def graph_report(self) -> dict:
+        return {}
+
+
+def exported_metrics() -> dict[str, str]:
+    """Exposed metric name -> Prometheus type, from a real scrape of server.metrics.
+
+    A counter appears under its `_total` sample name; histogram families also under their
+    family name. Until server/metrics.py exists, the documented names (untyped) are used.
+    """
+    try:
+        from server.health import Lifecycle
+        from server.metrics import ServerMetrics
+    except ModuleNotFoundError as exc:
+        if exc.name not in {"server.metrics", "server.health"}:
+            raise
+        return dict.fromkeys(DOCUMENTED_METRICS, "unknown")
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = ServerMetrics(Lifecycle(), lambda: _EngineStub()).render().decode()
+    names: dict[str, str] = {}
+    for family in text_string_to_metric_families(text):
+        exposed = f"{family.name}_total" if family.type == "counter" else family.name
+        names[exposed] = family.type
+        for sample in family.samples:
+            names.setdefault(sample.name, family.type)
     return names
 
 
@@ -758,6 +777,8 @@ def test_hpa_scales_the_deployment_on_an_exported_metric(manifests, deployment):
         assert metric["type"] == "Pods", "graphserve's load signals are per-pod metrics"
         name = metric["pods"]["metric"]["name"]
         assert name in exported, f"{name} is not exported by server/metrics.py"
+        # Averaging a counter across pods measures nothing; queue depths are gauges.
+        assert exported[name] in {"gauge", "unknown"}, f"{name} is a {exported[name]}"
         assert metric["pods"]["target"]["type"] == "AverageValue"
 
 
