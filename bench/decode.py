@@ -16,6 +16,7 @@ Measured in one process, on one GPU, in this order:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -48,7 +49,7 @@ def hbm_read_bandwidth() -> float:
     import torch
 
     x = torch.randn(2**31, dtype=torch.bfloat16, device="cuda")
-    ms = cuda_time_ms(lambda: x.sum(), 20)
+    ms = cuda_time_ms(x.sum, 20)
     nbytes = x.numel() * x.element_size()
     del x
     torch.cuda.empty_cache()
@@ -56,10 +57,14 @@ def hbm_read_bandwidth() -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--model", required=True)
     ap.add_argument("--batch-sizes", default="1,2,4,8,16,32,64")
-    ap.add_argument("--graph-sizes", default=None, help="capture list (default: the server's default)")
+    ap.add_argument(
+        "--graph-sizes", default=None, help="capture list (default: the server's default)"
+    )
     ap.add_argument("--context", type=int, default=512, help="tokens each row attends to")
     ap.add_argument("--prefill", type=int, default=2048, help="tokens per prefill step")
     ap.add_argument("--iters", type=int, default=30)
@@ -79,7 +84,11 @@ def main() -> None:
     torch.backends.cuda.enable_cudnn_sdp(False)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     max_n = max(batch_sizes)
-    sizes = sorted({int(s) for s in args.graph_sizes.split(",")}) if args.graph_sizes else default_capture_sizes(max_n)
+    sizes = (
+        sorted({int(s) for s in args.graph_sizes.split(",")})
+        if args.graph_sizes
+        else default_capture_sizes(max_n)
+    )
     sizes = sorted(set(sizes) | set(batch_sizes))
     max_n = max(sizes)
     result: dict = {
@@ -129,14 +138,16 @@ def main() -> None:
         "pool_bytes_all": snap["pool_bytes_total"],
         "per_size_ms": {s["size"]: s["capture_ms"] for s in snap["sizes"]},
     }
-    result["capture"]["pool_ratio_all_vs_largest"] = (
-        result["capture"]["pool_bytes_all"] / max(1, result["capture"]["pool_bytes_largest"])
+    result["capture"]["pool_ratio_all_vs_largest"] = result["capture"]["pool_bytes_all"] / max(
+        1, result["capture"]["pool_bytes_largest"]
     )
 
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for b in batch_sizes:
-        runner.inputs[0, :b] = torch.randint(0, model.shape.vocab_size, (b,), device="cuda", generator=g)
+        runner.inputs[0, :b] = torch.randint(
+            0, model.shape.vocab_size, (b,), device="cuda", generator=g
+        )
         runner.inputs[1, :b] = args.context - 1
         runner.inputs[2, :b] = torch.arange(b, device="cuda")
         eager = cuda_time_ms(lambda b=b: runner._decode_static(b), max(5, args.iters // 3))
@@ -166,7 +177,8 @@ def main() -> None:
         pos = torch.arange(per, device="cuda").repeat(n_seqs)
         slots = torch.arange(n_seqs, device="cuda").repeat_interleave(per)
         chunks = [PrefillChunk(slot=i, start=0, length=per, offset=i * per) for i in range(n_seqs)]
-        ms = cuda_time_ms(lambda: model.prefill(ids, pos, slots, kv, chunks), 5, warmup=2)
+        step = functools.partial(model.prefill, ids, pos, slots, kv, chunks)
+        ms = cuda_time_ms(step, 5, warmup=2)
         prefill[f"{n_seqs}x{per}"] = {"ms": ms, "tokens_per_s": per * n_seqs / (ms / 1e3)}
     result["prefill"] = prefill
 
@@ -174,12 +186,14 @@ def main() -> None:
           f"HBM read {result['hbm_read_gb_s']:.0f} GB/s  weights {result['weight_gb']:.2f} GB  "
           f"floor(b=1, ctx {args.context}) {result['floor_ms_batch1']:.2f} ms")  # fmt: skip
     cap = result["capture"]
+    ratio = cap["pool_ratio_all_vs_largest"]
     print(f"capture: largest {cap['largest_capture_s'] * 1e3:.0f} ms, all {len(sizes)} sizes "
-          f"{cap['all_captures_s']:.2f} s; pool all/largest = {cap['pool_ratio_all_vs_largest']:.3f}")  # fmt: skip
+          f"{cap['all_captures_s']:.2f} s; pool all/largest = {ratio:.3f}")  # fmt: skip
     print(f"{'batch':>5} {'eager ms':>9} {'graph ms':>9} {'speedup':>7}")
     for r in rows:
         print(f"{r['batch']:>5} {r['eager_ms']:>9.2f} {r['graph_ms']:>9.2f} {r['speedup']:>7.2f}")
-    print(f"engine step batch 1 (with sampling and host sync): {result['engine_step_ms_batch1']:.2f} ms")
+    step_ms = result["engine_step_ms_batch1"]
+    print(f"engine step batch 1 (with sampling and host sync): {step_ms:.2f} ms")
     for k, v in prefill.items():
         print(f"prefill {k}: {v['ms']:.1f} ms, {v['tokens_per_s']:.0f} tok/s")
     if args.out:

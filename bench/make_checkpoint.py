@@ -12,21 +12,27 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 SHAPES = {
-    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=64, tie_word_embeddings=True),
-    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-               num_key_value_heads=8, head_dim=128, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=64,
+               tie_word_embeddings=True),
+    "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+               num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               tie_word_embeddings=False),
 }  # fmt: skip
 COMMON = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
     max_position_embeddings=131072, rms_norm_eps=1e-5, hidden_act="silu", torch_dtype="bfloat16",
-    rope_scaling={"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
-                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
-    rope_theta=500000.0, attention_bias=False, mlp_bias=False,
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0,
+                     "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192},
+    attention_bias=False, mlp_bias=False,
 )  # fmt: skip
 SHARD_BYTES = 4 * 2**30
 
@@ -56,7 +62,9 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--shape", choices=sorted(SHAPES), required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where to draw weights")
@@ -102,7 +110,11 @@ def main() -> None:
         if name.endswith("norm.weight"):
             t = torch.ones(shape, dtype=torch.bfloat16)
         else:
-            t = (torch.randn(shape, generator=g, device=args.device, dtype=torch.float32) * 0.02).to(torch.bfloat16).cpu()
+            t = (
+                (torch.randn(shape, generator=g, device=args.device, dtype=torch.float32) * 0.02)
+                .to(torch.bfloat16)
+                .cpu()
+            )
         nbytes = t.numel() * 2
         if shard_bytes + nbytes > SHARD_BYTES:
             flush()
@@ -120,7 +132,9 @@ def main() -> None:
     (out / "model.safetensors.index.json").write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1)
     )
-    print(f"wrote {args.shape} checkpoint ({total / 1e9:.2f} GB in {len(shards)} shards) to {out} in {time.perf_counter() - t0:.1f} s")
+    seconds = time.perf_counter() - t0
+    size = f"{total / 1e9:.2f} GB, {len(shards)} shards"
+    print(f"wrote {args.shape} checkpoint ({size}) to {out} in {seconds:.1f} s")
 
 
 def _cuda() -> bool:

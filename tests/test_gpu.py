@@ -55,7 +55,10 @@ async def run_batch(engine, prompts, max_tokens=24) -> list[list[int]]:
 
 def mixed_prompts(n=11, seed=5):
     g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 400, (int(length),), generator=g).tolist() for length in torch.randint(3, 90, (n,), generator=g)]
+    return [
+        torch.randint(2, 400, (int(length),), generator=g).tolist()
+        for length in torch.randint(3, 90, (n,), generator=g)
+    ]
 
 
 # -- correctness vs HF in bf16 -----------------------------------------------------------------
@@ -77,38 +80,56 @@ async def test_bf16_greedy_matches_hf_forward(gpu_model_dir):
         outs = await run_batch(engine, prompts, max_tokens=32)
     finally:
         engine.shutdown()
-    ref = AutoModelForCausalLM.from_pretrained(gpu_model_dir, dtype=torch.bfloat16, local_files_only=True).cuda().eval()
+    ref = (
+        AutoModelForCausalLM.from_pretrained(
+            gpu_model_dir, dtype=torch.bfloat16, local_files_only=True
+        )
+        .cuda()
+        .eval()
+    )
     exact = total = 0
     for prompt, toks in zip(prompts, outs, strict=True):
         with torch.no_grad():
-            logits = ref(torch.tensor([prompt + toks], device="cuda"), use_cache=False).logits[0].float()
+            logits = (
+                ref(torch.tensor([prompt + toks], device="cuda"), use_cache=False).logits[0].float()
+            )
         step_logits = logits[len(prompt) - 1 : len(prompt) - 1 + len(toks)]
         best = step_logits.max(dim=-1).values
         ours = step_logits.gather(1, torch.tensor(toks, device="cuda")[:, None])[:, 0]
         gap = best - ours
         tol = 0.02 * best.abs().clamp(min=1.0)
-        assert bool((gap <= tol).all()), f"token outside bf16 noise of HF argmax: gaps {gap.tolist()}"
+        assert bool((gap <= tol).all()), (
+            f"token outside bf16 noise of HF argmax: gaps {gap.tolist()}"
+        )
         exact += int((gap == 0).sum())
         total += len(toks)
     assert exact >= 0.95 * total, f"only {exact}/{total} tokens are HF's exact argmax"
 
 
 def test_model_logits_match_hf_in_bf16(gpu_model_dir):
+    from transformers import AutoModelForCausalLM
+
     from server import ops
     from server.model import DecoderModel, PrefillChunk, allocate_kv_cache
     from server.model_loader import load_checkpoint
-    from transformers import AutoModelForCausalLM
 
     ops.use_triton(True)
     ckpt = load_checkpoint(str(gpu_model_dir), "cuda", "bfloat16")
     model = DecoderModel(ckpt.hf_model, 256)
-    ref = AutoModelForCausalLM.from_pretrained(gpu_model_dir, dtype=torch.bfloat16, local_files_only=True).cuda().eval()
+    ref = (
+        AutoModelForCausalLM.from_pretrained(
+            gpu_model_dir, dtype=torch.bfloat16, local_files_only=True
+        )
+        .cuda()
+        .eval()
+    )
     kv = allocate_kv_cache(model.shape, 3, 256, torch.bfloat16, "cuda")
     ids = torch.randint(2, 400, (60,)).tolist()
     with torch.no_grad():
         full = ref(torch.tensor([ids], device="cuda"), use_cache=False).logits[0].float()
-    model.prefill(torch.tensor(ids[:40], device="cuda"), torch.arange(40, device="cuda"),
-                  torch.ones(40, dtype=torch.long, device="cuda"), kv, [PrefillChunk(1, 0, 40, 0)])  # fmt: skip
+    prompt = torch.tensor(ids[:40], device="cuda")
+    ones = torch.ones(40, dtype=torch.long, device="cuda")
+    model.prefill(prompt, torch.arange(40, device="cuda"), ones, kv, [PrefillChunk(1, 0, 40, 0)])
     out = torch.empty(2, 400, dtype=torch.bfloat16, device="cuda")
     for t in range(40, 60):
         model.decode(torch.tensor([ids[t], 0], device="cuda"), torch.tensor([t, 0], device="cuda"),
@@ -159,7 +180,9 @@ def test_graph_replay_equals_eager_for_every_size(gpu_model_dir):
         if n in sizes:
             assert torch.equal(graph_logits, eager_logits), f"size {n}: replay differs from eager"
         else:  # padded: other GEMM shapes may round differently; same greedy token
-            torch.testing.assert_close(graph_logits.float(), eager_logits.float(), rtol=2e-2, atol=2e-2)
+            torch.testing.assert_close(
+                graph_logits.float(), eager_logits.float(), rtol=2e-2, atol=2e-2
+            )
             assert torch.equal(graph_logits.argmax(-1), eager_logits.argmax(-1))
 
 
@@ -189,7 +212,13 @@ async def test_capture_failure_mid_serving_keeps_serving(gpu_model_dir):
     finally:
         reference_engine.shutdown()
 
-    engine = start(gpu_model_dir, graph_capture="lazy", capture_min_interval_ms=0, capture_budget_ms=10_000, idle_debounce_ms=60_000)
+    engine = start(
+        gpu_model_dir,
+        graph_capture="lazy",
+        capture_min_interval_ms=0,
+        capture_budget_ms=10_000,
+        idle_debounce_ms=60_000,
+    )
     failures = []
 
     def inject(size):
