@@ -1,0 +1,251 @@
+"""Prometheus metrics: request-side instruments plus a collector reading the engine at scrape time.
+
+Each app gets its own `CollectorRegistry` (never the process-global one), so tests can build many
+apps in one process. Engine-side numbers (queue depths, graph coverage, capture timings, decode
+step kinds) are pulled from `engine.stats()` and `engine.graph_report()` only when Prometheus
+scrapes, so the engine carries no Prometheus code. Every key is optional: a missing or malformed
+value drops that metric from the scrape instead of failing it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+from server.health import PHASES, READY, Lifecycle
+
+logger = logging.getLogger("graphserve.metrics")
+
+# Token latencies span a fast GPU decode step (~1 ms) to a stalled CPU prefill (~10 s).
+LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
+    0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
+)
+# Whole requests run from milliseconds to minutes (long generations on a busy server).
+DURATION_BUCKETS = (
+    0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServerMetrics:
+    """The request-side instruments of one app, and the registry they live in."""
+
+    def __init__(self, lifecycle: Lifecycle, engine_getter: Callable[[], Any]):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = Counter(
+            "graphserve_requests",
+            "OpenAI API requests by endpoint and HTTP status (499: client went away).",
+            ["endpoint", "status"], registry=r,
+        )
+        self.aborted = Counter(
+            "graphserve_requests_aborted",
+            "Admitted requests aborted before they finished, by cause.",
+            ["cause"], registry=r,
+        )
+        self.ttft = Histogram(
+            "graphserve_time_to_first_token_seconds",
+            "Time from request arrival to its first generated token.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.itl = Histogram(
+            "graphserve_inter_token_latency_seconds",
+            "Time between consecutive generated tokens of one request.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.duration = Histogram(
+            "graphserve_request_duration_seconds",
+            "Time from request arrival to its last token, for admitted generation requests.",
+            buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter(
+            "graphserve_prompt_tokens", "Prompt tokens of admitted requests.", registry=r
+        )
+        self.generation_tokens = Counter(
+            "graphserve_generation_tokens", "Generated tokens streamed to clients.", registry=r
+        )
+        r.register(EngineCollector(lifecycle, engine_getter))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _number(value: Any) -> float | None:
+    """A finite float from an int/float (bools excluded), else None."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+class EngineCollector(Collector):
+    """Reads lifecycle, `engine.stats()` and `engine.graph_report()` when Prometheus scrapes."""
+
+    def __init__(self, lifecycle: Lifecycle, engine_getter: Callable[[], Any]):
+        self._lifecycle = lifecycle
+        self._engine = engine_getter
+
+    def describe(self) -> list[Metric]:
+        # Families depend on what the engine reports; an empty description keeps registration
+        # from calling collect() (and the engine) at construction time.
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        phase = self._lifecycle.phase
+        ready = GaugeMetricFamily("graphserve_ready", "1 when the server accepts /v1 requests.")
+        ready.add_metric([], 1.0 if phase == READY else 0.0)
+        yield ready
+        phases = GaugeMetricFamily(
+            "graphserve_phase", "Lifecycle phase (1 for the current one).", labels=["phase"]
+        )
+        for p in PHASES:
+            phases.add_metric([p], 1.0 if p == phase else 0.0)
+        yield phases
+
+        engine = self._engine()
+        if engine is None:
+            return
+        yield from self._stats(engine)
+        yield from self._graphs(engine)
+
+    def _stats(self, engine: Any) -> Iterator[Metric]:
+        try:
+            stats = engine.stats()
+        except Exception:
+            logger.debug("engine.stats() failed during scrape", exc_info=True)
+            return
+        if not isinstance(stats, dict):
+            return
+        for key, name, doc in (
+            ("running", "graphserve_requests_running", "Requests holding a decode slot."),
+            ("waiting", "graphserve_requests_waiting", "Requests queued for a decode slot."),
+        ):
+            value = _number(stats.get(key))
+            if value is not None:
+                g = GaugeMetricFamily(name, doc)
+                g.add_metric([], value)
+                yield g
+
+    def _graphs(self, engine: Any) -> Iterator[Metric]:
+        try:
+            report = engine.graph_report()
+        except Exception:
+            logger.debug("engine.graph_report() failed during scrape", exc_info=True)
+            return
+        if not isinstance(report, dict):
+            return
+
+        coverage = report.get("coverage")
+        if isinstance(coverage, dict):
+            ratio = _number(coverage.get("ratio"))
+            if ratio is not None:
+                g = GaugeMetricFamily(
+                    "graphserve_graph_coverage_ratio",
+                    "Fraction of the configured decode batch sizes with a captured CUDA graph.",
+                )
+                g.add_metric([], ratio)
+                yield g
+
+        pool = _number(report.get("pool_bytes_total"))
+        if pool is not None:
+            g = GaugeMetricFamily(
+                "graphserve_graph_pool_bytes", "Bytes held by the shared CUDA graph memory pool."
+            )
+            g.add_metric([], pool)
+            yield g
+
+        complete = report.get("complete")
+        if isinstance(complete, bool):
+            g = GaugeMetricFamily(
+                "graphserve_graph_capture_complete", "1 once every configured size is captured."
+            )
+            g.add_metric([], 1.0 if complete else 0.0)
+            yield g
+
+        pending = _number(report.get("pending_demand"))
+        if pending is not None:
+            g = GaugeMetricFamily(
+                "graphserve_graph_pending_demand",
+                "Decode steps that ran padded or eager for lack of an exact graph, not yet served.",
+            )
+            g.add_metric([], pending)
+            yield g
+
+        traffic = report.get("traffic")
+        if isinstance(traffic, dict):
+            steps = CounterMetricFamily(
+                "graphserve_decode_steps",
+                "Decode steps by how they ran: exact graph, padded into a larger graph, or eager.",
+                labels=["kind"],
+            )
+            found = False
+            for kind in ("exact", "padded", "eager"):
+                value = _number(traffic.get(f"{kind}_steps"))
+                if value is not None:
+                    steps.add_metric([kind], value)
+                    found = True
+            if found:
+                yield steps
+
+        sizes = report.get("sizes")
+        if isinstance(sizes, list):
+            yield from self._sizes([s for s in sizes if isinstance(s, dict)])
+
+    @staticmethod
+    def _sizes(sizes: list[dict[str, Any]]) -> Iterator[Metric]:
+        captures = CounterMetricFamily(
+            "graphserve_graph_captures",
+            "CUDA graph captures by result (one per batch size that reached that state).",
+            labels=["result"],
+        )
+        states = [s.get("state") for s in sizes]
+        captures.add_metric(["captured"], float(states.count("captured")))
+        captures.add_metric(["failed"], float(states.count("failed")))
+        yield captures
+
+        seconds = GaugeMetricFamily(
+            "graphserve_graph_capture_seconds",
+            "How long the capture of each batch size's graph took.",
+            labels=["size"],
+        )
+        replays = CounterMetricFamily(
+            "graphserve_graph_replays", "Replays of each batch size's graph.", labels=["size"]
+        )
+        wasted = CounterMetricFamily(
+            "graphserve_graph_padded_tokens_wasted",
+            "Padding slots computed by replaying each size's graph for a smaller batch.",
+            labels=["size"],
+        )
+        any_seconds = any_replays = any_wasted = False
+        for entry in sizes:
+            size = entry.get("size")
+            if isinstance(size, bool) or not isinstance(size, int):
+                continue
+            label = [str(size)]
+            ms = _number(entry.get("capture_ms"))
+            if ms is not None and entry.get("state") == "captured":
+                seconds.add_metric(label, ms / 1000.0)
+                any_seconds = True
+            count = _number(entry.get("replays"))
+            if count is not None:
+                replays.add_metric(label, count)
+                any_replays = True
+            pad = _number(entry.get("padded_tokens_wasted"))
+            if pad is not None:
+                wasted.add_metric(label, pad)
+                any_wasted = True
+        if any_seconds:
+            yield seconds
+        if any_replays:
+            yield replays
+        if any_wasted:
+            yield wasted

@@ -1,0 +1,373 @@
+"""A torch-free engine that honours the AsyncEngine contract (docs/architecture.md), for API tests.
+
+Like the real engine it runs its own thread: that thread reports the startup phases through
+`on_phase`, schedules requests into `max_num_seqs` slots with a `max_queue`-deep waiting queue,
+"decodes" one token per running request per step and delivers `RequestOutput` increments to each
+request's asyncio.Queue with `loop.call_soon_threadsafe`. Text goes through the project's real
+`IncrementalDetokenizer`, so stop strings behave as they will in production.
+
+The "model" is byte-level: token ids 0..255 are bytes, 256 is BOS, 257 is EOS. It writes a fixed
+phrase over and over. Markers in the prompt script the rest:
+  `[eos:N]`    emit EOS after N tokens (finish_reason "stop" unless ignore_eos)
+  `[fault:N]`  fail the request after N tokens (finish_reason "error")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+from server.config import EngineConfig, default_capture_sizes
+from server.detokenizer import IncrementalDetokenizer
+from server.request import (
+    EngineNotReadyError,
+    InvalidRequestError,
+    QueueFullError,
+    RequestOutput,
+    SamplingParams,
+)
+
+BOS = 256
+EOS = 257
+VOCAB = 258
+PHRASE = b"The quick brown fox jumps over the lazy dog. "
+
+
+class FakeTokenizer:
+    """Byte-level tokenizer with the slice of the HF tokenizer API the server uses."""
+
+    bos_token_id = BOS
+    eos_token_id = EOS
+
+    def __len__(self) -> int:
+        return VOCAB
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [BOS, *ids] if add_special_tokens else ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        data = bytearray()
+        for t in ids:
+            if t < 256:
+                data.append(t)
+            elif not skip_special_tokens:
+                data += b"<s>" if t == BOS else b"</s>"
+        return data.decode("utf-8", errors="replace")
+
+    def apply_chat_template(self, conversation, add_generation_prompt=False, tokenize=True,
+                            **kwargs):
+        # Real templates raise on conversations they cannot render; mimic one such rule.
+        for i, msg in enumerate(conversation):
+            if msg["role"] == "system" and i != 0:
+                raise ValueError("System message must be at the beginning.")
+        text = "<s>" + "".join(f"<|{m['role']}|>{m['content']}\n" for m in conversation)
+        if add_generation_prompt:
+            text += "<|assistant|>"
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue
+    detok: IncrementalDetokenizer
+    eos_after: int | None
+    fault_after: int | None
+    generated: list[int] = field(default_factory=list)
+    aborted: bool = False
+
+
+class _Stream:
+    """Async iterator over one request's increments; ends after the finished one."""
+
+    def __init__(self, queue: asyncio.Queue):
+        self._queue = queue
+        self._done = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self._done:
+            raise StopAsyncIteration
+        out = await self._queue.get()
+        if out.finished:
+            self._done = True
+        return out
+
+
+class FakeEngine:
+    """Contract-faithful stand-in for `server.engine.AsyncEngine` (no torch, no model)."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        on_phase=None,
+        *,
+        token_delay: float = 0.0,
+        phase_delay: float = 0.0,
+        gated: bool = False,
+        fail_in: str | None = None,
+        fail_reason: str = "CUDA out of memory (fake)",
+    ):
+        self.config = config
+        self._on_phase = on_phase or (lambda phase, detail=None: None)
+        self.token_delay = token_delay
+        self.phase_delay = phase_delay
+        self.fail_in = fail_in
+        self.fail_reason = fail_reason
+        self.model_name = config.served_model_name or "fake-model"
+        self.max_model_len = config.max_model_len or 256
+        self.max_num_seqs = config.max_num_seqs or 4
+        self.max_queue = config.max_queue
+        self.vocab_size = VOCAB
+        self.tokenizer: FakeTokenizer | None = None
+        # Observable by tests.
+        self.submitted: list[tuple[str, list[int], SamplingParams]] = []
+        self.aborted: list[str] = []
+        self.phases: list[str] = []
+        self.started = False
+        self.shut_down = False
+
+        self._gated = gated
+        self._gate = threading.Semaphore(0)
+        self._lock = threading.Condition()
+        self._running: dict[str, _Request] = {}
+        self._waiting: deque[_Request] = deque()
+        self._abort_ids: set[str] = set()
+        self._ready = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._sizes = sorted(config.cuda_graph_sizes or default_capture_sizes(self.max_num_seqs))
+        self._captured: dict[int, float] = {}
+        self._traffic = {"exact_steps": 0, "padded_steps": 0, "eager_steps": 0}
+        self._replays: dict[int, int] = {}
+
+    # ---------------------------------------------------------------- startup
+    def start(self) -> None:
+        self.started = True
+        self._thread = threading.Thread(target=self._main, name="fake-engine", daemon=True)
+        self._thread.start()
+
+    def release_phase(self) -> None:
+        """With gated=True, let the engine thread move past the phase it is waiting in."""
+        self._gate.release()
+
+    def _phase(self, phase: str, detail: str | None = None) -> bool:
+        """Report a phase; False if the engine must stop (scripted failure or shutdown)."""
+        if self.fail_in == phase:
+            self.phases.append("failed")
+            self._on_phase("failed", f"{self.fail_reason} (while {phase})")
+            return False
+        self.phases.append(phase)
+        self._on_phase(phase, detail)
+        if self.phase_delay:
+            time.sleep(self.phase_delay)
+        if self._gated:
+            while not self._gate.acquire(timeout=0.05):
+                if self._stop:
+                    return False
+        return not self._stop
+
+    def _main(self) -> None:
+        if self.config.model is not None and not os.path.isdir(self.config.model):
+            self._on_phase("failed", f"model directory not found: {self.config.model}")
+            return
+        if not self._phase("loading_weights"):
+            return
+        self.tokenizer = FakeTokenizer()
+        if not self._phase("allocating_kv_cache"):
+            return
+        largest = self._sizes[-1]
+        if self.config.graph_capture != "off":
+            if not self._phase("capturing_graphs", f"size {largest}"):
+                return
+            self._captured[largest] = 1.5
+        with self._lock:
+            self._ready = True
+        self._on_phase("ready", None)
+        self.phases.append("ready")
+        self._loop()
+
+    # ---------------------------------------------------------------- requests
+    def add_request(self, request_id: str, prompt_ids: list[int],
+                    params: SamplingParams) -> _Stream:
+        if not self._ready or self._stop:
+            raise EngineNotReadyError("engine is not ready")
+        params.validate()
+        if not prompt_ids:
+            raise InvalidRequestError("prompt is empty", "prompt")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise InvalidRequestError("prompt + max_tokens exceeds max_model_len", "max_tokens")
+        if any(not 0 <= t < VOCAB for t in prompt_ids):
+            raise InvalidRequestError("token id out of range", "prompt")
+        text = self.tokenizer.decode(prompt_ids)
+        eos = re.search(r"\[eos:(\d+)\]", text)
+        fault = re.search(r"\[fault:(\d+)\]", text)
+        req = _Request(
+            request_id, list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue(),
+            IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
+            int(eos.group(1)) if eos else None, int(fault.group(1)) if fault else None,
+        )
+        with self._lock:
+            if len(self._running) + len(self._waiting) >= self.max_num_seqs:
+                if len(self._waiting) >= self.max_queue:
+                    raise QueueFullError(f"{len(self._waiting)} requests waiting")
+            self._waiting.append(req)
+            self.submitted.append((request_id, list(prompt_ids), params))
+            self._lock.notify_all()
+        return _Stream(req.queue)
+
+    def abort(self, request_id: str) -> None:
+        with self._lock:
+            if request_id not in self.aborted:
+                self.aborted.append(request_id)
+            self._abort_ids.add(request_id)
+            self._lock.notify_all()
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {"running": len(self._running), "waiting": len(self._waiting),
+                    "aborted": len(self.aborted)}
+
+    def graph_report(self) -> dict[str, Any]:
+        with self._lock:
+            sizes = [
+                {"size": s, "state": "captured" if s in self._captured else "pending",
+                 "capture_ms": self._captured.get(s), "pool_bytes_after": None,
+                 "replays": self._replays.get(s, 0), "padded_tokens_wasted": 0,
+                 "demand": 0, "error": None}
+                for s in self._sizes
+            ]
+            captured = len(self._captured)
+            traffic = dict(self._traffic)
+        total_steps = sum(traffic.values())
+        traffic["hit_rate"] = traffic["exact_steps"] / total_steps if total_steps else None
+        return {
+            "mode": self.config.graph_capture,
+            "reason": "fake engine",
+            "complete": captured == len(self._sizes),
+            "sizes": sizes,
+            "coverage": {"captured": captured, "total": len(self._sizes),
+                         "ratio": captured / len(self._sizes)},
+            "traffic": traffic,
+            "pending_demand": 0,
+            "pool_bytes_total": 1024 * captured,
+            "memory": {"estimate_full_bytes": 1024 * len(self._sizes), "budget_bytes": 1 << 30,
+                       "warning": None},
+            "device": "fake",
+        }
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout=5)
+        self.shut_down = True
+
+    # ---------------------------------------------------------------- engine thread
+    def _emit(self, req: _Request, out: RequestOutput) -> None:
+        try:
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
+        except RuntimeError:  # the request's loop is closed: nobody is listening any more
+            pass
+
+    def _finish(self, req: _Request, reason: str, text: str = "", ids=(), error=None) -> None:
+        self._emit(req, RequestOutput(
+            req.request_id, text=text, token_ids=list(ids), finished=True, finish_reason=reason,
+            prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.generated), error=error,
+        ))
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self._running and not self._waiting:
+                    self._lock.wait()
+                if self._stop:
+                    for req in [*self._running.values(), *self._waiting]:
+                        self._finish(req, "abort")
+                    self._running.clear()
+                    self._waiting.clear()
+                    return
+                for rid in self._abort_ids:
+                    req = self._running.pop(rid, None)
+                    if req is None:
+                        req = next((r for r in self._waiting if r.request_id == rid), None)
+                        if req is not None:
+                            self._waiting.remove(req)
+                    if req is not None:
+                        self._finish(req, "abort")
+                self._abort_ids.clear()
+                while self._waiting and len(self._running) < self.max_num_seqs:
+                    req = self._waiting.popleft()
+                    self._running[req.request_id] = req
+                batch = list(self._running.values())
+                self._count_step(len(batch))
+            for req in batch:
+                if self._step(req):
+                    with self._lock:
+                        self._running.pop(req.request_id, None)
+            if self.token_delay:
+                time.sleep(self.token_delay)
+
+    def _count_step(self, n: int) -> None:
+        if not n:
+            return
+        fits = [s for s in self._captured if s >= n]
+        if n in self._captured:
+            self._traffic["exact_steps"] += 1
+            self._replays[n] = self._replays.get(n, 0) + 1
+        elif fits:
+            self._traffic["padded_steps"] += 1
+            self._replays[min(fits)] = self._replays.get(min(fits), 0) + 1
+        else:
+            self._traffic["eager_steps"] += 1
+
+    def _step(self, req: _Request) -> bool:
+        """Decode one token for `req`; True when it finished."""
+        n = len(req.generated)
+        p = req.params
+        if req.fault_after is not None and n >= req.fault_after:
+            self._finish(req, "error", error="fake engine fault")
+            return True
+        if req.eos_after is not None and n >= req.eos_after and not p.ignore_eos:
+            token = EOS
+        else:
+            token = PHRASE[n % len(PHRASE)]
+        req.generated.append(token)
+        if token == EOS or token in p.stop_token_ids:
+            self._finish(req, "stop", req.detok.flush(), [token])
+            return True
+        text = req.detok.add_token(token)
+        if req.detok.stopped:
+            self._finish(req, "stop", text, [token])
+            return True
+        if len(req.generated) >= p.max_tokens:
+            self._finish(req, "length", text + req.detok.flush(), [token])
+            return True
+        self._emit(req, RequestOutput(req.request_id, text=text, token_ids=[token],
+                                      prompt_tokens=len(req.prompt_ids),
+                                      completion_tokens=len(req.generated)))
+        return False
+
+
+def env_engine(config: EngineConfig, on_phase=None) -> FakeEngine:
+    """Factory for `python -m server serve --engine-class tests.fake_engine:env_engine`:
+    knobs come from FAKE_ENGINE_TOKEN_DELAY, FAKE_ENGINE_PHASE_DELAY and FAKE_ENGINE_FAIL_IN."""
+    return FakeEngine(
+        config, on_phase,
+        token_delay=float(os.environ.get("FAKE_ENGINE_TOKEN_DELAY", "0")),
+        phase_delay=float(os.environ.get("FAKE_ENGINE_PHASE_DELAY", "0")),
+        fail_in=os.environ.get("FAKE_ENGINE_FAIL_IN") or None,
+    )
