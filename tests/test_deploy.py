@@ -57,8 +57,9 @@ DOCUMENTED_METRICS = frozenset(
         "graphserve_graph_pool_bytes",
     }
 )
-# Seconds the pod must keep beyond preStop + drain so the kubelet's SIGKILL never cuts a drain.
-DRAIN_MARGIN_S = 5
+# Seconds the pod must keep beyond preStop + drain: after --drain-timeout the server aborts what
+# is left and waits up to 5 s for those handlers, then stops the engine thread (normally quick).
+DRAIN_MARGIN_S = 10
 STARTUP_ALLOWANCE_S = 600
 
 
