@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import configparser
 import email
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -113,3 +115,33 @@ def test_test_extra_brings_what_the_suite_imports(wheel):
     }
     needed = {"pytest", "pytest-asyncio", "httpx", "openai", "kubernetes", "pyyaml"}
     assert needed <= test_extra, f"the test extra lacks {sorted(needed - test_extra)}"
+
+
+def _ci_install_commands() -> list[str]:
+    """The pip commands .ci/run runs, with the venv prefix dropped: `pip install ...`."""
+    script = (REPO / ".ci" / "run").read_text()
+    commands = re.findall(r'^\s*"\$VENV/bin/pip" (install .+?)\s*$', script, re.MULTILINE)
+    assert commands, ".ci/run installs nothing with the venv's pip"
+    return [f"pip {c}" for c in commands]
+
+
+def test_ci_script_is_valid_bash_and_executable():
+    script = REPO / ".ci" / "run"
+    assert os.access(script, os.X_OK), ".ci/run must be executable"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    commands = _ci_install_commands()
+    assert commands[0] == "pip install torch==2.13.0", "torch must be pinned before the project"
+    assert "pip install -e '.[test]'" in commands
+
+
+def test_readme_gives_the_commands_ci_runs():
+    readme = REPO / "README.md"
+    if not readme.exists():
+        pytest.skip("README.md is not written yet")
+    text = readme.read_text()
+    for command in _ci_install_commands():
+        if "[dev]" in command:  # CI's own addition for ruff
+            continue
+        assert command in text, f"README.md does not say `{command}`, which CI runs"
+    assert "python -m pytest" in text
