@@ -42,6 +42,12 @@ _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bflo
 _FLOAT_DTYPES = tuple(_TORCH_TO_TL)
 
 
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and scratch buffer comes from here (tests swap in a NaN-filled version to
+    prove that each element a kernel should write is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def _check_float(name: str, t: torch.Tensor) -> None:
     if t.dtype not in _FLOAT_DTYPES:
         raise TypeError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
@@ -161,15 +167,13 @@ def _rms_norm_launch(x, residual, weight, eps):
         r3, _, sra, srb = _as_rows(residual, "residual")
         sum_dtype = torch.promote_types(residual.dtype, x.dtype)
         round_dtype = sum_dtype
-        s = torch.empty(x.shape, dtype=sum_dtype, device=x.device)
-        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, sum_dtype),
-                          device=x.device)
+        s = _empty(x.shape, sum_dtype, x.device)
+        out = _empty(x.shape, torch.promote_types(weight.dtype, sum_dtype), x.device)
     else:
         _check_device(("x", x), ("weight", weight))
         r3, sra, srb, s = x3, 0, 0, x3  # unused by the kernel (HAS_RESIDUAL=False)
         round_dtype = x.dtype
-        out = torch.empty(x.shape, dtype=torch.promote_types(weight.dtype, x.dtype),
-                          device=x.device)
+        out = _empty(x.shape, torch.promote_types(weight.dtype, x.dtype), x.device)
     if n_rows == 0:
         return out, s
     block_h, block_r, num_warps = _norm_launch_params(hidden)
@@ -233,7 +237,7 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     rows2d = gate_up.reshape(-1, 2 * inter)
     if rows2d.stride(-1) != 1:
         rows2d = rows2d.contiguous()
-    out = torch.empty(*gate_up.shape[:-1], inter, dtype=gate_up.dtype, device=gate_up.device)
+    out = _empty((*gate_up.shape[:-1], inter), gate_up.dtype, gate_up.device)
     n_rows = rows2d.shape[0]
     if n_rows == 0 or inter == 0:
         return out
@@ -359,7 +363,7 @@ def rope_write_kv(
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("caches must have unit stride along head_dim (they are written in place)")
-    q_rot = torch.empty(q.shape, dtype=torch.promote_types(q.dtype, cos.dtype), device=q.device)
+    q_rot = _empty(q.shape, torch.promote_types(q.dtype, cos.dtype), q.device)
     if n_tokens == 0:
         return q_rot
     half = head_dim // 2
@@ -571,7 +575,7 @@ def decode_attention_split(
         q = q.contiguous()
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("caches must have unit stride along head_dim")
-    out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    out = _empty(q.shape, q.dtype, q.device)
     if n_rows == 0:
         return out
     group = num_q_heads // num_kv_heads
@@ -581,10 +585,8 @@ def decode_attention_split(
         raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     block_d = triton.next_power_of_2(head_dim)
     # Scratch for the per-split partials; written only by splits that hold positions.
-    part_o = torch.empty(n_rows * num_q_heads * num_splits, block_d, dtype=torch.float32,
-                         device=q.device)
-    part_lse = torch.empty(n_rows * num_q_heads * num_splits, dtype=torch.float32,
-                           device=q.device)
+    part_o = _empty((n_rows * num_q_heads * num_splits, block_d), torch.float32, q.device)
+    part_lse = _empty((n_rows * num_q_heads * num_splits,), torch.float32, q.device)
     # fp32 caches: exact fp32 dots (tf32 would lose precision the reference keeps).
     dot_f32 = q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16)
     block_n = _BLOCK_N_FP32 if q.dtype == torch.float32 else _BLOCK_N
