@@ -462,6 +462,9 @@ class ServerState:
         """SIGTERM: refuse new work at once, let in-flight requests finish for up to `timeout`
         seconds, then abort the rest and give their handlers a moment to answer."""
         self.lifecycle.set_phase(DRAINING, "shutdown requested")
+        stop_accepting = getattr(self.engine, "stop_accepting", None)
+        if callable(stop_accepting):
+            stop_accepting()
         if self.inflight:
             logger.info("draining %d in-flight request(s), up to %.1fs",
                         len(self.inflight), timeout)
@@ -557,7 +560,11 @@ def _check_text(value: str, param: str) -> None:
 
 
 def _encode(tokenizer: Any, text: str, *, add_special_tokens: bool) -> list[int]:
-    return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    try:
+        return list(tokenizer.encode(text, add_special_tokens=add_special_tokens))
+    except Exception as exc:  # text the tokenizer cannot take is the client's problem
+        logger.info("tokenizer rejected the input: %s", exc)
+        raise ApiError(400, f"The text could not be tokenized: {exc}") from None
 
 
 def _vocab_size(engine: Any) -> int | None:
@@ -605,7 +612,7 @@ def _chat_prompt(engine: Any, messages: list[ChatMessage]) -> list[int]:
             content = "\n".join(part.text for part in msg.content)
         elif msg.content is None:
             if msg.role != "assistant":
-                raise ApiError(400, f"messages[{i}].content is required for role {msg.role!r}",
+                raise ApiError(400, f"messages.{i}.content is required for role {msg.role!r}",
                                param=f"messages.{i}.content")
             content = ""
         else:
@@ -685,14 +692,14 @@ def _sampling_params(body: _SamplingFields, max_tokens: int) -> SamplingParams:
 
 
 def _max_tokens(requested: int | None, default: int | None, prompt_len: int, max_len: int,
-                param: str) -> int:
+                param: str, prompt_param: str) -> int:
     """The generation budget: explicit values must fit the context; defaults are clipped to it."""
     room = max_len - prompt_len
     if room < 1:
         raise ApiError(
             400, f"The prompt is {prompt_len} tokens; this model's context is {max_len} tokens, "
-            "which leaves no room to generate.", param="messages" if param.startswith("max_c")
-            else "prompt", code="context_length_exceeded",
+            "which leaves no room to generate.", param=prompt_param,
+            code="context_length_exceeded",
         )
     if requested is None:
         return room if default is None else min(default, room)
@@ -942,7 +949,15 @@ def _install_error_handlers(app: FastAPI) -> None:
                                    code="internal_error"), status_code=500)
 
 
-_UNION_TAGS = ("str", "int", "float", "bool", "list", "dict", "none", "literal", "function")
+def _field_names() -> frozenset[str]:
+    names: set[str] = set()
+    for model in (CompletionRequest, ChatCompletionRequest, ChatMessage, TextContentPart,
+                  StreamOptions):
+        names.update(model.model_fields)
+    return frozenset(names)
+
+
+_FIELD_NAMES = _field_names()
 
 
 def _describe_validation(errors: Any) -> tuple[str, str | None]:
@@ -952,17 +967,34 @@ def _describe_validation(errors: Any) -> tuple[str, str | None]:
     if first.get("type") == "json_invalid":
         ctx = first.get("ctx") or {}
         return f"Malformed JSON body: {ctx.get('error', 'could not parse')}", None
-    loc = [p for p in first.get("loc", ()) if p != "body"]
-    # Union members show up in the location as type tags ('str', 'list[int]'); drop them.
-    loc = [p for p in loc if isinstance(p, int) or not str(p).lower().startswith(_UNION_TAGS)
-           or str(p) in ("stop", "stream", "stop_token_ids", "stream_options")]
-    param = ".".join(str(p) for p in loc) or None
-    msg = first.get("msg", "invalid value")
-    if first.get("type") == "missing":
-        msg = "field required"
-    if param is None and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+
+    def path(err: dict) -> list:
+        # Drop 'body' and the type tags pydantic puts in the location of union members
+        # ('str', 'list[int]'): keep field names and list indices.
+        return [p for p in err.get("loc", ()) if isinstance(p, int) or p in _FIELD_NAMES]
+
+    where = path(first)
+    if not where and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+        if isinstance(first.get("input"), (bytes, str)):
+            return ("The request body must be JSON, sent with 'Content-Type: "
+                    "application/json'.", None)
         return "The request body must be a JSON object.", None
-    extra = f" ({len(errors) - 1} more problem(s))" if len(errors) > 1 else ""
+    param = ".".join(str(p) for p in where) or None
+    # Every alternative of a union fails separately; the deepest failure is the most specific.
+    related = [e for e in errors if path(e)[: len(where)] == where]
+    best = max(related, key=lambda e: len(e.get("loc", ())))
+    if len(best.get("loc", ())) > len(first.get("loc", ())):
+        first, where = best, path(best)
+        param = ".".join(str(p) for p in where) or None
+        msg = best.get("msg", "invalid value")
+    elif len(related) > 1:
+        depth = len(first.get("loc", ()))
+        tags = [str(e["loc"][depth - 1]) for e in related if len(e.get("loc", ())) == depth]
+        msg = "invalid type; expected " + " or ".join(dict.fromkeys(tags))
+    else:
+        msg = "field required" if first.get("type") == "missing" else first.get("msg", "invalid")
+    others = len(errors) - len(related)
+    extra = f" (and {others} more problem(s))" if others > 0 else ""
     return (f"{param}: {msg}{extra}" if param else f"{msg}{extra}"), param
 
 
@@ -1041,7 +1073,7 @@ def _add_v1_routes(app: FastAPI, state: ServerState) -> None:
         _refuse_unsupported(body)
         prompt_ids = _completion_prompt(engine, body.prompt)
         max_tokens = _max_tokens(body.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS,
-                                 len(prompt_ids), engine.max_model_len, "max_tokens")
+                                 len(prompt_ids), engine.max_model_len, "max_tokens", "prompt")
         params = _sampling_params(body, max_tokens)
         _check_stop_ids(engine, params)
         request_id = f"cmpl-{uuid.uuid4().hex}"
@@ -1073,7 +1105,8 @@ def _add_v1_routes(app: FastAPI, state: ServerState) -> None:
             requested, param = body.max_completion_tokens, "max_completion_tokens"
         else:
             requested, param = body.max_tokens, "max_tokens"
-        max_tokens = _max_tokens(requested, None, len(prompt_ids), engine.max_model_len, param)
+        max_tokens = _max_tokens(requested, None, len(prompt_ids), engine.max_model_len, param,
+                                 "messages")
         params = _sampling_params(body, max_tokens)
         _check_stop_ids(engine, params)
         request_id = f"chatcmpl-{uuid.uuid4().hex}"

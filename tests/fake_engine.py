@@ -220,13 +220,17 @@ class FakeEngine:
             int(eos.group(1)) if eos else None, int(fault.group(1)) if fault else None,
         )
         with self._lock:
-            if len(self._running) + len(self._waiting) >= self.max_num_seqs:
-                if len(self._waiting) >= self.max_queue:
-                    raise QueueFullError(f"{len(self._waiting)} requests waiting")
+            # Like the real engine: a request waits (and counts against max_queue) from
+            # submission until the engine thread gives it a slot.
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
             self._waiting.append(req)
             self.submitted.append((request_id, list(prompt_ids), params))
             self._lock.notify_all()
         return _Stream(req.queue)
+
+    def stop_accepting(self) -> None:
+        self._ready = False
 
     def abort(self, request_id: str) -> None:
         with self._lock:
