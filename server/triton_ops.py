@@ -73,7 +73,7 @@ def _check_device(*named: tuple[str, torch.Tensor]) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.jit(do_not_specialize=["n_rows"])
+@triton.jit(do_not_specialize=["n_rows", "inner"])
 def _rms_norm_kernel(
     x_ptr,
     res_ptr,
