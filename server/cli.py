@@ -235,6 +235,8 @@ def setup_logging(log_format: str = "text", level: str = "info") -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # warnings.warn() output would bypass the formatter (and break one-JSON-object-per-line).
+    logging.captureWarnings(True)
     for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
         lg = logging.getLogger(name)
         lg.handlers.clear()
@@ -272,6 +274,11 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
         logger.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
         return EXIT_STARTUP_FAILURE
     host, port = sock.getsockname()[:2]
+    # Progress bars (weight loading) are terminal art, not log lines; and transformers logs
+    # through its own stderr handler, so keep it to errors. Both read at their first import,
+    # which happens later on the engine thread; explicit settings in the environment win.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     # Heavy-ish imports only now that connections can queue (FastAPI, pydantic, uvicorn).
     import asyncio

@@ -171,7 +171,11 @@ class EngineCollector(Collector):
             g.add_metric([], 1.0 if complete else 0.0)
             yield g
 
-        pending = _number(report.get("pending_demand"))
+        pending = report.get("pending_demand")
+        if isinstance(pending, list):  # per-size entries: {"size": .., "demand": ..}
+            demands = [_number(e.get("demand")) for e in pending if isinstance(e, dict)]
+            pending = sum(d for d in demands if d is not None) if demands else None
+        pending = _number(pending)
         if pending is not None:
             g = GaugeMetricFamily(
                 "graphserve_graph_pending_demand",

@@ -210,6 +210,12 @@ def test_collector_reads_the_documented_report_keys():
     assert value("graphserve_graph_padded_tokens_wasted_total", size="64") == 30
 
 
+def test_pending_demand_may_be_a_per_size_list():
+    report = {"pending_demand": [{"size": 4, "demand": 3}, {"size": 2, "demand": 2}, "junk"]}
+    fams = _scrape(ServerMetrics(Lifecycle(), lambda: _ReportEngine(report, stats={})))
+    assert fams["graphserve_graph_pending_demand"][0].value == 5
+
+
 def test_latency_histograms_cover_1ms_to_10s():
     fams = _scrape(ServerMetrics(Lifecycle(), lambda: None))
     for name in ("graphserve_time_to_first_token_seconds",
