@@ -74,7 +74,9 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log}")
             time.sleep(0.05)
-        raise AssertionError(f"phase {phase!r} not reached in {timeout}s (last {body}):\n{self.log}")
+        raise AssertionError(
+            f"phase {phase!r} not reached in {timeout}s (last {body}):\n{self.log}"
+        )
 
     def signal(self, sig: int = signal.SIGTERM) -> None:
         self.proc.send_signal(sig)
