@@ -183,6 +183,16 @@ def test_rms_norm_per_head_on_strided_qkv_view(device, dtype):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(96,), (2, 3, 5, 96)], ids=["1d", "4d"])
+def test_rms_norm_any_leading_dims(device, shape):
+    gen = _gen(len(shape))
+    x = _randn(*shape, dtype=torch.bfloat16, device=device, gen=gen)
+    w = _randn(shape[-1], dtype=torch.bfloat16, device=device, gen=gen)
+    assert_close(triton_ops.rms_norm(x, w, 1e-6), ops._rms_norm_ref(x, w, 1e-6), NORM_ULPS,
+                 "rms_norm [..., H]")
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", NORM_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_add_rms_norm(device, dtype, shape):
