@@ -1,0 +1,452 @@
+"""Cold start: exec -> live, exec -> ready, exec -> full CUDA graph coverage, per capture policy.
+
+Launches `python -m server serve` once per (run, size list, policy) and polls, every
+`--poll-ms`, `/health` (until 200), then `/health/ready` and `/health/graphs` (until ready, then
+until every graph size is captured). Recorded per launch:
+
+* exec -> `/health` 200, exec -> `/health/ready` 200, exec -> coverage complete while idle (lazy
+  and eager; n/a when capture is off or impossible, e.g. on CPU);
+* the phase transitions seen in `/health/ready` bodies, and the server's own record of them
+  (its `phases` list, shifted onto the exec clock via the `/health` uptime);
+* the server's startup timings (`startup_timings_s`: import, weights, KV cache, graphs, total)
+  and per-size capture times from `/health/graphs`.
+
+Policies `lazy`, `eager` and `off` run interleaved within each run, for the server's default
+size list and for a 51-size list like vLLM's default (max 512), so the growing gap between
+`eager` and `lazy` readiness shows. One discarded warm-up launch first pays cold imports and
+Triton compilation (unless `--no-warmup`). Each server is stopped with SIGTERM, then SIGKILL.
+
+Targets (medians): /health <= 1 s; ready(lazy) <= ready(off) + 0.5 s; time to full coverage when
+idle under lazy, counted from ready, <= 1.1x eager's capture time (ready(eager) - ready(off)).
+
+    python bench/cold_start.py --model /tmp/llama-8b --out bench/results/cold-start-8b.json
+    python bench/cold_start.py --smoke --out /tmp/cold.json     # CPU, embedded model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    BenchError,
+    ServerProcess,
+    coverage_complete,
+    environment,
+    fmt,
+    median,
+    print_table,
+    print_targets,
+    target,
+    write_json,
+)
+
+MODES = ("lazy", "eager", "off")
+VARIANTS = ("default", "vllm51")
+METRICS = (
+    "health_s",
+    "ready_s",
+    "coverage_complete_s",
+    "coverage_after_ready_s",
+    "import_s",
+    "weights_s",
+    "kv_cache_s",
+    "graphs_s",
+    "load_total_s",
+    "capture_sum_s",
+)
+
+
+def vllm_like_sizes(max_size: int = 512) -> list[int]:
+    """`[1, 2, 4] + 8..256 step 8 + 272..max step 16`: 51 sizes at max 512, like vLLM's default."""
+    sizes = [1, 2, 4] + list(range(8, min(256, max_size) + 1, 8))
+    sizes += list(range(272, max_size + 1, 16))
+    return [s for s in sizes if s <= max_size]
+
+
+def variant_args(args: argparse.Namespace, variant: str) -> list[str]:
+    """Server flags of one size-list variant (the policy is added per launch)."""
+    out: list[str] = []
+    if args.model:
+        out += ["--model", args.model]
+    if variant == "default":
+        if args.max_num_seqs:
+            out += ["--max-num-seqs", str(args.max_num_seqs)]
+        out += ["--max-model-len", str(args.max_model_len)]
+    elif variant == "vllm51":
+        sizes = vllm_like_sizes(args.wide_max_num_seqs)
+        out += [
+            "--max-num-seqs",
+            str(args.wide_max_num_seqs),
+            # The slot KV cache is max_num_seqs x max_model_len: keep it small at 512 slots.
+            "--max-model-len",
+            str(args.wide_max_model_len),
+            "--cuda-graph-sizes",
+            ",".join(map(str, sizes)),
+        ]
+    else:
+        raise BenchError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}")
+    # Access logs of 100 polls a second would cost the server CPU while it starts.
+    out += ["--disable-access-log", "--drain-timeout", "5", *args.server_arg]
+    return out
+
+
+def measure_launch(
+    args: argparse.Namespace, server_args: list[str], mode: str, log_path: Path
+) -> dict[str, Any]:
+    """Start one server, poll it to readiness and (if capturing) full coverage, stop it."""
+    import httpx
+
+    server = ServerProcess([*server_args, "--graph-capture", mode], log_path=log_path)
+    run: dict[str, Any] = {
+        "mode": mode,
+        "health_s": None,
+        "ready_s": None,
+        "coverage_complete_s": None,
+        "coverage_after_ready_s": None,
+        "observed_phases": {},
+        "error": None,
+        "log": str(log_path),
+    }
+    poll = args.poll_ms / 1e3
+    graphs: dict[str, Any] = {}
+    ready_body: dict[str, Any] = {}
+    offset = None  # exec clock minus the server lifecycle clock
+    with httpx.Client(timeout=2.0) as client:
+        server.start()
+        try:
+            while True:
+                tick = time.perf_counter()
+                now = server.since_start()
+                code = server.exited()
+                if code is not None:
+                    raise BenchError(
+                        f"server exited with code {code}; log tail:\n" + server.log_tail()
+                    )
+                if run["ready_s"] is None and now > args.ready_timeout:
+                    raise BenchError(f"not ready after {args.ready_timeout:.0f} s")
+                if run["ready_s"] is not None and now - run["ready_s"] > args.coverage_timeout:
+                    run["error"] = f"coverage incomplete {args.coverage_timeout:.0f} s after ready"
+                    break
+                try:
+                    if run["health_s"] is None:
+                        r = client.get(f"{server.url}/health")
+                        if r.status_code == 200:
+                            run["health_s"] = server.since_start()
+                            uptime = r.json().get("uptime_s")
+                            if isinstance(uptime, (int, float)):
+                                offset = run["health_s"] - uptime
+                        elif r.status_code == 503:
+                            raise BenchError(f"/health says failed: {r.text[:500]}")
+                    else:
+                        if run["ready_s"] is None:
+                            r = client.get(f"{server.url}/health/ready")
+                            seen = server.since_start()
+                            ready_body = r.json()
+                            phase = ready_body.get("phase")
+                            if phase == "failed":
+                                raise BenchError(f"startup failed: {ready_body.get('reason')}")
+                            run["observed_phases"].setdefault(phase, round(seen, 4))
+                            if r.status_code == 200:
+                                run["ready_s"] = seen
+                        r = client.get(f"{server.url}/health/graphs")
+                        seen = server.since_start()
+                        if r.status_code == 200:
+                            graphs = r.json()
+                        if run["ready_s"] is not None:
+                            if graphs.get("mode") == "off":
+                                break  # nothing will ever be captured
+                            if coverage_complete(graphs):
+                                run["coverage_complete_s"] = seen
+                                run["coverage_after_ready_s"] = seen - run["ready_s"]
+                                break
+                except httpx.TransportError:
+                    pass  # not listening yet, or a poll raced the shutdown
+                time.sleep(max(0.0, poll - (time.perf_counter() - tick)))
+            # One last look with the final numbers (timings are filled in at ready).
+            r = client.get(f"{server.url}/health/graphs")
+            if r.status_code == 200:
+                graphs = r.json()
+            r = client.get(f"{server.url}/health/ready")
+            ready_body = r.json()
+        except BenchError as exc:
+            run["error"] = str(exc)
+        except (httpx.HTTPError, ValueError) as exc:
+            run["error"] = f"{type(exc).__name__}: {exc}"
+        finally:
+            run["returncode"] = server.stop()
+            run["stopped_by"] = server.stopped_by
+    if run["error"]:
+        run["log_tail"] = server.log_tail(40)
+    timings = graphs.get("startup_timings_s") or {}
+    for key in ("import_s", "weights_s", "kv_cache_s", "graphs_s", "load_total_s"):
+        run[key] = timings.get(key)
+    sizes = graphs.get("sizes") or []
+    captured = [s for s in sizes if s.get("capture_ms") is not None]
+    run["capture_sum_s"] = sum(s["capture_ms"] for s in captured) / 1e3 if captured else None
+    run["effective_mode"] = graphs.get("mode")
+    run["mode_reason"] = graphs.get("reason")
+    run["coverage"] = graphs.get("coverage")
+    run["policy_timings"] = graphs.get("timings")
+    run["n_sizes"] = len(sizes)
+    run["capture_ms_by_size"] = {s["size"]: s.get("capture_ms") for s in sizes}
+    run["captured_in"] = {s["size"]: s.get("captured_in") for s in sizes}
+    run["device"] = graphs.get("device")
+    if offset is not None:
+        run["lifecycle_offset_s"] = offset
+        run["server_phases"] = [
+            {"phase": p["phase"], "since_exec_s": round(p["at_s"] + offset, 4)}
+            for p in ready_body.get("phases", [])
+            if isinstance(p.get("at_s"), (int, float))
+        ]
+    return run
+
+
+def summarize_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    ok = [r for r in runs if not r.get("error")]
+    out: dict[str, Any] = {"runs": len(runs), "failed": len(runs) - len(ok)}
+    for key in METRICS:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        out[key] = {"median": median(values), "values": values}
+    out["effective_mode"] = ok[0]["effective_mode"] if ok else None
+    out["n_sizes"] = ok[0]["n_sizes"] if ok else None
+    return out
+
+
+def evaluate(variant: str, summary: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    def med(mode: str, key: str) -> float | None:
+        s = summary.get(mode)
+        return None if s is None else s[key]["median"]
+
+    checks = []
+    healths = [med(m, "health_s") for m in summary if med(m, "health_s") is not None]
+    checks.append(
+        target(
+            f"[{variant}] exec -> /health 200 (worst policy median), s",
+            max(healths) if healths else None,
+            1.0,
+        )
+    )
+    off_ready = med("off", "ready_s")
+    checks.append(
+        target(
+            f"[{variant}] ready(lazy) vs ready(off) + 0.5 s",
+            med("lazy", "ready_s"),
+            None if off_ready is None else off_ready + 0.5,
+            detail=f"ready(off) = {fmt(off_ready)} s",
+        )
+    )
+    eager_ready = med("eager", "ready_s")
+    eager_capture = None if eager_ready is None or off_ready is None else eager_ready - off_ready
+    lazy_cov = med("lazy", "coverage_after_ready_s")
+    lazy_mode = (summary.get("lazy") or {}).get("effective_mode")
+    detail = (
+        f"eager capture = ready(eager) - ready(off) = {fmt(eager_capture)} s; "
+        f"eager graphs_s = {fmt(med('eager', 'graphs_s'))} s"
+    )
+    if lazy_mode == "off":
+        detail += "; n/a: graph capture is off on this device"
+        lazy_cov = None
+    checks.append(
+        target(
+            f"[{variant}] lazy idle coverage after ready vs 1.1x eager capture, s",
+            lazy_cov,
+            None if eager_capture is None else 1.1 * max(eager_capture, 0.0),
+            detail=detail,
+        )
+    )
+    return checks
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--model", default=None, help="checkpoint directory (default: the embedded default model)"
+    )
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of capture policies")
+    ap.add_argument(
+        "--variants",
+        default=",".join(VARIANTS),
+        help="size lists: default (the server's) and/or vllm51 (51 sizes, max 512)",
+    )
+    ap.add_argument("--runs", type=int, default=3, help="launches per (variant, policy)")
+    ap.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the discarded first launch that pays cold imports",
+    )
+    ap.add_argument("--max-model-len", type=int, default=4096, help="default variant")
+    ap.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=64,
+        help="default variant: sizes are the server's default list up to this; "
+        "pinned so the KV cache (slots x max-model-len) fits an 8B model's GPU",
+    )
+    ap.add_argument("--wide-max-num-seqs", type=int, default=512, help="vllm51 variant")
+    ap.add_argument(
+        "--wide-max-model-len",
+        type=int,
+        default=512,
+        help="vllm51 variant; 513 slots x 512 tokens of an 8B model's KV is 32 GiB, "
+        "x 1024 would not fit next to its weights on an 80 GB GPU",
+    )
+    ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra flag for every server (repeat; use --server-arg=--flag=value)",
+    )
+    ap.add_argument("--poll-ms", type=float, default=10.0)
+    ap.add_argument("--ready-timeout", type=float, default=300.0, help="seconds per launch")
+    ap.add_argument(
+        "--coverage-timeout",
+        type=float,
+        default=180.0,
+        help="seconds after ready to wait for full coverage",
+    )
+    ap.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=540.0,
+        help="stop launching when the next launch would end past this (output is "
+        "still written, marked truncated)",
+    )
+    ap.add_argument("--log-dir", default=None, help="server logs (default: next to --out)")
+    ap.add_argument("--out", default=None, help="JSON results file")
+    ap.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU check of the script: embedded model, 1 run, default sizes only",
+    )
+    args = ap.parse_args()
+    if args.smoke:
+        args.runs, args.no_warmup, args.variants = 1, True, "default"
+        args.max_model_len = min(args.max_model_len, 256)
+        args.ready_timeout = min(args.ready_timeout, 180.0)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+    for m in modes:
+        if m not in MODES:
+            ap.error(f"unknown mode {m!r}; choose from {', '.join(MODES)}")
+    for v in variants:
+        if v not in VARIANTS:
+            ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
+    if args.runs < 1:
+        ap.error("--runs must be >= 1")
+    log_dir = Path(
+        args.log_dir
+        or (Path(args.out).parent / "logs" if args.out else Path("/tmp/graphserve-bench-logs"))
+    )
+
+    t_start = time.perf_counter()
+    result: dict[str, Any] = {
+        "script": "cold_start",
+        "smoke": args.smoke,
+        "args": vars(args),
+        "environment": environment(),
+        "warmup": None,
+        "variants": {},
+        "targets": [],
+        "truncated": False,
+    }
+    for v in variants:
+        result["variants"][v] = {
+            "server_args": variant_args(args, v),
+            "runs": {m: [] for m in modes},
+            "summary": {},
+        }
+    longest = 0.0
+
+    def budget_allows() -> bool:
+        return time.perf_counter() - t_start + longest * 1.2 <= args.time_budget_s
+
+    def launch(variant: str, mode: str, label: str) -> dict[str, Any]:
+        nonlocal longest
+        t0 = time.perf_counter()
+        run = measure_launch(
+            args, variant_args(args, variant), mode, log_dir / f"cold-{variant}-{mode}-{label}.log"
+        )
+        run["wall_s"] = time.perf_counter() - t0
+        longest = max(longest, run["wall_s"])
+        status = run["error"] or "ok"
+        print(
+            f"[{variant} {mode} {label}] health {fmt(run['health_s'])} s, ready "
+            f"{fmt(run['ready_s'])} s, full coverage {fmt(run['coverage_complete_s'])} s "
+            f"({fmt(run.get('effective_mode'))}); {status.splitlines()[0]}",
+            flush=True,
+        )
+        return run
+
+    if not args.no_warmup:
+        print("warm-up launch (discarded: pays cold imports, Triton compilation, page cache)")
+        result["warmup"] = launch(variants[0], modes[0], "warmup")
+    # Run index outermost: if the time budget runs out, every configuration still has a run.
+    for i in range(args.runs):
+        for v in variants:
+            for m in modes:
+                if not budget_allows():
+                    result["truncated"] = True
+                    break
+                result["variants"][v]["runs"][m].append(launch(v, m, f"run{i + 1}"))
+                write_json(args.out, result)
+
+    for v in variants:
+        summary = {m: summarize_runs(r) for m, r in result["variants"][v]["runs"].items() if r}
+        result["variants"][v]["summary"] = summary
+        result["targets"] += evaluate(v, summary)
+    result["wall_s"] = time.perf_counter() - t_start
+    write_json(args.out, result)
+
+    print()
+    if result["warmup"]:
+        w = result["warmup"]
+        print(
+            f"warm-up launch (discarded): health {fmt(w['health_s'])} s, "
+            f"ready {fmt(w['ready_s'])} s"
+        )
+    header = (
+        "variant",
+        "policy",
+        "runs",
+        "sizes",
+        "health",
+        "ready",
+        "full cov",
+        "cov-ready",
+        "import",
+        "weights",
+        "kv",
+        "graphs",
+        "total",
+        "capt sum",
+    )
+    rows = []
+    for v in variants:
+        for m, s in result["variants"][v]["summary"].items():
+            mode = m if s["effective_mode"] in (None, m) else f"{m}->{s['effective_mode']}"
+            rows.append(
+                [v, mode, f"{s['runs'] - s['failed']}/{s['runs']}", fmt(s["n_sizes"])]
+                + [fmt(s[k]["median"], ".2f") for k in METRICS]
+            )
+    print(
+        "medians in seconds from exec (cov-ready: full coverage minus ready; capt sum: sum of "
+        "per-size capture times)"
+    )
+    print_table(header, rows)
+    if result["truncated"]:
+        print(f"TRUNCATED: time budget {args.time_budget_s:.0f} s reached; fewer runs than asked")
+    print_targets(result["targets"], "(smoke: CPU numbers, not meaningful)" if args.smoke else "")
+    if args.out:
+        print(f"full results: {args.out}")
+
+
+if __name__ == "__main__":
+    main()
