@@ -165,8 +165,9 @@ class DecoderModel:
         k = qkv[:, q_size : q_size + kv_size].view(-1, s.num_kv_heads, s.head_dim)
         v = qkv[:, q_size + kv_size :].view(-1, s.num_kv_heads, s.head_dim)
         if w.q_norm is not None:
-            q = ops.rms_norm(q.reshape(-1, s.head_dim), w.q_norm, self.eps).view(q.shape)
-            k = ops.rms_norm(k.reshape(-1, s.head_dim), w.k_norm, self.eps).view(k.shape)
+            # Qwen3 normalises each head; the strided [T, heads, D] views go in without a copy.
+            q = ops.rms_norm(q, w.q_norm, self.eps)
+            k = ops.rms_norm(k, w.k_norm, self.eps)
         return q, k, v
 
     def _forward(self, input_ids, positions, slots, kv_cache, attend) -> torch.Tensor:

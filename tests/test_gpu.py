@@ -29,7 +29,16 @@ GPU_SHAPE = dict(
 
 @pytest.fixture(scope="module")
 def gpu_model_dir(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("gpu-llama"), "llama", seed=7, **GPU_SHAPE)
+    return build_checkpoint(
+        tmp_path_factory.mktemp("gpu-llama"), "llama", seed=7, init_std=0.05, **GPU_SHAPE
+    )
+
+
+@pytest.fixture(scope="module")
+def separated_model_dir(tmp_path_factory):
+    """Larger weights: logits with wide top-2 gaps, so parity tests compare scheduling paths,
+    not which side of a bf16 near-tie a differently shaped GEMM happens to round to."""
+    return build_checkpoint(tmp_path_factory.mktemp("gpu-llama-wide"), "llama", seed=7, **GPU_SHAPE)
 
 
 def start(model_dir, **overrides) -> AsyncEngine:
@@ -64,51 +73,50 @@ def mixed_prompts(n=11, seed=5):
 # -- correctness vs HF in bf16 -----------------------------------------------------------------
 
 
-async def test_bf16_greedy_matches_hf_forward(gpu_model_dir):
-    """Greedy tokens vs HF's full-sequence bf16 forward, teacher-forced on our output.
-
-    bf16 rounds differently in a packed incremental decode than in one full-sequence pass, so
-    where HF's top two logits are closer than bf16 noise either token is a correct greedy
-    choice. Every token must be HF's argmax or within that noise of it, and nearly all must be
-    the exact argmax.
-    """
+def _hf(model_dir, dtype):
     from transformers import AutoModelForCausalLM
 
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, local_files_only=True)
+    return model.cuda().eval()
+
+
+def _full_logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids], device="cuda"), use_cache=False).logits[0].float()
+
+
+async def test_bf16_greedy_matches_hf_forward(gpu_model_dir):
+    """Greedy tokens vs HF's full-sequence forward, teacher-forced on our output.
+
+    bf16 rounds differently in an incremental, batched decode than in one full-sequence pass,
+    so where the top two logits are closer than bf16 noise either token is a correct greedy
+    choice. The noise is measured, not guessed: HF's own bf16 forward against its fp32 forward
+    on the same tokens. Every token we emit must be the fp32 argmax or within 2x that noise of
+    it, and nearly all must be HF bf16's exact argmax.
+    """
     engine = start(gpu_model_dir)
     try:
         prompts = mixed_prompts()
         outs = await run_batch(engine, prompts, max_tokens=32)
     finally:
         engine.shutdown()
-    ref = (
-        AutoModelForCausalLM.from_pretrained(
-            gpu_model_dir, dtype=torch.bfloat16, local_files_only=True
-        )
-        .cuda()
-        .eval()
-    )
+    ref32, ref16 = _hf(gpu_model_dir, torch.float32), _hf(gpu_model_dir, torch.bfloat16)
     exact = total = 0
     for prompt, toks in zip(prompts, outs, strict=True):
-        with torch.no_grad():
-            logits = (
-                ref(torch.tensor([prompt + toks], device="cuda"), use_cache=False).logits[0].float()
-            )
-        step_logits = logits[len(prompt) - 1 : len(prompt) - 1 + len(toks)]
-        best = step_logits.max(dim=-1).values
-        ours = step_logits.gather(1, torch.tensor(toks, device="cuda")[:, None])[:, 0]
-        gap = best - ours
-        tol = 0.02 * best.abs().clamp(min=1.0)
-        assert bool((gap <= tol).all()), (
-            f"token outside bf16 noise of HF argmax: gaps {gap.tolist()}"
-        )
-        exact += int((gap == 0).sum())
+        span = slice(len(prompt) - 1, len(prompt) - 1 + len(toks))
+        l32 = _full_logits(ref32, prompt + toks)[span]
+        l16 = _full_logits(ref16, prompt + toks)[span]
+        noise = (l16 - l32).abs().max(dim=-1).values
+        ours = torch.tensor(toks, device="cuda")[:, None]
+        gap = l32.max(dim=-1).values - l32.gather(1, ours)[:, 0]
+        assert bool((gap <= 2 * noise + 1e-3).all()), f"gaps {gap.tolist()} noise {noise.tolist()}"
+        exact += int((l16.argmax(-1) == ours[:, 0]).sum())
         total += len(toks)
-    assert exact >= 0.95 * total, f"only {exact}/{total} tokens are HF's exact argmax"
+    assert exact >= 0.9 * total, f"only {exact}/{total} tokens are HF bf16's exact argmax"
 
 
 def test_model_logits_match_hf_in_bf16(gpu_model_dir):
-    from transformers import AutoModelForCausalLM
-
+    """Our bf16 logits are as close to the fp32 truth as HF's own bf16 forward is."""
     from server import ops
     from server.model import DecoderModel, PrefillChunk, allocate_kv_cache
     from server.model_loader import load_checkpoint
@@ -116,26 +124,22 @@ def test_model_logits_match_hf_in_bf16(gpu_model_dir):
     ops.use_triton(True)
     ckpt = load_checkpoint(str(gpu_model_dir), "cuda", "bfloat16")
     model = DecoderModel(ckpt.hf_model, 256)
-    ref = (
-        AutoModelForCausalLM.from_pretrained(
-            gpu_model_dir, dtype=torch.bfloat16, local_files_only=True
-        )
-        .cuda()
-        .eval()
-    )
     kv = allocate_kv_cache(model.shape, 3, 256, torch.bfloat16, "cuda")
     ids = torch.randint(2, 400, (60,)).tolist()
-    with torch.no_grad():
-        full = ref(torch.tensor([ids], device="cuda"), use_cache=False).logits[0].float()
+    l32 = _full_logits(_hf(gpu_model_dir, torch.float32), ids)
+    l16 = _full_logits(_hf(gpu_model_dir, torch.bfloat16), ids)
     prompt = torch.tensor(ids[:40], device="cuda")
     ones = torch.ones(40, dtype=torch.long, device="cuda")
     model.prefill(prompt, torch.arange(40, device="cuda"), ones, kv, [PrefillChunk(1, 0, 40, 0)])
     out = torch.empty(2, 400, dtype=torch.bfloat16, device="cuda")
     for t in range(40, 60):
-        model.decode(torch.tensor([ids[t], 0], device="cuda"), torch.tensor([t, 0], device="cuda"),
-                     torch.tensor([1, 2], device="cuda"), kv, out)  # fmt: skip
-        rel = (out[0].float() - full[t]).norm() / full[t].norm()
-        assert rel < 2e-2, f"position {t}: relative error {rel:.3g}"
+        ids_t = torch.tensor([ids[t], 0], device="cuda")
+        model.decode(
+            ids_t, torch.tensor([t, 0], device="cuda"), torch.tensor([1, 2], device="cuda"), kv, out
+        )
+        ours = (out[0].float() - l32[t]).norm() / l32[t].norm()
+        hf = (l16[t] - l32[t]).norm() / l32[t].norm()
+        assert ours <= 2 * hf + 2e-3, f"position {t}: ours {ours:.3g} vs HF bf16 {hf:.3g}"
 
 
 # -- graphs ------------------------------------------------------------------------------------
@@ -186,11 +190,11 @@ def test_graph_replay_equals_eager_for_every_size(gpu_model_dir):
             assert torch.equal(graph_logits.argmax(-1), eager_logits.argmax(-1))
 
 
-async def test_lazy_eager_off_give_identical_greedy_output(gpu_model_dir):
+async def test_lazy_eager_off_give_identical_greedy_output(separated_model_dir):
     prompts = mixed_prompts(13, seed=11)
     results = {}
     for mode in ("off", "eager", "lazy"):
-        engine = start(gpu_model_dir, graph_capture=mode, idle_debounce_ms=10_000)
+        engine = start(separated_model_dir, graph_capture=mode, idle_debounce_ms=10_000)
         try:
             results[mode] = await run_batch(engine, prompts)
             report = engine.graph_report()
@@ -204,8 +208,8 @@ async def test_lazy_eager_off_give_identical_greedy_output(gpu_model_dir):
     assert results["eager"] == results["off"]
 
 
-async def test_capture_failure_mid_serving_keeps_serving(gpu_model_dir):
-    reference_engine = start(gpu_model_dir, graph_capture="off")
+async def test_capture_failure_mid_serving_keeps_serving(separated_model_dir):
+    reference_engine = start(separated_model_dir, graph_capture="off")
     prompts = mixed_prompts(4, seed=21)  # a batch of 4: exact size 4 gets demand
     try:
         expected = await run_batch(reference_engine, prompts, max_tokens=40)
@@ -213,7 +217,7 @@ async def test_capture_failure_mid_serving_keeps_serving(gpu_model_dir):
         reference_engine.shutdown()
 
     engine = start(
-        gpu_model_dir,
+        separated_model_dir,
         graph_capture="lazy",
         capture_min_interval_ms=0,
         capture_budget_ms=10_000,

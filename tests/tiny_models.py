@@ -45,7 +45,12 @@ def build_tokenizer(path: Path) -> None:
 
 
 def build_checkpoint(
-    path: Path, arch: str = "llama", seed: int = 0, vocab_size: int = 400, **overrides
+    path: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    vocab_size: int = 400,
+    init_std: float = 0.15,
+    **overrides,
 ) -> Path:
     """Write a random-weight checkpoint of `arch` (fp32 safetensors) plus tokenizer to `path`."""
     from transformers import (
@@ -101,7 +106,7 @@ def build_checkpoint(
             if name.endswith("norm.weight"):
                 p.uniform_(0.8, 1.2)
             else:
-                p.normal_(0.0, 0.15)
+                p.normal_(0.0, init_std)
     path.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(path, safe_serialization=True)
     build_tokenizer(path)
