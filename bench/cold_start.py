@@ -19,6 +19,10 @@ Triton compilation (unless `--no-warmup`). Each server is stopped with SIGTERM, 
 Targets (medians): /health <= 1 s; ready(lazy) <= ready(off) + 0.5 s; time to full coverage when
 idle under lazy, counted from ready, <= 1.1x eager's capture time (ready(eager) - ready(off)).
 
+Wall time: warm-up + runs x 3 policies x 2 size lists launches; with the 8B checkpoint each takes
+roughly weights-load + capture + a few seconds, so `--runs 2` keeps it well inside 10 minutes.
+`--time-budget-s` stops launching (output marked truncated) rather than overrun.
+
     python bench/cold_start.py --model /tmp/llama-8b --out bench/results/cold-start-8b.json
     python bench/cold_start.py --smoke --out /tmp/cold.json     # CPU, embedded model, seconds
 """
@@ -427,6 +431,7 @@ def main() -> None:
         "graphs",
         "total",
         "capt sum",
+        "ready, all runs",
     )
     rows = []
     for v in variants:
@@ -435,6 +440,7 @@ def main() -> None:
             rows.append(
                 [v, mode, f"{s['runs'] - s['failed']}/{s['runs']}", fmt(s["n_sizes"])]
                 + [fmt(s[k]["median"], ".2f") for k in METRICS]
+                + ["/".join(f"{x:.2f}" for x in s["ready_s"]["values"]) or "-"]
             )
     print(
         "medians in seconds from exec (cov-ready: full coverage minus ready; capt sum: sum of "

@@ -22,8 +22,8 @@ eagerly once ready; output tokens/s at concurrency 8 >= 6x concurrency 1, with I
 
 Token visibility: ITL from chunk gaps is exact only if the server streams one chunk per token.
 A chunk is skipped when a token adds no text (random weights, ids outside the tokenizer), so the
-report gives chunks/tokens; below 95 % the ITL targets use per-request TPOT (p50) and the
-server's histogram (p99) instead, and say so.
+report gives chunks/tokens ("vis"); below 95 % the ITL targets use the server's own per-token
+histogram (/metrics, bucket-interpolated) instead, and say so.
 
     python bench/serve.py --model /tmp/llama-8b --out bench/results/serve-8b.json
     python bench/serve.py --url http://127.0.0.1:8000 --part fixed
@@ -104,9 +104,13 @@ class Request:
 
     @property
     def tpot(self) -> float | None:
-        """Mean time per output token after the first; needs no per-token chunks."""
+        """Mean time per output token after the first.
+
+        Only when every token arrived in its own chunk: if the first chunk came late (tokens
+        without text are not streamed), the span would miss tokens and flatter the mean.
+        """
         n = self.completion_tokens
-        if not n or n < 2 or len(self.chunks) < 2:
+        if not n or n < 2 or len(self.chunks) != n:
             return None
         return (self.chunks[-1] - self.chunks[0]) / (n - 1)
 
@@ -136,7 +140,6 @@ async def stream_completion(client, url: str, model: str, req: Request) -> None:
     import httpx
 
     body = {
-        "model": model,
         "prompt": req.prompt,
         "max_tokens": req.max_tokens,
         "temperature": 0.0,
@@ -144,6 +147,8 @@ async def stream_completion(client, url: str, model: str, req: Request) -> None:
         "stream": True,
         "stream_options": {"include_usage": True},
     }
+    if model:  # omitted: the server's only model
+        body["model"] = model
     req.sent = time.perf_counter()
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -164,7 +169,8 @@ async def stream_completion(client, url: str, model: str, req: Request) -> None:
                 if '"finish_reason":null' not in data:
                     obj = json.loads(data)
                     if "error" in obj:
-                        req.error = str(obj["error"].get("message", obj["error"]))[:300]
+                        err = obj["error"]
+                        req.error = str(err.get("message", err) if isinstance(err, dict) else err)
                         continue
                     choices = obj.get("choices") or []
                     if choices:
@@ -203,10 +209,13 @@ def sharegpt_like(rng: random.Random, n: int, max_model_len: int, args) -> list[
 def sharegpt_requests(
     seed: int, rate: float, duration: float, max_model_len: int, args
 ) -> list[Request]:
-    """Poisson arrivals at `rate` over `duration` seconds; the same seed gives the same mix."""
+    """Poisson arrivals at `rate` over `duration` seconds; the same seed gives the same mix.
+
+    The first request goes out at once (offset 0): a warm start is measured from its first step.
+    """
     rng = random.Random(seed)
     arrivals = []
-    t = rng.expovariate(rate)
+    t = 0.0
     while t < duration:
         arrivals.append(t)
         t += rng.expovariate(rate)
@@ -296,8 +305,7 @@ def itl_value(rep: dict[str, Any], q: str) -> tuple[float | None, str]:
     vis = rep.get("token_visibility")
     if vis is not None and vis >= VISIBILITY_MIN:
         return rep["itl_ms"][q], "client SSE chunk gaps"
-    if q == "p50":
-        return rep["tpot_ms"]["p50"], f"TPOT p50 (token visibility {fmt(vis, '.2f')})"
+    # The server times every token increment, streamed or not (bucketed, interpolated).
     server = (rep.get("server_itl_ms") or {}).get(q)
     return server, f"server histogram (token visibility {fmt(vis, '.2f')})"
 
@@ -496,15 +504,16 @@ async def sample_graphs(client, tgt: Target, t_ref: float, every_s: float, out: 
 
 
 async def part_warmstart(client, args, log_dir: Path) -> dict[str, Any]:
+    window = args.warm_window
+    # Built before the server starts, so the load begins the moment it is ready. The model field
+    # is omitted (the server's only model) and lengths are clipped to the --max-model-len we pass.
+    reqs = sharegpt_requests(args.seed + 2, args.rate, window, args.max_model_len, args)
     server = ServerProcess(server_args(args, "lazy"), log_path=log_dir / "serve-warmstart.log")
     server.start()
     tgt = Target(server.url, server)
     try:
         t_ready = await wait_ready_async(client, server, args.ready_timeout)
         ready_s = t_ready - server.started_at
-        await tgt.describe(client)
-        window = args.warm_window
-        reqs = sharegpt_requests(args.seed + 2, args.rate, window, tgt.max_model_len, args)
         timeline: list = []
         stop = asyncio.Event()
         sampler = asyncio.create_task(sample_graphs(client, tgt, t_ready, 0.5, timeline, stop))
@@ -519,6 +528,7 @@ async def part_warmstart(client, args, log_dir: Path) -> dict[str, Any]:
         await open_loop(client, tgt.url, tgt.model, reqs)
         await scraper
         warm_done = time.perf_counter()
+        await tgt.describe(client)
         steady_wait = await wait_steady(client, tgt, args.steady_timeout)
         stop.set()
         await sampler
@@ -549,7 +559,7 @@ async def part_warmstart(client, args, log_dir: Path) -> dict[str, Any]:
         )
 
         # Steady state: the identical mix again, all graphs captured.
-        steady_reqs = sharegpt_requests(args.seed + 2, args.rate, window, tgt.max_model_len, args)
+        steady_reqs = sharegpt_requests(args.seed + 2, args.rate, window, args.max_model_len, args)
         h0 = await scrape_histograms_async(client, tgt.url, (ITL_HIST, TTFT_HIST))
         g0 = await tgt.graphs(client)
         h_end: dict[str, Any] = {}
@@ -760,8 +770,9 @@ def print_summary(result: dict[str, Any]) -> None:
     if any(v is not None and v < VISIBILITY_MIN for v in vis):
         print(
             f"NOTE: fewer SSE chunks than tokens (visibility < {VISIBILITY_MIN}): the server "
-            "skips chunks for tokens without text, so chunk-gap ITL over-states gaps; targets "
-            "use TPOT / the server histogram instead"
+            "skips chunks for tokens without text, so chunk gaps over-state ITL and TTFT; "
+            "ITL targets use the server's histogram instead (TPOT only counts fully "
+            "streamed requests)"
         )
     cpu = [p.get("client_cpu_util") for p in _reports(parts) if p.get("client_cpu_util")]
     if cpu and max(cpu) > 0.8:

@@ -101,7 +101,7 @@ def test_cold_start_smoke(smoke_runs):
         phases = [p["phase"] for p in run["server_phases"]]
         assert phases[0] == "starting" and phases[-1] == "ready"
         times = [p["since_exec_s"] for p in run["server_phases"]]
-        assert times == sorted(times) and times[-1] <= run["ready_s"] + 0.05
+        assert times == sorted(times) and times[-1] <= run["ready_s"] + 0.5
         assert run["weights_s"] > 0 and run["load_total_s"] >= run["weights_s"]
         summary = variant["summary"][mode]
         assert summary["ready_s"]["values"] == [run["ready_s"]]
