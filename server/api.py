@@ -18,6 +18,7 @@ import hmac
 import importlib
 import json
 import logging
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -28,6 +29,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
+from pydantic.json_schema import models_json_schema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
@@ -140,6 +142,12 @@ class _SamplingFields(_Strict):
 class CompletionRequest(_SamplingFields):
     """`POST /v1/completions`."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"prompt": "Once upon a time", "max_tokens": 8, "temperature": 0},
+        {"prompt": "Once upon a time", "max_tokens": 8, "stream": True,
+         "stream_options": {"include_usage": True}, "stop": ["."], "seed": 7},
+    ]})
+
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
         description="A string or a list of token ids (one prompt per request)."
     )
@@ -163,6 +171,13 @@ class ChatMessage(_Strict):
 
 class ChatCompletionRequest(_SamplingFields):
     """`POST /v1/chat/completions`."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [
+        {"messages": [{"role": "user", "content": "Hello!"}], "max_completion_tokens": 8},
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": "Hello!"}],
+         "max_tokens": 8, "stream": True, "stream_options": {"include_usage": True}},
+    ]})
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = Field(None, ge=1, description="Deprecated alias of the next field.")
@@ -256,12 +271,72 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {c: {"model": ErrorResponse, "description": text[c]} for c in codes}
 
 
-_STREAM_DOC = {
-    "text/event-stream": {
-        "schema": {"type": "string"},
-        "example": 'data: {"id": "...", "choices": [...]}\n\ndata: [DONE]\n\n',
+class CompletionStreamChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class CompletionChunk(BaseModel):
+    """One `data:` event of a streamed completion (`choices` is empty in the usage event)."""
+
+    id: str
+    object: Literal["text_completion"]
+    created: int
+    model: str
+    choices: list[CompletionStreamChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatStreamChoice(BaseModel):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: Literal["stop", "length"] | None
+
+
+class ChatCompletionChunk(BaseModel):
+    """One `data:` event of a streamed chat completion (`choices` is empty in the usage event)."""
+
+    id: str
+    object: Literal["chat.completion.chunk"]
+    created: int
+    model: str
+    choices: list[ChatStreamChoice]
+    usage: Usage | None = None
+    system_fingerprint: str | None = None
+
+
+# Placeholder: _customize_openapi replaces it with the per-event schema of each endpoint.
+_STREAM_DOC = {"text/event-stream": {}}
+_STREAM_CHUNKS = {"/v1/completions": CompletionChunk,
+                  "/v1/chat/completions": ChatCompletionChunk}
+
+
+def _sse_event_schema(chunk: str) -> dict[str, Any]:
+    """OpenAPI 3.1 schema of one SSE event: `data` is a JSON chunk, an error, or `[DONE]`."""
+    payload = {"anyOf": [{"$ref": f"#/components/schemas/{chunk}"},
+                         {"$ref": "#/components/schemas/ErrorResponse"}]}
+    return {
+        "type": "object",
+        "required": ["data"],
+        "properties": {
+            "event": {"const": "message"},
+            "data": {
+                "type": "string",
+                "if": {"const": "[DONE]"},
+                "then": {},
+                "else": {"contentMediaType": "application/json", "contentSchema": payload},
+            },
+        },
     }
-}
 
 
 # ============================================================================ generation
@@ -404,7 +479,7 @@ class ServerState:
             if factory is None:
                 # Off the event loop: importing the engine module may import torch (seconds of
                 # CPU), and /health must keep answering meanwhile.
-                factory = await asyncio.to_thread(_resolve, self._engine_class)
+                factory = await _in_thread(_resolve, self._engine_class)
             if self.lifecycle.phase in (DRAINING, FAILED):
                 return
             engine = factory(self.config.engine, on_phase=self._on_engine_phase)
@@ -451,7 +526,7 @@ class ServerState:
         for gen in list(self.inflight.values()):
             gen.abort("shutdown")
         try:
-            await asyncio.wait_for(asyncio.to_thread(engine.shutdown), ENGINE_SHUTDOWN_TIMEOUT)
+            await asyncio.wait_for(_in_thread(engine.shutdown), ENGINE_SHUTDOWN_TIMEOUT)
             logger.info("engine shut down")
         except asyncio.TimeoutError:
             logger.error("engine.shutdown() did not return within %.0fs", ENGINE_SHUTDOWN_TIMEOUT)
@@ -541,6 +616,32 @@ class ServerState:
         self.inflight.pop(request_id, None)
         if not self.inflight:
             self._idle.set()
+
+
+def _in_thread(fn: Callable[..., Any], *args: Any) -> asyncio.Future:
+    """Run `fn(*args)` on a fresh daemon thread; await the result on the loop.
+
+    Not `asyncio.to_thread`: its executor cannot start during interpreter shutdown (a lifespan
+    stopped from an atexit hook), and its non-daemon workers would keep a stuck call alive.
+    """
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(ok: bool, value: Any) -> None:
+        if not future.done():
+            (future.set_result if ok else future.set_exception)(value)
+
+    def run() -> None:
+        try:
+            result = (True, fn(*args))
+        except BaseException as exc:  # handed to the awaiting coroutine
+            result = (False, exc)
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(settle, *result)
+
+    threading.Thread(target=run, name=f"graphserve-{getattr(fn, '__name__', 'call')}",
+                     daemon=True).start()
+    return future
 
 
 def _resolve(spec: str) -> Any:
@@ -999,7 +1100,7 @@ def _describe_validation(errors: Any) -> tuple[str, str | None]:
 
 
 def _customize_openapi(app: FastAPI) -> None:
-    """Drop FastAPI's 422 answers from the schema: validation errors are 400 here."""
+    """Drop FastAPI's 422 answers (validation errors are 400 here) and describe SSE events."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema:
@@ -1010,9 +1111,21 @@ def _customize_openapi(app: FastAPI) -> None:
             for op in path.values():
                 if isinstance(op, dict):
                     op.get("responses", {}).pop("422", None)
-        comps = schema.get("components", {}).get("schemas", {})
+        comps = schema.setdefault("components", {}).setdefault("schemas", {})
         comps.pop("HTTPValidationError", None)
         comps.pop("ValidationError", None)
+        # Streamed answers: document each SSE event (FastAPI knows only the JSON body).
+        _, defs = models_json_schema(
+            [(m, "serialization") for m in (*_STREAM_CHUNKS.values(), ErrorResponse)],
+            ref_template="#/components/schemas/{model}",
+        )
+        for name, definition in defs.get("$defs", {}).items():
+            comps.setdefault(name, definition)
+        for path, chunk in _STREAM_CHUNKS.items():
+            op = schema["paths"].get(path, {}).get("post")
+            if op is not None:
+                content = op["responses"]["200"].setdefault("content", {})
+                content["text/event-stream"] = {"schema": _sse_event_schema(chunk.__name__)}
         app.openapi_schema = schema
         return schema
 
