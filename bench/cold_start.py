@@ -319,9 +319,9 @@ def main() -> None:
     ap.add_argument(
         "--time-budget-s",
         type=float,
-        default=540.0,
-        help="stop launching when the next launch would end past this (output is "
-        "still written, marked truncated)",
+        default=450.0,
+        help="stop launching when the next launch would end past this (output is still "
+        "written, marked truncated); leaves room for writing the checkpoint in the same call",
     )
     ap.add_argument("--log-dir", default=None, help="server logs (default: next to --out)")
     ap.add_argument("--out", default=None, help="JSON results file")

@@ -443,7 +443,13 @@ def main() -> None:
     ap.add_argument("--steps", default=",".join(STEPS), help="comma list of: " + ", ".join(STEPS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--load-timeout", type=float, default=300.0)
-    ap.add_argument("--time-budget-s", type=float, default=540.0)
+    ap.add_argument(
+        "--time-budget-s",
+        type=float,
+        default=450.0,
+        help="a step is not started with less than its reserve left (see RESERVE_S); leaves "
+        "room for writing the checkpoint in the same call",
+    )
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument(
         "--smoke",
