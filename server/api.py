@@ -361,6 +361,7 @@ class Generation:
         self.abort_cause: str | None = None
         self._stream = stream
         self._arrival = arrival
+        self._engine = state.engine  # kept: state.engine is cleared at shutdown
 
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """The engine's increments; ends after the one with `finished=True`."""
@@ -413,7 +414,7 @@ class Generation:
         self.state.metrics.aborted.labels(cause).inc()
         logger.info("aborting request %s (%s)", self.request_id, cause)
         try:
-            self.state.engine.abort(self.request_id)
+            self._engine.abort(self.request_id)
         except Exception:
             logger.exception("engine.abort(%s) failed", self.request_id)
 
@@ -463,6 +464,7 @@ class ServerState:
         self._on_exit = on_exit
         self._boot_task: asyncio.Task | None = None
         self._exit_handle: asyncio.TimerHandle | None = None
+        self._was_ready = False
         self._api_key = config.api_key.encode() if config.api_key else None
 
     # ------------------------------------------------------------- lifecycle
@@ -497,6 +499,8 @@ class ServerState:
 
     def _on_phase_change(self, phase: str, detail: str | None) -> None:
         # Called on the event loop.
+        if phase == READY:
+            self._was_ready = True
         if phase == FAILED and self._exit_handle is None:
             grace = self.config.startup_failure_grace
             logger.error(
@@ -520,16 +524,22 @@ class ServerState:
                 await self._boot_task
         if self._exit_handle is not None:
             self._exit_handle.cancel()
+        for gen in list(self.inflight.values()):
+            gen.abort("shutdown")
         engine, self.engine = self.engine, None
         if engine is None:
             return
-        for gen in list(self.inflight.values()):
-            gen.abort("shutdown")
+        # An engine that never got ready holds no requests: waiting for its thread to finish
+        # loading a model (minutes, on a big GPU model) would only delay the exit.
+        timeout = ENGINE_SHUTDOWN_TIMEOUT if self._was_ready else 2.0
         try:
-            await asyncio.wait_for(_in_thread(engine.shutdown), ENGINE_SHUTDOWN_TIMEOUT)
+            await asyncio.wait_for(_in_thread(engine.shutdown), timeout)
             logger.info("engine shut down")
         except asyncio.TimeoutError:
-            logger.error("engine.shutdown() did not return within %.0fs", ENGINE_SHUTDOWN_TIMEOUT)
+            if self._was_ready:
+                logger.error("engine.shutdown() did not return within %.0fs", timeout)
+            else:
+                logger.info("engine still starting; exiting without waiting for it")
         except Exception:
             logger.exception("engine.shutdown() failed")
 
