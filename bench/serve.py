@@ -300,14 +300,19 @@ def latency_report(
     return out
 
 
-def itl_value(rep: dict[str, Any], q: str) -> tuple[float | None, str]:
-    """ITL p50 or p99 (ms) for a target, from the most trustworthy source available."""
-    vis = rep.get("token_visibility")
-    if vis is not None and vis >= VISIBILITY_MIN:
-        return rep["itl_ms"][q], "client SSE chunk gaps"
-    # The server times every token increment, streamed or not (bucketed, interpolated).
-    server = (rep.get("server_itl_ms") or {}).get(q)
-    return server, f"server histogram (token visibility {fmt(vis, '.2f')})"
+def itl_pair(a: dict[str, Any], b: dict[str, Any], q: str) -> tuple[Any, Any, str]:
+    """ITL p50 or p99 (ms) of two reports for a comparison, both from the same source.
+
+    Client chunk gaps when both streamed (nearly) every token; otherwise the server's own
+    per-token histogram for both (it times every increment, streamed or not; bucketed and
+    interpolated, so coarser).
+    """
+    vis = [r.get("token_visibility") for r in (a, b)]
+    if all(v is not None and v >= VISIBILITY_MIN for v in vis):
+        return a["itl_ms"][q], b["itl_ms"][q], "client SSE chunk gaps"
+    va, vb = ((r.get("server_itl_ms") or {}).get(q) for r in (a, b))
+    shown = "/".join(fmt(v, ".2f") for v in vis)
+    return va, vb, f"server histogram (token visibility {shown})"
 
 
 # ============================================================================ the server
@@ -619,8 +624,7 @@ def evaluate(result: dict[str, Any], modes: set[str]) -> list[dict[str, Any]]:
     parts = result["parts"]
     ws = parts.get("warmstart")
     if ws and "warm" in ws:
-        warm_p99, src_w = itl_value(ws["warm"], "p99")
-        steady_p99, src_s = itl_value(ws["steady"], "p99")
+        warm_p99, steady_p99, src_w = itl_pair(ws["warm"], ws["steady"], "p99")
         checks.append(
             target(
                 f"ITL p99 first {ws['window_s']:.0f} s after ready (lazy) vs 1.25x steady p99, ms",
@@ -660,8 +664,7 @@ def evaluate(result: dict[str, Any], modes: set[str]) -> list[dict[str, Any]]:
                 detail=f"c1 {fmt(c1['output_tok_s'], '.1f')} tok/s",
             )
         )
-        i8, src = itl_value(c8, "p50")
-        i1, _ = itl_value(c1, "p50")
+        i8, i1, src = itl_pair(c8, c1, "p50")
         checks.append(
             target(
                 "ITL p50 at concurrency 8 vs 1.2x concurrency 1, ms",
@@ -679,13 +682,13 @@ def print_summary(result: dict[str, Any]) -> None:
     fixed = parts.get("fixed")
     if fixed and fixed.get("levels"):
         print(
-            f"fixed {fixed['prompt_len']} -> {fixed['output_len']} tokens, closed loop "
-            "(ms; traffic = decode steps exact/padded/eager during the level)"
+            f"fixed {fixed['prompt_len']} -> {fixed['output_len']} tokens, closed loop (ms; "
+            "srv50/99: server ITL histogram; traffic: decode steps exact/padded/eager)"
         )
         rows = []
         for lvl in fixed["levels"]:
             if "skipped" in lvl:
-                rows.append([lvl["concurrency"], "skipped"] + ["-"] * 8)
+                rows.append([lvl["concurrency"], "skipped"] + ["-"] * 10)
                 continue
             t = lvl["traffic"]
             rows.append(
@@ -698,6 +701,8 @@ def print_summary(result: dict[str, Any]) -> None:
                     fmt(lvl["itl_ms"]["p50"], ".2f"),
                     fmt(lvl["itl_ms"]["p99"], ".2f"),
                     fmt(lvl["tpot_ms"]["p50"], ".2f"),
+                    fmt(lvl["server_itl_ms"]["p50"], ".2f"),
+                    fmt(lvl["server_itl_ms"]["p99"], ".2f"),
                     fmt(lvl["token_visibility"], ".2f"),
                     f"{fmt(t['exact_steps'])}/{fmt(t['padded_steps'])}/{fmt(t['eager_steps'])}",
                 ]
@@ -712,6 +717,8 @@ def print_summary(result: dict[str, Any]) -> None:
                 "itl50",
                 "itl99",
                 "tpot50",
+                "srv50",
+                "srv99",
                 "vis",
                 "traffic",
             ),

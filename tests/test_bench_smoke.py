@@ -1,8 +1,9 @@
-"""The GPU benchmark scripts run end to end on CPU in `--smoke` mode and write sane JSON.
+"""The GPU benchmark scripts: their pure helpers, and each script end to end in `--smoke` mode.
 
-The three scripts start together (they are mostly waiting on server start-up and torch imports),
-then each test checks one script's exit code, its final table and its JSON: the shapes the lead
-reads after a GPU run, and numbers that must hold on any machine (token counts, orderings).
+The smoke tests (marked slow) start the three scripts together (they mostly wait on server
+start-up and torch imports), then each checks one script's exit code, its final table and its
+JSON: the shapes the lead reads after a GPU run, and numbers that must hold on any machine
+(token counts, orderings).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+from bench import common
+from bench.cold_start import vllm_like_sizes
+from bench.serve import itl_pair, parse_args, sharegpt_requests
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("cold_start", "serve", "peers")
@@ -85,6 +88,7 @@ def _check_verdict_lines(text: str, expected: int):
     assert len(verdicts) == expected, tail
 
 
+@pytest.mark.slow
 def test_cold_start_smoke(smoke_runs):
     text, data = _get(smoke_runs, "cold_start")
     assert data["warmup"] is None and data["truncated"] is False
@@ -111,6 +115,7 @@ def test_cold_start_smoke(smoke_runs):
     _check_verdict_lines(text, 3)
 
 
+@pytest.mark.slow
 def test_serve_smoke(smoke_runs):
     text, data = _get(smoke_runs, "serve")
     fixed = data["parts"]["fixed"]
@@ -140,6 +145,7 @@ def test_serve_smoke(smoke_runs):
     _check_verdict_lines(text, 4)
 
 
+@pytest.mark.slow
 def test_peers_smoke(smoke_runs):
     text, data = _get(smoke_runs, "peers")
     steps = data["steps"]
@@ -161,3 +167,78 @@ def test_peers_smoke(smoke_runs):
     ratios = data["ratios"]["hf_eager"]
     assert ratios["b1_speedup"] == pytest.approx(eager["b1_ms_per_token"] / ours["b1_ms_per_token"])
     assert "ours b1 x" in text
+
+
+# ---------------------------------------------------------------------------- helpers (fast)
+def test_percentile_interpolates_between_order_statistics():
+    xs = [4.0, 1.0, 3.0, 2.0]
+    assert common.percentile(xs, 0) == 1.0 and common.percentile(xs, 100) == 4.0
+    assert common.percentile(xs, 50) == pytest.approx(2.5)
+    assert common.percentile(xs, 99) == pytest.approx(3.97)
+    assert common.percentile([], 50) is None
+    s = common.summarize([0.001, 0.002, 0.003], scale=1e3)
+    assert s["n"] == 3 and s["p50"] == pytest.approx(2.0) and s["max"] == pytest.approx(3.0)
+
+
+def test_histogram_quantile_uses_only_observations_between_scrapes():
+    before = {0.01: 10.0, 0.02: 10.0, float("inf"): 10.0}
+    # 10 new observations, all in (0.01, 0.02]: the old ones below 0.01 must not count.
+    after = {0.01: 10.0, 0.02: 20.0, float("inf"): 20.0}
+    assert common.histogram_count(before, after) == 10
+    assert common.histogram_quantile(before, after, 0.5) == pytest.approx(0.015)
+    assert common.histogram_quantile(before, after, 1.0) == pytest.approx(0.02)
+    assert common.histogram_quantile(after, after, 0.5) is None
+    # Beyond the last finite bound: report that bound.
+    tail = {0.01: 0.0, 0.02: 0.0, float("inf"): 5.0}
+    assert common.histogram_quantile({}, tail, 0.99) == pytest.approx(0.02)
+
+
+def test_traffic_delta_and_hit_rate():
+    before = {"exact_steps": 10, "padded_steps": 5, "eager_steps": 1}
+    after = {"exact_steps": 40, "padded_steps": 15, "eager_steps": 1}
+    d = common.traffic_delta(before, after)
+    assert (d["exact_steps"], d["padded_steps"], d["eager_steps"]) == (30, 10, 0)
+    assert d["hit_rate"] == pytest.approx(0.75)
+    assert common.traffic_delta({}, after)["exact_steps"] is None
+
+
+def test_target_verdicts():
+    assert common.target("t", 1.0, 1.0)["passed"] is True
+    assert common.target("t", 1.1, 1.0)["passed"] is False
+    assert common.target("t", 7.0, 6.0, lower_is_better=False)["passed"] is True
+    assert common.target("t", None, 6.0)["passed"] is None
+
+
+def test_vllm_like_size_list_has_51_sizes():
+    sizes = vllm_like_sizes(512)
+    assert len(sizes) == 51 and sizes[:4] == [1, 2, 4, 8] and sizes[-1] == 512
+    assert sizes == sorted(set(sizes))
+    assert 256 in sizes and 264 not in sizes and 272 in sizes
+
+
+def test_sharegpt_mix_is_seeded_clipped_and_heavy_tailed():
+    args = parse_args([])
+    a = sharegpt_requests(7, rate=20.0, duration=60.0, max_model_len=2048, args=args)
+    b = sharegpt_requests(7, rate=20.0, duration=60.0, max_model_len=2048, args=args)
+    assert [(r.arrival, r.prompt, r.max_tokens) for r in a] == [
+        (r.arrival, r.prompt, r.max_tokens) for r in b
+    ]
+    assert 1000 < len(a) < 1400  # Poisson: 1200 expected
+    arrivals = [r.arrival for r in a]
+    assert arrivals[0] == 0.0 and arrivals == sorted(set(arrivals))
+    prompts = [len(r.prompt) for r in a]
+    outputs = [r.max_tokens for r in a]
+    assert all(p + o <= 2048 for p, o in zip(prompts, outputs, strict=True))
+    assert max(outputs) <= args.sg_max_output
+    assert 200 < common.percentile(prompts, 50) < 310
+    assert 160 < common.percentile(outputs, 50) < 250
+    assert common.percentile(prompts, 99) > 5 * common.percentile(prompts, 50)
+    assert all(common.PROMPT_ID_LOW <= t < common.PROMPT_ID_HIGH for r in a for t in r.prompt)
+
+
+def test_itl_pair_never_mixes_sources():
+    full = {"token_visibility": 1.0, "itl_ms": {"p50": 1.0}, "server_itl_ms": {"p50": 1.5}}
+    partial = {"token_visibility": 0.5, "itl_ms": {"p50": 9.0}, "server_itl_ms": {"p50": 2.0}}
+    assert itl_pair(full, full, "p50")[:2] == (1.0, 1.0)
+    a, b, source = itl_pair(full, partial, "p50")
+    assert (a, b) == (1.5, 2.0) and "server histogram" in source
