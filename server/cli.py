@@ -55,6 +55,17 @@ def _graph_sizes(text: str) -> list[int]:
         ) from None
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows a flag's default unless its help already explains it (or there is none)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False,
+                                                                   argparse.SUPPRESS)):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `graphserve` parser with its `serve` subcommand."""
     parser = argparse.ArgumentParser(
@@ -70,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the OpenAI-compatible HTTP server. /health answers at once; "
         "/health/ready turns 200 once the model is loaded and its largest decode graph is "
         "captured.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_HelpFormatter,
     )
     add_serve_arguments(serve)
     return parser
@@ -99,7 +110,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
 
     sched = p.add_argument_group("scheduling")
     sched.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
-                       help="requests decoded together (default: 256 on CUDA, 8 on CPU)")
+                       help="requests decoded together (default: 64 on CUDA, 8 on CPU)")
     sched.add_argument("--max-queue", type=int, default=eng.max_queue, metavar="N",
                        help="waiting requests beyond this are refused with HTTP 429")
     sched.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
@@ -130,8 +141,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     server.add_argument("--host", default=srv.host, help="address to listen on")
     server.add_argument("--port", type=int, default=srv.port, help="port to listen on (0: any)")
     server.add_argument("--api-key", default=os.environ.get("GRAPHSERVE_API_KEY") or None,
-                        help="require 'Authorization: Bearer KEY' on /v1 routes (default: "
-                        "$GRAPHSERVE_API_KEY; health and metrics stay open)")
+                        metavar="KEY",
+                        help="require 'Authorization: Bearer KEY' on /v1 routes; health and "
+                        "metrics stay open (default: $GRAPHSERVE_API_KEY, which keeps the key "
+                        "out of the process list)")
     server.add_argument("--drain-timeout", type=float, default=srv.drain_timeout,
                         metavar="SECONDS",
                         help="after SIGTERM, how long in-flight requests may take before "
