@@ -155,7 +155,8 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         "reason before the process exits 1")
     server.add_argument("--log-format", default=srv.log_format, choices=("text", "json"),
                         help="json: one JSON object per line")
-    server.add_argument("--log-level", default=srv.log_level, choices=LOG_LEVELS)
+    server.add_argument("--log-level", default=srv.log_level, choices=LOG_LEVELS,
+                        help="least severe level logged, uvicorn's loggers included")
     server.add_argument("--disable-access-log", action="store_true",
                         help="do not log one line per HTTP request")
     # Test seam: a 'module:callable' building the engine (e.g. tests.fake_engine:env_engine).
