@@ -261,7 +261,9 @@ def setup_logging(log_format: str = "text", level: str = "info") -> None:
 # ============================================================================ serving
 def bind_socket(host: str, port: int) -> socket.socket:
     """Create, bind and listen; from here on connections queue in the kernel."""
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
+    # Like uvicorn: IPv6 only for IPv6 literals, so "localhost" means 127.0.0.1, not ::1.
+    family = socket.AF_INET6 if ":" in (host or "") else socket.AF_INET
+    infos = socket.getaddrinfo(host or None, port, family=family, type=socket.SOCK_STREAM,
                                flags=socket.AI_PASSIVE)
     family, kind, proto, _, addr = infos[0]
     sock = socket.socket(family, kind, proto)
