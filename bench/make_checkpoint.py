@@ -61,6 +61,24 @@ def tensor_shapes(cfg: dict) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def pad_tokenizer(path: Path, vocab_size: int) -> None:
+    """Give every id the model can emit a text, as a real 128k tokenizer does.
+
+    The embedded tokenizer has ~2k tokens; ids above it would decode to nothing, so a streaming
+    client would see almost no chunks and could not measure per-token latency. Each missing id
+    becomes a BPE vocabulary entry " tN" with no merge leading to it: prompts still tokenize as
+    before, every id decodes to text, and (unlike 126k "added tokens", which transformers
+    processes in Python at load) the tokenizer still loads in milliseconds.
+    """
+    data = json.loads(path.read_text())
+    vocab = data["model"]["vocab"]
+    taken = set(vocab.values()) | {t["id"] for t in data.get("added_tokens", [])}
+    for i in range(vocab_size):
+        if i not in taken:
+            vocab[f"\u0120t{i}"] = i  # "\u0120" is byte-level BPE's space
+    path.write_text(json.dumps(data, ensure_ascii=False))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -83,6 +101,7 @@ def main() -> None:
     for f in tok_dir.iterdir():
         if f.name.startswith(("tokenizer", "special_tokens")) or f.name == "chat_template.jinja":
             shutil.copy(f, out / f.name)
+    pad_tokenizer(out / "tokenizer.json", COMMON["vocab_size"])
     tok_cfg = json.loads((tok_dir / "config.json").read_text())
     cfg = dict(COMMON, **SHAPES[args.shape])
     cfg["bos_token_id"] = tok_cfg.get("bos_token_id")

@@ -38,7 +38,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
     max_model_len: int | None = None  # None: the model's limit, shrunk to fit the KV budget
-    max_num_seqs: int | None = None  # None: 256 on CUDA, 8 on CPU
+    max_num_seqs: int | None = None  # None: 64 on CUDA, 8 on CPU
     max_queue: int = 1024  # waiting requests beyond this are rejected (HTTP 429)
     max_num_batched_tokens: int | None = None  # prefill chunk; None: 2048 on CUDA, 256 on CPU
     gpu_memory_utilization: float = 0.90  # fraction of total GPU memory the server may hold
