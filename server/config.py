@@ -46,7 +46,7 @@ class EngineConfig:
     cuda_graph_sizes: list[int] | None = None  # None: default_capture_sizes(max_num_seqs)
     capture_budget_ms: float = 50.0  # max predicted capture time allowed between two steps
     capture_min_interval_ms: float = 250.0  # spacing of captures while requests are running
-    idle_debounce_ms: float = 100.0  # quiet time before idle capture starts
+    idle_debounce_ms: float = 20.0  # quiet time before idle capture starts
     seed: int = 0  # base seed for requests that give none
 
     def validate(self) -> None:

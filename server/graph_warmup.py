@@ -842,7 +842,10 @@ class DecodeRunner:
     # -- capture ----------------------------------------------------------------------------
 
     def capture(self, size: int, bulk: bool = False) -> bool:
-        """Capture the graph for `size`; report to the policy. Never raises.
+        """Capture the graph for `size`; report to the policy.
+
+        Capture errors never escape (they mark the size failed); only a broken protocol with
+        the policy (e.g. capturing a size twice) raises, as a bug would.
 
         A failed capture may leave its graph holding blocks of the shared pool; freeing it (or
         any graph of the pool) and capturing again into that pool trips an allocator assert,
@@ -855,9 +858,10 @@ class DecodeRunner:
         graph = torch.cuda.CUDAGraph()
         t0 = time.perf_counter()
         try:
+            # No per-size warm-up run: startup already ran the step eagerly on this stream, so
+            # cuBLAS has its workspace and Triton its kernels (compiled once for every batch
+            # size). Skipping it halves the stall a busy-time capture adds to one step.
             self._fill_padding()
-            with torch.cuda.stream(self._stream):
-                self._decode_static(size)  # warm-up: per-shape kernel selection outside capture
             torch.cuda.synchronize()
             with torch.cuda.stream(self._stream):
                 graph.capture_begin(pool=self._pool)
