@@ -128,15 +128,20 @@ def _randn(*shape, dtype, device, gen, scale=1.0) -> torch.Tensor:
 
 # RoPE: the reference rounds each product to the activation dtype before the sum. Under the
 # interpreter the kernel reproduces that bit for bit. Compiled for the H100 (triton 3.6,
-# 2026-11-26) the sum is formed from unrounded products (the compiler drops the fp32 -> bf16 ->
-# fp32 round trips), which differs from the reference by many ulps where the two products nearly
-# cancel. There the kernel is held to the exact result instead: the float64 rotation rounded
-# once to the dtype, within 1 ulp.
-def _rope_exact(x, cos, sin):
+# 2026-11-26) the compiler may drop the fp32 -> fp16/bf16 -> fp32 round trip of either product
+# (e.g. fusing one into an FMA), so each product is rounded or not. The difference to the
+# reference is then bounded by half an ulp of each product plus one ulp of the result, which is
+# what the compiled kernel is held to (a wrong sign, half or position is off by whole values).
+def _rope_tolerance(x, cos, sin, dtype):
     x, c, s = x.double(), cos.double().unsqueeze(1), sin.double().unsqueeze(1)
     half = x.shape[-1] // 2
     rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * c + rot * s
+    finfo = torch.finfo(dtype)
+
+    def ulp(v):
+        return torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(finfo.tiny)))) * finfo.eps
+
+    return (0.5 * ulp(x * c) + 0.5 * ulp(rot * s) + ulp(x * c + rot * s)).cpu()
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, ulps: int, what: str) -> None:
@@ -315,8 +320,14 @@ def test_rope_write_kv(device, dtype, case):
         assert_close(q_rot, q_ref, 0, "q_rot")
         assert_close(k_written, k_ref[slots, :, positions], 0, "k written")
     else:
-        assert_close(q_rot, _rope_exact(q, cos, sin).to(dtype), 1, "q_rot vs exact")
-        assert_close(k_written, _rope_exact(k, cos, sin).to(dtype), 1, "k written vs exact")
+        for name, got, want, x in (
+            ("q_rot", q_rot, q_ref, q),
+            ("k written", k_written, k_ref[slots, :, positions], k),
+        ):
+            err = (got.double() - want.double()).abs().cpu()
+            bound = _rope_tolerance(x, cos, sin, dtype)
+            assert not torch.isnan(got).any(), f"{name}: NaN (an element not written?)"
+            assert bool((err <= bound).all()), f"{name}: {int((err > bound).sum())} elements off"
     assert torch.equal(v_cache[slots, :, positions], v_ref[slots, :, positions]), "v written"
     written = torch.zeros(num_slots, max_len, dtype=torch.bool, device=device)
     written[slots, positions] = True
