@@ -272,7 +272,7 @@ def _put_all(items) -> None:
 def _is_expected_startup_error(exc: Exception) -> bool:
     from server.model_loader import ModelLoadError
 
-    return isinstance(exc, (ModelLoadError, ValueError))
+    return isinstance(exc, (ModelLoadError, StartupError, ValueError))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -117,13 +117,37 @@ async def test_eos_stops_and_is_not_text(engine, llama_dir):
     assert outs[-1].finish_reason == "stop"
 
 
-async def test_model_eos_token_stops(engine):
-    # Token 1 is the checkpoint's EOS: a prompt can't force it, so make it the only choice by
-    # checking ignore_eos semantics instead: with ignore_eos the request runs to max_tokens.
-    outs = await collect(
-        engine, [3, 4], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True)
-    )
-    assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 20
+async def test_model_eos_token_stops(llama_dir, tmp_path):
+    """The checkpoint's own EOS (generation_config.json) ends generation, without its text."""
+    import json
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        llama_dir, dtype=torch.float32, local_files_only=True
+    ).eval()
+    prompt = [5, 6, 7, 8]
+    greedy = hf_greedy(ref, prompt, 8)
+    eos = greedy[2]
+    model_dir = tmp_path / "eos-model"
+    shutil.copytree(llama_dir, model_dir)
+    (model_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, eos]}))
+    engine = start_engine(model_dir)
+    try:
+        params = SamplingParams(max_tokens=8, temperature=0.0)
+        outs = await collect(engine, prompt, params)
+        assert tokens_of(outs) == greedy[: greedy.index(eos) + 1]
+        assert outs[-1].finish_reason == "stop"
+        emitted = "".join(o.text for o in outs)
+        expected = engine.tokenizer.decode(greedy[: greedy.index(eos)], skip_special_tokens=True)
+        assert emitted == expected  # the EOS token itself is not text
+        # ignore_eos runs through it to max_tokens.
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        outs = await collect(engine, prompt, params)
+        assert tokens_of(outs) == greedy and outs[-1].finish_reason == "length"
+    finally:
+        engine.shutdown()
 
 
 async def test_stop_strings_are_never_emitted(engine):
