@@ -6,9 +6,12 @@ a max_len 4096 cache (plus a mixed batch: one long row, the rest short). Each ti
 median of `triton.testing.do_bench` (L2 flushed between runs, so weights-streaming conditions).
 GB/s counts the bytes an op must move; for decode attention, the K/V bytes actually read.
 
-    python bench/kernels.py --out results.json          # on a CUDA machine, well under 2 min
-    python bench/kernels.py --split-sweep               # also time other split-K factors
-    TRITON_INTERPRET=1 python bench/kernels.py --smoke  # CPU: checks the script, tiny shapes
+    python bench/op_timing.py --out results.json          # on a CUDA machine, well under 2 min
+    python bench/op_timing.py --split-sweep               # also time other split-K factors
+    TRITON_INTERPRET=1 python bench/op_timing.py --smoke  # CPU: checks the script, tiny shapes
+
+(Not named `kernels.py`: scripts run with `bench/` first on sys.path, and transformers probes for
+a `kernels` package at import, which would then import this file.)
 """
 
 from __future__ import annotations
