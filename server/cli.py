@@ -296,6 +296,15 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+    # Until uvicorn serves, a stdlib responder answers the health probes on this socket: the
+    # imports below take ~1 s on some machines, and liveness must not wait for them.
+    from server.early_health import EarlyHealthResponder
+    from server.health import Lifecycle
+
+    lifecycle = Lifecycle()
+    early = EarlyHealthResponder(sock, lifecycle, config.api_key)
+    early.start()
+
     # Heavy-ish imports only now that connections can queue (FastAPI, pydantic, uvicorn).
     import asyncio
 
@@ -338,13 +347,18 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
             self.exit_code = code
             self.should_exit = True
 
+        async def startup(self, sockets=None) -> None:
+            early.stop()  # hand the socket over: uvicorn accepts from here on
+            await super().startup(sockets=sockets)
+
     server: Server | None = None
 
     def on_exit(code: int) -> None:
         if server is not None:
             server.request_exit(code)
 
-    app = create_app(config, engine_class=engine_class or DEFAULT_ENGINE_CLASS, on_exit=on_exit)
+    app = create_app(config, engine_class=engine_class or DEFAULT_ENGINE_CLASS,
+                     lifecycle=lifecycle, on_exit=on_exit)
     state = app.state.graphserve
     uv_config = uvicorn.Config(
         app, host=host, port=port, log_config=None, access_log=access_log,
