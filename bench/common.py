@@ -248,35 +248,31 @@ def scrape_histograms(client, url: str, names: Sequence[str]) -> dict[str, dict[
     Missing metrics (or an unreachable endpoint) give empty dicts: the server-side latency view is
     a cross-check, never a reason to abort a benchmark.
     """
-    out: dict[str, dict[float, float]] = {n: {} for n in names}
     try:
-        from prometheus_client.parser import text_string_to_metric_families
-
         r = client.get(f"{url}/metrics", timeout=5.0)
-        if r.status_code != 200:
-            return out
-        for family in text_string_to_metric_families(r.text):
-            if family.name not in out:
-                continue
-            for sample in family.samples:
-                if sample.name.endswith("_bucket"):
-                    le = float(sample.labels["le"])
-                    out[family.name][le] = out[family.name].get(le, 0.0) + sample.value
     except Exception:  # noqa: BLE001 - diagnostics only
-        return out
-    return out
+        return {n: {} for n in names}
+    return _histogram_buckets(r, names)
 
 
 async def scrape_histograms_async(client, url: str, names: Sequence[str]):
     """Async twin of `scrape_histograms` for an httpx.AsyncClient."""
+    try:
+        r = await client.get(f"{url}/metrics", timeout=5.0)
+    except Exception:  # noqa: BLE001 - diagnostics only
+        return {n: {} for n in names}
+    return _histogram_buckets(r, names)
+
+
+def _histogram_buckets(response, names: Sequence[str]) -> dict[str, dict[float, float]]:
+    """Cumulative bucket counts `{name: {le: count}}`, summed over labels, of a /metrics answer."""
     out: dict[str, dict[float, float]] = {n: {} for n in names}
+    if response.status_code != 200:
+        return out
     try:
         from prometheus_client.parser import text_string_to_metric_families
 
-        r = await client.get(f"{url}/metrics", timeout=5.0)
-        if r.status_code != 200:
-            return out
-        for family in text_string_to_metric_families(r.text):
+        for family in text_string_to_metric_families(response.text):
             if family.name not in out:
                 continue
             for sample in family.samples:
@@ -284,7 +280,7 @@ async def scrape_histograms_async(client, url: str, names: Sequence[str]):
                     le = float(sample.labels["le"])
                     out[family.name][le] = out[family.name].get(le, 0.0) + sample.value
     except Exception:  # noqa: BLE001 - diagnostics only
-        return out
+        return {n: {} for n in names}
     return out
 
 
