@@ -901,16 +901,19 @@ class DecodeRunner:
         return True
 
     def _recover_from_failed_capture(self) -> None:
+        """Check the capture stream left capture mode and the device is still healthy.
+
+        cudaStreamEndCapture ends a capture even when it fails, so this normally only confirms;
+        an error here means the failure went deeper than the graph and is logged as such.
+        """
         torch = self._torch
         try:
-            if torch.cuda.is_current_stream_capturing():
-                logger.error("stream still capturing after a failed capture")
             with torch.cuda.stream(self._stream):
                 if torch.cuda.is_current_stream_capturing():
-                    logger.error("capture stream still capturing after a failed capture")
+                    logger.error("the capture stream is still capturing after a failed capture")
             torch.cuda.synchronize()
         except Exception:
-            logger.exception("device synchronize after a failed capture raised")
+            logger.exception("the device reported an error after a failed capture")
 
     # -- running ----------------------------------------------------------------------------
 
