@@ -1,14 +1,16 @@
 """`graphserve` command line: flags -> ServerConfig, logging, port binding, uvicorn, signals.
 
 Start-up order matters: parse flags and validate (exit 2 on a bad value), configure logging,
-bind the listening socket, and only then import FastAPI/uvicorn and build the app. Torch is never
-imported here; the app imports the engine in the background once it is serving, so `/health`
-answers within a second of exec.
+bind the listening socket, start the stdlib health responder on it (`server/early_health.py`),
+and only then import FastAPI/uvicorn and build the app; the responder steps aside right before
+uvicorn accepts. Torch is never imported here; the app imports the engine in the background once
+it is serving. So `/health` answers within a few tens of milliseconds of exec, however slow the
+HTTP stack is to import.
 
 SIGTERM/SIGINT are taken over from uvicorn (which would close the socket at once and re-raise
 the signal, exiting non-zero): the first one drains (readiness 503, new `/v1` requests 503,
 in-flight requests finish or are aborted after `--drain-timeout`) and then exits 0; a second one
-exits at once.
+exits at once. The same holds for signals that arrive while the HTTP stack is still importing.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import socket
 import sys
 import threading
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from server import __version__
 from server.config import (
@@ -35,6 +37,10 @@ from server.config import (
     EngineConfig,
     ServerConfig,
 )
+
+if TYPE_CHECKING:
+    from server.early_health import EarlyHealthResponder
+    from server.health import Lifecycle
 
 logger = logging.getLogger("graphserve.cli")
 
@@ -289,7 +295,6 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
         return EXIT_STARTUP_FAILURE
-    host, port = sock.getsockname()[:2]
     # Progress bars (weight loading) are terminal art, not log lines; and transformers logs
     # through its own stderr handler, so keep it to errors. Both read at their first import,
     # which happens later on the engine thread; explicit settings in the environment win.
@@ -297,15 +302,79 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
     # Until uvicorn serves, a stdlib responder answers the health probes on this socket: the
-    # imports below take ~1 s on some machines, and liveness must not wait for them.
-    from server.early_health import EarlyHealthResponder
-    from server.health import Lifecycle
+    # imports below take ~1 s on some machines, and liveness must not wait for them. Signals
+    # that come meanwhile are held and replayed once uvicorn's loop handles them.
+    held = _HeldSignals()
+    early: EarlyHealthResponder | None = None
+    try:
+        from server.early_health import EarlyHealthResponder
+        from server.health import Lifecycle
 
-    lifecycle = Lifecycle()
-    early = EarlyHealthResponder(sock, lifecycle, config.api_key)
-    early.start()
+        lifecycle = Lifecycle()
+        try:
+            early = EarlyHealthResponder(sock, lifecycle, config.api_key)
+            early.start()
+        except OSError as exc:  # e.g. out of descriptors: uvicorn will answer, just later
+            logger.warning("early health responder not started (%s); /health waits for "
+                           "uvicorn", exc)
+            early = None
+        return _serve_app(config, sock, lifecycle, early, held, engine_class=engine_class,
+                          access_log=access_log)
+    except _ExitNow:
+        logger.warning("signal again before serving: exiting without waiting")
+        return 0
+    finally:
+        held.release()
+        if early is not None:
+            early.stop(wait=0)  # no-op after a handover; else it must not outlive the socket
+        sock.close()
 
-    # Heavy-ish imports only now that connections can queue (FastAPI, pydantic, uvicorn).
+
+class _ExitNow(SystemExit):
+    """A second SIGTERM/SIGINT before uvicorn serves: leave at once (still exit code 0)."""
+
+
+class _HeldSignals:
+    """SIGTERM/SIGINT that arrive before uvicorn's loop takes the signals over.
+
+    Without this, a SIGTERM during the imports would kill the process with the default action
+    (and SIGINT would print a traceback). The first signal is kept and replayed into the drain
+    path as soon as the loop handles signals (nothing is in flight yet, so that exits 0); a
+    second one means "now", as it does while serving.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, sig: int, _frame: Any) -> None:
+        self.received.append(sig)
+        if len(self.received) > 1:
+            raise _ExitNow(0)
+
+    def take(self) -> list[int]:
+        """The signals held so far; from now on the caller's handlers are in charge."""
+        self._previous.clear()
+        received, self.received = self.received, []
+        return received
+
+    def release(self) -> None:
+        """Put the previous handlers back if `take()` never ran (serving did not start)."""
+        for sig, handler in self._previous.items():
+            if signal.getsignal(sig) == self._on_signal:
+                signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _serve_app(config: ServerConfig, sock: socket.socket, lifecycle: Lifecycle,
+               early: EarlyHealthResponder | None, held: _HeldSignals, *,
+               engine_class: str | None, access_log: bool) -> int:
+    """Import the HTTP stack, build the app and run uvicorn on `sock` until it exits."""
+    host, port = sock.getsockname()[:2]
+    # Heavy-ish imports only now that probes are answered (FastAPI, pydantic, uvicorn).
     import asyncio
 
     import uvicorn
@@ -326,6 +395,8 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, self.on_signal, sig)
+            for sig in held.take():  # came during the imports: handle it now, as if just sent
+                self.on_signal(sig)
             try:
                 yield
             finally:
@@ -348,7 +419,11 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
             self.should_exit = True
 
         async def startup(self, sockets=None) -> None:
-            early.stop()  # hand the socket over: uvicorn accepts from here on
+            # Hand the socket over: the responder stops accepting before uvicorn starts to.
+            # Queued connections stay in the kernel's queue for uvicorn; none is dropped. A
+            # slow client the responder accepted is finished on its thread, not waited for.
+            if early is not None:
+                early.stop(wait=0.1)
             await super().startup(sockets=sockets)
 
     server: Server | None = None

@@ -1,14 +1,25 @@
 """Answer health probes from the moment the port is bound, before the HTTP stack is imported.
 
-The CLI binds its listening socket first, but uvicorn only starts accepting after `import
-fastapi, uvicorn` (and pydantic, starlette), which took 0.9-1.2 s on the GPU machine's Python.
-Until then a liveness probe would sit in the kernel's accept queue. This stdlib-only responder
-accepts on a duplicate of the listening socket and answers `/health`, `/health/ready` and
-`/health/graphs` with the same bodies the app gives in the `starting` phase (built by the same
-`Lifecycle`), and every other path with a 503 + `Retry-After` (401 for `/v1` without the right
-key, as the app answers). `stop()` is called right before uvicorn takes over the socket: it stops
-accepting, finishes the answers in flight and closes only its duplicate, so the listening socket
-and the connections queued on it pass to uvicorn untouched.
+The CLI binds its listening socket before any heavy import, but uvicorn can only accept once
+`import fastapi, uvicorn` (with pydantic and starlette) is done: 0.9-1.2 s on the GPU machine's
+Python, longer than the 1 s the product promises for `/health`. Until then a probe would wait in
+the kernel's accept queue. This responder closes that gap with the standard library only (one
+thread, `selectors`, non-blocking sockets): it accepts on a duplicate of the listening socket and
+answers with the bodies, status codes and headers the app gives in the same phase (from the same
+`Lifecycle` object the app will use, so uptime and phase history carry over):
+
+* `/health` 200, `/health/ready` 503, `/health/graphs` 200 "engine not created yet";
+* `/v1*`: 401 without the right API key (the app checks the key first), else 503 + Retry-After;
+* `/metrics` and the OpenAPI pages: 503 + Retry-After (their content needs the app); else 404.
+
+Every answer says `Connection: close`; the socket is then shut down for writing and drained
+until the peer closes, so unread request bytes never turn the close into a reset. A client that
+sends nothing is dropped after a short timeout and never holds up the handover.
+
+`stop()` is the handover, called right before uvicorn takes the socket: on return this thread
+no longer accepts (connections still queued belong to uvicorn) and its duplicate is closed, so
+the original keeps listening. Connections it had accepted are still answered to the end, in the
+background if a client is slow.
 """
 
 from __future__ import annotations
@@ -20,191 +31,398 @@ import selectors
 import socket
 import threading
 import time
+from typing import Any
+from urllib.parse import unquote, urlsplit
 
-from server.health import Lifecycle, graphs_body
+from server.health import DRAINING, FAILED, Lifecycle, graphs_body
 
 logger = logging.getLogger("graphserve.early_health")
 
-_MAX_HEAD = 16 * 1024  # request head limit; a probe sends ~100 bytes
-_CLIENT_TIMEOUT_S = 2.0  # a client that has not sent its head by then is dropped
-_REASONS = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-            405: "Method Not Allowed", 503: "Service Unavailable"}  # fmt: skip
-_RETRY_AFTER = "5"
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers; a probe sends ~100 bytes
+CLIENT_TIMEOUT_S = 2.0  # to send a complete request head (or to take the answer)
+LINGER_S = 1.0  # after the answer: how long to discard request bytes until the peer closes
+MAX_CLIENTS = 256  # more connections wait in the kernel's queue (for uvicorn, if need be)
+RETRY_AFTER = "5"  # the app's Retry-After for 503s (server.api.RETRY_AFTER_UNAVAILABLE)
+
+HEALTH_PATHS = ("/health", "/health/ready", "/health/graphs")
+# Routes the app serves that need the app itself: "not yet" rather than "not found".
+APP_ONLY_PATHS = ("/metrics", "/openapi.json", "/docs", "/docs/oauth2-redirect", "/redoc")
+_ALLOW = "GET, HEAD"
+_REASONS = {200: "OK", 307: "Temporary Redirect", 400: "Bad Request", 401: "Unauthorized",
+            404: "Not Found", 405: "Method Not Allowed",
+            431: "Request Header Fields Too Large", 503: "Service Unavailable"}  # fmt: skip
+
+_READING, _WRITING, _LINGERING = "reading", "writing", "lingering"
 
 
-def _error(message: str, type_: str, code: str | None) -> dict:
+def error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object, as the app writes it."""
     return {"error": {"message": message, "type": type_, "param": None, "code": code}}
+
+
+class _Answer:
+    """Status, JSON body and extra headers of one response."""
+
+    __slots__ = ("status", "body", "headers")
+
+    def __init__(self, status: int, body: dict[str, Any] | None,
+                 headers: dict[str, str] | None = None):
+        self.status, self.body, self.headers = status, body, headers or {}  # None: no body
+
+
+class _Client:
+    """One accepted connection: what it sent so far, what is left to send, and its deadline."""
+
+    __slots__ = ("sock", "stage", "inbuf", "out", "deadline")
+
+    def __init__(self, sock: socket.socket, deadline: float):
+        self.sock = sock
+        self.stage = _READING
+        self.inbuf = bytearray()
+        self.out = b""
+        self.deadline = deadline
 
 
 class EarlyHealthResponder:
     """A one-thread, non-blocking HTTP/1.x responder for the seconds before uvicorn serves."""
 
     def __init__(self, sock: socket.socket, lifecycle: Lifecycle, api_key: str | None = None):
-        self._listener = sock.dup()  # closing the duplicate leaves the original listening
+        # A duplicate shares the listening socket's queue; closing it leaves the original open.
+        # (It also shares O_NONBLOCK: the CLI's socket is non-blocking already, as uvicorn wants.)
+        self._listener: socket.socket | None = sock.dup()
         self._listener.setblocking(False)
         self._lifecycle = lifecycle
         self._api_key = api_key.encode() if api_key else None
         self._selector = selectors.DefaultSelector()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._run, name="graphserve-early-health", daemon=True
-        )
-        self._clients: dict[socket.socket, tuple[bytearray, float]] = {}
-        self.answered = 0
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._clients: dict[socket.socket, _Client] = {}
+        self._listening = False  # listener registered with the selector
+        self._stopping = threading.Event()
+        self._not_accepting = threading.Event()  # set once the duplicate is closed for good
+        self._thread = threading.Thread(target=self._run, name="graphserve-early-health",
+                                        daemon=True)
+        self._started_at = self._stopped_at = 0.0
+        self.answered = 0  # complete responses sent (written by the responder thread only)
 
+    # ------------------------------------------------------------------ control
     def start(self) -> None:
-        self._selector.register(self._listener, selectors.EVENT_READ)
+        self._selector.register(self._wake_r, selectors.EVENT_READ)
+        self._started_at = time.monotonic()
         self._thread.start()
 
-    def stop(self, timeout: float = 2.0) -> None:
-        """Stop accepting, answer what was already read, close the duplicate socket."""
-        self._stop.set()
-        self._thread.join(timeout)
-        logger.debug("early health responder answered %d requests", self.answered)
+    def stop(self, wait: float = 0.25) -> None:
+        """Hand the socket over: on return nothing is accepted here any more.
 
-    # -- the loop ---------------------------------------------------------------------------
+        Answers in flight get up to `wait` seconds; a slower client is still answered (or
+        dropped at its own deadline) on the responder thread, which ends by itself.
+        """
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        self._stopped_at = time.monotonic()
+        if self._thread.ident is None:  # never started: nothing to hand over but the duplicate
+            self._close_listener()
+            self._cleanup()
+            return
+        self._wake()
+        if not self._not_accepting.wait(5.0):  # the loop never blocks: only a wedged thread
+            logger.warning("early health responder did not stop accepting within 5 s")
+        self._thread.join(wait)
 
-    def _run(self) -> None:
-        listening = True
+    def _wake(self) -> None:
         try:
-            # After stop(): no more accepts (uvicorn takes new connections), but clients already
-            # accepted here still get their answer, or are dropped at their deadline.
-            while listening or self._clients:
-                if listening and self._stop.is_set():
-                    self._selector.unregister(self._listener)
-                    listening = False
-                    continue
-                for key, _ in self._selector.select(timeout=0.05):
-                    if key.fileobj is self._listener:
+            self._wake_w.send(b"x")
+        except OSError:  # buffer full (already woken) or closed (thread gone): either is fine
+            pass
+
+    # ------------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        try:
+            self._set_listening(True)
+            while True:
+                if self._stopping.is_set() and self._listener is not None:
+                    self._close_listener()
+                if self._listener is None and not self._clients:
+                    break
+                for key, events in self._selector.select(self._select_timeout()):
+                    if key.fileobj is self._wake_r:
+                        self._drain_wakeups()
+                    elif key.fileobj is self._listener:
                         self._accept()
                     else:
-                        self._read(key.fileobj)
+                        self._service_safely(key.data, events)
                 self._expire(time.monotonic())
-        except Exception:  # never take the process down: uvicorn will answer soon anyway
-            logger.exception("early health responder failed; uvicorn will answer once started")
+        except Exception:  # never take the process down: uvicorn answers once it has started
+            logger.exception("early health responder failed; probes wait for uvicorn")
         finally:
+            self._close_listener()
+            self._cleanup()
+
+    def _select_timeout(self) -> float | None:
+        if not self._clients:
+            return None  # woken by a connection or by stop()
+        return max(0.0, min(c.deadline for c in self._clients.values()) - time.monotonic())
+
+    def _drain_wakeups(self) -> None:
+        try:
+            while self._wake_r.recv(64):
+                pass
+        except OSError:
+            pass
+
+    def _set_listening(self, on: bool) -> None:
+        if self._listener is None or on == self._listening:
+            return
+        if on:
+            self._selector.register(self._listener, selectors.EVENT_READ)
+        else:
+            # Unregister before any close: epoll keeps watching a duplicate's description until
+            # every descriptor of it is closed, and the original stays open for uvicorn.
+            self._selector.unregister(self._listener)
+        self._listening = on
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            try:
+                self._set_listening(False)
+            except (KeyError, ValueError, OSError):
+                pass
             self._listener.close()
-            for conn in list(self._clients):
-                self._close(conn)
-            self._selector.close()
+            self._listener = None
+        self._not_accepting.set()
+
+    def _cleanup(self) -> None:
+        for client in list(self._clients.values()):
+            self._close(client)
+        for closable in (self._selector, self._wake_r, self._wake_w):
+            try:
+                closable.close()
+            except OSError:
+                pass
+        if self._started_at:  # the count shows how often probes beat the HTTP stack
+            stopped = self._stopped_at or time.monotonic()  # not stopped: the loop failed
+            logger.debug("early health responder: %d request(s) answered; stopped accepting "
+                         "%.3f s after it started", self.answered, stopped - self._started_at)
 
     def _accept(self) -> None:
-        while True:
+        while self._listener is not None and len(self._clients) < MAX_CLIENTS:
             try:
                 conn, _ = self._listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:  # e.g. the peer reset before accept: nothing to answer
+            except ConnectionAbortedError:  # reset while still queued: nothing to answer
+                continue
+            except OSError as exc:
+                # Out of descriptors or memory: pause (a level-triggered listener would spin)
+                # until one of ours closes; with none, the queue waits for uvicorn.
+                logger.warning("early health responder cannot accept (%s); pausing", exc)
+                self._set_listening(False)
                 return
             conn.setblocking(False)
-            self._clients[conn] = (bytearray(), time.monotonic() + _CLIENT_TIMEOUT_S)
-            self._selector.register(conn, selectors.EVENT_READ)
+            client = _Client(conn, time.monotonic() + CLIENT_TIMEOUT_S)
+            self._clients[conn] = client
+            self._selector.register(conn, selectors.EVENT_READ, client)
+        # Full: leave further connections queued in the kernel until a slot frees up.
+        self._set_listening(len(self._clients) < MAX_CLIENTS)
 
-    def _read(self, conn: socket.socket) -> None:
-        buf = self._clients[conn][0]
+    def _expire(self, now: float) -> None:
+        for client in [c for c in self._clients.values() if now >= c.deadline]:
+            if client.stage == _READING:
+                logger.debug("early health: dropping a client that sent no complete request")
+            self._close(client)
+
+    def _close(self, client: _Client) -> None:
+        if self._clients.pop(client.sock, None) is None:
+            return
         try:
-            chunk = conn.recv(4096)
+            self._selector.unregister(client.sock)
+        except (KeyError, ValueError):
+            pass
+        client.sock.close()
+        if self._listener is not None and not self._listening:
+            self._set_listening(True)  # a slot is free again
+
+    # ------------------------------------------------------------------ one connection
+    def _service_safely(self, client: _Client, events: int) -> None:
+        try:
+            self._service(client, events)
+        except Exception:  # a fault with one connection must not end the others
+            logger.exception("early health responder: error on one connection; closing it")
+            self._close(client)
+
+    def _service(self, client: _Client, events: int) -> None:
+        if client.stage == _WRITING:
+            if events & selectors.EVENT_WRITE:
+                self._flush(client)
+            return
+        try:
+            chunk = client.sock.recv(65536)
         except (BlockingIOError, InterruptedError):
             return
         except OSError:
-            self._close(conn)
+            self._close(client)
             return
-        if not chunk:
-            self._close(conn)
+        if not chunk:  # the peer closed: before sending a request, or after reading ours
+            self._close(client)
             return
-        buf += chunk
-        if b"\r\n\r\n" in buf or b"\n\n" in buf:
-            self._answer(conn, bytes(buf))
-        elif len(buf) > _MAX_HEAD:
-            self._respond(
-                conn, 400, _error("request head too large", "invalid_request_error", "bad_request")
-            )
+        if client.stage == _LINGERING:
+            return  # request body or pipelined requests: read and dropped, we said close
+        client.inbuf += chunk
+        while client.inbuf[:2] == b"\r\n":  # empty lines before a request line are allowed
+            del client.inbuf[:2]
+        end = _head_end(client.inbuf)
+        if end is not None:
+            head = bytes(client.inbuf[:end])
+            answer, head_only = self._route(head)
+            self._reply(client, answer, head_only)
+        elif len(client.inbuf) > MAX_HEAD_BYTES:
+            answer = _Answer(431, error_body("Request header fields too large",
+                                             "invalid_request_error"))
+            self._reply(client, answer, False)
 
-    def _expire(self, now: float) -> None:
-        for conn, (_, deadline) in list(self._clients.items()):
-            if now > deadline:
-                self._close(conn)
+    def _reply(self, client: _Client, answer: _Answer, head_only: bool) -> None:
+        client.out = _encode(answer, head_only)
+        client.stage = _WRITING
+        client.deadline = time.monotonic() + CLIENT_TIMEOUT_S
+        self._flush(client)
 
-    def _close(self, conn: socket.socket) -> None:
-        self._clients.pop(conn, None)
+    def _flush(self, client: _Client) -> None:
         try:
-            self._selector.unregister(conn)
-        except (KeyError, ValueError):
-            pass
-        conn.close()
-
-    # -- answers ----------------------------------------------------------------------------
-
-    def _answer(self, conn: socket.socket, head: bytes) -> None:
-        lines = head.split(b"\n")
-        parts = lines[0].strip().split()
-        if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
-            self._respond(
-                conn, 400, _error("malformed request line", "invalid_request_error", "bad_request")
-            )
+            sent = client.sock.send(client.out)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError:
+            self._close(client)
             return
-        method, target = parts[0].decode("latin-1"), parts[1].decode("latin-1")
-        path = target.split("?", 1)[0]
-        headers = {}
-        for line in lines[1:]:
-            name, sep, value = line.partition(b":")
-            if sep:
-                headers[name.strip().lower()] = value.strip()
-        head_only = method == "HEAD"
-        if path in ("/health", "/health/ready", "/health/graphs", "/metrics"):
-            if method not in ("GET", "HEAD"):
-                self._respond(
-                    conn, 405, _error("Method Not Allowed", "invalid_request_error", None)
-                )
-                return
-            if path == "/health":
-                status, body = self._lifecycle.liveness()
-            elif path == "/health/ready":
-                status, body = self._lifecycle.readiness()
-            elif path == "/health/graphs":
-                status, body = 200, graphs_body(self._lifecycle, None)
-            else:  # no registry yet: nothing to export for the fraction of a second this runs
-                status = 503
-                body = _error("metrics are not available yet (phase: starting)",
-                              "service_unavailable_error", self._lifecycle.phase)  # fmt: skip
-            self._respond(conn, status, body, head_only)
-        elif not path.startswith("/v1/"):
-            self._respond(conn, 404, _error("Not Found", "not_found_error", None), head_only)
-        elif not self._authorized(headers):
-            self._respond(
-                conn, 401,
-                _error("Invalid or missing API key: send 'Authorization: Bearer <key>'.",
-                       "authentication_error", "invalid_api_key"),
-                head_only, {"WWW-Authenticate": "Bearer"},
-            )  # fmt: skip
-        else:
-            phase = self._lifecycle.phase
-            body = _error(f"The model is not ready yet (phase: {phase}); retry shortly.",
-                          "service_unavailable_error", phase)  # fmt: skip
-            self._respond(conn, 503, body, head_only, {"Retry-After": _RETRY_AFTER})
+        client.out = client.out[sent:]
+        if client.out:  # the peer is not reading: wait for room (rare: answers are < 1 KiB)
+            self._selector.modify(client.sock, selectors.EVENT_WRITE, client)
+            return
+        self.answered += 1
+        # Lingering close: end our side, then read until the peer closes. Closing with unread
+        # request bytes (a POST body) would send a reset, which can destroy the answer.
+        try:
+            client.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(client)
+            return
+        client.stage = _LINGERING
+        client.deadline = time.monotonic() + LINGER_S
+        self._selector.modify(client.sock, selectors.EVENT_READ, client)
 
-    def _authorized(self, headers: dict[bytes, bytes]) -> bool:
+    # ------------------------------------------------------------------ routing
+    def _route(self, head: bytes) -> tuple[_Answer, bool]:
+        """The answer to one request head, and whether it goes without a body (HEAD)."""
+        request = _parse_head(head)
+        if isinstance(request, _Answer):
+            return request, False
+        method, path, query, headers = request
+        head_only = method == "HEAD"
+        lifecycle = self._lifecycle
+        if path.startswith("/v1"):  # the app's middleware gates every /v1 path, known or not
+            if not self._authorized(headers):
+                return _Answer(
+                    401,
+                    error_body("Invalid or missing API key: send 'Authorization: Bearer <key>'.",
+                               "authentication_error", "invalid_api_key"),
+                    {"WWW-Authenticate": "Bearer"},
+                ), head_only
+            return _not_ready(lifecycle.phase, lifecycle.detail), head_only
+        if path not in HEALTH_PATHS + APP_ONLY_PATHS:
+            target = path.rstrip("/")
+            if target != path and target in HEALTH_PATHS + APP_ONLY_PATHS:
+                # As the app does (Starlette's redirect_slashes); a relative Location is valid.
+                location = f"{target}?{query}" if query else target
+                return _Answer(307, None, {"Location": location}), head_only
+            return _Answer(404, error_body("Not Found", "not_found_error")), head_only
+        if method not in ("GET", "HEAD"):
+            return _Answer(405, error_body("Method Not Allowed", "invalid_request_error"),
+                           {"Allow": _ALLOW}), head_only
+        if path == "/health":
+            status, body = lifecycle.liveness()
+        elif path == "/health/ready":
+            status, body = lifecycle.readiness()
+        elif path == "/health/graphs":
+            status, body = 200, graphs_body(lifecycle, None)  # the app creates the engine
+        else:
+            return _Answer(
+                503,
+                error_body(f"{path} is served once the HTTP stack has started; retry shortly.",
+                           "service_unavailable_error", lifecycle.phase),
+                {"Retry-After": RETRY_AFTER},
+            ), head_only
+        return _Answer(status, body), head_only
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
         if self._api_key is None:
             return True
-        scheme, _, token = headers.get(b"authorization", b"").partition(b" ")
-        supplied = token.strip() if scheme.lower() == b"bearer" else b""
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        supplied = token.strip().encode("latin-1") if scheme.lower() == "bearer" else b""
         return hmac.compare_digest(supplied, self._api_key)
 
-    def _respond(self, conn, status: int, body: dict, head_only: bool = False, extra=None) -> None:
-        payload = json.dumps(body, separators=(",", ":")).encode()
-        lines = [
-            f"HTTP/1.1 {status} {_REASONS.get(status, '')}",
-            "content-type: application/json",
-            f"content-length: {len(payload)}",
-            "connection: close",
-            *(f"{k}: {v}" for k, v in (extra or {}).items()),
-        ]
-        data = ("\r\n".join(lines) + "\r\n\r\n").encode() + (b"" if head_only else payload)
-        try:
-            conn.setblocking(True)
-            conn.settimeout(_CLIENT_TIMEOUT_S)
-            conn.sendall(data)
-        except OSError:
-            pass
-        self.answered += 1
-        self._close(conn)
+
+# ---------------------------------------------------------------------- HTTP helpers
+def _head_end(buf: bytearray) -> int | None:
+    """Index just past the blank line that ends the request head, if it arrived."""
+    ends = [i + len(sep) for sep in (b"\r\n\r\n", b"\n\n") if (i := buf.find(sep)) >= 0]
+    return min(ends) if ends else None
+
+
+def _bad_request(message: str) -> _Answer:
+    return _Answer(400, error_body(message, "invalid_request_error"))
+
+
+def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]] | _Answer:
+    """(method, decoded path, raw query, lower-cased headers: first value wins), or a 400."""
+    try:
+        text = head.decode("ascii")
+    except UnicodeDecodeError:
+        return _bad_request("Invalid HTTP request: non-ASCII bytes in the request head")
+    lines = text.replace("\r\n", "\n").rstrip("\n").split("\n")
+    parts = lines[0].split(" ")
+    if len(parts) != 3 or not parts[0] or parts[2] not in ("HTTP/1.0", "HTTP/1.1"):
+        return _bad_request("Invalid HTTP request line")
+    method, target, _ = parts
+    if target.startswith("/"):
+        raw_path, _, query = target.partition("?")
+    elif target.startswith(("http://", "https://")):  # absolute form (sent to proxies)
+        url = urlsplit(target)
+        raw_path, query = url.path or "/", url.query
+    else:
+        return _bad_request("Invalid HTTP request target")
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        name, sep, value = line.partition(":")
+        # No colon, whitespace before it, or a folded continuation line: malformed (RFC 9112).
+        if not sep or not name or name != name.strip():
+            return _bad_request("Invalid HTTP header line")
+        headers.setdefault(name.lower(), value.strip(" \t"))
+    return method, unquote(raw_path), query, headers
+
+
+def _not_ready(phase: str, detail: str | None) -> _Answer:
+    """The app's 503 for `/v1` before it can serve (server.api.ServerState.not_ready_error)."""
+    if phase == DRAINING:
+        message = "The server is shutting down; send the request elsewhere."
+    elif phase == FAILED:
+        message = f"The server failed to start: {detail}"
+    else:
+        message = f"The model is not ready yet (phase: {phase}); retry shortly."
+    return _Answer(503, error_body(message, "service_unavailable_error", phase),
+                   {"Retry-After": RETRY_AFTER})
+
+
+def _encode(answer: _Answer, head_only: bool) -> bytes:
+    payload = b""
+    if answer.body is not None:
+        payload = json.dumps(answer.body, separators=(",", ":")).encode()
+    lines = [
+        f"HTTP/1.1 {answer.status} {_REASONS.get(answer.status, '')}",
+        *(["Content-Type: application/json"] if answer.body is not None else []),
+        f"Content-Length: {len(payload)}",
+        "Connection: close",
+        *(f"{name}: {value}" for name, value in answer.headers.items()),
+    ]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + (b"" if head_only else payload)

@@ -6,12 +6,13 @@ fault). Both end states are sticky: a late `ready` from the engine thread must n
 server that is shutting down. The engine thread calls `Lifecycle.set_phase`; the event loop reads
 the phase; a lock keeps the two consistent, and listeners are told on the event loop.
 
-Torch-free and FastAPI-free on purpose: the CLI imports this before the port is bound.
+Torch-free and FastAPI-free on purpose: the CLI imports this right after binding the port, for
+the early health responder; asyncio is imported only when listeners are notified (the app's
+event loop has imported it by then), which keeps it off the path to the first `/health` answer.
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 import os
@@ -19,7 +20,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import asyncio
 
 logger = logging.getLogger("graphserve.lifecycle")
 
@@ -147,6 +151,8 @@ class Lifecycle:
             )
 
     def _notify(self, phase: str, detail: str | None) -> None:
+        import asyncio
+
         loop = self._loop
         for fn in list(self._listeners):
             if loop is None or loop.is_closed():
