@@ -4,8 +4,8 @@ Start-up order matters: parse flags and validate (exit 2 on a bad value), config
 bind the listening socket, start the stdlib health responder on it (`server/early_health.py`),
 and only then import FastAPI/uvicorn and build the app; the responder steps aside right before
 uvicorn accepts. Torch is never imported here; the app imports the engine in the background once
-it is serving. So `/health` answers within a few tens of milliseconds of exec, however slow the
-HTTP stack is to import.
+it is serving. So `/health` answers as soon as the interpreter is up and the port is bound,
+however long the HTTP stack takes to import.
 
 SIGTERM/SIGINT are taken over from uvicorn (which would close the socket at once and re-raise
 the signal, exiting non-zero): the first one drains (readiness 503, new `/v1` requests 503,
