@@ -34,7 +34,15 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__
 from server.config import ServerConfig
-from server.health import DRAINING, FAILED, READY, Lifecycle, graphs_body
+from server.health import (
+    DRAINING,
+    FAILED,
+    READY,
+    RETRY_AFTER_UNAVAILABLE,
+    Lifecycle,
+    graphs_body,
+    not_ready_message,
+)
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from server.metrics import ServerMetrics
 from server.request import (
@@ -49,7 +57,6 @@ logger = logging.getLogger("graphserve.api")
 
 DEFAULT_ENGINE_CLASS = "server.engine:AsyncEngine"
 COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default
-RETRY_AFTER_UNAVAILABLE = "5"
 RETRY_AFTER_QUEUE_FULL = "1"
 ENGINE_SHUTDOWN_TIMEOUT = 15.0  # seconds we wait for engine.shutdown() before giving up on it
 V1_ENDPOINTS = ("/v1/models", "/v1/completions", "/v1/chat/completions")
@@ -588,13 +595,8 @@ class ServerState:
         phase = self.lifecycle.phase
         if phase == READY and self.engine is not None:
             return None
-        if phase == DRAINING:
-            message = "The server is shutting down; send the request elsewhere."
-        elif phase == FAILED:
-            message = f"The server failed to start: {self.lifecycle.detail}"
-        else:
-            message = f"The model is not ready yet (phase: {phase}); retry shortly."
-        return ApiError(503, message, type="service_unavailable_error", code=phase,
+        return ApiError(503, not_ready_message(phase, self.lifecycle.detail),
+                        type="service_unavailable_error", code=phase,
                         headers={"Retry-After": RETRY_AFTER_UNAVAILABLE})
 
     def submit(self, request_id: str, prompt_ids: list[int], params: SamplingParams,
@@ -1146,12 +1148,14 @@ def _add_health_routes(app: FastAPI, state: ServerState) -> None:
     lifecycle = state.lifecycle
     health_doc = {503: {"description": "The server failed to start"}}
 
+    @app.head("/health", include_in_schema=False)  # HEAD probes: same answer, no body
     @app.get("/health", tags=["health"], responses=health_doc,
              summary="Liveness: 200 unless startup failed")
     async def health() -> Response:
         status, body = lifecycle.liveness()
         return JSONBody(body, status_code=status)
 
+    @app.head("/health/ready", include_in_schema=False)  # HEAD probes: same answer, no body
     @app.get("/health/ready", tags=["health"],
              responses={503: {"description": "Not ready: the body names the phase"}},
              summary="Readiness: 200 once the largest decode graph is captured")
@@ -1159,10 +1163,12 @@ def _add_health_routes(app: FastAPI, state: ServerState) -> None:
         status, body = lifecycle.readiness()
         return JSONBody(body, status_code=status)
 
+    @app.head("/health/graphs", include_in_schema=False)  # HEAD probes: same answer, no body
     @app.get("/health/graphs", tags=["health"], summary="CUDA graph capture report")
     async def graphs() -> Response:
         return JSONBody(graphs_body(lifecycle, state.engine))
 
+    @app.head("/metrics", include_in_schema=False)  # HEAD probes: same answer, no body
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics",
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics() -> Response:

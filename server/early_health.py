@@ -34,7 +34,7 @@ import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from server.health import DRAINING, FAILED, Lifecycle, graphs_body
+from server.health import RETRY_AFTER_UNAVAILABLE, Lifecycle, graphs_body, not_ready_message
 
 logger = logging.getLogger("graphserve.early_health")
 
@@ -42,7 +42,6 @@ MAX_HEAD_BYTES = 16 * 1024  # request line + headers; a probe sends ~100 bytes
 CLIENT_TIMEOUT_S = 2.0  # to send a complete request head (or to take the answer)
 LINGER_S = 1.0  # after the answer: how long to discard request bytes until the peer closes
 MAX_CLIENTS = 256  # more connections wait in the kernel's queue (for uvicorn, if need be)
-RETRY_AFTER = "5"  # the app's Retry-After for 503s (server.api.RETRY_AFTER_UNAVAILABLE)
 
 HEALTH_PATHS = ("/health", "/health/ready", "/health/graphs")
 # Routes the app serves that need the app itself: "not yet" rather than "not found".
@@ -351,7 +350,7 @@ class EarlyHealthResponder:
                 503,
                 error_body(f"{path} is served once the HTTP stack has started; retry shortly.",
                            "service_unavailable_error", lifecycle.phase),
-                {"Retry-After": RETRY_AFTER},
+                {"Retry-After": RETRY_AFTER_UNAVAILABLE},
             ), head_only
         return _Answer(status, body), head_only
 
@@ -404,14 +403,8 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]] | _Answer:
 
 def _not_ready(phase: str, detail: str | None) -> _Answer:
     """The app's 503 for `/v1` before it can serve (server.api.ServerState.not_ready_error)."""
-    if phase == DRAINING:
-        message = "The server is shutting down; send the request elsewhere."
-    elif phase == FAILED:
-        message = f"The server failed to start: {detail}"
-    else:
-        message = f"The model is not ready yet (phase: {phase}); retry shortly."
-    return _Answer(503, error_body(message, "service_unavailable_error", phase),
-                   {"Retry-After": RETRY_AFTER})
+    return _Answer(503, error_body(not_ready_message(phase, detail), "service_unavailable_error",
+                                   phase), {"Retry-After": RETRY_AFTER_UNAVAILABLE})
 
 
 def _encode(answer: _Answer, head_only: bool) -> bytes:

@@ -396,3 +396,14 @@ def test_a_second_signal_during_the_imports_exits_at_once(tmp_path):
         assert srv.wait_exit(timeout=10) == 0, srv.log
         assert time.monotonic() - t0 < 3.0  # not after the 20 s import
         assert "exiting without waiting" in srv.log and "Traceback" not in srv.log
+
+
+@pytest.mark.parametrize("path", ["/health", "/health/ready", "/health/graphs", "/metrics"])
+async def test_head_probes_get_the_same_status_before_and_after_the_handover(path):
+    """A HEAD probe must not flip from 200 (responder) to 405 (app) at the handover."""
+    from server.api import create_app
+
+    app = create_app(ServerConfig(), engine_class=FAKE_ENGINE, lifecycle=Lifecycle())
+    head, get = await app_answer(app, "HEAD", path), await app_answer(app, "GET", path)
+    assert head.status_code == get.status_code
+    assert head.content == b""
