@@ -924,9 +924,7 @@ class DecodeRunner:
         graph = self.graphs.get(dispatch.size) if dispatch.size is not None else None
         rows = dispatch.size if graph is not None else n
         host = self._host
-        host[0, :n] = self._torch.tensor(ids)
-        host[1, :n] = self._torch.tensor(positions)
-        host[2, :n] = self._torch.tensor(slots)
+        host[:, :n] = self._torch.tensor((ids, positions, slots))  # one host tensor per step
         if rows > n:
             host[0:2, n:rows] = 0
             host[2, n:rows] = self.scratch_slot
