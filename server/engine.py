@@ -10,6 +10,11 @@ Scheduling is continuous batching over a slot KV cache (one slot per running seq
 loop iteration admits waiting requests into free slots, runs at most one prefill chunk (a token
 budget shared by the sequences still reading their prompt), then one decode step for every
 sequence that is generating, then offers the gap to the graph-capture policy.
+
+Decode runs one step ahead of the host: step N+1 is launched, its input tokens taken on the
+device from step N's output, before the host reads step N's tokens and does the per-token
+bookkeeping (stop checks, detokenisation, delivery). The device never waits for that Python
+work; the price is one wasted row when a sequence stops on a token the host had not seen yet.
 """
 
 from __future__ import annotations
@@ -300,12 +305,32 @@ class Sequence:
     max_len: int  # prompt + completion may not exceed this
     slot: int = -1
     num_prefilled: int = 0  # prompt tokens already in the KV cache
-    output_ids: list[int] = field(default_factory=list)
+    output_ids: list[int] = field(default_factory=list)  # tokens the host has read
+    in_flight: int = 0  # tokens sampled on the device that the host has not read yet
+    finished: bool = False
 
     @property
     def num_cached(self) -> int:
         """Tokens whose K/V are in the cache (the newest sampled token is not yet)."""
-        return self.num_prefilled + max(0, len(self.output_ids) - 1)
+        return self.num_prefilled + max(0, len(self.output_ids) + self.in_flight - 1)
+
+    def ends_with_in_flight_token(self) -> bool:
+        """Whether the token in flight surely ends the sequence (length limits, not stops)."""
+        produced = len(self.output_ids) + self.in_flight
+        return (
+            produced >= self.params.max_tokens
+            or len(self.prompt_ids) + produced >= self.max_len
+        )
+
+
+@dataclass
+class _PendingStep:
+    """A decode step launched on the device whose sampled tokens the host has not read yet."""
+
+    seqs: list[Sequence]
+    tokens: object  # int64 [n] on the device: the next step reads its inputs from here
+    host: object  # int64 [n] host copy, valid once `ready` has fired
+    ready: object  # torch.cuda.Event recorded after the copy (None on CPU: already valid)
 
 
 class StartupError(RuntimeError):
@@ -325,7 +350,9 @@ class EngineCore:
         self.steps = {"prefill": 0, "decode": 0}
         self.tokens = {"prompt": 0, "generated": 0}
         self.step_errors = 0
+        self.discarded_tokens = 0  # computed one step ahead for sequences that had finished
         self.timings: dict[str, float] = {}
+        self._pending: _PendingStep | None = None
 
     # -- startup ----------------------------------------------------------------------------
 
@@ -436,13 +463,13 @@ class EngineCore:
         self._admission = admission
         self._outputs: list[RequestOutput] = []
         while True:
-            busy = bool(self.waiting or self.prefilling or self.running)
+            busy = bool(self.waiting or self.prefilling or self.running or self._pending)
             if not self._drain(commands, block=not busy):
                 break
             self._admit()
             if self.prefilling:
                 self._guarded(self._prefill_step, self.prefilling)
-            if self.running:
+            if self.running or self._pending:
                 self._guarded(self._decode_step, self.running)
             self._flush()
             self._offer_capture(commands)
@@ -523,6 +550,7 @@ class EngineCore:
             step()
         except Exception as exc:
             self.step_errors += 1
+            self._pending = None  # tokens of a failed step are never read
             log.exception("%s failed; failing its %d requests", step.__name__, len(seqs))
             for seq in list(seqs):
                 self._finish(seq, "error", error=f"internal error during generation: {exc}")
@@ -531,6 +559,7 @@ class EngineCore:
         import torch
 
         from server.model import PrefillChunk
+        from server.sampling import to_device
 
         budget = self.max_batched_tokens
         chunks, seqs, ids, positions = [], [], [], []
@@ -546,13 +575,8 @@ class EngineCore:
             budget -= take
         dev = self.device
         slots = [c.slot for c in chunks for _ in range(c.length)]
-        logits = self.model.prefill(
-            torch.tensor(ids, device=dev),
-            torch.tensor(positions, device=dev),
-            torch.tensor(slots, device=dev),
-            self.kv_cache,
-            chunks,
-        )
+        inputs = to_device([ids, positions, slots], torch.int64, dev)
+        logits = self.model.prefill(inputs[0], inputs[1], inputs[2], self.kv_cache, chunks)
         self.steps["prefill"] += 1
         self.tokens["prompt"] += len(ids)
         done = []
@@ -562,25 +586,70 @@ class EngineCore:
                 done.append((row, seq))
         if not done:
             return
-        rows = torch.tensor([r for r, _ in done], device=dev)
-        tokens = self._sample(logits[rows], [s for _, s in done])
+        rows = to_device([r for r, _ in done], torch.int64, dev)
+        tokens = self._sample(logits[rows], [s for _, s in done]).tolist()
         for (_, seq), token in zip(done, tokens, strict=True):
             self.prefilling.remove(seq)
             self.running.append(seq)
             self._append_token(seq, token)
 
     def _decode_step(self) -> None:
-        seqs = list(self.running)
-        ids = [s.output_ids[-1] for s in seqs]
+        """Launch the next decode step, then read the previous one's tokens.
+
+        The host stays one step ahead of the device: step N+1 is queued (its input tokens
+        taken on the device from step N's output) before the host waits for step N and does
+        its bookkeeping — stop checks, detokenisation, handing text to the event loop — so that
+        host work overlaps the device's instead of adding to every inter-token gap. A sequence
+        that step N finishes (a stop token, an abort) has had one more token computed in step
+        N+1, which is dropped; sequences that step N's token surely ends (max_tokens, context
+        length) are left out of step N+1.
+        """
+        prev, self._pending = self._pending, None
+        self._pending = self._launch_decode(prev)
+        if prev is not None:
+            self._read_decode(prev)
+
+    def _launch_decode(self, prev: _PendingStep | None) -> _PendingStep | None:
+        import torch
+
+        seqs = [s for s in self.running if not (s.in_flight and s.ends_with_in_flight_token())]
+        if not seqs:
+            return None
+        prev_row = {id(s): i for i, s in enumerate(prev.seqs)} if prev is not None else {}
+        ids, src = [], []
+        for s in seqs:
+            row = prev_row.get(id(s), -1) if s.in_flight else -1
+            ids.append(s.output_ids[-1] if row < 0 else 0)
+            src.append(row)
         positions = [s.num_cached for s in seqs]
         slots = [s.slot for s in seqs]
-        logits = self.runner.run(ids, positions, slots)
+        logits = self.runner.run(
+            ids, positions, slots, prev.tokens if prev is not None else None, src
+        )
         self.steps["decode"] += 1
         tokens = self._sample(logits, seqs)
-        for seq, token in zip(seqs, tokens, strict=True):
-            self._append_token(seq, token)
+        for s in seqs:
+            s.in_flight += 1
+        if self.device.type != "cuda":
+            return _PendingStep(seqs, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return _PendingStep(seqs, tokens, host, ready)
 
-    def _sample(self, logits, seqs: list[Sequence]) -> list[int]:
+    def _read_decode(self, step: _PendingStep) -> None:
+        if step.ready is not None:
+            step.ready.synchronize()  # releases the GIL while the device finishes
+        for seq, token in zip(step.seqs, step.host.tolist(), strict=True):
+            seq.in_flight -= 1
+            if seq.finished:
+                self.discarded_tokens += 1
+            else:
+                self._append_token(seq, token)
+
+    def _sample(self, logits, seqs: list[Sequence]):
+        """Sample one token per row; returns them on the device (no host sync)."""
         from server.sampling import SamplingBatch, sample
 
         batch = SamplingBatch(
@@ -588,9 +657,9 @@ class EngineCore:
             top_ps=[s.params.top_p for s in seqs],
             top_ks=[s.params.top_k for s in seqs],
             keys=[s.key for s in seqs],
-            steps=[len(s.output_ids) for s in seqs],
+            steps=[len(s.output_ids) + s.in_flight for s in seqs],
         )
-        return sample(logits, batch).tolist()
+        return sample(logits, batch)
 
     def _append_token(self, seq: Sequence, token: int) -> None:
         seq.output_ids.append(token)
@@ -626,6 +695,7 @@ class EngineCore:
         text: str = "",
         error: str | None = None,
     ) -> None:
+        seq.finished = True
         if reason in ("stop", "length"):
             text += seq.detok.flush()
         for group in (self.prefilling, self.running):
@@ -680,6 +750,7 @@ class EngineCore:
             "prompt_tokens": self.tokens["prompt"],
             "generated_tokens": self.tokens["generated"],
             "step_errors": self.step_errors,
+            "discarded_tokens": self.discarded_tokens,
         }
 
     def graph_report(self) -> dict:

@@ -775,12 +775,13 @@ class DecodeRunner:
         self.scratch_slot = scratch_slot
         self.device = model.device
         self.cuda = self.device.type == "cuda"
-        # Rows: token ids, positions, slots. Padding rows and warm-up runs use the scratch slot.
-        self.inputs = torch.zeros(3, self.max_n, dtype=torch.int64, device=self.device)
+        # Rows: token ids, positions, slots (what the graphs read; padding rows and warm-up
+        # runs use the scratch slot), and, for `run`, the row of the previous step's output
+        # each token comes from (-1: the id in row 0 is already right).
+        self.inputs = torch.zeros(4, self.max_n, dtype=torch.int64, device=self.device)
         self.logits = torch.empty(
             self.max_n, model.shape.vocab_size, dtype=model.dtype, device=self.device
         )
-        self._host = torch.zeros(3, self.max_n, dtype=torch.int64, pin_memory=self.cuda)
         self.graphs: dict[int, object] = {}
         self._failed_graphs: list[object] = []  # never freed: see capture()
         self._pool = None
@@ -917,18 +918,45 @@ class DecodeRunner:
 
     # -- running ----------------------------------------------------------------------------
 
-    def run(self, ids: list[int], positions: list[int], slots: list[int]):
-        """Decode one token for each row; returns the logits view `[n, vocab]`."""
+    def run(
+        self,
+        ids: list[int],
+        positions: list[int],
+        slots: list[int],
+        prev_tokens=None,
+        prev_rows: list[int] | None = None,
+    ):
+        """Decode one token for each row; returns the logits view `[n, vocab]`.
+
+        Without a host sync, a row's input token may come from the device: where `prev_rows[i]`
+        is >= 0, row i reads `prev_tokens[prev_rows[i]]` (the previous step's sampled tokens,
+        which the host has not seen yet) instead of `ids[i]`. Nothing here waits for the device.
+        """
+        torch = self._torch
         n = len(ids)
         dispatch = self.policy.select(n)
         graph = self.graphs.get(dispatch.size) if dispatch.size is not None else None
         rows = dispatch.size if graph is not None else n
-        host = self._host
-        host[:, :n] = self._torch.tensor((ids, positions, slots))  # one host tensor per step
-        if rows > n:
-            host[0:2, n:rows] = 0
-            host[2, n:rows] = self.scratch_slot
-        self.inputs[:, :rows].copy_(host[:, :rows], non_blocking=True)
+        pad = rows - n
+        src = prev_rows if prev_tokens is not None and prev_rows is not None else [-1] * n
+        # A fresh pinned tensor per step from torch's caching host allocator, which reuses a
+        # block only after the copy reading it has run: one persistent buffer rewritten while
+        # the previous step's copy is still queued behind the device would race.
+        host = torch.tensor(
+            (
+                ids + [0] * pad,
+                positions + [0] * pad,
+                slots + [self.scratch_slot] * pad,
+                src + [-1] * pad,
+            ),
+            dtype=torch.int64,
+            pin_memory=self.cuda,
+        )
+        self.inputs[:, :rows].copy_(host, non_blocking=True)
+        if prev_tokens is not None and any(r >= 0 for r in src):
+            ids_dev, src_dev = self.inputs[0, :n], self.inputs[3, :n]
+            carried = prev_tokens.index_select(0, src_dev.clamp(min=0))
+            ids_dev.copy_(torch.where(src_dev >= 0, carried, ids_dev))
         if graph is not None:
             graph.replay()
         else:

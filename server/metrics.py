@@ -134,6 +134,20 @@ class EngineCollector(Collector):
                 g = GaugeMetricFamily(name, doc)
                 g.add_metric([], value)
                 yield g
+        for key, name, doc in (
+            ("prefill_steps", "graphserve_prefill_steps", "Prefill steps run."),
+            ("step_errors", "graphserve_step_errors", "Engine steps that raised."),
+            (
+                "discarded_tokens",
+                "graphserve_discarded_tokens",
+                "Tokens computed one step ahead for sequences that had already stopped.",
+            ),
+        ):
+            value = _number(stats.get(key))
+            if value is not None:
+                c = CounterMetricFamily(name, doc)
+                c.add_metric([], value)
+                yield c
 
     def _graphs(self, engine: Any) -> Iterator[Metric]:
         try:

@@ -54,6 +54,18 @@ def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 
 
+def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A host list as a device tensor, without waiting for the device.
+
+    `torch.tensor(values, device="cuda")` copies from pageable memory and synchronises the
+    stream, which would stall the engine until the previous decode step has finished; a pinned
+    staging tensor and a non-blocking copy keep the host ahead of the device.
+    """
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
 @dataclass
 class SamplingBatch:
     """Per-row sampling parameters of one step, as host lists (rows in batch order)."""
@@ -77,32 +89,33 @@ def sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         return greedy_tokens
     device = logits.device
     n, vocab = logits.shape
-    temps = torch.tensor(batch.temperatures, device=device, dtype=torch.float32)
+    floats = to_device([batch.temperatures, batch.top_ps], torch.float32, device)
+    temps = floats[0]
     greedy_rows = temps == 0.0
     scaled = logits / torch.where(greedy_rows, 1.0, temps)[:, None]
 
     top_ks = [k if 0 < k < vocab else 0 for k in batch.top_ks]
+    ints = to_device([batch.keys, batch.steps, top_ks], torch.int64, device)
+    keys, steps = ints[0], ints[1]
     if any(k > 0 for k in top_ks) or any(p < 1.0 for p in batch.top_ps):
-        scaled = _filter_top_k_top_p(scaled, top_ks, batch.top_ps)
+        scaled = _filter_top_k_top_p(scaled, ints[2], floats[1])
 
-    keys = torch.tensor(batch.keys, device=device, dtype=torch.int64)
-    steps = torch.tensor(batch.steps, device=device, dtype=torch.int64)
     gumbel = -torch.log(-torch.log(uniform_noise(keys, steps, vocab)))
     sampled = (scaled + gumbel).argmax(dim=-1)
     return torch.where(greedy_rows, greedy_tokens, sampled)
 
 
 def _filter_top_k_top_p(
-    scaled: torch.Tensor, top_ks: list[int], top_ps: list[float]
+    scaled: torch.Tensor, top_ks: torch.Tensor, top_ps: torch.Tensor
 ) -> torch.Tensor:
-    """Set logits outside each row's top-k and top-p (nucleus) set to -inf."""
+    """Set logits outside each row's top-k (0: off) and top-p (nucleus) set to -inf."""
     device = scaled.device
     vocab = scaled.shape[1]
     sorted_logits, order = scaled.sort(dim=-1, descending=True)
     ranks = torch.arange(vocab, device=device)[None, :]
-    ks = torch.tensor([k if k > 0 else vocab for k in top_ks], device=device)[:, None]
+    ks = torch.where(top_ks > 0, top_ks, vocab)[:, None]
     remove = ranks >= ks
-    ps = torch.tensor(top_ps, device=device, dtype=torch.float32)[:, None]
+    ps = top_ps[:, None]
     probs = sorted_logits.masked_fill(remove, float("-inf")).softmax(dim=-1)
     # Drop a token when the mass strictly before it already reaches top_p; the first token
     # always stays, so every row keeps at least one candidate.

@@ -285,3 +285,49 @@ def test_startup_failure_reports_reason(tmp_path):
     assert phases[-1][0] == "failed"
     assert "does not exist" in phases[-1][1]
     assert not engine.ready.is_set()
+
+
+# -- one step ahead: the host reads step N's tokens after launching step N+1 -----------------
+
+
+async def test_length_limits_cost_no_extra_step(engine):
+    """A sequence that its in-flight token surely ends (max_tokens) is left out of the next
+    step: N tokens take exactly N - 1 decode steps (the first comes from prefill)."""
+    before = engine.stats()
+    outs = await collect(engine, [4, 5, 6], SamplingParams(max_tokens=7, ignore_eos=True))
+    after = engine.stats()
+    assert outs[-1].finish_reason == "length" and outs[-1].completion_tokens == 7
+    assert after["decode_steps"] - before["decode_steps"] == 6
+    assert after["discarded_tokens"] == before["discarded_tokens"]
+
+
+async def test_stop_token_discards_the_step_ahead_and_reuses_the_slot(llama_dir):
+    """A stop token is only seen after the next step was launched: its token is dropped, never
+    streamed, and the slot it wrote into serves the next request correctly."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        llama_dir, dtype=torch.float32, local_files_only=True
+    ).eval()
+    engine = start_engine(llama_dir, max_num_seqs=1)  # one slot: B must reuse A's
+    try:
+        prompt_a, prompt_b = [5, 6, 7, 8], [9, 3, 11]
+        greedy_a = hf_greedy(ref, prompt_a, 12)
+        stop = next(t for t in greedy_a[2:] if t not in greedy_a[:2])
+        cut = greedy_a.index(stop)
+        outs_a, outs_b = await asyncio.gather(
+            collect(
+                engine,
+                prompt_a,
+                SamplingParams(max_tokens=12, temperature=0.0, stop_token_ids=[stop]),
+            ),
+            collect(
+                engine, prompt_b, SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+            ),
+        )
+        assert tokens_of(outs_a) == greedy_a[: cut + 1]
+        assert outs_a[-1].finish_reason == "stop"
+        assert tokens_of(outs_b) == hf_greedy(ref, prompt_b, 10)
+        assert engine.stats()["discarded_tokens"] == 1
+    finally:
+        engine.shutdown()
