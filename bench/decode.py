@@ -107,7 +107,7 @@ def main() -> None:
     ckpt = load_checkpoint(args.model, "cuda", "bfloat16")
     result["load_s"] = time.perf_counter() - t0
     weight_bytes = ckpt.weight_bytes
-    max_len = max(args.context + 64, args.prefill + 64)
+    max_len = max(args.context + 64, 2 * args.prefill + 64)  # room for a continuation chunk
     model = DecoderModel(ckpt.hf_model, max_len)
     ckpt.hf_model = None
     triton = ops.use_triton(True)
@@ -180,6 +180,16 @@ def main() -> None:
         step = functools.partial(model.prefill, ids, pos, slots, kv, chunks)
         ms = cuda_time_ms(step, 5, warmup=2)
         prefill[f"{n_seqs}x{per}"] = {"ms": ms, "tokens_per_s": per * n_seqs / (ms / 1e3)}
+    # A long prompt's second chunk: `prefill` new tokens attending to `prefill` cached ones
+    # (chunked prefill's causal-with-offset attention path).
+    n = args.prefill
+    ids = torch.randint(0, model.shape.vocab_size, (n,), device="cuda")
+    pos = torch.arange(n, 2 * n, device="cuda")
+    slots = torch.zeros(n, dtype=torch.int64, device="cuda")
+    chunks = [PrefillChunk(slot=0, start=n, length=n, offset=0)]
+    step = functools.partial(model.prefill, ids, pos, slots, kv, chunks)
+    ms = cuda_time_ms(step, 5, warmup=2)
+    prefill[f"1x{n}_after_{n}"] = {"ms": ms, "tokens_per_s": n / (ms / 1e3)}
     result["prefill"] = prefill
 
     print(f"\n{result['device']}  torch {result['torch']}  kernels={result['kernels']}  "

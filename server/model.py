@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
 
 from server import ops
 
@@ -224,18 +225,29 @@ class DecoderModel:
                         qc, kc, vc, is_causal=True, scale=self.scale, enable_gqa=True
                     )
                 else:
-                    # Query token j sits at absolute position start + j and sees keys <= it.
-                    rows = torch.arange(c.start, end, device=q.device)[:, None]
-                    mask = torch.arange(end, device=q.device)[None, :] <= rows
+                    # Query token j sits at absolute position start + j and sees keys <= it:
+                    # causal aligned to the bottom-right corner. The bias object lets SDPA use
+                    # a fused kernel's own causal masking instead of reading a boolean mask
+                    # (H100, 2048 queries over 4096 keys: 0.39 vs 0.45 ms; on the CPU the mask
+                    # sends SDPA to its math kernel, which materialises the scores).
                     o = F.scaled_dot_product_attention(
-                        qc, kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=True
+                        qc,
+                        kc,
+                        vc,
+                        attn_mask=causal_lower_right(c.length, end),
+                        scale=self.scale,
+                        enable_gqa=True,
                     )
                 out[c.offset : c.offset + c.length] = o[0].transpose(0, 1)
             return out
 
         x = self._forward(input_ids, positions, slots, kv_cache, attend)
-        last = torch.tensor([c.offset + c.length - 1 for c in chunks], device=x.device)
-        return torch.matmul(x[last], self.lm_head.t())
+        last = [c.offset + c.length - 1 for c in chunks]
+        # Index with a host-built tensor staged through pinned memory: a plain
+        # torch.tensor(..., device="cuda") would wait here for the whole forward to finish.
+        pinned = x.device.type == "cuda"
+        rows = torch.tensor(last, pin_memory=pinned).to(x.device, non_blocking=True)
+        return torch.matmul(x[rows], self.lm_head.t())
 
 
 def allocate_kv_cache(shape: ModelShape, num_slots: int, max_len: int, dtype, device):
