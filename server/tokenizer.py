@@ -260,7 +260,8 @@ class FastTokenizer:
         """Render `conversation` with the model's chat template (ValueError if it has none)."""
         if self.chat_template is None:
             raise ValueError(
-                "Cannot use chat template functions because tokenizer.chat_template is not set"
+                "Cannot use chat template functions because tokenizer.chat_template is not set "
+                "and no template argument was passed!"
             )
         if not conversation:
             raise ValueError("Cannot apply chat template to an empty conversation.")
