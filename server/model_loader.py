@@ -193,13 +193,23 @@ def load_checkpoint(
     import torch
 
     from server.model import DecoderModel
-    from server.weights import SafetensorsWeights
+    from server.weights import SafetensorsWeights, unused_tensors
 
     try:
         weights = SafetensorsWeights(path, device, resolve_dtype(dtype, device))
         model_obj = DecoderModel(config, weights)
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
+    unused = unused_tensors(weights, config)
+    if unused:
+        # transformers warns about unexpected keys too; they may mean a mislabelled checkpoint.
+        log.warning(
+            "%s: %d tensor(s) not used by %s: %s",
+            path,
+            len(unused),
+            config.model_type,
+            ", ".join(sorted(unused)[:5]) + (", ..." if len(unused) > 5 else ""),
+        )
     weights.close()
     log.info("loaded %s without transformers (safetensors + tokenizer.json)", path)
     return LoadedCheckpoint(

@@ -51,6 +51,10 @@ class SafetensorsWeights:
     def __init__(self, model_dir: Path, device: str, dtype: torch.dtype):
         from safetensors import SafetensorError, safe_open
 
+        target = torch.device(device)
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        device = str(target)
         self._device = device
         self._dtype = dtype
         self._dir = model_dir
@@ -114,6 +118,16 @@ class SafetensorsWeights:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def unused_tensors(weights, config) -> list[str]:
+    """Tensors the model did not take, less those transformers also drops without a word."""
+    tied = getattr(config, "tie_word_embeddings", False)
+    return [
+        name
+        for name in weights.names()
+        if not name.endswith("rotary_emb.inv_freq") and not (tied and name == "lm_head.weight")
+    ]
 
 
 def _check_shape(tensor: torch.Tensor, name: str, shape: tuple[int, ...], origin: str) -> None:

@@ -318,6 +318,19 @@ def test_untied_checkpoint_without_lm_head_is_an_error(llama_copy):
         load_checkpoint(str(llama_copy), "cpu", "float32", loader="fast")
 
 
+def test_unused_tensors_are_reported(llama_copy, caplog):
+    def add_extra(tensors):
+        tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(4)
+        tensors["model.vision_tower.weight"] = torch.ones(2, 2)
+
+    _rewrite_weights(llama_copy, add_extra)
+    with caplog.at_level(logging.WARNING, logger="graphserve.loader"):
+        load_checkpoint(str(llama_copy), "cpu", "float32", loader="fast")
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "1 tensor(s) not used" in warnings[0]
+    assert "model.vision_tower.weight" in warnings[0] and "inv_freq" not in warnings[0]
+
+
 def test_bad_config_json_is_named(llama_copy):
     (llama_copy / "config.json").write_text("{not json")
     with pytest.raises(ModelLoadError, match="config.json cannot be read"):
