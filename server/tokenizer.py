@@ -5,8 +5,9 @@
 It reproduces what transformers 5's `TokenizersBackend` does with the same files, and
 `FastTokenizer.load` declines (raises `TokenizerDeclined` with the reason) whenever a file asks for
 something it cannot reproduce faithfully, e.g. a model-specific tokenizer class that transformers
-rebuilds from the vocabulary, or a tokenizer_config.json key it does not know. The loader then
-falls back to transformers, so a declined checkpoint still tokenizes exactly as before.
+rebuilds from the vocabulary (Qwen2Tokenizer is accepted when tokenizer.json already holds the
+exact pipeline transformers rebuilds), or a tokenizer_config.json key it does not know. The loader
+then falls back to transformers, so a declined checkpoint still tokenizes exactly as before.
 
 Chat templates render in a sandboxed jinja2 environment set up the way transformers sets up its
 own: trim_blocks and lstrip_blocks, loop controls, a `tojson` that does not HTML-escape,
@@ -31,8 +32,22 @@ CHAT_TEMPLATE_DIR = "additional_chat_templates"
 # Classes transformers loads straight from tokenizer.json; model-specific classes (LlamaTokenizer,
 # Qwen2Tokenizer, ...) rebuild normaliser and pre-tokeniser in code instead.
 _PLAIN_CLASSES = ("PreTrainedTokenizerFast", "TokenizersBackend")
-# Model types whose tokenizer transformers rebuilds with its own class whatever the file says.
-_REBUILT_MODEL_TYPES = ("qwen2",)
+# Qwen2Tokenizer (also used for Qwen3) is rebuilt in code, but its pipeline is fixed: when
+# tokenizer.json holds exactly that pipeline, loading the file gives the same tokenizer.
+_QWEN2_CLASSES = ("Qwen2Tokenizer", "Qwen2TokenizerFast")
+# Model types whose tokenizer transformers rebuilds as Qwen2Tokenizer whatever the file says.
+_QWEN2_MODEL_TYPES = ("qwen2",)
+# Qwen2Tokenizer's pre-tokenisation regex (the one Qwen's own tokenizer.json files carry).
+_QWEN2_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+# Qwen2Tokenizer's defaults for special tokens the config does not name.
+_QWEN2_SPECIAL_DEFAULTS = {
+    "unk_token": "<|endoftext|>",
+    "eos_token": "<|endoftext|>",
+    "pad_token": "<|endoftext|>",
+}
 _NAMED_SPECIAL = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token",
                   "mask_token")
 _EXTRA_SPECIAL = ("additional_special_tokens", "extra_special_tokens")
@@ -57,6 +72,7 @@ _KNOWN_KEYS = frozenset(
         "name_or_path",
         "use_default_system_prompt",
         "is_local",
+        "add_prefix_space",  # accepted only when false, and only for Qwen2Tokenizer
         *_NAMED_SPECIAL,
         *_EXTRA_SPECIAL,
     }
@@ -125,14 +141,15 @@ class FastTokenizer:
         if unknown:
             raise TokenizerDeclined(f"tokenizer_config.json sets {', '.join(unknown)}")
         tok_class = config.get("tokenizer_class")
-        if tok_class not in _PLAIN_CLASSES:
+        qwen2 = tok_class in _QWEN2_CLASSES or (
+            model_type in _QWEN2_MODEL_TYPES and tok_class in _PLAIN_CLASSES
+        )
+        if tok_class not in _PLAIN_CLASSES and not qwen2:
             raise TokenizerDeclined(
                 f"tokenizer_class {tok_class!r} is rebuilt by transformers from the vocabulary"
             )
-        if model_type in _REBUILT_MODEL_TYPES:
-            raise TokenizerDeclined(
-                f"transformers rebuilds the tokenizer of model_type {model_type!r} in code"
-            )
+        if config.get("add_prefix_space"):
+            raise TokenizerDeclined("add_prefix_space is set")
         if config.get("split_special_tokens"):
             raise TokenizerDeclined("split_special_tokens is set")
         if (model_dir / CHAT_TEMPLATE_DIR).is_dir():
@@ -144,6 +161,8 @@ class FastTokenizer:
         except Exception as exc:  # the Rust parser raises plain Exception subclasses
             raise TokenizerLoadError(f"tokenizer.json cannot be loaded: {exc}") from exc
         backend = backends[0]
+        if qwen2:
+            cls._check_qwen2_pipeline(json.loads(text), config)
         if backend.truncation is not None or backend.padding is not None:
             raise TokenizerDeclined("tokenizer.json enables truncation or padding")
         model_kind = type(backend.model).__name__
@@ -151,7 +170,7 @@ class FastTokenizer:
             # transformers skips the clean-up for BPE models only.
             raise TokenizerDeclined(f"clean_up_tokenization_spaces on a {model_kind} tokenizer")
 
-        special, extra = cls._special_tokens(model_dir, config)
+        special, extra = cls._special_tokens(model_dir, config, qwen2)
         added = backend.get_added_tokens_decoder()
         added_special = {t.content for t in added.values() if t.special}
         for token in [*special.values(), *extra]:
@@ -164,8 +183,65 @@ class FastTokenizer:
         return [cls(b, special, chat_template) for b in backends]
 
     @staticmethod
-    def _special_tokens(model_dir: Path, config: dict) -> tuple[dict[str, str], list[str]]:
+    def _check_qwen2_pipeline(data: dict, config: dict) -> None:
+        """Decline unless tokenizer.json holds exactly the pipeline Qwen2Tokenizer rebuilds.
+
+        transformers keeps only the vocabulary, merges, post-processor and the added tokens of
+        tokenizer_config.json; everything compared here is what it builds in code instead.
+        """
+
+        def decline(what: str):
+            raise TokenizerDeclined(f"tokenizer.json's {what} differs from Qwen2Tokenizer's")
+
+        model = data.get("model") or {}
+        expected_model = {
+            "type": "BPE", "dropout": None, "unk_token": None, "fuse_unk": False,
+            "byte_fallback": False, "ignore_merges": False,
+        }
+        for key, value in expected_model.items():
+            if model.get(key, False if key == "ignore_merges" else None) != value:
+                decline(f"model.{key}")
+        for key in ("continuing_subword_prefix", "end_of_word_suffix"):
+            if model.get(key) not in (None, ""):
+                decline(f"model.{key}")
+        if data.get("normalizer") != {"type": "NFC"}:
+            decline("normalizer")
+        pre = data.get("pre_tokenizer") or {}
+        steps = pre.get("pretokenizers") if pre.get("type") == "Sequence" else None
+        if not steps or len(steps) != 2:
+            decline("pre_tokenizer")
+        split, byte_level = steps
+        if split != {
+            "type": "Split", "pattern": {"Regex": _QWEN2_SPLIT_REGEX}, "behavior": "Isolated",
+            "invert": False,
+        }:
+            decline("pre_tokenizer split")
+        # trim_offsets only changes character offsets, which the server never reads.
+        if (byte_level.get("type"), byte_level.get("add_prefix_space"),
+                byte_level.get("use_regex")) != ("ByteLevel", False, False):
+            decline("pre_tokenizer byte level")
+        if (data.get("decoder") or {}).get("type") != "ByteLevel":
+            decline("decoder")
+        # The rebuilt tokenizer starts with no added tokens: it gets exactly the config's, and
+        # those outside the BPE vocabulary take the next free ids in order.
+        declared = config.get("added_tokens_decoder") or {}
+        added = data.get("added_tokens") or []
+        if {str(t.get("id")) for t in added} != set(declared):
+            raise TokenizerDeclined(
+                "tokenizer.json's added tokens differ from tokenizer_config.json's"
+            )
+        vocab = model.get("vocab") or {}
+        extra_ids = sorted(t["id"] for t in added if t.get("content") not in vocab)
+        if extra_ids != list(range(len(vocab), len(vocab) + len(extra_ids))):
+            raise TokenizerDeclined("added token ids do not follow the vocabulary contiguously")
+
+    @staticmethod
+    def _special_tokens(
+        model_dir: Path, config: dict, qwen2: bool = False
+    ) -> tuple[dict[str, str], list[str]]:
         values = {key: config[key] for key in (*_NAMED_SPECIAL, *_EXTRA_SPECIAL) if key in config}
+        if qwen2:
+            values = {**_QWEN2_SPECIAL_DEFAULTS, **values}
         map_file = model_dir / SPECIAL_TOKENS_MAP_FILE
         if "added_tokens_decoder" not in config and map_file.is_file():
             # transformers reads this legacy file only then, and lets it override the config.

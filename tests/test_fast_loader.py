@@ -355,7 +355,8 @@ TEXTS = [
     "Hello world",
     "  leading spaces and trailing ",
     "Ünïcödé, 日本語のテキスト, emoji 🙂\n\ttabs",
-    "special tokens inline: <s> </s> <|im_start|> [INST] <|begin_of_text|>",
+    "special tokens inline: <s> </s> <|im_start|> [INST] <|begin_of_text|> <tool_call>",
+    "ﬁ ligature and combining e\u0301 (NFC changes both)",
     "def add(a, b):\n    return a + b\n",
 ]
 CONVERSATIONS = [
@@ -488,12 +489,34 @@ def test_tokenizer_declines_what_it_cannot_reproduce(tmp_path, change, reason):
         FastTokenizer.load(path, "llama")
 
 
-def test_qwen2_model_type_declines(tmp_path):
-    # The same files load fast as qwen3; transformers rebuilds Qwen2's tokenizer in code.
-    path = build_tokenizer_variant(tmp_path / "t", "chatml")
-    FastTokenizer.load(path, "qwen3")
-    with pytest.raises(TokenizerDeclined, match="qwen2"):
-        FastTokenizer.load(path, "qwen2")
+def test_qwen2_tokenizer_is_checked_against_its_rebuilt_pipeline(tmp_path):
+    # transformers rebuilds Qwen2's tokenizer in code (for model_type qwen2 whatever the class
+    # says): the same plain byte-level files load fast as qwen3 but are declined as qwen2.
+    plain = build_tokenizer_variant(tmp_path / "plain", "chatml")
+    FastTokenizer.load(plain, "qwen3")
+    with pytest.raises(TokenizerDeclined, match="differs from Qwen2Tokenizer's"):
+        FastTokenizer.load(plain, "qwen2")
+    qwen = build_tokenizer_variant(tmp_path / "qwen", "qwen2")
+    FastTokenizer.load(qwen, "qwen2")
+    data = json.loads((qwen / "tokenizer.json").read_text())
+    data["normalizer"] = None
+    (qwen / "tokenizer.json").write_text(json.dumps(data))
+    with pytest.raises(TokenizerDeclined, match="normalizer differs"):
+        FastTokenizer.load(qwen, "qwen2")
+
+
+def test_qwen2_checkpoint_with_qwen_tokenizer_loads_fast(tmp_path):
+    path = build_checkpoint(tmp_path / "q", "qwen2")
+    tok = build_tokenizer_variant(tmp_path / "tok", "qwen2")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tok / name, path / name)
+    (path / "special_tokens_map.json").unlink(missing_ok=True)
+    fast = load_checkpoint(str(path), "cpu", "float32", loader="fast")
+    ref = load_checkpoint(str(path), "cpu", "float32", loader="transformers")
+    assert fast.loader == "fast" and fast.eos_token_ids == ref.eos_token_ids
+    text = ref.api_tokenizer.apply_chat_template(CONVERSATIONS[1], tokenize=False)
+    assert fast.api_tokenizer.apply_chat_template(CONVERSATIONS[1], tokenize=False) == text
+    assert fast.api_tokenizer.encode(text) == ref.api_tokenizer.encode(text)
 
 
 def test_auto_falls_back_with_a_logged_reason(tmp_path, caplog):
@@ -501,8 +524,11 @@ def test_auto_falls_back_with_a_logged_reason(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="graphserve.loader"):
         ckpt = load_checkpoint(str(path), "cpu", "float32")
     assert ckpt.loader == "transformers"
-    assert "qwen2" in ckpt.fallback_reason
-    assert any("with transformers" in r.message and "qwen2" in r.message for r in caplog.records)
+    assert "Qwen2Tokenizer" in ckpt.fallback_reason
+    assert any(
+        "with transformers" in r.getMessage() and "Qwen2Tokenizer" in r.getMessage()
+        for r in caplog.records
+    )
     with pytest.raises(ModelLoadError, match="--loader fast cannot reproduce"):
         load_checkpoint(str(path), "cpu", "float32", loader="fast")
 

@@ -198,6 +198,14 @@ TOKENIZER_STYLES = {
         (True, False),
         MISTRAL_TEMPLATE,
     ),
+    "qwen2": (
+        "qwen2",
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        None,
+        "<|im_end|>",
+        (False, False),
+        CHATML_TEMPLATE,
+    ),
     "no_bos": ("llama", ["<s>", "</s>"], "<s>", "</s>", (False, False), CHATML_TEMPLATE),
     "bos_eos": ("llama", ["<s>", "</s>"], "<s>", "</s>", (True, True), None),
 }
@@ -212,6 +220,8 @@ def build_tokenizer_variant(path: Path, style: str) -> Path:
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
+    if style == "qwen2":
+        return _build_qwen2_tokenizer(path)
     model_type, specials, bos, eos, (adds_bos, adds_eos), template = TOKENIZER_STYLES[style]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -264,4 +274,69 @@ def build_tokenizer_variant(path: Path, style: str) -> Path:
         config["chat_template"] = template
     (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
     (path / "config.json").write_text(json.dumps({"model_type": model_type}), encoding="utf-8")
+    return path
+
+
+QWEN2_SPLIT_REGEX = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+    r"|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
+
+def _build_qwen2_tokenizer(path: Path) -> Path:
+    """Files shaped like Qwen2.5's: NFC + split regex + byte level, tokens added past the vocab."""
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        normalizers,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
+
+    tok = Tokenizer(models.BPE(unk_token=None, fuse_unk=False, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_SPLIT_REGEX), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    tok.train_from_iterator([_CORPUS], trainer)
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok.add_tokens([AddedToken("<tool_call>", special=False, normalized=False)])
+    path.mkdir(parents=True, exist_ok=True)
+    tok.save(str(path / "tokenizer.json"))
+    added = {
+        str(token_id): {
+            "content": t.content, "lstrip": t.lstrip, "normalized": t.normalized,
+            "rstrip": t.rstrip, "single_word": t.single_word, "special": t.special,
+        }
+        for token_id, t in sorted(tok.get_added_tokens_decoder().items())
+    }
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": ["<|im_start|>", "<|im_end|>"],
+        "bos_token": None,
+        "chat_template": CHATML_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    (path / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
+    (path / "config.json").write_text(json.dumps({"model_type": "qwen2"}), encoding="utf-8")
     return path
