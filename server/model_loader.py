@@ -12,7 +12,6 @@ Everything that can be wrong with a model directory is reported as a
 
 from __future__ import annotations
 
-import gc
 import importlib.util
 import logging
 import os
@@ -259,9 +258,9 @@ def _load_with_transformers(path: Path, name: str, device: str, dtype: str, why:
         if device != "cpu" and not direct:
             hf_model.to(device)
         weights = StateDictWeights(hf_model.state_dict(), f"{path} (transformers)")
-        # Only the state dict holds the tensors now, so fusing frees each part as it goes.
+        # Only the state dict holds the tensors now (transformers models hold no reference
+        # cycles, so no gc pass is needed), and fusing frees each part as it goes.
         del hf_model
-        gc.collect()
         model_obj = DecoderModel(config, weights)
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
