@@ -146,8 +146,12 @@ class FastTokenizer:
         )
         if tok_class not in _PLAIN_CLASSES and not qwen2:
             raise TokenizerDeclined(
-                f"tokenizer_class {tok_class!r} is rebuilt by transformers from the vocabulary"
+                f"tokenizer_class {tok_class!r} is not one transformers loads from tokenizer.json "
+                "as it is"
             )
+        if (model_dir / "tekken.json").is_file():
+            # With mistral-common installed transformers tokenizes with it instead.
+            raise TokenizerDeclined("tekken.json present (Mistral's own tokenizer format)")
         if config.get("add_prefix_space"):
             raise TokenizerDeclined("add_prefix_space is set")
         if config.get("split_special_tokens"):

@@ -463,6 +463,8 @@ def _edit_json(path: Path, **changes) -> None:
         ("added_token_differs", "differs from tokenizer.json in lstrip"),
         ("template_list", "several named chat templates"),
         ("missing_special", "not a special added token"),
+        ("tekken", "tekken.json"),
+        ("no_class", "tokenizer_class None"),
     ],
 )
 def test_tokenizer_declines_what_it_cannot_reproduce(tmp_path, change, reason):
@@ -485,6 +487,10 @@ def test_tokenizer_declines_what_it_cannot_reproduce(tmp_path, change, reason):
         _edit_json(cfg, chat_template=[{"name": "default", "template": "x"}])
     elif change == "missing_special":
         _edit_json(cfg, pad_token="<pad>")
+    elif change == "tekken":
+        (path / "tekken.json").write_text("{}")
+    elif change == "no_class":
+        cfg.unlink()
     with pytest.raises(TokenizerDeclined, match=reason):
         FastTokenizer.load(path, "llama")
 
