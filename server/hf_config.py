@@ -89,16 +89,22 @@ _DEFAULTS: dict[str, dict[str, Any]] = {
 }
 SUPPORTED_MODEL_TYPES = tuple(_DEFAULTS)
 _DEFAULT_ROPE_THETA = 10_000.0
-_INT_KEYS = (
+# Sizes that must be positive integers; head_dim and num_key_value_heads may be null (derived).
+_SIZE_KEYS = (
     "vocab_size",
     "hidden_size",
     "intermediate_size",
     "num_hidden_layers",
     "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
     "max_position_embeddings",
 )
+_OPTIONAL_SIZE_KEYS = ("num_key_value_heads", "head_dim")
+# Keys each scaled RoPE type cannot do without (transformers' validation requires them too).
+_ROPE_REQUIRED = {
+    "linear": ("factor",),
+    "llama3": ("factor", "low_freq_factor", "high_freq_factor"),
+    "yarn": (),
+}
 
 
 class ConfigReadError(ValueError):
@@ -126,16 +132,18 @@ class ModelConfig:
         values.pop("rope_scaling", None)
         values.pop("rope_theta", None)
         self.__dict__.update(values)
-        for key in _INT_KEYS:
+        for key in (*_SIZE_KEYS, *_OPTIONAL_SIZE_KEYS):
             value = getattr(self, key)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigReadError(f"config.json: {key} must be an integer, got {value!r}")
+            if value is None and key in _OPTIONAL_SIZE_KEYS:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigReadError(
+                    f"config.json: {key} must be a positive integer, got {value!r}"
+                )
         if not isinstance(self.rms_norm_eps, (int, float)) or isinstance(self.rms_norm_eps, bool):
             raise ConfigReadError(
                 f"config.json: rms_norm_eps must be a number, got {self.rms_norm_eps!r}"
             )
-        if self.num_attention_heads is None or self.num_attention_heads < 1:
-            raise ConfigReadError("config.json: num_attention_heads must be >= 1")
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
@@ -169,6 +177,11 @@ def _rope_parameters(raw: dict[str, Any], max_positions: int) -> dict[str, Any]:
     params.setdefault("rope_type", params.get("type", "default"))
     if params["rope_type"] in ("llama3", "yarn", "longrope"):
         params.setdefault("original_max_position_embeddings", max_positions)
+    for key in _ROPE_REQUIRED.get(params["rope_type"], ()):
+        if not isinstance(params.get(key), (int, float)) or isinstance(params.get(key), bool):
+            raise ConfigReadError(
+                f"config.json: rope type {params['rope_type']!r} needs a numeric {key}"
+            )
     theta = params["rope_theta"]
     if isinstance(theta, bool) or not isinstance(theta, (int, float)) or theta <= 0:
         raise ConfigReadError(f"config.json: rope_theta must be a positive number, got {theta!r}")

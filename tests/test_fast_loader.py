@@ -163,8 +163,12 @@ def test_rope_tables_are_bit_identical_to_hf_rotary_embedding(tmp_path, case):
 
 
 def test_config_errors_name_the_key(tmp_path):
-    with pytest.raises(ValueError, match="hidden_size must be an integer"):
+    with pytest.raises(ValueError, match="hidden_size must be a positive integer"):
         ModelConfig({"model_type": "llama", "hidden_size": "big"})
+    with pytest.raises(ValueError, match="num_attention_heads must be a positive integer"):
+        ModelConfig({"model_type": "qwen3", "num_attention_heads": 0})
+    with pytest.raises(ValueError, match="'llama3' needs a numeric low_freq_factor"):
+        ModelConfig({"model_type": "llama", "rope_scaling": {"rope_type": "llama3", "factor": 8}})
     with pytest.raises(ValueError, match="rope_theta must be a positive number"):
         ModelConfig({"model_type": "llama", "rope_theta": "fast"})
 
@@ -337,7 +341,7 @@ def test_bad_config_json_is_named(llama_copy):
         load_checkpoint(str(llama_copy), "cpu", "float32")
     (llama_copy / "config.json").write_text(json.dumps({"model_type": "llama",
                                                         "num_hidden_layers": "2"}))
-    with pytest.raises(ModelLoadError, match="num_hidden_layers must be an integer"):
+    with pytest.raises(ModelLoadError, match="num_hidden_layers must be a positive integer"):
         load_checkpoint(str(llama_copy), "cpu", "float32")
 
 
