@@ -584,3 +584,33 @@ def test_fast_engine_load_never_imports_transformers(tmp_path):
     slow = _load_in_subprocess("", "transformers")
     assert slow["loader"] == "transformers" and slow["transformers"] is True
     assert slow["timings"]["import_s"] > fast["timings"]["import_s"]
+
+
+# -- the API's prompt handling on the fast tokenizer -----------------------------------------------
+
+
+@pytest.mark.parametrize("style", ["llama3", "bos_eos"])
+def test_api_prompts_are_the_same_on_both_tokenizers(tmp_path, style):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from server.api import ApiError, ChatMessage, _chat_prompt, _completion_prompt
+
+    path = build_tokenizer_variant(tmp_path / style, style)
+    (fast,) = FastTokenizer.load(path, TOKENIZER_STYLES[style][0])
+    engines = [SimpleNamespace(tokenizer=t, vocab_size=None)
+               for t in (fast, AutoTokenizer.from_pretrained(path, local_files_only=True))]
+    messages = [ChatMessage(role="developer", content="Be brief."),
+                ChatMessage(role="user", content="Hi <|eot_id|> there", name="ann")]
+    outcomes = []
+    for engine in engines:
+        completion = _completion_prompt(engine, "The quick brown fox")
+        try:
+            chat = _chat_prompt(engine, messages)
+        except ApiError as exc:  # no chat template: the API's own 400
+            chat = (exc.status, "chat template rejected" in exc.message)
+        outcomes.append((completion, chat, _completion_prompt(engine, "")))
+    assert outcomes[0] == outcomes[1]
+    if style == "bos_eos":
+        assert outcomes[0][1] == (400, True)
