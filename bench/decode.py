@@ -77,7 +77,7 @@ def main() -> None:
     from server import ops
     from server.config import default_capture_sizes
     from server.graph_warmup import CapturePolicy, DecodeRunner
-    from server.model import DecoderModel, PrefillChunk, allocate_kv_cache
+    from server.model import PrefillChunk, allocate_kv_cache
     from server.model_loader import load_checkpoint
     from server.sampling import SamplingBatch, sample
 
@@ -108,8 +108,8 @@ def main() -> None:
     result["load_s"] = time.perf_counter() - t0
     weight_bytes = ckpt.weight_bytes
     max_len = max(args.context + 64, 2 * args.prefill + 64)  # room for a continuation chunk
-    model = DecoderModel(ckpt.hf_model, max_len)
-    ckpt.hf_model = None
+    model = ckpt.model
+    model.init_rope(max_len)
     triton = ops.use_triton(True)
     kv = allocate_kv_cache(model.shape, max_n + 1, max_len, torch.bfloat16, "cuda")
     for k, v in kv:

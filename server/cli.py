@@ -33,6 +33,7 @@ from server.config import (
     DEVICES,
     DTYPES,
     GRAPH_CAPTURE_MODES,
+    LOADERS,
     ConfigError,
     EngineConfig,
     ServerConfig,
@@ -108,6 +109,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                        help="weight and activation dtype; auto = bfloat16 on CUDA, float32 on CPU")
     model.add_argument("--device", default=eng.device, choices=DEVICES,
                        help="auto = cuda if available, else cpu")
+    model.add_argument("--loader", default=eng.loader, choices=LOADERS,
+                       help="auto = read safetensors and tokenizer.json directly, falling back to "
+                       "transformers when the checkpoint needs it; fast = never import "
+                       "transformers; transformers = always use its Auto classes")
     model.add_argument("--max-model-len", type=int, default=None, metavar="N",
                        help="context length (prompt + output) in tokens (default: the model's "
                        "limit, shrunk to fit the KV cache)")
@@ -185,6 +190,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         served_model_name=args.served_model_name,
         dtype=args.dtype,
         device=args.device,
+        loader=args.loader,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,

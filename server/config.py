@@ -11,6 +11,9 @@ from dataclasses import dataclass, field
 GRAPH_CAPTURE_MODES = ("lazy", "eager", "off")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
+# auto: read the files directly unless the checkpoint needs transformers; fast: never import
+# transformers (fail instead); transformers: always use its Auto classes.
+LOADERS = ("auto", "fast", "transformers")
 
 
 class ConfigError(ValueError):
@@ -37,6 +40,7 @@ class EngineConfig:
     served_model_name: str | None = None  # name reported by /v1/models; default: directory name
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
+    loader: str = "auto"  # auto | fast | transformers (see LOADERS)
     max_model_len: int | None = None  # None: the model's limit, shrunk to fit the KV budget
     max_num_seqs: int | None = None  # None: 64 on CUDA, 8 on CPU
     max_queue: int = 1024  # waiting requests beyond this are rejected (HTTP 429)
@@ -55,6 +59,8 @@ class EngineConfig:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device not in DEVICES:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.loader not in LOADERS:
+            raise ConfigError(f"--loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
         if self.graph_capture not in GRAPH_CAPTURE_MODES:
             raise ConfigError(
                 f"--graph-capture must be one of {', '.join(GRAPH_CAPTURE_MODES)}, "

@@ -1,9 +1,10 @@
 """The decoder forward for Llama-family checkpoints, over the engine's slot KV cache.
 
 Llama 2/3, Mistral, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k RMSNorm) share one layer shape,
-so one readable forward serves them all. Weights come from the HF model that transformers loaded;
-the q/k/v and gate/up projections are fused into single matrices (one GEMM each instead of three
-and two) and the HF modules are dropped. Arithmetic follows the HF modules op for op (see
+so one readable forward serves them all. Weights come by name from a weight source
+(`server.weights`: safetensors files, or the state dict of a transformers model); the q/k/v and
+gate/up projections are fused into single matrices (one GEMM each instead of three and two) and
+the unfused parts are freed layer by layer. Arithmetic follows the HF modules op for op (see
 `server.ops`), so greedy output matches HF's own forward.
 
 Two entry points:
@@ -15,6 +16,7 @@ Two entry points:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -82,79 +84,199 @@ def _sliding_window(config) -> int | None:
     return int(window)
 
 
-def _cat_bias(*linears) -> torch.Tensor | None:
-    biases = [lin.bias for lin in linears]
-    if all(b is None for b in biases):
-        return None
-    return torch.cat(
-        [
-            b if b is not None else torch.zeros_like(lin.weight[:, 0])
-            for b, lin in zip(biases, linears, strict=True)
-        ]
-    )
+def _rope_inv_freq(config) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (float32, CPU) and the cos/sin scale for `config`'s RoPE variant.
+
+    Same formulas, op order and dtypes as transformers' RoPE init functions, so the tables
+    are bit-identical to the ones HF's rotary module computes for the same config.
+    """
+    params = dict(config.rope_parameters or {})
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    base = params["rope_theta"]
+    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if rope_type == "yarn":
+        return _yarn_inv_freq(config, params, base, dim)
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
+    inv_freq = 1.0 / (base**exponents)
+    if rope_type == "linear":
+        inv_freq /= params["factor"]
+    elif rope_type == "llama3":
+        factor = params["factor"]
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        old_len = params["original_max_position_embeddings"]
+        low_wavelen, high_wavelen = old_len / low, old_len / high
+        wavelen = 2 * math.pi / inv_freq
+        # Long wavelengths are divided by the factor, short ones kept, the band between blended.
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+        smooth = (old_len / wavelen - low) / (high - low)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        in_band = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+        inv_freq = torch.where(in_band, blended, scaled)
+    elif rope_type != "default":
+        raise ValueError(f"rope type {rope_type!r} is not supported")
+    return inv_freq, 1.0
+
+
+def _yarn_inv_freq(config, params: dict, base: float, dim: int) -> tuple[torch.Tensor, float]:
+    factor = params.get("factor")
+    original = params["original_max_position_embeddings"]
+    if factor is None:
+        factor = config.max_position_embeddings / original
+
+    def mscale(scale, m=1):
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    attention_factor = params.get("attention_factor")
+    if attention_factor is None:
+        m, m_all = params.get("mscale"), params.get("mscale_all_dim")
+        if m and m_all:
+            attention_factor = float(mscale(factor, m) / mscale(factor, m_all))
+        else:
+            attention_factor = mscale(factor)
+    beta_fast = params.get("beta_fast") or 32
+    beta_slow = params.get("beta_slow") or 1
+
+    def correction_dim(rotations):
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # a zero-width ramp would divide by zero
+    pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+    extrapolation = 1.0 / pos_freqs
+    interpolation = 1.0 / (factor * pos_freqs)
+    ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+    keep = 1 - ramp  # 1: extrapolate (high frequencies), 0: interpolate (low frequencies)
+    return interpolation * (1 - keep) + extrapolation * keep, attention_factor
+
+
+def rope_tables(config, max_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin `[max_len, head_dim]` for positions `0..max_len-1`, as HF's rotary module."""
+    inv_freq, scale = _rope_inv_freq(config)
+    positions = torch.arange(max_len, device=device)[:, None].float()
+    freqs = positions * inv_freq.to(device=device, dtype=torch.float)
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return (emb.cos() * scale).to(dtype).contiguous(), (emb.sin() * scale).to(dtype).contiguous()
+
+
+def _fuse(parts: list[torch.Tensor]) -> torch.Tensor:
+    fused = torch.cat(parts)
+    parts.clear()  # the caller's list held the only other references: free the parts now
+    return fused
 
 
 class DecoderModel:
-    """Owns the weights of a loaded checkpoint and runs its forward over a slot KV cache."""
+    """Owns the weights of a loaded checkpoint and runs its forward over a slot KV cache.
 
-    def __init__(self, hf_model, max_model_len: int):
-        config = hf_model.config
-        inner = hf_model.model
+    Built from a config (transformers' or `server.hf_config.ModelConfig`) and a weight source
+    (`server.weights`), the same way for both loaders. `init_rope(max_model_len)` must run
+    before the forward; passing `max_model_len` to the constructor does it right away.
+    """
+
+    def __init__(self, config, weights, max_model_len: int | None = None):
         head_dim = (
             getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         )
+        hidden, inter = config.hidden_size, config.intermediate_size
+        n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
+        vocab = config.vocab_size
+        self.config = config
         self.shape = ModelShape(
             num_layers=config.num_hidden_layers,
-            hidden_size=config.hidden_size,
-            num_heads=config.num_attention_heads,
-            num_kv_heads=config.num_key_value_heads,
+            hidden_size=hidden,
+            num_heads=n_heads,
+            num_kv_heads=n_kv,
             head_dim=head_dim,
-            intermediate_size=config.intermediate_size,
-            vocab_size=hf_model.lm_head.weight.shape[0],
+            intermediate_size=inter,
+            vocab_size=vocab,
             max_position_embeddings=config.max_position_embeddings,
             sliding_window=_sliding_window(config),
         )
         self.eps = config.rms_norm_eps
         self.scale = head_dim**-0.5
-        self.embed = inner.embed_tokens.weight
+        self.embed = weights.take("model.embed_tokens.weight", (vocab, hidden))
         self.dtype = self.embed.dtype
         self.device = self.embed.device
-        self.final_norm = inner.norm.weight
-        self.lm_head = hf_model.lm_head.weight
-        self.layers = [self._take_layer(layer) for layer in inner.layers]
-        # cos/sin for every position, from HF's own rotary module: it implements the RoPE
-        # scaling variants, and a table lookup per step is one gather instead of ~8 kernels.
-        with torch.no_grad():
-            pos = torch.arange(max_model_len, device=self.device)[None, :]
-            probe = torch.empty(1, dtype=self.dtype, device=self.device)
-            cos, sin = inner.rotary_emb(probe, pos)
-        self.cos = cos[0].contiguous()
-        self.sin = sin[0].contiguous()
+        self.layers = [
+            self._take_layer(config, weights, i, head_dim) for i in range(config.num_hidden_layers)
+        ]
+        self.final_norm = weights.take("model.norm.weight", (hidden,))
+        if getattr(config, "tie_word_embeddings", False):
+            # One storage for both ends, as transformers ties them (a lm_head.weight in the
+            # file is ignored there too).
+            self.lm_head = self.embed
+        else:
+            self.lm_head = weights.take("lm_head.weight", (vocab, hidden))
+        self.weight_bytes = sum(
+            t.numel() * t.element_size() for t in {id(t): t for t in self._tensors()}.values()
+        )
+        self.cos = self.sin = None
+        self.max_model_len = 0
+        if max_model_len is not None:
+            self.init_rope(max_model_len)
+
+    def init_rope(self, max_model_len: int) -> None:
+        """cos/sin tables for every position below `max_model_len` (one gather per step)."""
+        self.cos, self.sin = rope_tables(self.config, max_model_len, self.dtype, self.device)
         self.max_model_len = max_model_len
 
+    def _tensors(self):
+        yield from (self.embed, self.final_norm, self.lm_head)
+        for w in self.layers:
+            yield from (t for t in vars(w).values() if t is not None)
+
     @staticmethod
-    def _take_layer(layer) -> LayerWeights:
-        attn, mlp = layer.self_attn, layer.mlp
+    def _take_layer(config, weights, i: int, head_dim: int) -> LayerWeights:
+        hidden, inter = config.hidden_size, config.intermediate_size
+        q_out = config.num_attention_heads * head_dim
+        kv_out = config.num_key_value_heads * head_dim
+        model_type = getattr(config, "model_type", None)
+        # As the HF modules are built: Qwen2 always has q/k/v biases and no o_proj bias, Llama and
+        # Qwen3 follow attention_bias, Mistral has none whatever the config says.
+        attn_bias = model_type in ("llama", "qwen3") and bool(getattr(config, "attention_bias", 0))
+        qkv_bias = model_type == "qwen2" or attn_bias
+        o_bias = attn_bias and model_type != "qwen2"
+        mlp_bias = bool(getattr(config, "mlp_bias", False)) and model_type == "llama"
+        p = f"model.layers.{i}."
+
+        def take(name, shape):
+            return weights.take(p + name, shape)
+
+        def take_fused(names_shapes):
+            return _fuse([take(n, s) for n, s in names_shapes])
+
+        qkv = (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out))
         with torch.no_grad():
-            weights = LayerWeights(
-                input_norm=layer.input_layernorm.weight,
-                qkv=torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]),
-                qkv_bias=_cat_bias(attn.q_proj, attn.k_proj, attn.v_proj),
-                q_norm=attn.q_norm.weight if hasattr(attn, "q_norm") else None,
-                k_norm=attn.k_norm.weight if hasattr(attn, "k_norm") else None,
-                o_proj=attn.o_proj.weight,
-                o_bias=attn.o_proj.bias,
-                post_norm=layer.post_attention_layernorm.weight,
-                gate_up=torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight]),
-                gate_up_bias=_cat_bias(mlp.gate_proj, mlp.up_proj),
-                down=mlp.down_proj.weight,
-                down_bias=mlp.down_proj.bias,
+            qkv_w = take_fused([(f"self_attn.{n}.weight", (o, hidden)) for n, o in qkv])
+            qkv_b = (
+                take_fused([(f"self_attn.{n}.bias", (o,)) for n, o in qkv]) if qkv_bias else None
             )
-            # Drop the unfused copies now, layer by layer, so peak memory stays ~ weights + 1 layer.
-            for lin in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj):
-                lin.weight = None
-                lin.bias = None
-        return weights
+            has_qk_norm = model_type == "qwen3"
+            gate_up = take_fused(
+                [("mlp.gate_proj.weight", (inter, hidden)), ("mlp.up_proj.weight", (inter, hidden))]
+            )
+            gate_up_b = (
+                take_fused([("mlp.gate_proj.bias", (inter,)), ("mlp.up_proj.bias", (inter,))])
+                if mlp_bias
+                else None
+            )
+            return LayerWeights(
+                input_norm=take("input_layernorm.weight", (hidden,)),
+                qkv=qkv_w,
+                qkv_bias=qkv_b,
+                q_norm=take("self_attn.q_norm.weight", (head_dim,)) if has_qk_norm else None,
+                k_norm=take("self_attn.k_norm.weight", (head_dim,)) if has_qk_norm else None,
+                o_proj=take("self_attn.o_proj.weight", (hidden, q_out)),
+                o_bias=take("self_attn.o_proj.bias", (hidden,)) if o_bias else None,
+                post_norm=take("post_attention_layernorm.weight", (hidden,)),
+                gate_up=gate_up,
+                gate_up_bias=gate_up_b,
+                down=take("mlp.down_proj.weight", (hidden, inter)),
+                down_bias=take("mlp.down_proj.bias", (hidden,)) if mlp_bias else None,
+            )
 
     # -- the forward -------------------------------------------------------------------------
 

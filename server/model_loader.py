@@ -1,7 +1,11 @@
 """Load a local HuggingFace checkpoint (config, safetensors weights, tokenizer) without network.
 
-The checkpoint is read with transformers' Auto classes; `server.model.DecoderModel` then takes
-over its weights. Everything that can be wrong with a model directory is reported as a
+Two loaders build the same `server.model.DecoderModel`. The fast one reads config.json
+(`server.hf_config`), the safetensors files (`server.weights`) and tokenizer.json
+(`server.tokenizer`) directly and never imports transformers, whose import alone takes most of
+a small model's time to ready. The transformers loader (Auto classes) handles whatever the fast
+one declines, such as sentencepiece-only tokenizers or model-specific tokenizer classes.
+Everything that can be wrong with a model directory is reported as a
 `ModelLoadError` whose message names the path and the problem, because it ends up on
 `/health/ready` and in the pod log where an operator has to act on it.
 """
@@ -11,8 +15,11 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from server.config import LOADERS
 
 log = logging.getLogger("graphserve.loader")
 
@@ -32,16 +39,19 @@ class ModelLoadError(RuntimeError):
 
 @dataclass
 class LoadedCheckpoint:
-    """What the engine needs from a checkpoint: the HF model, its config and tokenizers."""
+    """What the engine needs from a checkpoint: the model with its weights, config, tokenizers."""
 
     path: Path
     name: str
-    hf_model: object  # transformers PreTrainedModel, weights on the target device
-    config: object  # transformers PretrainedConfig
+    model: object  # server.model.DecoderModel, weights on the target device (rope not yet built)
+    config: object  # server.hf_config.ModelConfig, or a transformers PretrainedConfig
     tokenizer: object  # for the engine thread (detokenisation)
     api_tokenizer: object  # a separate instance for the event-loop thread (tokenisation)
     eos_token_ids: frozenset[int]
     weight_bytes: int
+    loader: str  # "fast" or "transformers"
+    fallback_reason: str | None = None  # why transformers loaded it, if it did
+    import_s: float = 0.0  # time spent importing transformers inside the load (fallback only)
 
 
 def force_offline() -> None:
@@ -81,16 +91,9 @@ def _check_directory(path: Path) -> None:
         raise ModelLoadError(f"{path}: no tokenizer files (tokenizer.json or tokenizer.model)")
 
 
-def _eos_ids(config, tokenizer, path: Path) -> frozenset[int]:
+def _eos_ids(config, tokenizer, generation_eos) -> frozenset[int]:
     ids: set[int] = set()
-    try:
-        from transformers import GenerationConfig
-
-        gen = GenerationConfig.from_pretrained(path, local_files_only=True)
-        eos = gen.eos_token_id
-    except (OSError, ValueError):
-        eos = None
-    for source in (eos, getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
+    for source in (generation_eos, getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
         if source is None:
             continue
         ids.update(source if isinstance(source, (list, tuple)) else [source])
@@ -115,6 +118,11 @@ def check_config(config, path: Path) -> None:
             f"{path}: rope type {rope_type!r} is not supported "
             f"(supported: {', '.join(sorted(SUPPORTED_ROPE_TYPES))})"
         )
+    partial = rope.get("partial_rotary_factor", 1.0) if isinstance(rope, dict) else 1.0
+    if partial != 1.0:
+        raise ModelLoadError(
+            f"{path}: partial_rotary_factor={partial} is not supported (full-width RoPE only)"
+        )
     if getattr(config, "hidden_act", "silu") not in ("silu", "swish"):
         raise ModelLoadError(
             f"{path}: hidden_act={config.hidden_act!r} is not supported (silu only)"
@@ -129,17 +137,105 @@ def resolve_dtype(dtype: str, device: str):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
 
-def load_checkpoint(model: str | None, device: str, dtype: str, served_name: str | None = None):
-    """Load config, tokenizers and weights of `model` onto `device`; raise ModelLoadError."""
+def _served_name(model: str | None, path: Path, served_name: str | None) -> str:
+    if served_name:
+        return served_name
+    if model is None:
+        from server.default_model import DEFAULT_MODEL_NAME
+
+        return DEFAULT_MODEL_NAME
+    return path.name
+
+
+def load_checkpoint(
+    model: str | None,
+    device: str,
+    dtype: str,
+    served_name: str | None = None,
+    loader: str = "auto",
+) -> LoadedCheckpoint:
+    """Load config, tokenizers and weights of `model` onto `device`; raise ModelLoadError.
+
+    `loader`: "fast" reads the files directly (no transformers import), "transformers" uses
+    its Auto classes, "auto" takes the fast path unless the checkpoint needs transformers (the
+    reason is logged at INFO). The model is built from the weights either way.
+    """
+    if loader not in LOADERS:
+        raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
     force_offline()
     path = resolve_model_path(model)
     _check_directory(path)
+    name = _served_name(model, path, served_name)
+    if loader == "transformers":
+        return _load_with_transformers(path, name, device, dtype, "--loader transformers")
+    from server.hf_config import ConfigReadError, generation_eos_ids, load_config
+    from server.tokenizer import FastTokenizer, TokenizerDeclined, TokenizerLoadError
+
+    try:
+        config = load_config(path)
+    except ConfigReadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    check_config(config, path)
+    try:
+        tokenizer, api_tokenizer = FastTokenizer.load(path, config.model_type, copies=2)
+    except TokenizerLoadError as exc:
+        raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
+    except TokenizerDeclined as exc:
+        if loader == "fast":
+            raise ModelLoadError(
+                f"{path}: --loader fast cannot reproduce this tokenizer ({exc}); "
+                "use --loader auto or transformers"
+            ) from exc
+        log.info("loading %s with transformers: %s", path, exc)
+        return _load_with_transformers(path, name, device, dtype, str(exc))
+
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from server.model import DecoderModel
+    from server.weights import SafetensorsWeights, unused_tensors
+
+    try:
+        weights = SafetensorsWeights(path, device, resolve_dtype(dtype, device))
+        model_obj = DecoderModel(config, weights)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
+    unused = unused_tensors(weights, config)
+    if unused:
+        # transformers warns about unexpected keys too; they may mean a mislabelled checkpoint.
+        log.warning(
+            "%s: %d tensor(s) not used by %s: %s",
+            path,
+            len(unused),
+            config.model_type,
+            ", ".join(sorted(unused)[:5]) + (", ..." if len(unused) > 5 else ""),
+        )
+    weights.close()
+    log.info("loaded %s without transformers (safetensors + tokenizer.json)", path)
+    return LoadedCheckpoint(
+        path=path,
+        name=name,
+        model=model_obj,
+        config=config,
+        tokenizer=tokenizer,
+        api_tokenizer=api_tokenizer,
+        eos_token_ids=_eos_ids(config, tokenizer, generation_eos_ids(path)),
+        weight_bytes=model_obj.weight_bytes,
+        loader="fast",
+    )
+
+
+def _load_with_transformers(path: Path, name: str, device: str, dtype: str, why: str):
+    t0 = time.perf_counter()
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    import_s = time.perf_counter() - t0
+    from server.model import DecoderModel
+    from server.weights import StateDictWeights
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"{path}: config.json cannot be read: {exc}") from exc
     check_config(config, path)
     try:
@@ -161,28 +257,31 @@ def load_checkpoint(model: str | None, device: str, dtype: str, served_name: str
         )
         if device != "cpu" and not direct:
             hf_model.to(device)
+        weights = StateDictWeights(hf_model.state_dict(), f"{path} (transformers)")
+        # Only the state dict holds the tensors now (transformers models hold no reference
+        # cycles, so no gc pass is needed), and fusing frees each part as it goes.
+        del hf_model
+        model_obj = DecoderModel(config, weights)
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        if isinstance(exc, ModelLoadError):
+            raise
         raise ModelLoadError(f"{path}: weights cannot be loaded: {exc}") from exc
-    hf_model.eval()
-    hf_model.requires_grad_(False)
-    weight_bytes = sum(p.numel() * p.element_size() for p in hf_model.parameters())
-    if served_name:
-        name = served_name
-    elif model is None:
-        from server.default_model import DEFAULT_MODEL_NAME
-
-        name = DEFAULT_MODEL_NAME
-    else:
-        name = path.name
+    try:
+        generation_eos = GenerationConfig.from_pretrained(path, local_files_only=True).eos_token_id
+    except (OSError, ValueError):
+        generation_eos = None
     return LoadedCheckpoint(
         path=path,
         name=name,
-        hf_model=hf_model,
+        model=model_obj,
         config=config,
         tokenizer=tokenizer,
         api_tokenizer=api_tokenizer,
-        eos_token_ids=_eos_ids(config, tokenizer, path),
-        weight_bytes=weight_bytes,
+        eos_token_ids=_eos_ids(config, tokenizer, generation_eos),
+        weight_bytes=model_obj.weight_bytes,
+        loader="transformers",
+        fallback_reason=why,
+        import_s=import_s,
     )

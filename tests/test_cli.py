@@ -40,7 +40,7 @@ def test_every_flag_maps_onto_the_config():
         "--cuda-graph-sizes", "1,2", "4", "--capture-budget-ms", "20",
         "--capture-min-interval-ms", "100", "--idle-debounce-ms", "7", "--api-key", "k",
         "--drain-timeout", "12", "--startup-failure-grace", "1.5", "--log-format", "json",
-        "--log-level", "debug", "--seed", "42",
+        "--log-level", "debug", "--seed", "42", "--loader", "transformers",
     )
     e = cfg.engine
     assert (e.model, e.served_model_name, e.dtype, e.device) == ("/models/x", "x", "float16", "cpu")
@@ -49,7 +49,7 @@ def test_every_flag_maps_onto_the_config():
     assert e.gpu_memory_utilization == 0.5 and e.graph_capture == "eager"
     assert e.cuda_graph_sizes == [1, 2, 4]
     assert (e.capture_budget_ms, e.capture_min_interval_ms, e.idle_debounce_ms) == (20, 100, 7)
-    assert e.seed == 42
+    assert e.seed == 42 and e.loader == "transformers"
     assert (cfg.host, cfg.port, cfg.api_key, cfg.drain_timeout) == ("0.0.0.0", 8123, "k", 12)
     assert cfg.startup_failure_grace == 1.5
     assert (cfg.log_format, cfg.log_level) == ("json", "debug")
@@ -90,6 +90,7 @@ def test_invalid_values_exit_2_with_a_clear_message(argv, fragment, capsys):
 
 
 @pytest.mark.parametrize("argv", [["--dtype", "int4"], ["--graph-capture", "sometimes"],
+                                  ["--loader", "slow"],
                                   ["--max-queue", "many"], ["--no-such-flag"]])
 def test_argparse_rejections_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exc:

@@ -118,12 +118,13 @@ async def test_bf16_greedy_matches_hf_forward(gpu_model_dir):
 def test_model_logits_match_hf_in_bf16(gpu_model_dir):
     """Our bf16 logits are as close to the fp32 truth as HF's own bf16 forward is."""
     from server import ops
-    from server.model import DecoderModel, PrefillChunk, allocate_kv_cache
+    from server.model import PrefillChunk, allocate_kv_cache
     from server.model_loader import load_checkpoint
 
     ops.use_triton(True)
     ckpt = load_checkpoint(str(gpu_model_dir), "cuda", "bfloat16")
-    model = DecoderModel(ckpt.hf_model, 256)
+    model = ckpt.model
+    model.init_rope(256)
     kv = allocate_kv_cache(model.shape, 3, 256, torch.bfloat16, "cuda")
     ids = torch.randint(2, 400, (60,)).tolist()
     l32 = _full_logits(_hf(gpu_model_dir, torch.float32), ids)
@@ -148,12 +149,13 @@ def test_model_logits_match_hf_in_bf16(gpu_model_dir):
 def _runner(model_dir, sizes, mode="eager"):
     from server import ops
     from server.graph_warmup import CapturePolicy, DecodeRunner
-    from server.model import DecoderModel, allocate_kv_cache
+    from server.model import allocate_kv_cache
     from server.model_loader import load_checkpoint
 
     ops.use_triton(True)
     ckpt = load_checkpoint(str(model_dir), "cuda", "bfloat16")
-    model = DecoderModel(ckpt.hf_model, 512)
+    model = ckpt.model
+    model.init_rope(512)
     max_n = max(sizes)
     kv = allocate_kv_cache(model.shape, max_n + 1, 512, torch.bfloat16, "cuda")
     for k, v in kv:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.model import DecoderModel, PrefillChunk, allocate_kv_cache
+from server.model import PrefillChunk, allocate_kv_cache
 from server.model_loader import ModelLoadError, load_checkpoint
 from tests.tiny_models import ARCHITECTURES, build_checkpoint
 
@@ -23,7 +23,8 @@ def pair(arch_dir):
     from transformers import AutoModelForCausalLM
 
     ours = load_checkpoint(str(arch_dir), "cpu", "float32")
-    model = DecoderModel(ours.hf_model, MAX_LEN)
+    model = ours.model
+    model.init_rope(MAX_LEN)
     ref = AutoModelForCausalLM.from_pretrained(
         arch_dir, dtype=torch.float32, local_files_only=True
     ).eval()

@@ -1,0 +1,138 @@
+"""Named checkpoint tensors for `DecoderModel`, from safetensors files or a transformers model.
+
+Both loaders hand the model the same interface: `take(name, shape)` returns the tensor called
+`name` (HF naming, e.g. `model.layers.0.self_attn.q_proj.weight`) on the target device in the
+target dtype, checks its shape, and forgets it, so a tensor the model fuses (q/k/v, gate/up) is
+freed as soon as the fused copy exists and peak memory stays near one copy of the weights.
+
+`SafetensorsWeights` reads `model.safetensors` or the shards listed in
+`model.safetensors.index.json` with the `safetensors` package, straight onto the device
+(no host staging copy on CUDA). `StateDictWeights` wraps `hf_model.state_dict()`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+
+from server.model_loader import ModelLoadError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+
+
+class StateDictWeights:
+    """Tensors from a loaded transformers model (already on the device, in the dtype)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], origin: str):
+        self._tensors = dict(tensors)
+        self._origin = origin
+
+    def has(self, name: str) -> bool:
+        return name in self._tensors
+
+    def names(self) -> Iterable[str]:
+        return list(self._tensors)
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        tensor = self._tensors.pop(name, None)
+        if tensor is None:
+            raise ModelLoadError(f"{self._origin}: tensor {name!r} is missing")
+        _check_shape(tensor, name, shape, self._origin)
+        return tensor
+
+
+class SafetensorsWeights:
+    """Tensors read lazily from a checkpoint's safetensors file(s) onto `device` as `dtype`."""
+
+    def __init__(self, model_dir: Path, device: str, dtype: torch.dtype):
+        from safetensors import SafetensorError, safe_open
+
+        target = torch.device(device)
+        if target.type == "cuda" and target.index is None:
+            target = torch.device("cuda", torch.cuda.current_device())
+        device = str(target)
+        self._device = device
+        self._dtype = dtype
+        self._dir = model_dir
+        files = self._files(model_dir)
+        self._handles = {}
+        self._where: dict[str, str] = {}  # tensor name -> file name
+        for file in files:
+            try:
+                # safetensors materialises each tensor directly on the device it is opened for.
+                handle = safe_open(str(model_dir / file), framework="pt", device=device)
+                keys = list(handle.keys())
+            except (OSError, SafetensorError, RuntimeError, ValueError) as exc:
+                raise ModelLoadError(
+                    f"{model_dir / file}: cannot read safetensors file: {exc}"
+                ) from exc
+            self._handles[file] = handle
+            for key in keys:
+                self._where.setdefault(key, file)
+
+    @staticmethod
+    def _files(model_dir: Path) -> list[str]:
+        index = model_dir / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                files = sorted(set(weight_map.values()))
+            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ModelLoadError(f"{index}: malformed shard index: {exc}") from exc
+            missing = [f for f in files if not (model_dir / f).is_file()]
+            if missing:
+                raise ModelLoadError(f"{index}: shard file(s) {', '.join(missing)} not found")
+            return files
+        if (model_dir / SINGLE_FILE).is_file():
+            return [SINGLE_FILE]
+        raise ModelLoadError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
+
+    def has(self, name: str) -> bool:
+        return name in self._where
+
+    def names(self) -> Iterable[str]:
+        return list(self._where)
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        file = self._where.pop(name, None)
+        if file is None:
+            raise ModelLoadError(
+                f"{self._dir}: tensor {name!r} is missing from "
+                f"{', '.join(sorted(self._handles)) or 'the safetensors files'}"
+            )
+        origin = str(self._dir / file)
+        try:
+            tensor = self._handles[file].get_tensor(name)
+        except torch.OutOfMemoryError as exc:
+            raise ModelLoadError(f"{origin}: out of GPU memory loading {name}: {exc}") from exc
+        except Exception as exc:  # safetensors raises its own types for truncated data
+            raise ModelLoadError(f"{origin}: cannot read tensor {name!r}: {exc}") from exc
+        _check_shape(tensor, name, shape, origin)
+        if not tensor.is_floating_point():
+            raise ModelLoadError(f"{origin}: tensor {name!r} has dtype {tensor.dtype}, not float")
+        return tensor.to(self._dtype)
+
+    def close(self) -> None:
+        self._handles.clear()
+
+
+def unused_tensors(weights, config) -> list[str]:
+    """Tensors the model did not take, less those transformers also drops without a word."""
+    tied = getattr(config, "tie_word_embeddings", False)
+    return [
+        name
+        for name in weights.names()
+        if not name.endswith("rotary_emb.inv_freq") and not (tied and name == "lm_head.weight")
+    ]
+
+
+def _check_shape(tensor: torch.Tensor, name: str, shape: tuple[int, ...], origin: str) -> None:
+    if tuple(tensor.shape) != tuple(shape):
+        raise ModelLoadError(
+            f"{origin}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(shape)} "
+            "from config.json"
+        )
