@@ -17,7 +17,8 @@ size list and for a 51-size list like vLLM's default (max 512), so the growing g
 Triton compilation (unless `--no-warmup`). Each server is stopped with SIGTERM, then SIGKILL.
 
 Targets (medians): /health <= 1 s; ready(lazy) <= ready(off) + 0.5 s; time to full coverage when
-idle under lazy, counted from ready, <= 1.1x eager's capture time (ready(eager) - ready(off)).
+idle under lazy, counted from ready, <= 1.1x eager's capture time (its graph phase beyond off's,
+from the servers' own startup_timings_s).
 
 Wall time: warm-up + runs x 3 policies x 2 size lists launches; with the 8B checkpoint each takes
 roughly weights-load + capture + a few seconds, so `--runs 2` keeps it well inside 10 minutes.
@@ -245,13 +246,29 @@ def evaluate(variant: str, summary: dict[str, dict[str, Any]]) -> list[dict[str,
             detail=f"ready(off) = {fmt(off_ready)} s",
         )
     )
-    eager_ready = med("eager", "ready_s")
-    eager_capture = None if eager_ready is None or off_ready is None else eager_ready - off_ready
+    # Phase-level check on the server's own clock: end-to-end ready times carry the launch's
+    # import noise (±2 s between launches on the H100 box), the graph phase does not.
+    off_graphs = med("off", "graphs_s")
+    checks.append(
+        target(
+            f"[{variant}] graph phase lazy vs off + 0.5 s (server's startup_timings_s)",
+            med("lazy", "graphs_s"),
+            None if off_graphs is None else off_graphs + 0.5,
+            detail=f"graphs_s(off) = {fmt(off_graphs)} s",
+        )
+    )
+    # Eager's capture time is what its graph phase spends beyond `off`'s (both pay the same
+    # eager warm-up and kernel loading); differences of end-to-end ready times would again
+    # be dominated by import noise.
+    eager_graphs = med("eager", "graphs_s")
+    eager_capture = (
+        None if eager_graphs is None or off_graphs is None else eager_graphs - off_graphs
+    )
     lazy_cov = med("lazy", "coverage_after_ready_s")
     lazy_mode = (summary.get("lazy") or {}).get("effective_mode")
     detail = (
-        f"eager capture = ready(eager) - ready(off) = {fmt(eager_capture)} s; "
-        f"eager graphs_s = {fmt(med('eager', 'graphs_s'))} s"
+        f"eager capture = graphs_s(eager) - graphs_s(off) = {fmt(eager_capture)} s; "
+        f"sum of eager's per-size captures = {fmt(med('eager', 'capture_sum_s'))} s"
     )
     if lazy_mode == "off":
         detail += "; n/a: graph capture is off on this device"

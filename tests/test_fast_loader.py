@@ -560,7 +560,8 @@ core = EngineCore(EngineConfig(model=sys.argv[1] or None, device="cpu", loader=s
                                max_num_seqs=2, max_model_len=64), lambda *a: None)
 core.load()
 print(json.dumps({"loader": core.checkpoint.loader, "timings": core.timings,
-                  "transformers": "transformers" in sys.modules}))
+                  "transformers": "transformers" in sys.modules,
+                  "dynamo": "torch._dynamo" in sys.modules}))
 """
 
 
@@ -578,6 +579,9 @@ def test_fast_engine_load_never_imports_transformers(tmp_path):
     load_checkpoint(None, "cpu", "float32", loader="fast")  # the default model exists now
     fast = _load_in_subprocess("", "auto")
     assert fast["loader"] == "fast" and fast["transformers"] is False
+    # torch._dynamo (sympy, fx, ...) cost 5.4 s of startup on the H100 box when an innocent
+    # import (torch.nn.attention.bias) pulled it in; nothing on the load path may.
+    assert fast["dynamo"] is False
     llama = build_checkpoint(tmp_path / "l", "llama")
     assert _load_in_subprocess(str(llama), "fast")["transformers"] is False
     # The control: the transformers loader does import it, and counts it as import time.
