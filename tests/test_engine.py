@@ -331,3 +331,43 @@ async def test_stop_token_discards_the_step_ahead_and_reuses_the_slot(llama_dir)
         assert engine.stats()["discarded_tokens"] == 1
     finally:
         engine.shutdown()
+
+
+async def test_a_failing_decode_step_fails_its_requests_and_the_engine_serves_on(llama_dir):
+    """A step that raises (here: the first decode launch carrying both requests) ends the
+    requests it carried with an error, drops the step in flight, and leaves slots and state
+    clean for the next ones."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        llama_dir, dtype=torch.float32, local_files_only=True
+    ).eval()
+    engine = start_engine(llama_dir, max_num_seqs=2)
+    try:
+        runner = engine._core.runner
+        real_run, failures = runner.run, []
+
+        def flaky_run(ids, *args, **kwargs):
+            if len(ids) == 2 and not failures:
+                failures.append(1)
+                raise RuntimeError("injected decode failure")
+            return real_run(ids, *args, **kwargs)
+
+        runner.run = flaky_run
+        params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        failed = await asyncio.gather(
+            collect(engine, [5, 6, 7], params), collect(engine, [8, 9], params)
+        )
+        for outs in failed:
+            assert outs[-1].finish_reason == "error"
+            assert "injected decode failure" in outs[-1].error
+        stats = engine.stats()
+        assert stats["step_errors"] == 1 and stats["free_slots"] == 2 and stats["running"] == 0
+        # Both slots serve correct output afterwards.
+        again = await asyncio.gather(
+            collect(engine, [5, 6, 7], params), collect(engine, [8, 9], params)
+        )
+        assert tokens_of(again[0]) == hf_greedy(ref, [5, 6, 7], 6)
+        assert tokens_of(again[1]) == hf_greedy(ref, [8, 9], 6)
+    finally:
+        engine.shutdown()
