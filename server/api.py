@@ -880,6 +880,23 @@ def _sse(obj: Any) -> bytes:
 
 
 _SSE_DONE = b"data: [DONE]\n\n"
+_TEXT_MARK = "\x00graphserve-text\x00"
+
+
+def _sse_text_template(base: dict[str, Any], chat: bool) -> tuple[bytes, bytes]:
+    """The bytes before and after the JSON string of a token's text in a streamed chunk.
+
+    Rendered from the same dict a full chunk is, with a marker as the text, so a template chunk
+    and `_sse({**base, "choices": [choice]})` are byte-identical for the same text.
+    """
+    if chat:
+        choice = {"index": 0, "delta": {"content": _TEXT_MARK}, "logprobs": None,
+                  "finish_reason": None}
+    else:
+        choice = {"index": 0, "text": _TEXT_MARK, "logprobs": None, "finish_reason": None}
+    rendered = _sse({**base, "choices": [choice]})
+    prefix, suffix = rendered.split(_dumps(_TEXT_MARK), 1)
+    return prefix, suffix
 
 
 async def _stream_events(gen: Generation, chat: bool, request_id: str, model: str,
@@ -898,6 +915,11 @@ async def _stream_events(gen: Generation, chat: bool, request_id: str, model: st
     def chunk(choice: dict[str, Any]) -> bytes:
         return _sse({**base, "choices": [choice]})
 
+    # The chunk of an ordinary token differs from the next only in its text: serialise the
+    # rest once. Per-token JSON of the whole chunk was ~6 of the event loop's ~30 µs per token,
+    # which bounds a small model's throughput at high concurrency.
+    text_prefix, text_suffix = _sse_text_template(base, chat)
+
     try:
         if chat:
             yield chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
@@ -906,14 +928,15 @@ async def _stream_events(gen: Generation, chat: bool, request_id: str, model: st
             final = out.finished and out.finish_reason in ("stop", "length")
             if chat:
                 if out.text:
-                    yield chunk({"index": 0, "delta": {"content": out.text},
-                                 "logprobs": None, "finish_reason": None})
+                    yield text_prefix + _dumps(out.text) + text_suffix
                 if final:
                     yield chunk({"index": 0, "delta": {}, "logprobs": None,
                                  "finish_reason": out.finish_reason})
-            elif out.text or final:
+            elif final:
                 yield chunk({"index": 0, "text": out.text, "logprobs": None,
-                             "finish_reason": out.finish_reason if final else None})
+                             "finish_reason": out.finish_reason})
+            elif out.text:
+                yield text_prefix + _dumps(out.text) + text_suffix
         failure = gen.failure()
         if failure is not None:
             logger.warning("request %s ended with an error: %s", request_id, failure.message)

@@ -528,3 +528,21 @@ async def test_httpx_client_timeout_is_a_disconnect_for_non_streaming_requests()
         r = await h.client.post(COMPL, json={"prompt": "x", "max_tokens": 20},
                                 timeout=httpx.Timeout(10))
         assert r.status_code == 200 and h.engine.aborted == []
+
+
+@pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize(
+    "text", ["", " hello", 'quote " and \\ backslash', "é 漢字 🙂", "\n\t\x00"]
+)
+def test_streamed_token_chunks_are_byte_identical_to_full_rendering(chat, text):
+    from server.api import _dumps, _sse, _sse_text_template
+
+    base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
+            "system_fingerprint": None, "usage": None}
+    prefix, suffix = _sse_text_template(base, chat)
+    if chat:
+        choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
+                  "finish_reason": None}
+    else:
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+    assert prefix + _dumps(text) + suffix == _sse({**base, "choices": [choice]})
