@@ -80,8 +80,18 @@ SUCCESS_CASES = [
 ]
 
 
+def _wait_ready(api_schema, timeout: float = 10.0) -> None:
+    """Schemathesis ends the app's lifespan after every test and the next request starts it
+    again, so the engine boots anew (503 until ready) at the start of each test."""
+    deadline = time.monotonic() + timeout
+    while api_schema["/health/ready"]["GET"].Case().call().status_code != 200:
+        assert time.monotonic() < deadline, "the app did not become ready"
+        time.sleep(0.01)
+
+
 @pytest.mark.parametrize("path,body", SUCCESS_CASES)
 def test_answers_validate_against_the_schema(api_schema, path, body):
+    _wait_ready(api_schema)
     case = api_schema[path]["POST"].Case(body=body, media_type="application/json")
     response = case.call()
     assert response.status_code == 200, response.text
@@ -94,6 +104,7 @@ def test_schema_validation_catches_a_malformed_stream_chunk(api_schema, monkeypa
         pytest.skip("patches the in-process app")
     import server.api
 
+    _wait_ready(api_schema)
     real = server.api._sse
     monkeypatch.setattr(server.api, "_sse", lambda obj: real({**obj, "object": "bogus"}))
     case = api_schema["/v1/chat/completions"]["POST"].Case(
@@ -107,6 +118,7 @@ def test_schema_validation_catches_a_malformed_stream_chunk(api_schema, monkeypa
 
 
 def test_models_answer_validates(api_schema):
+    _wait_ready(api_schema)
     case = api_schema["/v1/models"]["GET"].Case()
     response = case.call()
     assert response.status_code == 200
