@@ -188,14 +188,14 @@ def _rope_parameters(raw: dict[str, Any], max_positions: int) -> dict[str, Any]:
     return params
 
 
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from `path`; ConfigReadError naming the file if it is not one."""
+def read_json(path: Path, error: type[Exception] = ConfigReadError) -> dict[str, Any]:
+    """A JSON object from `path`; `error` naming the file if it is not one."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise ConfigReadError(f"{path.name} cannot be read: {exc}") from exc
+        raise error(f"{path.name} cannot be read: {exc}") from exc
     if not isinstance(data, dict):
-        raise ConfigReadError(f"{path.name} must hold a JSON object, got {type(data).__name__}")
+        raise error(f"{path.name} must hold a JSON object, got {type(data).__name__}")
     return data
 
 

@@ -23,6 +23,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from server.hf_config import read_json
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
 SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
@@ -95,16 +97,6 @@ def _token_content(value: Any) -> str | None:
     raise TokenizerDeclined(f"special token entry {value!r} has an unknown form")
 
 
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise TokenizerLoadError(f"{path.name} cannot be read: {exc}") from exc
-    if not isinstance(data, dict):
-        raise TokenizerLoadError(f"{path.name} must hold a JSON object")
-    return data
-
-
 class FastTokenizer:
     """A `tokenizers.Tokenizer` plus the special-token and chat-template behaviour of transformers.
 
@@ -136,7 +128,7 @@ class FastTokenizer:
         if not tok_file.is_file():
             raise TokenizerDeclined("no tokenizer.json (sentencepiece or vocab files only)")
         cfg_file = model_dir / TOKENIZER_CONFIG_FILE
-        config = _read_json(cfg_file) if cfg_file.is_file() else {}
+        config = read_json(cfg_file, TokenizerLoadError) if cfg_file.is_file() else {}
         unknown = sorted(set(config) - _KNOWN_KEYS)
         if unknown:
             raise TokenizerDeclined(f"tokenizer_config.json sets {', '.join(unknown)}")
@@ -249,7 +241,7 @@ class FastTokenizer:
         map_file = model_dir / SPECIAL_TOKENS_MAP_FILE
         if "added_tokens_decoder" not in config and map_file.is_file():
             # transformers reads this legacy file only then, and lets it override the config.
-            values.update(_read_json(map_file))
+            values.update(read_json(map_file, TokenizerLoadError))
         special = {}
         for key in _NAMED_SPECIAL:
             content = _token_content(values.get(key))
