@@ -550,7 +550,6 @@ class EngineCore:
             step()
         except Exception as exc:
             self.step_errors += 1
-            self._pending = None  # tokens of a failed step are never read
             log.exception("%s failed; failing its %d requests", step.__name__, len(seqs))
             for seq in list(seqs):
                 self._finish(seq, "error", error=f"internal error during generation: {exc}")
@@ -604,6 +603,8 @@ class EngineCore:
         N+1, which is dropped; sequences that step N's token surely ends (max_tokens, context
         length) are left out of step N+1.
         """
+        # Taken first: if the launch raises, the step in flight is dropped together with the
+        # running requests `_guarded` fails (its rows are all among them).
         prev, self._pending = self._pending, None
         self._pending = self._launch_decode(prev)
         if prev is not None:

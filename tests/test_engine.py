@@ -371,3 +371,36 @@ async def test_a_failing_decode_step_fails_its_requests_and_the_engine_serves_on
         assert tokens_of(again[1]) == hf_greedy(ref, [8, 9], 6)
     finally:
         engine.shutdown()
+
+
+async def test_a_failing_prefill_leaves_the_running_requests_untouched(llama_dir):
+    """A prefill that raises fails only the requests it was prefilling; a request already
+    decoding (with a step in flight) goes on to the exact greedy tokens."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        llama_dir, dtype=torch.float32, local_files_only=True
+    ).eval()
+    engine = start_engine(llama_dir, max_num_seqs=2)
+    try:
+        core = engine._core
+        real_prefill, calls = core.model.prefill, []
+
+        def flaky_prefill(*args, **kwargs):
+            calls.append(1)
+            if len(calls) == 2:  # the second request's prefill, while the first decodes
+                raise RuntimeError("injected prefill failure")
+            return real_prefill(*args, **kwargs)
+
+        core.model.prefill = flaky_prefill
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        first = asyncio.ensure_future(collect(engine, [5, 6, 7], params))
+        while core.steps["decode"] < 2:
+            await asyncio.sleep(0.001)
+        second = await asyncio.wait_for(collect(engine, [8, 9], params), 60)
+        assert second[-1].finish_reason == "error"
+        assert "injected prefill failure" in second[-1].error
+        assert tokens_of(await asyncio.wait_for(first, 60)) == hf_greedy(ref, [5, 6, 7], 12)
+        assert engine.stats()["step_errors"] == 1
+    finally:
+        engine.shutdown()
