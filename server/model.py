@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from server import ops
+from server.sampling import to_device
 
 
 @dataclass
@@ -359,11 +360,9 @@ class DecoderModel:
             return out
 
         x = self._forward(input_ids, positions, slots, kv_cache, attend)
-        last = [c.offset + c.length - 1 for c in chunks]
-        # Index with a host-built tensor staged through pinned memory: a plain
-        # torch.tensor(..., device="cuda") would wait here for the whole forward to finish.
-        pinned = x.device.type == "cuda"
-        rows = torch.tensor(last, pin_memory=pinned).to(x.device, non_blocking=True)
+        # to_device, not torch.tensor(..., device="cuda"): that would wait here for the whole
+        # forward to finish.
+        rows = to_device([c.offset + c.length - 1 for c in chunks], torch.int64, x.device)
         return torch.matmul(x[rows], self.lm_head.t())
 
 
