@@ -1,32 +1,17 @@
-"""`graphserve` command line: flags -> ServerConfig, logging, port binding, uvicorn, signals.
+"""`graphserve` command line: flags -> ServerConfig, then logging and `server.launch.serve`.
 
-Start-up order matters: parse flags and validate (exit 2 on a bad value), configure logging,
-bind the listening socket, start the stdlib health responder on it (`server/early_health.py`),
-and only then import FastAPI/uvicorn and build the app; the responder steps aside right before
-uvicorn accepts. Torch is never imported here; the app imports the engine in the background once
-it is serving. So `/health` answers as soon as the interpreter is up and the port is bound,
-however long the HTTP stack takes to import.
-
-SIGTERM/SIGINT are taken over from uvicorn (which would close the socket at once and re-raise
-the signal, exiting non-zero): the first one drains (readiness 503, new `/v1` requests 503,
-in-flight requests finish or are aborted after `--drain-timeout`) and then exits 0; a second one
-exits at once. The same holds for signals that arrive while the HTTP stack is still importing.
+Parsing and validation come first and import nothing heavy: a bad value exits 2 before a port
+is bound. See `server/launch.py` for what happens after.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import logging
 import os
 import re
-import signal
-import socket
 import sys
 import threading
-import time
-from typing import TYPE_CHECKING, Any
 
 from server import __version__
 from server.config import (
@@ -38,20 +23,15 @@ from server.config import (
     EngineConfig,
     ServerConfig,
 )
-
-if TYPE_CHECKING:
-    from server.early_health import EarlyHealthResponder
-    from server.health import Lifecycle
+from server.launch import serve
+from server.logging_setup import LOG_LEVELS, setup_logging
 
 logger = logging.getLogger("graphserve.cli")
 
-LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 EXIT_CONFIG_ERROR = 2
-EXIT_STARTUP_FAILURE = 1
 _SUBCOMMANDS = ("serve",)
 
 
-# ============================================================================ parsing
 def _graph_sizes(text: str) -> list[int]:
     parts = [p for p in re.split(r"[,\s]+", text.strip()) if p]
     try:
@@ -227,230 +207,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not argv or (argv[0] not in _SUBCOMMANDS and argv[0] not in ("-h", "--help", "--version")):
         argv.insert(0, "serve")
     return build_parser().parse_args(argv)
-
-
-# ============================================================================ logging
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message (+ exception)."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, Any] = {
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False, default=str)
-
-
-def setup_logging(log_format: str = "text", level: str = "info") -> None:
-    """Route our loggers and uvicorn's through one stderr handler in the chosen format."""
-    handler = logging.StreamHandler(sys.stderr)
-    if log_format == "json":
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter(
-            "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s",
-            datefmt="%Y-%m-%d %H:%M:%S",
-        ))
-    root = logging.getLogger()
-    for old in list(root.handlers):
-        root.removeHandler(old)
-    root.addHandler(handler)
-    root.setLevel(level.upper())
-    # warnings.warn() output would bypass the formatter (and break one-JSON-object-per-line).
-    logging.captureWarnings(True)
-    for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
-        lg = logging.getLogger(name)
-        lg.handlers.clear()
-        lg.propagate = True
-        lg.setLevel(level.upper())
-
-
-# ============================================================================ serving
-def bind_socket(host: str, port: int) -> socket.socket:
-    """Create, bind and listen; from here on connections queue in the kernel."""
-    # Like uvicorn: IPv6 only for IPv6 literals, so "localhost" means 127.0.0.1, not ::1.
-    family = socket.AF_INET6 if ":" in (host or "") else socket.AF_INET
-    infos = socket.getaddrinfo(host or None, port, family=family, type=socket.SOCK_STREAM,
-                               flags=socket.AI_PASSIVE)
-    family, kind, proto, _, addr = infos[0]
-    sock = socket.socket(family, kind, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            with contextlib.suppress(OSError):
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        sock.bind(addr)
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    sock.setblocking(False)
-    return sock
-
-
-def serve(config: ServerConfig, *, engine_class: str | None = None,
-          access_log: bool = True) -> int:
-    """Run the server until drained or failed; returns the process exit code."""
-    try:
-        sock = bind_socket(config.host, config.port)
-    except OSError as exc:
-        logger.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
-        return EXIT_STARTUP_FAILURE
-    # Progress bars (weight loading) are terminal art, not log lines; and transformers logs
-    # through its own stderr handler, so keep it to errors. Both read at their first import,
-    # which happens later on the engine thread; explicit settings in the environment win.
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-
-    # Until uvicorn serves, a stdlib responder answers the health probes on this socket: the
-    # imports below take ~1 s on some machines, and liveness must not wait for them. Signals
-    # that come meanwhile are held and replayed once uvicorn's loop handles them.
-    held = _HeldSignals()
-    early: EarlyHealthResponder | None = None
-    try:
-        from server.early_health import EarlyHealthResponder
-        from server.health import Lifecycle
-
-        lifecycle = Lifecycle()
-        try:
-            early = EarlyHealthResponder(sock, lifecycle, config.api_key)
-            early.start()
-        except OSError as exc:  # e.g. out of descriptors: uvicorn will answer, just later
-            logger.warning("early health responder not started (%s); /health waits for "
-                           "uvicorn", exc)
-            early = None
-        return _serve_app(config, sock, lifecycle, early, held, engine_class=engine_class,
-                          access_log=access_log)
-    except _ExitNow:
-        logger.warning("signal again before serving: exiting without waiting")
-        return 0
-    finally:
-        held.release()
-        if early is not None:
-            early.stop(wait=0)  # no-op after a handover; else it must not outlive the socket
-        sock.close()
-
-
-class _ExitNow(SystemExit):
-    """A second SIGTERM/SIGINT before uvicorn serves: leave at once (still exit code 0)."""
-
-
-class _HeldSignals:
-    """SIGTERM/SIGINT that arrive before uvicorn's loop takes the signals over.
-
-    Without this, a SIGTERM during the imports would kill the process with the default action
-    (and SIGINT would print a traceback). The first signal is kept and replayed into the drain
-    path as soon as the loop handles signals (nothing is in flight yet, so that exits 0); a
-    second one means "now", as it does while serving.
-    """
-
-    def __init__(self) -> None:
-        self.received: list[int] = []
-        self._previous: dict[int, Any] = {}
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                self._previous[sig] = signal.signal(sig, self._on_signal)
-
-    def _on_signal(self, sig: int, _frame: Any) -> None:
-        self.received.append(sig)
-        if len(self.received) > 1:
-            raise _ExitNow(0)
-
-    def take(self) -> list[int]:
-        """The signals held so far; from now on the caller's handlers are in charge."""
-        self._previous.clear()
-        received, self.received = self.received, []
-        return received
-
-    def release(self) -> None:
-        """Put the previous handlers back if `take()` never ran (serving did not start)."""
-        for sig, handler in self._previous.items():
-            if signal.getsignal(sig) == self._on_signal:
-                signal.signal(sig, handler)
-        self._previous.clear()
-
-
-def _serve_app(config: ServerConfig, sock: socket.socket, lifecycle: Lifecycle,
-               early: EarlyHealthResponder | None, held: _HeldSignals, *,
-               engine_class: str | None, access_log: bool) -> int:
-    """Import the HTTP stack, build the app and run uvicorn on `sock` until it exits."""
-    host, port = sock.getsockname()[:2]
-    # Heavy-ish imports only now that probes are answered (FastAPI, pydantic, uvicorn).
-    import asyncio
-
-    import uvicorn
-
-    from server.api import DEFAULT_ENGINE_CLASS, create_app
-
-    class Server(uvicorn.Server):
-        """uvicorn.Server with drain-on-SIGTERM instead of close-at-once."""
-
-        exit_code = 0
-        _signals = 0
-
-        @contextlib.contextmanager
-        def capture_signals(self):
-            if threading.current_thread() is not threading.main_thread():
-                yield
-                return
-            loop = asyncio.get_running_loop()
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.add_signal_handler(sig, self.on_signal, sig)
-            for sig in held.take():  # came during the imports: handle it now, as if just sent
-                self.on_signal(sig)
-            try:
-                yield
-            finally:
-                for sig in (signal.SIGTERM, signal.SIGINT):
-                    loop.remove_signal_handler(sig)
-
-        def on_signal(self, sig: int) -> None:
-            self._signals += 1
-            name = signal.Signals(sig).name
-            if self._signals > 1:
-                logger.warning("%s again: exiting without waiting", name)
-                self.should_exit = self.force_exit = True
-                return
-            logger.info("%s: draining (up to %.1fs), then exiting", name, config.drain_timeout)
-            task = asyncio.get_running_loop().create_task(state.drain(config.drain_timeout))
-            task.add_done_callback(lambda _t: setattr(self, "should_exit", True))
-
-        def request_exit(self, code: int) -> None:
-            self.exit_code = code
-            self.should_exit = True
-
-        async def startup(self, sockets=None) -> None:
-            # Hand the socket over: the responder stops accepting before uvicorn starts to.
-            # Queued connections stay in the kernel's queue for uvicorn; none is dropped. A
-            # slow client the responder accepted is finished on its thread, not waited for.
-            if early is not None:
-                early.stop(wait=0.1)
-            await super().startup(sockets=sockets)
-
-    server: Server | None = None
-
-    def on_exit(code: int) -> None:
-        if server is not None:
-            server.request_exit(code)
-
-    app = create_app(config, engine_class=engine_class or DEFAULT_ENGINE_CLASS,
-                     lifecycle=lifecycle, on_exit=on_exit)
-    state = app.state.graphserve
-    uv_config = uvicorn.Config(
-        app, host=host, port=port, log_config=None, access_log=access_log,
-        timeout_graceful_shutdown=5, lifespan="on",
-        timeout_keep_alive=5,
-    )
-    server = Server(uv_config)
-    logger.info("graphserve %s listening on http://%s:%d", __version__,
-                f"[{host}]" if ":" in host else host, port)
-    server.run(sockets=[sock])
-    return server.exit_code
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,6 +32,24 @@ def default_capture_sizes(max_num_seqs: int) -> list[int]:
     return sorted(set(sizes))
 
 
+@dataclass(frozen=True)
+class DeviceDefaults:
+    """Defaults that depend on the device the engine ends up on (known only after `import
+    torch`): what the flags left as None resolve to."""
+
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    max_model_len: int | None  # None: the model's limit (shrunk to fit the KV budget on CUDA)
+
+
+# A GPU step of 64 rows costs little more than one (decode reads the weights once per step); on
+# the CPU every row costs, and a CI box has two cores, so fewer rows and smaller prefill chunks.
+DEVICE_DEFAULTS = {
+    "cuda": DeviceDefaults(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=None),
+    "cpu": DeviceDefaults(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=4096),
+}
+
+
 @dataclass
 class EngineConfig:
     """Everything the engine needs to load a model and schedule requests."""
@@ -87,6 +105,12 @@ class EngineConfig:
             or self.capture_min_interval_ms < 0
         ):
             raise ConfigError("capture timing options must be >= 0")
+
+    def max_num_seqs_for(self, device_type: str) -> int:
+        return self.max_num_seqs or DEVICE_DEFAULTS[device_type].max_num_seqs
+
+    def max_num_batched_tokens_for(self, device_type: str) -> int:
+        return self.max_num_batched_tokens or DEVICE_DEFAULTS[device_type].max_num_batched_tokens
 
 
 @dataclass

@@ -24,7 +24,6 @@ background if a client is slow.
 
 from __future__ import annotations
 
-import hmac
 import json
 import logging
 import selectors
@@ -34,7 +33,15 @@ import time
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
-from server.health import RETRY_AFTER_UNAVAILABLE, Lifecycle, graphs_body, not_ready_message
+from server.health import Lifecycle, graphs_body
+from server.http.errors import (
+    RETRY_AFTER_UNAVAILABLE,
+    ApiError,
+    api_key_ok,
+    error_body,
+    not_ready,
+    unauthorized,
+)
 
 logger = logging.getLogger("graphserve.early_health")
 
@@ -54,11 +61,6 @@ _REASONS = {200: "OK", 307: "Temporary Redirect", 400: "Bad Request", 401: "Unau
 _READING, _WRITING, _LINGERING = "reading", "writing", "lingering"
 
 
-def error_body(message: str, type_: str, code: str | None = None) -> dict[str, Any]:
-    """The OpenAI error object, as the app writes it."""
-    return {"error": {"message": message, "type": type_, "param": None, "code": code}}
-
-
 class _Answer:
     """Status, JSON body and extra headers of one response."""
 
@@ -67,6 +69,10 @@ class _Answer:
     def __init__(self, status: int, body: dict[str, Any] | None,
                  headers: dict[str, str] | None = None):
         self.status, self.body, self.headers = status, body, headers or {}  # None: no body
+
+    @classmethod
+    def of(cls, error: ApiError) -> _Answer:
+        return cls(error.status, error.body(), error.headers)
 
 
 class _Client:
@@ -321,14 +327,10 @@ class EarlyHealthResponder:
         head_only = method == "HEAD"
         lifecycle = self._lifecycle
         if path.startswith("/v1"):  # the app's middleware gates every /v1 path, known or not
-            if not self._authorized(headers):
-                return _Answer(
-                    401,
-                    error_body("Invalid or missing API key: send 'Authorization: Bearer <key>'.",
-                               "authentication_error", "invalid_api_key"),
-                    {"WWW-Authenticate": "Bearer"},
-                ), head_only
-            return _not_ready(lifecycle.phase, lifecycle.detail), head_only
+            authorization = headers.get("authorization", "").encode("latin-1")
+            if not api_key_ok(self._api_key, authorization):
+                return _Answer.of(unauthorized()), head_only
+            return _Answer.of(not_ready(lifecycle.phase, lifecycle.detail)), head_only
         if path not in HEALTH_PATHS + APP_ONLY_PATHS:
             target = path.rstrip("/")
             if target != path and target in HEALTH_PATHS + APP_ONLY_PATHS:
@@ -349,17 +351,10 @@ class EarlyHealthResponder:
             return _Answer(
                 503,
                 error_body(f"{path} is served once the HTTP stack has started; retry shortly.",
-                           "service_unavailable_error", lifecycle.phase),
+                           "service_unavailable_error", code=lifecycle.phase),
                 {"Retry-After": RETRY_AFTER_UNAVAILABLE},
             ), head_only
         return _Answer(status, body), head_only
-
-    def _authorized(self, headers: dict[str, str]) -> bool:
-        if self._api_key is None:
-            return True
-        scheme, _, token = headers.get("authorization", "").partition(" ")
-        supplied = token.strip().encode("latin-1") if scheme.lower() == "bearer" else b""
-        return hmac.compare_digest(supplied, self._api_key)
 
 
 # ---------------------------------------------------------------------- HTTP helpers
@@ -399,12 +394,6 @@ def _parse_head(head: bytes) -> tuple[str, str, str, dict[str, str]] | _Answer:
             return _bad_request("Invalid HTTP header line")
         headers.setdefault(name.lower(), value.strip(" \t"))
     return method, unquote(raw_path), query, headers
-
-
-def _not_ready(phase: str, detail: str | None) -> _Answer:
-    """The app's 503 for `/v1` before it can serve (server.api.ServerState.not_ready_error)."""
-    return _Answer(503, error_body(not_ready_message(phase, detail), "service_unavailable_error",
-                                   phase), {"Retry-After": RETRY_AFTER_UNAVAILABLE})
 
 
 def _encode(answer: _Answer, head_only: bool) -> bytes:

@@ -5,9 +5,10 @@ size, padding the extra rows. `CapturePolicy` decides which sizes to capture bef
 is ready, which to capture between engine steps while serving or idle, and which graph each
 decode step runs on. It keeps the counters behind `GET /health/graphs`.
 
-The policy part of this module is pure Python and must stay free of torch: the HTTP layer reads
-`snapshot()` without importing the model stack. Captures themselves are performed by a runner on
-the engine thread, which reports back through `begin` / `succeeded` / `failed`.
+This module is pure Python and imports no torch, Triton or kernel module at any level (a test
+checks it in a fresh interpreter): the HTTP layer reads `snapshot()` without the model stack.
+Captures themselves are performed by `server.graph_runner.DecodeGraphRunner` on the engine
+thread, which reports back through `begin` / `succeeded` / `failed`.
 
 Engine thread, in order::
 
@@ -34,8 +35,6 @@ for the health endpoint.
 from __future__ import annotations
 
 import bisect
-import contextlib
-import gc
 import logging
 import math
 import threading
@@ -46,6 +45,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from server.config import GRAPH_CAPTURE_MODES, ConfigError, EngineConfig, default_capture_sizes
+from server.graph_memory import GraphMemory
 
 logger = logging.getLogger(__name__)
 
@@ -63,12 +63,6 @@ CapturePhase = Literal["startup", "busy", "idle", "unscheduled"]
 # an isolated slow capture costs at most one over-budget stall; once most recent captures are
 # slow, the prediction exceeds the budget and the remaining sizes wait for idle time.
 _PREDICTION_WINDOW = 5
-
-# Until a second graph has been captured, each additional graph is assumed to grow the shared
-# pool by this fraction of the largest graph's pool. Smaller graphs capture after the largest
-# and reuse its freed blocks, so real growth is usually far lower; the assumption errs on the
-# side of warning early and is replaced by the measured growth as soon as one exists.
-_ASSUMED_PER_GRAPH_POOL_FRACTION = 0.02
 
 
 class CaptureStateError(RuntimeError):
@@ -201,15 +195,7 @@ class CapturePolicy:
         self._padded_steps = 0
         self._eager_steps = 0
 
-        self._pool_first: int | None = None
-        self._pool_total = 0
-        self._budget_bytes: int | None = None
-        self._kv_cache_bytes = 0
-        self._weights_bytes = 0
-        self._estimate_full_bytes: int | None = None
-        self._per_graph_bytes: int | None = None
-        self._estimate_basis: str | None = None
-        self._memory_warning: str | None = None
+        self._memory = GraphMemory(len(self._sizes))
 
         # Dispatch tables indexed by batch size n (index 0 unused): `_exact_for[n]` is the
         # smallest configured size >= n, `_graph_for[n]` the smallest captured one (or None).
@@ -297,7 +283,7 @@ class CapturePolicy:
     @property
     def memory_warning(self) -> str | None:
         with self._lock:
-            return self._memory_warning
+            return self._memory.warning
 
     def predicted_capture_s(self) -> float | None:
         """Predicted duration of the next capture; None before any capture was measured."""
@@ -512,9 +498,7 @@ class CapturePolicy:
             record.capture_s = float(seconds)
             record.pool_bytes_after = pool_bytes
             self._recent_capture_s.append(float(seconds))
-            self._pool_total = max(self._pool_total, pool_bytes)
-            if size == self._largest:
-                self._pool_first = pool_bytes
+            self._memory.record(pool_bytes, largest=size == self._largest)
             self._finish_capture_locked()
             self._rebuild_dispatch_locked()
             self._update_memory_locked()
@@ -558,17 +542,8 @@ class CapturePolicy:
         After the largest capture succeeds the policy estimates the pool for the full size set
         and sets `memory_warning` if estimate + KV cache + weights exceed the budget.
         """
-        for name, value in (("kv_cache_bytes", kv_cache_bytes), ("weights_bytes", weights_bytes)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
-        if budget_bytes is not None and (
-            isinstance(budget_bytes, bool) or not isinstance(budget_bytes, int) or budget_bytes < 0
-        ):
-            raise ValueError(f"budget_bytes must be None or an integer >= 0, got {budget_bytes!r}")
         with self._lock:
-            self._budget_bytes = budget_bytes
-            self._kv_cache_bytes = kv_cache_bytes
-            self._weights_bytes = weights_bytes
+            self._memory.set_budget(budget_bytes, kv_cache_bytes, weights_bytes)
             self._update_memory_locked()
 
     # ------------------------------------------------------------------------ report
@@ -604,22 +579,14 @@ class CapturePolicy:
                     "hit_rate": self._exact_steps / steps if steps else None,
                 },
                 "pending_demand": [{"size": r.size, "demand": r.demand} for r in pending],
-                "pool_bytes_total": self._pool_total,
+                "pool_bytes_total": self._memory.pool_total,
                 "predicted_capture_ms": None if predicted is None else round(predicted * 1e3, 3),
                 "settings": {
                     "capture_budget_ms": self._budget_s * 1e3,
                     "min_interval_ms": self._min_interval_s * 1e3,
                     "idle_debounce_ms": self._idle_debounce_s * 1e3,
                 },
-                "memory": {
-                    "estimate_full_bytes": self._estimate_full_bytes,
-                    "per_graph_bytes": self._per_graph_bytes,
-                    "estimate_basis": self._estimate_basis,
-                    "budget_bytes": self._budget_bytes,
-                    "kv_cache_bytes": self._kv_cache_bytes,
-                    "weights_bytes": self._weights_bytes,
-                    "warning": self._memory_warning,
-                },
+                "memory": self._memory.snapshot(),
                 "timings": {
                     "startup_capture_s": self._startup_capture_s,
                     "ready_after_s": self._since(self._created_at, self._ready_at),
@@ -697,285 +664,13 @@ class CapturePolicy:
         logger.warning("CUDA graphs off: %s", self._off_reason)
 
     def _update_memory_locked(self) -> None:
-        # Estimate of the graph pool once every usable size is captured. All graphs share one
-        # pool and the largest is captured first, so smaller graphs mostly reuse the blocks it
-        # freed; the engine writes logits into a preallocated buffer, so persistent outputs do
-        # not grow with the number of graphs. Hence: the largest graph's pool plus a per-graph
-        # overhead for each other size that can still be captured. The overhead is the average
-        # growth measured over the graphs captured after the largest, or, before any exists, a
-        # conservative assumed fraction of the largest pool. When all are captured the estimate
-        # equals the measured total.
-        if self._pool_first is None:
-            self._estimate_full_bytes = self._per_graph_bytes = self._estimate_basis = None
-        else:
-            captured = sum(r.state == "captured" for r in self._records.values())
-            usable = sum(r.state != "failed" for r in self._records.values())
-            if captured >= 2:
-                per_graph = max(0.0, (self._pool_total - self._pool_first) / (captured - 1))
-                self._estimate_basis = "measured"
-            else:
-                per_graph = self._pool_first * _ASSUMED_PER_GRAPH_POOL_FRACTION
-                self._estimate_basis = "assumed"
-            self._per_graph_bytes = int(per_graph)
-            self._estimate_full_bytes = int(self._pool_first + per_graph * (usable - 1))
-
-        warning = None
-        if self._budget_bytes is not None and self._estimate_full_bytes is not None:
-            total = self._estimate_full_bytes + self._kv_cache_bytes + self._weights_bytes
-            if total > self._budget_bytes:
-                warning = (
-                    f"CUDA graphs for all {len(self._sizes)} sizes are estimated to need "
-                    f"{_mib(self._estimate_full_bytes)} of graph pool; with the KV cache "
-                    f"({_mib(self._kv_cache_bytes)}) and weights ({_mib(self._weights_bytes)}) "
-                    f"that is {_mib(total)}, over the {_mib(self._budget_bytes)} budget by "
-                    f"{_mib(total - self._budget_bytes)}; lower --max-num-seqs, "
-                    "--cuda-graph-sizes or --gpu-memory-utilization, or use --graph-capture off"
-                )
-        if warning is not None and self._memory_warning is None:
-            logger.warning("%s", warning)
-        self._memory_warning = warning
+        records = self._records.values()
+        self._memory.update(
+            captured=sum(r.state == "captured" for r in records),
+            usable=sum(r.state != "failed" for r in records),
+        )
 
     @staticmethod
     def _since(start: float | None, end: float | None) -> float | None:
         return None if start is None or end is None else end - start
 
-
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
-# ---------------------------------------------------------------------------------------------
-# The CUDA graph runner (torch is imported lazily: the policy above must stay torch-free)
-# ---------------------------------------------------------------------------------------------
-
-
-class DecodeRunner:
-    """Runs decode steps from static input buffers, replaying a captured graph when it can.
-
-    One buffer set serves every batch size: graph for size s reads `inputs[:, :s]` and writes
-    `logits[:s]`. Logits go into a buffer allocated outside the graph pool, so the pool holds
-    only each graph's transient activations, which smaller graphs reuse (largest captured
-    first): full coverage costs little more memory than the largest graph alone.
-
-    All methods run on the engine thread. Captures use `capture_begin`/`capture_end` directly
-    rather than `torch.cuda.graph(...)`, whose entry empties the allocator's cache (device and
-    pinned host): mid-serving that would force fresh cudaMallocs into the next steps.
-    """
-
-    def __init__(
-        self, model, kv_cache, policy: CapturePolicy, max_num_seqs: int, scratch_slot: int
-    ):
-        import torch
-
-        self._torch = torch
-        self.model = model
-        self.kv_cache = kv_cache
-        self.policy = policy
-        self.max_n = max_num_seqs
-        self.scratch_slot = scratch_slot
-        self.device = model.device
-        self.cuda = self.device.type == "cuda"
-        # Rows: token ids, positions, slots (what the graphs read; padding rows and warm-up
-        # runs use the scratch slot), and, for `run`, the row of the previous step's output
-        # each token comes from (-1: the id in row 0 is already right).
-        self.inputs = torch.zeros(4, self.max_n, dtype=torch.int64, device=self.device)
-        self.logits = torch.empty(
-            self.max_n, model.shape.vocab_size, dtype=model.dtype, device=self.device
-        )
-        self.graphs: dict[int, object] = {}
-        self._failed_graphs: list[object] = []  # never freed: see capture()
-        self._pool = None
-        self._stream = torch.cuda.Stream() if self.cuda else None
-        self._reserved_before = 0
-        # Tests inject faults here: called inside a capture with the size being captured.
-        self.fault_injector = None
-
-    # -- startup ----------------------------------------------------------------------------
-
-    def startup(self) -> None:
-        """Warm up, then capture the policy's startup sizes (lazy: the largest only)."""
-        if not self.cuda:
-            self._warm(self.max_n)  # still exercise the step once, so the first request is fast
-            return
-        plan = self.policy.startup_plan()
-        torch = self._torch
-        # Eager runs at the largest size on the capture stream first: cuBLAS creates its
-        # workspace and Triton compiles its kernels outside any graph pool.
-        for n in sorted({self.max_n, 1}, reverse=True):
-            self._warm(n)
-        torch.cuda.synchronize()
-        self._reserved_before = torch.cuda.memory_reserved()
-        if not plan:
-            return
-        if len(plan) > 1:
-            # One collection before a bulk, not per graph. Lazy startup captures a single
-            # graph: a full collection of the torch + transformers heap (~0.2 s measured on
-            # the H100 box) would only delay readiness.
-            gc.collect()
-        gc.freeze()
-        try:
-            for size in plan:
-                if not self.policy.active:  # the largest failed: the policy is off, serve eagerly
-                    break
-                self.capture(size, bulk=True)
-        finally:
-            gc.unfreeze()
-
-    def _warm(self, n: int) -> None:
-        self._fill_padding()
-        torch = self._torch
-        ctx = torch.cuda.stream(self._stream) if self.cuda else contextlib.nullcontext()
-        with ctx:
-            self._decode_static(n)
-        if self.cuda:
-            torch.cuda.current_stream().wait_stream(self._stream)
-
-    def _fill_padding(self) -> None:
-        self.inputs[0].zero_()
-        self.inputs[1].zero_()
-        self.inputs[2].fill_(self.scratch_slot)
-
-    def _decode_static(self, n: int) -> None:
-        self.model.decode(
-            self.inputs[0, :n],
-            self.inputs[1, :n],
-            self.inputs[2, :n],
-            self.kv_cache,
-            self.logits[:n],
-        )
-
-    # -- capture ----------------------------------------------------------------------------
-
-    def capture(self, size: int, bulk: bool = False) -> bool:
-        """Capture the graph for `size`; report to the policy.
-
-        Capture errors never escape (they mark the size failed); only a broken protocol with
-        the policy (e.g. capturing a size twice) raises, as a bug would.
-
-        A failed capture may leave its graph holding blocks of the shared pool; freeing it (or
-        any graph of the pool) and capturing again into that pool trips an allocator assert,
-        so failed graphs are kept alive and never retried.
-        """
-        torch = self._torch
-        self.policy.begin(size)
-        if not bulk:
-            gc.freeze()  # no GC pass (and no tensor frees from __del__) during the capture
-        graph = torch.cuda.CUDAGraph()
-        t0 = time.perf_counter()
-        try:
-            # No per-size warm-up run: startup already ran the step eagerly on this stream, so
-            # cuBLAS has its workspace and Triton its kernels (compiled once for every batch
-            # size). Skipping it halves the stall a busy-time capture adds to one step.
-            self._fill_padding()
-            torch.cuda.synchronize()
-            with torch.cuda.stream(self._stream):
-                graph.capture_begin(pool=self._pool)
-                try:
-                    if self.fault_injector is not None:
-                        self.fault_injector(size)
-                    self._decode_static(size)
-                finally:
-                    graph.capture_end()
-            torch.cuda.synchronize()
-        except Exception as exc:  # OOM, CUDA error, injected fault
-            self._failed_graphs.append(graph)
-            self._recover_from_failed_capture()
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            logger.warning("graph capture for batch size %d failed: %s", size, reason)
-            self.policy.failed(size, reason)
-            return False
-        finally:
-            if not bulk:
-                gc.unfreeze()
-        seconds = time.perf_counter() - t0
-        if self._pool is None:
-            self._pool = graph.pool()
-        self.graphs[size] = graph
-        pool_bytes = max(0, torch.cuda.memory_reserved() - self._reserved_before)
-        self.policy.succeeded(size, seconds, pool_bytes)
-        logger.info(
-            "captured decode graph for batch size %d in %.1f ms (graph pool %.1f MiB)",
-            size,
-            seconds * 1e3,
-            pool_bytes / 2**20,
-        )
-        return True
-
-    def _recover_from_failed_capture(self) -> None:
-        """Check the capture stream left capture mode and the device is still healthy.
-
-        cudaStreamEndCapture ends a capture even when it fails, so this normally only confirms;
-        an error here means the failure went deeper than the graph and is logged as such.
-        """
-        torch = self._torch
-        try:
-            with torch.cuda.stream(self._stream):
-                if torch.cuda.is_current_stream_capturing():
-                    logger.error("the capture stream is still capturing after a failed capture")
-            torch.cuda.synchronize()
-        except Exception:
-            logger.exception("the device reported an error after a failed capture")
-
-    # -- running ----------------------------------------------------------------------------
-
-    def run(
-        self,
-        ids: list[int],
-        positions: list[int],
-        slots: list[int],
-        prev_tokens=None,
-        prev_rows: list[int] | None = None,
-    ):
-        """Decode one token for each row; returns the logits view `[n, vocab]`.
-
-        Without a host sync, a row's input token may come from the device: where `prev_rows[i]`
-        is >= 0, row i reads `prev_tokens[prev_rows[i]]` (the previous step's sampled tokens,
-        which the host has not seen yet) instead of `ids[i]`. Nothing here waits for the device.
-        """
-        torch = self._torch
-        n = len(ids)
-        dispatch = self.policy.select(n)
-        graph = self.graphs.get(dispatch.size) if dispatch.size is not None else None
-        rows = dispatch.size if graph is not None else n
-        pad = rows - n
-        src = prev_rows if prev_tokens is not None and prev_rows is not None else [-1] * n
-        # A fresh pinned tensor per step from torch's caching host allocator, which reuses a
-        # block only after the copy reading it has run: one persistent buffer rewritten while
-        # the previous step's copy is still queued behind the device would race.
-        host = torch.tensor(
-            (
-                ids + [0] * pad,
-                positions + [0] * pad,
-                slots + [self.scratch_slot] * pad,
-                src + [-1] * pad,
-            ),
-            dtype=torch.int64,
-            pin_memory=self.cuda,
-        )
-        self.inputs[:, :rows].copy_(host, non_blocking=True)
-        if prev_tokens is not None and any(r >= 0 for r in src):
-            ids_dev, src_dev = self.inputs[0, :n], self.inputs[3, :n]
-            carried = prev_tokens.index_select(0, src_dev.clamp(min=0))
-            ids_dev.copy_(torch.where(src_dev >= 0, carried, ids_dev))
-        if graph is not None:
-            graph.replay()
-        else:
-            self._decode_static(n)
-        return self.logits[:n]
-
-    def describe(self) -> str:
-        snap = self.policy.snapshot()
-        cov = snap.get("coverage", {})
-        captured, total = cov.get("captured", 0), cov.get("total", 0)
-        return f"mode={snap.get('mode')}, captured {captured}/{total} sizes"
-
-    def device_info(self) -> dict:
-        torch = self._torch
-        info = {"type": self.device.type, "torch": torch.__version__}
-        if self.cuda:
-            info["name"] = torch.cuda.get_device_name(self.device)
-            info["total_memory_bytes"] = torch.cuda.get_device_properties(self.device).total_memory
-        from server import ops
-
-        info["kernels"] = "triton" if ops.triton_enabled() else "torch"
-        return info

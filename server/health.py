@@ -201,18 +201,6 @@ class Lifecycle:
         return (200 if rec.phase == READY else 503), body
 
 
-RETRY_AFTER_UNAVAILABLE = "5"  # seconds a client should wait on a 503 (not ready, draining)
-
-
-def not_ready_message(phase: str, detail: str | None) -> str:
-    """Why `/v1` answers 503 in `phase`: one text for the app and the early responder."""
-    if phase == DRAINING:
-        return "The server is shutting down; send the request elsewhere."
-    if phase == FAILED:
-        return f"The server failed to start: {detail}"
-    return f"The model is not ready yet (phase: {phase}); retry shortly."
-
-
 def graphs_body(lifecycle: Lifecycle, engine: Any) -> dict[str, Any]:
     """`/health/graphs`: the engine's graph report plus the phase; valid without an engine."""
     body: dict[str, Any] = {"phase": lifecycle.phase}

@@ -216,3 +216,24 @@ def generation_eos_ids(model_dir: Path) -> int | list[int] | None:
         return read_json(path).get("eos_token_id")
     except ConfigReadError:
         return None
+
+
+# -- derived values, for this module's ModelConfig and transformers' configs alike -----------
+
+
+def head_dim(config) -> int:
+    """Per-head size: the config's `head_dim`, else hidden size over attention heads."""
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_window(config) -> int | None:
+    """The attention window in tokens, or None when every layer attends to the full context."""
+    window = getattr(config, "sliding_window", None)
+    if not window:
+        return None
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types is not None and "sliding_attention" not in layer_types:
+        return None
+    if getattr(config, "use_sliding_window", True) is False:
+        return None
+    return int(window)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from server import ops
+from server.hf_config import head_dim as config_head_dim
+from server.hf_config import sliding_window
 from server.sampling import to_device
 
 
@@ -72,18 +74,6 @@ class PrefillChunk:
     offset: int
 
 
-def _sliding_window(config) -> int | None:
-    window = getattr(config, "sliding_window", None)
-    if not window:
-        return None
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types is not None and "sliding_attention" not in layer_types:
-        return None
-    if getattr(config, "use_sliding_window", True) is False:
-        return None
-    return int(window)
-
-
 def _rope_inv_freq(config) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (float32, CPU) and the cos/sin scale for `config`'s RoPE variant.
 
@@ -93,7 +83,7 @@ def _rope_inv_freq(config) -> tuple[torch.Tensor, float]:
     params = dict(config.rope_parameters or {})
     rope_type = params.get("rope_type", params.get("type", "default"))
     base = params["rope_theta"]
-    dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = config_head_dim(config)
     if rope_type == "yarn":
         return _yarn_inv_freq(config, params, base, dim)
     exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(dtype=torch.float) / dim
@@ -177,9 +167,7 @@ class DecoderModel:
     """
 
     def __init__(self, config, weights, max_model_len: int | None = None):
-        head_dim = (
-            getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        )
+        head_dim = config_head_dim(config)
         hidden, inter = config.hidden_size, config.intermediate_size
         n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
         vocab = config.vocab_size
@@ -193,7 +181,7 @@ class DecoderModel:
             intermediate_size=inter,
             vocab_size=vocab,
             max_position_embeddings=config.max_position_embeddings,
-            sliding_window=_sliding_window(config),
+            sliding_window=sliding_window(config),
         )
         self.eps = config.rms_norm_eps
         self.scale = head_dim**-0.5
@@ -364,22 +352,3 @@ class DecoderModel:
         # forward to finish.
         rows = to_device([c.offset + c.length - 1 for c in chunks], torch.int64, x.device)
         return torch.matmul(x[rows], self.lm_head.t())
-
-
-def allocate_kv_cache(shape: ModelShape, num_slots: int, max_len: int, dtype, device):
-    """Per layer, `(k, v)` tensors of `[num_slots, Hkv, max_len, D]`.
-
-    Slot-major so one sequence's keys for one head are contiguous over positions: the decode
-    kernel streams them without a gather, and a slot is reused as soon as its request ends.
-    """
-    return [
-        (
-            torch.zeros(
-                num_slots, shape.num_kv_heads, max_len, shape.head_dim, dtype=dtype, device=device
-            ),
-            torch.zeros(
-                num_slots, shape.num_kv_heads, max_len, shape.head_dim, dtype=dtype, device=device
-            ),
-        )
-        for _ in range(shape.num_layers)
-    ]

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from server.config import LOADERS
+from server.errors import ModelLoadError
 
 log = logging.getLogger("graphserve.loader")
 
@@ -31,10 +32,6 @@ SUPPORTED_ARCHITECTURES = {
 }
 # RoPE variants whose cos/sin depend only on the position (so one table serves all steps).
 SUPPORTED_ROPE_TYPES = {"default", "linear", "llama3", "yarn"}
-
-
-class ModelLoadError(RuntimeError):
-    """The model directory cannot be served; the message says why."""
 
 
 @dataclass

@@ -1,4 +1,4 @@
-"""Request-level types exchanged between the HTTP layer and the engine.
+"""Request-level data exchanged between the HTTP layer and the engine.
 
 Torch-free on purpose: the API module imports this before the model (and torch) is loaded.
 """
@@ -7,25 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-
-class EngineError(Exception):
-    """Base class of the errors the engine raises at a request's submission."""
-
-
-class InvalidRequestError(EngineError, ValueError):
-    """The request can never be served as given (maps to HTTP 400)."""
-
-    def __init__(self, message: str, param: str | None = None):
-        super().__init__(message)
-        self.param = param
-
-
-class QueueFullError(EngineError):
-    """The waiting queue is at `--max-queue`; the client should retry later (HTTP 429)."""
-
-
-class EngineNotReadyError(EngineError):
-    """The engine is still starting, draining or has failed (HTTP 503)."""
+from server.errors import InvalidRequestError
 
 
 @dataclass

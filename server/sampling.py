@@ -1,6 +1,6 @@
 """Batched token sampling: greedy, temperature, top-k, top-p, with per-request seeds.
 
-Randomness comes from a counter-based hash of (request seed, output step, token id) rather than
+Randomness comes from a counter-based hash of (request key, output step, token id) rather than
 a stateful generator: each request draws from its own stream, the same seed gives the same
 tokens whatever else shares the batch, and there is no generator object to keep per request.
 Sampling uses the Gumbel-max trick — `argmax(logits / T + Gumbel noise)` is an exact draw from
@@ -13,43 +13,27 @@ from dataclasses import dataclass
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
+from server.seeds import MASK32
 
 
 def _fmix32(x: torch.Tensor) -> torch.Tensor:
-    """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit values.
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding 32-bit values (the tensor twin
+    of `server.seeds.fmix32`, which folds request seeds to keys on the host).
 
     Products may wrap the int64 range; two's-complement wrapping keeps the low 32 bits right.
     """
     x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _MASK32
+    x = (x * 0x85EBCA6B) & MASK32
     x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _MASK32
-    return x ^ (x >> 16)
-
-
-def seed_to_key(seed: int) -> int:
-    """Fold a 64-bit seed (any int) to the 32-bit key the noise hash takes."""
-    seed &= (1 << 64) - 1
-    key = 0
-    for part in (seed & _MASK32, seed >> 32):
-        key = _fmix32_int(key ^ part ^ 0x9E3779B9)
-    return key
-
-
-def _fmix32_int(x: int) -> int:
-    x ^= x >> 16
-    x = (x * 0x85EBCA6B) & _MASK32
-    x ^= x >> 13
-    x = (x * 0xC2B2AE35) & _MASK32
+    x = (x * 0xC2B2AE35) & MASK32
     return x ^ (x >> 16)
 
 
 def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.Tensor:
     """`[n, vocab]` uniforms in (0, 1) from per-row keys and step counters (int64 `[n]`)."""
     idx = torch.arange(vocab, device=keys.device, dtype=torch.int64)[None, :]
-    row = _fmix32((keys ^ ((steps * 0x9E3779B1) & _MASK32)) & _MASK32)[:, None]
-    bits = _fmix32(row ^ ((idx * 0x85EBCA77) & _MASK32))
+    row = _fmix32((keys ^ ((steps * 0x9E3779B1) & MASK32)) & MASK32)[:, None]
+    bits = _fmix32(row ^ ((idx * 0x85EBCA77) & MASK32))
     # 24 random bits → a float32 strictly inside (0, 1).
     return ((bits >> 8).to(torch.float32) + 0.5) * (1.0 / (1 << 24))
 

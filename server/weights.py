@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from server.model_loader import ModelLoadError
+from server.errors import ModelLoadError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

@@ -25,13 +25,8 @@ from typing import Any
 
 from server.config import EngineConfig, default_capture_sizes
 from server.detokenizer import IncrementalDetokenizer
-from server.request import (
-    EngineNotReadyError,
-    InvalidRequestError,
-    QueueFullError,
-    RequestOutput,
-    SamplingParams,
-)
+from server.errors import EngineNotReadyError, InvalidRequestError, QueueFullError
+from server.request import RequestOutput, SamplingParams
 
 BOS = 256
 EOS = 257

@@ -535,7 +535,9 @@ async def test_httpx_client_timeout_is_a_disconnect_for_non_streaming_requests()
     "text", ["", " hello", 'quote " and \\ backslash', "é 漢字 🙂", "\n\t\x00"]
 )
 def test_streamed_token_chunks_are_byte_identical_to_full_rendering(chat, text):
-    from server.api import _dumps, _sse, _sse_text_template
+    from server.http.errors import dumps as _dumps
+    from server.http.streaming import _sse_text_template
+    from server.http.streaming import sse as _sse
 
     base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
             "system_fingerprint": None, "usage": None}

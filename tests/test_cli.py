@@ -15,8 +15,10 @@ import time
 import httpx
 import pytest
 
-from server.cli import JsonFormatter, config_from_args, main, parse_args, serve, setup_logging
+from server.cli import config_from_args, main, parse_args
 from server.config import ServerConfig
+from server.launch import serve
+from server.logging_setup import JsonFormatter, setup_logging
 from tests.helpers_server import FAKE_ENGINE, REPO, ServerProcess, sse_events
 
 

@@ -17,10 +17,10 @@ import httpx
 import pytest
 
 import server.early_health as early_health
-from server.cli import bind_socket
 from server.config import ServerConfig
 from server.early_health import EarlyHealthResponder
 from server.health import DRAINING, FAILED, STARTING, Lifecycle
+from server.launch import bind_socket
 from tests.helpers_server import ServerProcess
 
 FAKE_ENGINE = "tests.fake_engine:FakeEngine"

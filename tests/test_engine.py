@@ -10,7 +10,8 @@ import torch
 
 from server.config import EngineConfig
 from server.engine import AsyncEngine
-from server.request import InvalidRequestError, QueueFullError, SamplingParams
+from server.errors import InvalidRequestError, QueueFullError
+from server.request import SamplingParams
 from tests.tiny_models import ARCHITECTURES, build_checkpoint, hf_greedy
 
 _ids = itertools.count()
@@ -344,7 +345,7 @@ async def test_a_failing_decode_step_fails_its_requests_and_the_engine_serves_on
     ).eval()
     engine = start_engine(llama_dir, max_num_seqs=2)
     try:
-        runner = engine._core.runner
+        runner = engine._core.runner.graphs
         real_run, failures = runner.run, []
 
         def flaky_run(ids, *args, **kwargs):
@@ -384,7 +385,7 @@ async def test_a_failing_prefill_leaves_the_running_requests_untouched(llama_dir
     engine = start_engine(llama_dir, max_num_seqs=2)
     try:
         core = engine._core
-        real_prefill, calls = core.model.prefill, []
+        real_prefill, calls = core.runner.model.prefill, []
 
         def flaky_prefill(*args, **kwargs):
             calls.append(1)
@@ -392,10 +393,10 @@ async def test_a_failing_prefill_leaves_the_running_requests_untouched(llama_dir
                 raise RuntimeError("injected prefill failure")
             return real_prefill(*args, **kwargs)
 
-        core.model.prefill = flaky_prefill
+        core.runner.model.prefill = flaky_prefill
         params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
         first = asyncio.ensure_future(collect(engine, [5, 6, 7], params))
-        while core.steps["decode"] < 2:
+        while core.scheduler.steps["decode"] < 2:
             await asyncio.sleep(0.001)
         second = await asyncio.wait_for(collect(engine, [8, 9], params), 60)
         assert second[-1].finish_reason == "error"

@@ -18,9 +18,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from server.errors import ModelLoadError
 from server.hf_config import ModelConfig, load_config
-from server.model import PrefillChunk, _sliding_window, rope_tables
-from server.model_loader import ModelLoadError, load_checkpoint
+from server.hf_config import sliding_window as _sliding_window
+from server.model import PrefillChunk, rope_tables
+from server.model_loader import load_checkpoint
 from server.tokenizer import FastTokenizer, TokenizerDeclined
 from server.weights import SafetensorsWeights
 from tests.tiny_models import (
@@ -210,7 +212,7 @@ def _tensors(model) -> dict[str, torch.Tensor]:
 
 
 def _prefill_logits(model, ids: list[int]) -> torch.Tensor:
-    from server.model import allocate_kv_cache
+    from server.kv_cache import allocate_kv_cache
 
     kv = allocate_kv_cache(model.shape, 2, 64, torch.float32, "cpu")
     n = len(ids)
@@ -555,9 +557,9 @@ def test_forced_transformers_loader_is_honoured(tmp_path):
 _ENGINE_LOAD = """
 import json, sys
 from server.config import EngineConfig
-from server.engine import EngineCore
-core = EngineCore(EngineConfig(model=sys.argv[1] or None, device="cpu", loader=sys.argv[2],
-                               max_num_seqs=2, max_model_len=64), lambda *a: None)
+from server.model_runner import ModelRunner
+core = ModelRunner(EngineConfig(model=sys.argv[1] or None, device="cpu", loader=sys.argv[2],
+                                max_num_seqs=2, max_model_len=64), lambda *a: None)
 core.load()
 print(json.dumps({"loader": core.checkpoint.loader, "timings": core.timings,
                   "transformers": "transformers" in sys.modules,
@@ -599,7 +601,10 @@ def test_api_prompts_are_the_same_on_both_tokenizers(tmp_path, style):
 
     from transformers import AutoTokenizer
 
-    from server.api import ApiError, ChatMessage, _chat_prompt, _completion_prompt
+    from server.http.errors import ApiError
+    from server.http.prompts import chat_prompt as _chat_prompt
+    from server.http.prompts import completion_prompt as _completion_prompt
+    from server.http.schemas import ChatMessage
 
     path = build_tokenizer_variant(tmp_path / style, style)
     (fast,) = FastTokenizer.load(path, TOKENIZER_STYLES[style][0])

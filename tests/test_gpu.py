@@ -118,7 +118,8 @@ async def test_bf16_greedy_matches_hf_forward(gpu_model_dir):
 def test_model_logits_match_hf_in_bf16(gpu_model_dir):
     """Our bf16 logits are as close to the fp32 truth as HF's own bf16 forward is."""
     from server import ops
-    from server.model import PrefillChunk, allocate_kv_cache
+    from server.kv_cache import allocate_kv_cache
+    from server.model import PrefillChunk
     from server.model_loader import load_checkpoint
 
     ops.use_triton(True)
@@ -148,8 +149,9 @@ def test_model_logits_match_hf_in_bf16(gpu_model_dir):
 
 def _runner(model_dir, sizes, mode="eager"):
     from server import ops
-    from server.graph_warmup import CapturePolicy, DecodeRunner
-    from server.model import allocate_kv_cache
+    from server.graph_runner import DecodeGraphRunner
+    from server.graph_warmup import CapturePolicy
+    from server.kv_cache import allocate_kv_cache
     from server.model_loader import load_checkpoint
 
     ops.use_triton(True)
@@ -162,7 +164,7 @@ def _runner(model_dir, sizes, mode="eager"):
         k.normal_()
         v.normal_()
     policy = CapturePolicy(sizes, mode)
-    runner = DecodeRunner(model, kv, policy, max_n, max_n)
+    runner = DecodeGraphRunner(model, kv, policy, max_n, max_n)
     runner.startup()
     policy.mark_ready()
     return runner, policy
@@ -232,7 +234,7 @@ async def test_capture_failure_mid_serving_keeps_serving(separated_model_dir):
             failures.append(size)
             raise RuntimeError("injected capture fault")
 
-    engine._core.runner.fault_injector = inject
+    engine._core.runner.graphs.fault_injector = inject
     try:
         got = await run_batch(engine, prompts, max_tokens=40)
         report = engine.graph_report()

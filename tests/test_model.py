@@ -5,8 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from server.model import PrefillChunk, allocate_kv_cache
-from server.model_loader import ModelLoadError, load_checkpoint
+from server.errors import ModelLoadError
+from server.kv_cache import allocate_kv_cache
+from server.model import PrefillChunk
+from server.model_loader import load_checkpoint
 from tests.tiny_models import ARCHITECTURES, build_checkpoint
 
 MAX_LEN = 128

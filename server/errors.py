@@ -1,0 +1,39 @@
+"""The typed errors that cross module boundaries, in one place.
+
+Torch-free and FastAPI-free: the HTTP layer imports this before the model stack exists.
+
+* Submission errors (`EngineError` and subclasses) are raised by `engine.add_request` before
+  anything is queued; the HTTP layer maps them to 400 / 429 / 503.
+* Startup errors (`StartupError`, `ModelLoadError`) end the engine's startup; their message is
+  shown on `/health/ready` and in the pod log, so it names what an operator has to change.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of the errors the engine raises at a request's submission."""
+
+
+class InvalidRequestError(EngineError, ValueError):
+    """The request can never be served as given (maps to HTTP 400)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class QueueFullError(EngineError):
+    """The waiting queue is at `--max-queue`; the client should retry later (HTTP 429)."""
+
+
+class EngineNotReadyError(EngineError):
+    """The engine is still starting, draining or has failed (HTTP 503)."""
+
+
+class StartupError(RuntimeError):
+    """The engine cannot start with this configuration (message says why)."""
+
+
+class ModelLoadError(StartupError):
+    """The model directory cannot be served; the message names the path and the problem."""

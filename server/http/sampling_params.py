@@ -1,0 +1,100 @@
+"""A request's generation settings: what we refuse, the token budget, `SamplingParams`.
+
+Event-loop thread; every problem a client can cause is an `ApiError` 400 naming the parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from server.errors import InvalidRequestError
+from server.http.errors import ApiError
+from server.http.prompts import check_text, vocab_size
+from server.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
+from server.request import SamplingParams
+
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's legacy completions default
+
+
+def refuse_unsupported(body: SamplingFields) -> None:
+    def refuse(param: str, message: str) -> None:
+        raise ApiError(400, message, param=param, code="unsupported_parameter")
+
+    if body.n != 1:
+        refuse("n", "n > 1 is not supported: send one request per choice.")
+    for name in ("presence_penalty", "frequency_penalty"):
+        if getattr(body, name) not in (None, 0.0):
+            refuse(name, f"{name} is not supported (only 0).")
+    if body.logit_bias:
+        refuse("logit_bias", "logit_bias is not supported.")
+    if body.stream_options is not None and not body.stream:
+        refuse("stream_options", "stream_options is only allowed when stream is true.")
+    if isinstance(body, CompletionRequest):
+        if body.echo:
+            refuse("echo", "echo is not supported.")
+        if body.suffix:
+            refuse("suffix", "suffix is not supported.")
+        if body.best_of not in (None, 1):
+            refuse("best_of", "best_of > 1 is not supported.")
+        if body.logprobs is not None:
+            refuse("logprobs", "logprobs are not supported.")
+    if isinstance(body, ChatCompletionRequest):
+        if body.logprobs or body.top_logprobs:
+            refuse("logprobs", "logprobs are not supported.")
+        if body.tools:
+            refuse("tools", "tools are not supported.")
+        if body.response_format not in (None, {"type": "text"}):
+            refuse("response_format", "response_format other than {'type': 'text'} is not "
+                   "supported.")
+
+
+def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
+    stop = body.stop if isinstance(body.stop, list) else ([body.stop] if body.stop else [])
+    for s in stop:
+        check_text(s, "stop")
+    params = SamplingParams(
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        top_k=0 if body.top_k is None else body.top_k,
+        seed=body.seed,
+        stop=stop,
+        stop_token_ids=list(body.stop_token_ids or []),
+        ignore_eos=body.ignore_eos,
+    )
+    try:
+        params.validate()
+    except InvalidRequestError as exc:
+        raise ApiError(400, str(exc), param=exc.param) from None
+    return params
+
+
+def max_tokens_for(requested: int | None, default: int | None, prompt_len: int, max_len: int,
+                param: str, prompt_param: str) -> int:
+    """The generation budget: explicit values must fit the context; defaults are clipped to it."""
+    room = max_len - prompt_len
+    if room < 1:
+        raise ApiError(
+            400, f"The prompt is {prompt_len} tokens; this model's context is {max_len} tokens, "
+            "which leaves no room to generate.", param=prompt_param,
+            code="context_length_exceeded",
+        )
+    if requested is None:
+        return room if default is None else min(default, room)
+    if requested > room:
+        raise ApiError(
+            400, f"{param}={requested} plus the {prompt_len}-token prompt exceeds the model's "
+            f"{max_len}-token context (at most {room} new tokens fit).",
+            param=param, code="context_length_exceeded",
+        )
+    return requested
+
+
+def check_stop_ids(engine: Any, params: SamplingParams) -> None:
+    vocab = vocab_size(engine)
+    if vocab is None:
+        return
+    bad = next((t for t in params.stop_token_ids if t >= vocab), None)
+    if bad is not None:
+        raise ApiError(400, f"stop_token_ids: {bad} is outside the vocabulary (0..{vocab - 1})",
+                       param="stop_token_ids")

@@ -1,0 +1,172 @@
+"""Launch: bind the port, answer health probes at once, then run uvicorn with drain-on-SIGTERM.
+
+Start-up order matters: bind the listening socket, start the stdlib health responder on it
+(`server/early_health.py`), and only then import FastAPI/uvicorn and build the app; the
+responder steps aside right before uvicorn accepts. Torch is never imported here; the app
+imports the engine in the background once it is serving. So `/health` answers as soon as the
+interpreter is up and the port is bound, however long the HTTP stack takes to import.
+
+SIGTERM/SIGINT are taken over from uvicorn (which would close the socket at once and re-raise
+the signal, exiting non-zero): the first one drains (readiness 503, new `/v1` requests 503,
+in-flight requests finish or are aborted after `--drain-timeout`) and then exits 0; a second one
+exits at once. The same holds for signals that arrive while the HTTP stack is still importing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import socket
+import threading
+from typing import TYPE_CHECKING, Any
+
+from server import __version__
+from server.config import ServerConfig
+
+if TYPE_CHECKING:
+    from server.early_health import EarlyHealthResponder
+    from server.health import Lifecycle
+
+logger = logging.getLogger("graphserve.cli")
+
+EXIT_STARTUP_FAILURE = 1
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """Create, bind and listen; from here on connections queue in the kernel."""
+    # Like uvicorn: IPv6 only for IPv6 literals, so "localhost" means 127.0.0.1, not ::1.
+    family = socket.AF_INET6 if ":" in (host or "") else socket.AF_INET
+    infos = socket.getaddrinfo(host or None, port, family=family, type=socket.SOCK_STREAM,
+                               flags=socket.AI_PASSIVE)
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+        sock.bind(addr)
+        sock.listen(2048)
+    except OSError:
+        sock.close()
+        raise
+    sock.setblocking(False)
+    return sock
+
+
+def serve(config: ServerConfig, *, engine_class: str | None = None,
+          access_log: bool = True) -> int:
+    """Run the server until drained or failed; returns the process exit code."""
+    try:
+        sock = bind_socket(config.host, config.port)
+    except OSError as exc:
+        logger.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
+        return EXIT_STARTUP_FAILURE
+    # Progress bars (weight loading) are terminal art, not log lines; and transformers logs
+    # through its own stderr handler, so keep it to errors. Both read at their first import,
+    # which happens later on the engine thread; explicit settings in the environment win.
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+    # Until uvicorn serves, a stdlib responder answers the health probes on this socket: the
+    # imports below take ~1 s on some machines, and liveness must not wait for them. Signals
+    # that come meanwhile are held and replayed once uvicorn's loop handles them.
+    held = HeldSignals()
+    early: EarlyHealthResponder | None = None
+    try:
+        from server.early_health import EarlyHealthResponder
+        from server.health import Lifecycle
+
+        lifecycle = Lifecycle()
+        try:
+            early = EarlyHealthResponder(sock, lifecycle, config.api_key)
+            early.start()
+        except OSError as exc:  # e.g. out of descriptors: uvicorn will answer, just later
+            logger.warning("early health responder not started (%s); /health waits for "
+                           "uvicorn", exc)
+            early = None
+        return _serve_app(config, sock, lifecycle, early, held, engine_class=engine_class,
+                          access_log=access_log)
+    except _ExitNow:
+        logger.warning("signal again before serving: exiting without waiting")
+        return 0
+    finally:
+        held.release()
+        if early is not None:
+            early.stop(wait=0)  # no-op after a handover; else it must not outlive the socket
+        sock.close()
+
+
+class _ExitNow(SystemExit):
+    """A second SIGTERM/SIGINT before uvicorn serves: leave at once (still exit code 0)."""
+
+
+class HeldSignals:
+    """SIGTERM/SIGINT that arrive before uvicorn's loop takes the signals over.
+
+    Without this, a SIGTERM during the imports would kill the process with the default action
+    (and SIGINT would print a traceback). The first signal is kept and replayed into the drain
+    path as soon as the loop handles signals (nothing is in flight yet, so that exits 0); a
+    second one means "now", as it does while serving.
+    """
+
+    def __init__(self) -> None:
+        self.received: list[int] = []
+        self._previous: dict[int, Any] = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._on_signal)
+
+    def _on_signal(self, sig: int, _frame: Any) -> None:
+        self.received.append(sig)
+        if len(self.received) > 1:
+            raise _ExitNow(0)
+
+    def take(self) -> list[int]:
+        """The signals held so far; from now on the caller's handlers are in charge."""
+        self._previous.clear()
+        received, self.received = self.received, []
+        return received
+
+    def release(self) -> None:
+        """Put the previous handlers back if `take()` never ran (serving did not start)."""
+        for sig, handler in self._previous.items():
+            if signal.getsignal(sig) == self._on_signal:
+                signal.signal(sig, handler)
+        self._previous.clear()
+
+
+def _serve_app(config: ServerConfig, sock: socket.socket, lifecycle: Lifecycle,
+               early: EarlyHealthResponder | None, held: HeldSignals, *,
+               engine_class: str | None, access_log: bool) -> int:
+    """Import the HTTP stack, build the app and run uvicorn on `sock` until it exits."""
+    host, port = sock.getsockname()[:2]
+    # Heavy-ish imports only now that probes are answered (FastAPI, pydantic, uvicorn).
+    import uvicorn
+
+    from server.api import create_app
+    from server.http.state import DEFAULT_ENGINE_CLASS
+    from server.uvicorn_server import DrainingServer
+
+    server: DrainingServer | None = None
+
+    def on_exit(code: int) -> None:
+        if server is not None:
+            server.request_exit(code)
+
+    app = create_app(config, engine_class=engine_class or DEFAULT_ENGINE_CLASS,
+                     lifecycle=lifecycle, on_exit=on_exit)
+    uv_config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=access_log,
+        timeout_graceful_shutdown=5, lifespan="on",
+        timeout_keep_alive=5,
+    )
+    server = DrainingServer(uv_config, state=app.state.graphserve,
+                            drain_timeout=config.drain_timeout, held_signals=held.take,
+                            early=early)
+    logger.info("graphserve %s listening on http://%s:%d", __version__,
+                f"[{host}]" if ":" in host else host, port)
+    server.run(sockets=[sock])
+    return server.exit_code
