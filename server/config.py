@@ -62,7 +62,10 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's limit, shrunk to fit the KV budget
     max_num_seqs: int | None = None  # None: 64 on CUDA, 8 on CPU
     max_queue: int = 1024  # waiting requests beyond this are rejected (HTTP 429)
-    max_num_batched_tokens: int | None = None  # prefill chunk; None: 2048 on CUDA, 256 on CPU
+    max_num_batched_tokens: int | None = None  # tokens per step; None: 2048 CUDA, 256 CPU
+    block_size: int = 16  # tokens per KV-cache block (the prefix cache's granularity too)
+    num_kv_blocks: int | None = None  # None: as many as the memory budget holds
+    enable_prefix_caching: bool = True  # share full KV blocks between identical prefixes
     gpu_memory_utilization: float = 0.90  # fraction of total GPU memory the server may hold
     graph_capture: str = "lazy"  # lazy | eager | off
     cuda_graph_sizes: list[int] | None = None  # None: default_capture_sizes(max_num_seqs)
@@ -84,6 +87,10 @@ class EngineConfig:
                 f"--graph-capture must be one of {', '.join(GRAPH_CAPTURE_MODES)}, "
                 f"got {self.graph_capture!r}"
             )
+        if self.block_size not in (8, 16, 32, 64, 128):
+            raise ConfigError(f"--block-size must be 8, 16, 32, 64 or 128, got {self.block_size}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
+            raise ConfigError(f"--num-kv-blocks must be >= 2, got {self.num_kv_blocks}")
         for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:

@@ -7,9 +7,9 @@ a thread-safe command queue; outputs come back, one batch per step, via
 `loop.call_soon_threadsafe` into each request's `RequestStream`.
 
 Each loop iteration (`EngineCore.serve`): apply queued commands (add, abort, shutdown), let the
-scheduler admit waiting requests into free KV slots, run at most one prefill chunk, then one
-decode step for every sequence that is generating, deliver the outputs, and offer the gap to
-the graph-capture policy.
+scheduler plan one step (a decode token for every generating sequence plus prompt chunks under
+the token budget, admitting waiting requests as KV blocks allow), launch it, read the previous
+step's tokens, deliver the outputs, and offer the gap to the graph-capture policy.
 
 Decode runs one step ahead of the host: step N+1 is launched, its input tokens taken on the
 device from step N's output, before the host reads step N's tokens and does the per-token
@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from server.block_manager import BlockManager
 from server.config import EngineConfig
 from server.engine_protocol import PhaseCallback, RequestStream, deliver
 from server.errors import (
@@ -41,7 +42,7 @@ from server.errors import (
     StartupError,
 )
 from server.request import RequestOutput, SamplingParams
-from server.scheduler import Admission, NewRequest, Scheduler
+from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler
 
 if TYPE_CHECKING:
     from server.model_runner import ModelRunner, PendingStep
@@ -116,6 +117,7 @@ class AsyncEngine:
             log.error("engine startup failed: %s", reason, exc_info=not expected)
             self._set_phase("failed", reason)
             return
+        plan = runner.kv_plan
         scheduler = Scheduler(
             max_num_seqs=runner.max_num_seqs,
             max_model_len=runner.max_model_len,
@@ -123,6 +125,9 @@ class AsyncEngine:
             eos_ids=runner.eos_ids,
             tokenizer=runner.checkpoint.tokenizer,
             admission=self._admission,
+            block_manager=BlockManager(
+                plan.num_blocks, plan.block_size, self.config.enable_prefix_caching
+            ),
         )
         core = EngineCore(runner, scheduler)
         self._core = core
@@ -232,7 +237,10 @@ class AsyncEngine:
         core = self._core
         if core is None:
             return {"phase": self.phase, "mode": self.config.graph_capture, "complete": False}
-        return {"phase": self.phase, **core.runner.graph_report()}
+        report = core.runner.graph_report()
+        steps = core.scheduler.steps
+        report.setdefault("traffic", {})["mixed_steps"] = steps["mixed"]
+        return {"phase": self.phase, **report}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -250,7 +258,7 @@ class EngineCore:
         self.runner = runner
         self.scheduler = scheduler
         self.step_errors = 0
-        self._pending: PendingStep | None = None  # the decode step in flight
+        self._pending: PendingStep | None = None  # the step in flight
 
     def serve(self, commands: queue.SimpleQueue, deliver_outputs) -> None:
         sched = self.scheduler
@@ -258,11 +266,8 @@ class EngineCore:
             busy = sched.busy or self._pending is not None
             if not self._apply_commands(commands, block=not busy):
                 break
-            sched.admit()
-            if sched.prefilling:
-                self._guarded(self._prefill_step, sched.prefilling)
-            if sched.running or self._pending is not None:
-                self._guarded(self._decode_step, sched.running)
+            if sched.busy or self._pending is not None:
+                self._step()
             outputs = sched.take_outputs()
             if outputs:
                 deliver_outputs(outputs)
@@ -291,40 +296,40 @@ class EngineCore:
             elif cmd == "shutdown":
                 return False
 
-    def _guarded(self, step, seqs) -> None:
-        """Run a step; if it raises, fail the requests it served and keep serving the rest."""
-        try:
-            step()
-        except Exception as exc:
-            self.step_errors += 1
-            log.exception("%s failed; failing its %d requests", step.__name__, len(seqs))
-            self.scheduler.fail(seqs, f"internal error during generation: {exc}")
+    def _step(self) -> None:
+        """Launch the next step, then read the previous one's tokens.
 
-    def _prefill_step(self) -> None:
-        items = self.scheduler.schedule_prefill()
-        first_tokens = self.runner.prefill(items)
-        self.scheduler.complete_prefill(items, first_tokens)
-
-    def _decode_step(self) -> None:
-        """Launch the next decode step, then read the previous one's tokens.
-
-        The host stays one step ahead of the device: step N+1 is queued (its input tokens
-        taken on the device from step N's output) before the host waits for step N and does
-        its bookkeeping — stop checks, detokenisation, handing text to the event loop — so that
+        The host stays one step ahead of the device: step N+1 is queued (decode inputs taken
+        on the device from step N's output) before the host waits for step N and does its
+        bookkeeping — stop checks, detokenisation, handing text to the event loop — so that
         host work overlaps the device's instead of adding to every inter-token gap. A sequence
         that step N finishes (a stop token, an abort) has had one more token computed in step
         N+1, which is dropped; sequences that step N's token surely ends (max_tokens, context
         length) are left out of step N+1.
+
+        If anything raises, the requests of both steps fail (their tokens are lost) and the
+        engine serves on with the rest.
         """
-        # Taken first: if the launch raises, the step in flight is dropped together with the
-        # running requests `_guarded` fails (its rows are all among them).
         prev, self._pending = self._pending, None
-        seqs = self.scheduler.decode_batch()
-        if seqs:
-            self._pending = self.runner.launch_decode(seqs, prev)
-            self.scheduler.launched(seqs)
-        if prev is not None:
-            self.scheduler.complete_decode(prev.seqs, self.runner.read_decode(prev))
+        step: ScheduledStep | None = None
+        try:
+            step = self.scheduler.schedule()
+            if step is not None:
+                self._pending = self.runner.run_step(step, prev)
+                self.scheduler.launched(step)
+            if prev is not None:
+                self.scheduler.complete(prev.seqs, self.runner.read(prev))
+        except Exception as exc:
+            self.step_errors += 1
+            failed = list(prev.seqs) if prev is not None else []
+            if step is not None:
+                failed += step.decode + [item.seq for item in step.prefill]
+            if self._pending is not None:
+                failed += self._pending.seqs
+                self._pending = None
+            failed = list({id(s): s for s in failed}.values())
+            log.exception("engine step failed; failing its %d requests", len(failed))
+            self.scheduler.fail(failed, f"internal error during generation: {exc}")
 
     def _offer_capture(self, commands: queue.SimpleQueue) -> None:
         """Give the gap between steps (or idle time) to the capture policy."""

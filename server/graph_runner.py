@@ -37,18 +37,26 @@ class DecodeGraphRunner:
     """
 
     def __init__(
-        self, model, kv_cache, policy: CapturePolicy, max_num_seqs: int, scratch_slot: int
+        self,
+        model,
+        kv_cache,
+        block_tables,
+        policy: CapturePolicy,
+        max_num_seqs: int,
+        scratch_row: int,
     ):
         self.model = model
         self.kv_cache = kv_cache
+        self.block_tables = block_tables  # static: the graphs read it in place
         self.policy = policy
         self.max_n = max_num_seqs
-        self.scratch_slot = scratch_slot
+        self.scratch_row = scratch_row
         self.device = model.device
         self.cuda = self.device.type == "cuda"
-        # Rows: token ids, positions, slots (what the graphs read; padding rows and warm-up
-        # runs use the scratch slot), and, for `run`, the row of the previous step's output
-        # each token comes from (-1: the id in row 0 is already right).
+        # Rows: token ids, positions, block-table rows (what the graphs read; padding rows and
+        # warm-up runs use the scratch row, whose blocks are all the scratch block 0), and, for
+        # `run`, the row of the previous step's output each token comes from (-1: the id in
+        # row 0 is already right).
         self.inputs = torch.zeros(4, self.max_n, dtype=torch.int64, device=self.device)
         self.logits = torch.empty(
             self.max_n, model.shape.vocab_size, dtype=model.dtype, device=self.device
@@ -102,7 +110,7 @@ class DecodeGraphRunner:
     def _fill_padding(self) -> None:
         self.inputs[0].zero_()
         self.inputs[1].zero_()
-        self.inputs[2].fill_(self.scratch_slot)
+        self.inputs[2].fill_(self.scratch_row)
 
     def _decode_static(self, n: int) -> None:
         self.model.decode(
@@ -110,6 +118,7 @@ class DecodeGraphRunner:
             self.inputs[1, :n],
             self.inputs[2, :n],
             self.kv_cache,
+            self.block_tables,
             self.logits[:n],
         )
 
@@ -189,7 +198,7 @@ class DecodeGraphRunner:
         self,
         ids: list[int],
         positions: list[int],
-        slots: list[int],
+        rows: list[int],
         prev_tokens=None,
         prev_rows: list[int] | None = None,
     ):
@@ -202,8 +211,8 @@ class DecodeGraphRunner:
         n = len(ids)
         dispatch = self.policy.select(n)
         graph = self.graphs.get(dispatch.size) if dispatch.size is not None else None
-        rows = dispatch.size if graph is not None else n
-        pad = rows - n
+        width = dispatch.size if graph is not None else n
+        pad = width - n
         src = prev_rows if prev_tokens is not None and prev_rows is not None else [-1] * n
         # A fresh pinned tensor per step from torch's caching host allocator, which reuses a
         # block only after the copy reading it has run: one persistent buffer rewritten while
@@ -212,13 +221,13 @@ class DecodeGraphRunner:
             (
                 ids + [0] * pad,
                 positions + [0] * pad,
-                slots + [self.scratch_slot] * pad,
+                rows + [self.scratch_row] * pad,
                 src + [-1] * pad,
             ),
             dtype=torch.int64,
             pin_memory=self.cuda,
         )
-        self.inputs[:, :rows].copy_(host, non_blocking=True)
+        self.inputs[:, :width].copy_(host, non_blocking=True)
         if prev_tokens is not None and any(r >= 0 for r in src):
             ids_dev, src_dev = self.inputs[0, :n], self.inputs[3, :n]
             carried = prev_tokens.index_select(0, src_dev.clamp(min=0))

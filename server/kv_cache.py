@@ -1,9 +1,13 @@
-"""The KV cache: how many tokens of context fit the memory budget, and the cache tensors.
+"""The paged KV cache: how many blocks fit the memory budget, and the cache tensors.
 
-A slot cache: one slot of `max_model_len` tokens per sequence that can run at once, plus one
-scratch slot that padding rows and graph warm-up runs write into. `plan_kv_cache` picks the
-context length that fits the GPU memory budget after weights and transient activations;
-`allocate_kv_cache` makes the tensors. Engine thread only.
+KV memory is one pool of fixed-size blocks (`--block-size` tokens each) shared by every
+sequence; a sequence holds only the blocks its tokens fill (`server.block_manager` hands them
+out), so the context length no longer multiplies by the number of sequences. Block 0 is the
+scratch block: padding rows of a padded graph replay and warm-up runs write there.
+
+`plan_kv_cache` decides the context length (the model's full context unless configured or the
+whole pool is smaller) and the number of blocks (what the GPU memory budget holds after weights
+and transient activations); `allocate_kv_cache` makes the tensors. Engine thread only.
 """
 
 from __future__ import annotations
@@ -23,9 +27,15 @@ _GPU_SAFETY_BYTES = 512 * 2**20
 @dataclass
 class KVPlan:
     max_model_len: int
+    num_blocks: int  # including the scratch block 0
+    block_size: int
     kv_bytes: int
     budget_bytes: int | None  # total GPU memory the server may hold (None on CPU)
     note: str
+
+    @property
+    def max_blocks_per_seq(self) -> int:
+        return -(-self.max_model_len // self.block_size)
 
 
 def plan_kv_cache(
@@ -37,15 +47,19 @@ def plan_kv_cache(
     max_batched_tokens: int,
     weight_bytes: int,
 ) -> KVPlan:
-    """Choose max_model_len and size the slot cache to fit the GPU memory budget.
+    """Choose max_model_len and the block count.
 
-    Raises StartupError when an explicit `--max-model-len` exceeds the model's limit or does
-    not fit, or when not even 16 tokens per slot fit.
+    Context: `--max-model-len`, else the model's limit (its sliding window if it has one);
+    on CPU capped at `DEVICE_DEFAULTS["cpu"].max_model_len`. Blocks: `--num-kv-blocks`, else
+    on CUDA all the budget holds, on CPU enough for every sequence at full context. Raises
+    StartupError when the configured context exceeds the model's limit, or when the pool cannot
+    hold one sequence of the configured context.
     """
+    bs = cfg.block_size
     dim = head_dim(hf_config)
     itemsize = torch.empty((), dtype=dtype).element_size()
     per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * dim * itemsize
-    slots = max_num_seqs + 1
+    per_block = bs * per_token
     limit = hf_config.max_position_embeddings
     window = sliding_window(hf_config)
     if window:
@@ -55,9 +69,11 @@ def plan_kv_cache(
             f"--max-model-len {cfg.max_model_len} exceeds the model's limit of {limit} tokens"
             + (" (its sliding window)" if window and window == limit else "")
         )
+    gib = 2**30
     if device.type != "cuda":
         max_len = cfg.max_model_len or min(limit, DEVICE_DEFAULTS["cpu"].max_model_len)
-        return KVPlan(max_len, slots * max_len * per_token, None, "CPU")
+        blocks = cfg.num_kv_blocks or 1 + max_num_seqs * -(-max_len // bs)
+        return _fit(KVPlan(max_len, blocks, bs, blocks * per_block, None, "CPU"), cfg)
 
     free, total = torch.cuda.mem_get_info()
     budget = int(total * cfg.gpu_memory_utilization)
@@ -65,43 +81,58 @@ def plan_kv_cache(
     h, inter = hf_config.hidden_size, hf_config.intermediate_size
     qkv = (hf_config.num_attention_heads + 2 * hf_config.num_key_value_heads) * dim
     vocab = hf_config.vocab_size
-    # Peak transient memory outside the KV cache: a prefill chunk's activations (x2 for the
-    # allocator's slack), decode logits plus sampling temporaries (~40 B per logit), a margin.
-    activations = 2 * max_batched_tokens * (5 * h + qkv + 3 * inter) * itemsize
+    # Peak transient memory outside the KV cache: a step's activations (x2 for the allocator's
+    # slack), decode logits plus sampling temporaries (~40 B per logit), a margin.
+    step_tokens = max_batched_tokens + max_num_seqs
+    activations = 2 * step_tokens * (5 * h + qkv + 3 * inter) * itemsize
     sampling = 40 * max(max_num_seqs, 1) * vocab
     reserve = activations + sampling + _GPU_SAFETY_BYTES
     available = min(budget - in_use, free) - reserve
-    fit = max(0, available // (slots * per_token))
-    gib = 2**30
-    if cfg.max_model_len is not None:
-        need = slots * cfg.max_model_len * per_token
-        if cfg.max_model_len > fit:
+    fit = max(0, available // per_block)
+    max_len = cfg.max_model_len or limit
+    if cfg.num_kv_blocks is not None:
+        if cfg.num_kv_blocks > fit:
             raise StartupError(
-                f"KV cache for {max_num_seqs} sequences x {cfg.max_model_len} tokens needs "
-                f"{need / gib:.1f} GiB but only {max(available, 0) / gib:.1f} GiB is available "
-                f"(budget {budget / gib:.1f} GiB at --gpu-memory-utilization "
-                f"{cfg.gpu_memory_utilization}, weights {weight_bytes / gib:.1f} GiB, reserve "
-                f"{reserve / gib:.1f} GiB); lower --max-num-seqs or --max-model-len"
+                f"--num-kv-blocks {cfg.num_kv_blocks} needs "
+                f"{cfg.num_kv_blocks * per_block / gib:.1f} GiB but only "
+                f"{max(available, 0) / gib:.1f} GiB is available"
             )
-        return KVPlan(cfg.max_model_len, need, budget, "as configured")
-    max_len = min(limit, fit // 16 * 16)
-    if max_len < 16:
+        fit = cfg.num_kv_blocks
+    if fit < 2:
         raise StartupError(
             f"no room for a KV cache: {max(available, 0) / gib:.2f} GiB left after weights "
-            f"({weight_bytes / gib:.1f} GiB) and reserve; lower --max-num-seqs or raise "
-            "--gpu-memory-utilization"
+            f"({weight_bytes / gib:.1f} GiB) and reserve ({reserve / gib:.1f} GiB); raise "
+            "--gpu-memory-utilization or lower --max-num-batched-tokens"
         )
-    note = "model limit" if max_len == limit else f"shrunk to fit {budget / gib:.1f} GiB budget"
-    return KVPlan(max_len, slots * max_len * per_token, budget, note)
+    plan = KVPlan(max_len, fit, bs, fit * per_block, budget,
+                  f"{fit - 1} blocks of {bs} tokens fill the {budget / gib:.1f} GiB budget")
+    return _fit(plan, cfg)
 
 
-def allocate_kv_cache(shape: ModelShape, num_slots: int, max_len: int, dtype, device):
-    """Per layer, `(k, v)` tensors of `[num_slots, Hkv, max_len, D]`.
+def _fit(plan: KVPlan, cfg: EngineConfig) -> KVPlan:
+    """A context longer than the whole pool can never be served: shrink a default one to the
+    pool (with a note), refuse a configured one."""
+    capacity = (plan.num_blocks - 1) * plan.block_size
+    if plan.max_model_len <= capacity:
+        return plan
+    if cfg.max_model_len is not None:
+        raise StartupError(
+            f"--max-model-len {cfg.max_model_len} does not fit the KV cache: "
+            f"{plan.num_blocks - 1} blocks of {plan.block_size} tokens hold {capacity} tokens; "
+            "lower --max-model-len or free memory (--gpu-memory-utilization, --num-kv-blocks)"
+        )
+    plan.note += f"; context shrunk from {plan.max_model_len} to the pool's {capacity} tokens"
+    plan.max_model_len = capacity
+    return plan
 
-    Slot-major so one sequence's keys for one head are contiguous over positions: the decode
-    kernel streams them without a gather, and a slot is reused as soon as its request ends.
+
+def allocate_kv_cache(shape: ModelShape, num_blocks: int, block_size: int, dtype, device):
+    """Per layer, `(k, v)` tensors of `[num_blocks, block_size, Hkv, D]`.
+
+    Token-major inside a block (all heads of one token together): a token's K/V is one
+    contiguous write, and a block table row turns into token addresses with one multiply.
     """
-    dims = (num_slots, shape.num_kv_heads, max_len, shape.head_dim)
+    dims = (num_blocks, block_size, shape.num_kv_heads, shape.head_dim)
     return [
         (
             torch.zeros(*dims, dtype=dtype, device=device),

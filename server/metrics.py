@@ -135,19 +135,64 @@ class EngineCollector(Collector):
                 g.add_metric([], value)
                 yield g
         for key, name, doc in (
-            ("prefill_steps", "graphserve_prefill_steps", "Prefill steps run."),
             ("step_errors", "graphserve_step_errors", "Engine steps that raised."),
             (
                 "discarded_tokens",
                 "graphserve_discarded_tokens",
                 "Tokens computed one step ahead for sequences that had already stopped.",
             ),
+            ("preemptions", "graphserve_preemptions",
+             "Sequences preempted for lack of KV blocks (recomputed when blocks free up)."),
+            ("scheduled_tokens", "graphserve_step_tokens",
+             "Tokens computed by engine steps (decode rows plus prompt tokens): divided by "
+             "graphserve_steps_total, the tokens per step."),
+            ("prefix_query_tokens", "graphserve_prefix_cache_queried_tokens",
+             "Prompt tokens looked up in the prefix cache at admission."),
+            ("prefix_hit_tokens", "graphserve_prefix_cache_hit_tokens",
+             "Prompt tokens whose KV came from the prefix cache."),
         ):
             value = _number(stats.get(key))
             if value is not None:
                 c = CounterMetricFamily(name, doc)
                 c.add_metric([], value)
                 yield c
+        steps = CounterMetricFamily(
+            "graphserve_steps",
+            "Engine steps by kind: decode (decode rows only, on a CUDA graph once ready) or mixed "
+            "(prompt chunks with or without decode rows, eager).",
+            labels=["kind"],
+        )
+        found = False
+        for kind in ("decode", "mixed"):
+            value = _number(stats.get(f"{kind}_steps"))
+            if value is not None:
+                steps.add_metric([kind], value)
+                found = True
+        if found:
+            yield steps
+        blocks = GaugeMetricFamily(
+            "graphserve_kv_blocks",
+            "KV-cache blocks by state: used (held by sequences), free (allocatable now, cached "
+            "ones included) and cached (free but still holding a reusable prefix).",
+            labels=["state"],
+        )
+        found = False
+        for state in ("used", "free", "cached"):
+            value = _number(stats.get(f"kv_blocks_{state}"))
+            if value is not None:
+                blocks.add_metric([state], value)
+                found = True
+        if found:
+            yield blocks
+        queried = _number(stats.get("prefix_query_tokens"))
+        hit = _number(stats.get("prefix_hit_tokens"))
+        if queried is not None and hit is not None:
+            g = GaugeMetricFamily(
+                "graphserve_prefix_cache_hit_rate",
+                "Share of looked-up prompt tokens served from the prefix cache since start.",
+            )
+            g.add_metric([], hit / queried if queried else 0.0)
+            yield g
 
     def _graphs(self, engine: Any) -> Iterator[Metric]:
         try:

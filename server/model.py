@@ -7,11 +7,13 @@ gate/up projections are fused into single matrices (one GEMM each instead of thr
 the unfused parts are freed layer by layer. Arithmetic follows the HF modules op for op (see
 `server.ops`), so greedy output matches HF's own forward.
 
-Two entry points:
+The KV cache is paged (`server.kv_cache`): per layer a `(k, v)` pair of
+`[blocks, block_size, Hkv, D]` tensors, a sequence's tokens found through its row of the block
+table. Two entry points:
 * `decode(...)`: one new token for each of N rows — fixed shapes, no host sync, no branching
   on values, logits written into a caller-owned buffer: this is what a CUDA graph captures.
-* `prefill(...)`: a packed chunk of prompt tokens from several sequences (eager), attending to
-  each sequence's earlier chunks already in the cache.
+* `forward(StepBatch)`: a mixed step (eager): decode rows plus packed prompt chunks from
+  several sequences, each chunk attending to its sequence's earlier tokens in the cache.
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ import torch.nn.functional as F
 from server import ops
 from server.hf_config import head_dim as config_head_dim
 from server.hf_config import sliding_window
-from server.sampling import to_device
 
 
 @dataclass
@@ -65,13 +66,25 @@ class LayerWeights:
 
 
 @dataclass
-class PrefillChunk:
-    """Tokens `[start, start + length)` of the sequence in `slot`, at `offset` in the batch."""
+class StepBatch:
+    """The tokens of one eager step and how they attend (tensors on the model's device).
 
-    slot: int
-    start: int
-    length: int
-    offset: int
+    Tokens `[0, num_decode)` are decode rows (one per sequence, attending to its first
+    `positions + 1` cached tokens); the rest are prompt chunks, one per sequence: sequence s
+    owns tokens `num_decode + cu_seqlens_q[s] : num_decode + cu_seqlens_q[s+1]`, the last
+    tokens of its first `k_lens[s]` (causal, aligned to the end). Every token's K/V is written
+    at `positions[t]` of block-table row `rows[t]` before attention reads the cache.
+    """
+
+    input_ids: torch.Tensor  # int64 [T]
+    positions: torch.Tensor  # int64 [T]
+    rows: torch.Tensor  # int64 [T]: block-table row of each token's sequence
+    logit_rows: torch.Tensor  # int64 [R]: tokens whose logits are returned, in order
+    num_decode: int
+    seq_rows: torch.Tensor | None = None  # int64 [S]
+    cu_seqlens_q: torch.Tensor | None = None  # int32 [S + 1], relative to num_decode
+    k_lens: torch.Tensor | None = None  # int32 [S]
+    max_q_len: int = 0
 
 
 def _rope_inv_freq(config) -> tuple[torch.Tensor, float]:
@@ -281,8 +294,8 @@ class DecoderModel:
             k = ops.rms_norm(k, w.k_norm, self.eps)
         return q, k, v
 
-    def _forward(self, input_ids, positions, slots, kv_cache, attend) -> torch.Tensor:
-        """Run all layers; `attend(layer_idx, q_rot)` computes attention for the rows."""
+    def _forward(self, input_ids, positions, rows, kv_cache, block_tables, attend):
+        """Run all layers; `attend(k_cache, v_cache, q_rot)` computes attention for the rows."""
         cos = self.cos[positions]
         sin = self.sin[positions]
         h = F.embedding(input_ids, self.embed)
@@ -292,8 +305,10 @@ class DecoderModel:
         for i, w in enumerate(self.layers):
             q, k, v = self._layer_attention_qkv(w, x)
             k_cache, v_cache = kv_cache[i]
-            q = ops.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, positions)
-            attn = attend(i, q).reshape(q.shape[0], -1)
+            q = ops.rope_write_kv(
+                q, k, v, cos, sin, k_cache, v_cache, block_tables, rows, positions
+            )
+            attn = attend(k_cache, v_cache, q).reshape(q.shape[0], -1)
             attn = F.linear(attn, w.o_proj, w.o_bias)
             x, residual = ops.add_rms_norm(attn, residual, w.post_norm, self.eps)
             mlp = ops.silu_and_mul(F.linear(x, w.gate_up, w.gate_up_bias))
@@ -303,52 +318,47 @@ class DecoderModel:
         return x  # final-normed hidden states
 
     @torch.inference_mode()
-    def decode(self, input_ids, positions, slots, kv_cache, logits_out: torch.Tensor) -> None:
-        """One token per row: row r is token `input_ids[r]` at `positions[r]` of slot `slots[r]`.
+    def decode(self, input_ids, positions, rows, kv_cache, block_tables, logits_out) -> None:
+        """One token per row: token `input_ids[r]` at `positions[r]` of the sequence in
+        block-table row `rows[r]`.
 
         Writes logits `[N, vocab]` into `logits_out` (a caller-owned buffer, so a captured graph
         leaves no per-size output in the graph pool). Capturable: shapes only, no host sync.
         """
         seq_lens = positions + 1
 
-        def attend(i, q):
-            k_cache, v_cache = kv_cache[i]
-            return ops.decode_attention(q, k_cache, v_cache, slots, seq_lens, self.scale)
+        def attend(k_cache, v_cache, q):
+            return ops.decode_attention(
+                q, k_cache, v_cache, block_tables, rows, seq_lens, self.scale
+            )
 
-        x = self._forward(input_ids, positions, slots, kv_cache, attend)
+        x = self._forward(input_ids, positions, rows, kv_cache, block_tables, attend)
         torch.matmul(x, self.lm_head.t(), out=logits_out)
 
     @torch.inference_mode()
-    def prefill(self, input_ids, positions, slots, kv_cache, chunks: list[PrefillChunk]):
-        """Packed prompt chunks; returns logits `[len(chunks), vocab]` at each chunk's end."""
+    def forward(self, batch: StepBatch, kv_cache, block_tables) -> torch.Tensor:
+        """A mixed step: decode rows first, then packed prompt chunks (eager).
 
-        def attend(i, q):
-            k_cache, v_cache = kv_cache[i]
-            out = torch.empty_like(q)
-            for c in chunks:
-                end = c.start + c.length
-                qc = q[c.offset : c.offset + c.length].transpose(0, 1).unsqueeze(0)
-                kc = k_cache[c.slot, :, :end].unsqueeze(0)
-                vc = v_cache[c.slot, :, :end].unsqueeze(0)
-                if c.start == 0:
-                    o = F.scaled_dot_product_attention(
-                        qc, kc, vc, is_causal=True, scale=self.scale, enable_gqa=True
-                    )
-                else:
-                    # Query token j sits at absolute position start + j and sees keys <= it.
-                    # (torch.nn.attention.bias.causal_lower_right says the same without a mask
-                    # and ran 0.39 vs 0.45 ms on the H100 for 2048 queries over 4096 keys, but
-                    # importing it pulls in torch._dynamo: 5.4 s of startup on that box.)
-                    rows = torch.arange(c.start, end, device=q.device)[:, None]
-                    mask = torch.arange(end, device=q.device)[None, :] <= rows
-                    o = F.scaled_dot_product_attention(
-                        qc, kc, vc, attn_mask=mask, scale=self.scale, enable_gqa=True
-                    )
-                out[c.offset : c.offset + c.length] = o[0].transpose(0, 1)
-            return out
+        Returns logits `[len(batch.logit_rows), vocab]` for the tokens `batch.logit_rows`
+        names (decode rows, and the last token of each chunk that completes its prompt).
+        """
+        nd = batch.num_decode
 
-        x = self._forward(input_ids, positions, slots, kv_cache, attend)
-        # to_device, not torch.tensor(..., device="cuda"): that would wait here for the whole
-        # forward to finish.
-        rows = to_device([c.offset + c.length - 1 for c in chunks], torch.int64, x.device)
-        return torch.matmul(x[rows], self.lm_head.t())
+        def attend(k_cache, v_cache, q):
+            parts = []
+            if nd:
+                parts.append(ops.decode_attention(
+                    q[:nd], k_cache, v_cache, block_tables, batch.rows[:nd],
+                    batch.positions[:nd] + 1, self.scale,
+                ))
+            if batch.seq_rows is not None:
+                parts.append(ops.prefill_attention(
+                    q[nd:], k_cache, v_cache, block_tables, batch.seq_rows,
+                    batch.cu_seqlens_q, batch.k_lens, batch.max_q_len, self.scale,
+                ))
+            return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+        x = self._forward(
+            batch.input_ids, batch.positions, batch.rows, kv_cache, block_tables, attend
+        )
+        return torch.matmul(x[batch.logit_rows], self.lm_head.t())

@@ -15,20 +15,20 @@ import torch
 import torch.nn.functional as F
 
 _triton = None  # the server.triton_ops module once enabled
+_attention = None  # the server.triton_attention module once enabled
 
 
 def use_triton(enabled: bool) -> bool:
     """Route the ops to Triton kernels (CUDA only). Returns whether they are now in use."""
-    global _triton
+    global _triton, _attention
+    _triton = _attention = None
     if not enabled:
-        _triton = None
         return False
-    try:
-        from server import triton_ops
+    try:  # imported on demand: Triton is optional, and the CPU path never needs it
+        from server import triton_attention, triton_ops
     except ImportError:  # triton missing: keep the torch ops
-        _triton = None
         return False
-    _triton = triton_ops
+    _triton, _attention = triton_ops, triton_attention
     return True
 
 
@@ -72,6 +72,16 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def flat_token_index(
+    block_tables: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor, block_size: int
+) -> torch.Tensor:
+    """Index of each token in a cache viewed as `[blocks * block_size, Hkv, D]`: position `p`
+    of table row `r` lives in block `block_tables[r, p // block_size]` at offset
+    `p % block_size`."""
+    blocks = block_tables[rows, positions // block_size].long()
+    return blocks * block_size + positions % block_size
+
+
 def rope_write_kv(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -80,23 +90,28 @@ def rope_write_kv(
     sin: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    rows: torch.Tensor,
     positions: torch.Tensor,
 ) -> torch.Tensor:
     """Apply rotary embeddings (HF's rotate-half form) to q and k; store k, v in the cache.
 
     q `[T, Hq, D]`, k and v `[T, Hkv, D]`, cos and sin `[T, D]` (activation dtype), caches
-    `[slots, Hkv, max_len, D]`, slots and positions `[T]` int64. Token t is written at
-    `cache[slots[t], :, positions[t]]`. Returns the rotated q `[T, Hq, D]`.
+    `[blocks, block_size, Hkv, D]`, block_tables `[R, max_blocks]` int32, rows and positions
+    `[T]` int64: token t is position `positions[t]` of the sequence in table row `rows[t]`.
+    Returns the rotated q `[T, Hq, D]`.
     """
     if _triton is not None and q.is_cuda:
-        return _triton.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, positions)
+        return _triton.rope_write_kv(
+            q, k, v, cos, sin, k_cache, v_cache, block_tables, rows, positions
+        )
     cos_ = cos.unsqueeze(1)
     sin_ = sin.unsqueeze(1)
     q_rot = (q * cos_) + (_rotate_half(q) * sin_)
     k_rot = (k * cos_) + (_rotate_half(k) * sin_)
-    k_cache[slots, :, positions] = k_rot
-    v_cache[slots, :, positions] = v
+    index = flat_token_index(block_tables, rows, positions, k_cache.shape[1])
+    k_cache.view(-1, *k_cache.shape[2:])[index] = k_rot.to(k_cache.dtype)
+    v_cache.view(-1, *v_cache.shape[2:])[index] = v.to(v_cache.dtype)
     return q_rot
 
 
@@ -104,27 +119,82 @@ def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    rows: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Attention of one new token per row over its slot's first `seq_lens[row]` cached tokens.
+    """Attention of one new token per row over the first `seq_lens[i]` tokens of its sequence.
 
-    q `[N, Hq, D]` (already rotated; its own k/v already written to the cache), caches
-    `[slots, Hkv, max_len, D]`, slots and seq_lens `[N]` int64. Returns `[N, Hq, D]`.
+    q `[N, Hq, D]` (already rotated; its own k/v already written), caches
+    `[blocks, block_size, Hkv, D]`, block_tables `[R, max_blocks]`, rows and seq_lens `[N]`
+    int64. Returns `[N, Hq, D]`. Capturable (the reference reads the whole table row when
+    capturing on CUDA; on the CPU it stops at the longest sequence).
     """
     if _triton is not None and q.is_cuda:
-        return _triton.decode_attention(q, k_cache, v_cache, slots, seq_lens, scale)
-    return _decode_attention_ref(q, k_cache, v_cache, slots, seq_lens, scale)
-
-
-def _decode_attention_ref(q, k_cache, v_cache, slots, seq_lens, scale):
+        return _attention.decode_attention(
+            q, k_cache, v_cache, block_tables, rows, seq_lens, scale
+        )
     n, hq, d = q.shape
-    hkv, max_len = k_cache.shape[1], k_cache.shape[2]
+    block_size, hkv = k_cache.shape[1], k_cache.shape[2]
+    max_len = block_tables.shape[1] * block_size
+    length = max_len if q.is_cuda else min(max_len, int(seq_lens.max()))
+    positions = torch.arange(length, device=q.device)
+    index = flat_token_index(block_tables, rows[:, None], positions[None, :], block_size)
+    k = k_cache.view(-1, hkv, d)[index].transpose(1, 2)  # [N, Hkv, L, D]
+    v = v_cache.view(-1, hkv, d)[index].transpose(1, 2)
+    mask = positions[None, :] < seq_lens[:, None]
     # Fold the GQA group into the query rows rather than repeating K/V.
     qg = q.view(n, hkv, hq // hkv, d)
-    k = k_cache[slots]
-    v = v_cache[slots]
-    mask = torch.arange(max_len, device=q.device)[None, :] < seq_lens[:, None]
     out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
     return out.reshape(n, hq, d)
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_rows: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    k_lens: torch.Tensor,
+    max_q_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of packed prompt chunks over their sequences' cached tokens.
+
+    Sequence s owns query tokens `cu_seqlens_q[s]:cu_seqlens_q[s+1]`, the last `q_len` of its
+    `k_lens[s]` tokens already in the cache (this chunk's keys included): query i sits at
+    position `k_lens[s] - q_len + i` and sees every key at or before it. Returns `[T, Hq, D]`.
+    """
+    if _triton is not None and q.is_cuda:
+        return _attention.prefill_attention(
+            q, k_cache, v_cache, block_tables, seq_rows, cu_seqlens_q, k_lens, max_q_len, scale
+        )
+    block_size = k_cache.shape[1]
+    out = torch.empty_like(q)
+    bounds = cu_seqlens_q.tolist()
+    for s, (row, k_len) in enumerate(zip(seq_rows.tolist(), k_lens.tolist(), strict=True)):
+        q0, q1 = bounds[s], bounds[s + 1]
+        positions = torch.arange(k_len, device=q.device)
+        index = flat_token_index(block_tables, torch.full_like(positions, row), positions,
+                                 block_size)
+        kc = k_cache.view(-1, *k_cache.shape[2:])[index].transpose(0, 1).unsqueeze(0)
+        vc = v_cache.view(-1, *v_cache.shape[2:])[index].transpose(0, 1).unsqueeze(0)
+        qc = q[q0:q1].transpose(0, 1).unsqueeze(0)
+        start = k_len - (q1 - q0)
+        if start == 0:
+            o = F.scaled_dot_product_attention(
+                qc, kc, vc, is_causal=True, scale=scale, enable_gqa=True
+            )
+        else:
+            # Query j sits at position start + j and sees keys <= it. (SDPA's is_causal aligns
+            # to the top-left corner; torch.nn.attention.bias.causal_lower_right would say
+            # this without a mask but imports torch._dynamo: seconds of startup.)
+            rows = torch.arange(start, k_len, device=q.device)[:, None]
+            mask = positions[None, :] <= rows
+            o = F.scaled_dot_product_attention(
+                qc, kc, vc, attn_mask=mask, scale=scale, enable_gqa=True
+            )
+        out[q0:q1] = o[0].transpose(0, 1)
+    return out

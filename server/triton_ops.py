@@ -12,8 +12,8 @@ with the batch (row counts, split counts) are marked `do_not_specialize`, so a n
 reuses the compiled kernel instead of compiling a variant (Triton otherwise specialises ints
 equal to 1 or divisible by 16).
 
-Kernels per decoder layer: rms_norm / add_rms_norm 1, silu_and_mul 1, rope_write_kv 1,
-decode_attention 2 (split-K pass + log-sum-exp combine).
+Kernels per decoder layer: rms_norm / add_rms_norm 1, silu_and_mul 1, rope_write_kv 1; the
+attention kernels are in `server.triton_attention`.
 """
 
 from __future__ import annotations
@@ -24,15 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = [
-    "add_rms_norm",
-    "decode_attention",
-    "decode_attention_split",
-    "decode_attention_splits",
-    "rms_norm",
-    "rope_write_kv",
-    "silu_and_mul",
-]
+__all__ = ["add_rms_norm", "rms_norm", "rope_write_kv", "silu_and_mul"]
 
 # Under the interpreter, Triton 3.x computes `tl.dot` on bfloat16 operands wrongly (it treats the
 # raw bits as integers); upcasting the operands to fp32 there keeps the CPU tests meaningful.
@@ -265,16 +257,17 @@ def _rope_halves(x1, x2, c1, c2, s1, s2, TY: tl.constexpr):
 
 @triton.jit
 def _rope_write_kv_kernel(
-    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slots_ptr, pos_ptr, qo_ptr,
+    q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, pos_ptr, qo_ptr,
     stride_qt, stride_qh,
     stride_kt, stride_kh,
     stride_vt, stride_vh,
     stride_ct, stride_st,
-    stride_c0, stride_c1, stride_c2,
-    stride_vc0, stride_vc1, stride_vc2,
+    stride_bt,
+    stride_tok,  # cache stride of one token (Hkv * D)
     num_q_heads,
     head_dim,
     K_TY: tl.constexpr,  # dtype torch's `k * cos` has: k_rot is rounded in it
+    PAGE: tl.constexpr,  # tokens per KV block
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
 ):
@@ -299,18 +292,20 @@ def _rope_write_kv_kernel(
         tl.store(qo_base + HALF + offs, qo2, mask=mask)
     else:
         kh = head - num_q_heads
-        slot = tl.load(slots_ptr + t).to(tl.int64)
+        row = tl.load(rows_ptr + t).to(tl.int64)
         pos = tl.load(pos_ptr + t).to(tl.int64)
+        block = tl.load(bt_ptr + row * stride_bt + pos // PAGE).to(tl.int64)
+        tok = block * PAGE + pos % PAGE
         k_base = k_ptr + t * stride_kt + kh * stride_kh
         k1 = tl.load(k_base + offs, mask=mask, other=0.0).to(tl.float32)
         k2 = tl.load(k_base + HALF + offs, mask=mask, other=0.0).to(tl.float32)
         # Rounded as the reference rounds k_rot, then converted to the cache's dtype.
         ko1, ko2 = _rope_halves(k1, k2, c1, c2, s1, s2, K_TY)
-        kc_base = kc_ptr + slot * stride_c0 + kh * stride_c1 + pos * stride_c2
+        kc_base = kc_ptr + tok * stride_tok + kh * head_dim
         tl.store(kc_base + offs, ko1.to(kc_ptr.dtype.element_ty), mask=mask)
         tl.store(kc_base + HALF + offs, ko2.to(kc_ptr.dtype.element_ty), mask=mask)
         v_base = v_ptr + t * stride_vt + kh * stride_vh
-        vc_base = vc_ptr + slot * stride_vc0 + kh * stride_vc1 + pos * stride_vc2
+        vc_base = vc_ptr + tok * stride_tok + kh * head_dim
         v1 = tl.load(v_base + offs, mask=mask, other=0.0)
         v2 = tl.load(v_base + HALF + offs, mask=mask, other=0.0)
         tl.store(vc_base + offs, v1.to(vc_ptr.dtype.element_ty), mask=mask)
@@ -325,10 +320,11 @@ def rope_write_kv(
     sin: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slots: torch.Tensor,
+    block_tables: torch.Tensor,
+    rows: torch.Tensor,
     positions: torch.Tensor,
 ) -> torch.Tensor:
-    """Rotate q and k (rotate-half RoPE) and write k, v to the cache, in one kernel.
+    """Rotate q and k (rotate-half RoPE) and write k, v to the paged cache, in one kernel.
 
     Shapes as `server.ops.rope_write_kv`; q, k, v may be strided views into a fused QKV output
     (unit stride only along the head dim). Returns a new contiguous rotated q `[T, Hq, D]`.
@@ -351,268 +347,37 @@ def rope_write_kv(
         raise ValueError(
             f"cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must be [{n_tokens}, {head_dim}]"
         )
-    if (k_cache.dim() != 4 or k_cache.shape[1] != num_kv_heads or k_cache.shape[3] != head_dim
+    if (k_cache.dim() != 4 or k_cache.shape[2] != num_kv_heads or k_cache.shape[3] != head_dim
             or v_cache.shape != k_cache.shape):
         raise ValueError(
-            f"caches must be [slots, {num_kv_heads}, max_len, {head_dim}], got "
+            f"caches must be [blocks, block_size, {num_kv_heads}, {head_dim}], got "
             f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
         )
-    _check_index("slots", slots, n_tokens)
+    _check_index("rows", rows, n_tokens)
     _check_index("positions", positions, n_tokens)
     _check_device(("q", q), ("k", k), ("v", v), ("cos", cos), ("sin", sin),
-                  ("k_cache", k_cache), ("v_cache", v_cache), ("slots", slots),
-                  ("positions", positions))
+                  ("k_cache", k_cache), ("v_cache", v_cache), ("block_tables", block_tables),
+                  ("rows", rows), ("positions", positions))
     q, k, v, cos, sin = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v, cos, sin))
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("caches must have unit stride along head_dim (they are written in place)")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("caches must be contiguous (they are written in place by flat index)")
     q_rot = _empty(q.shape, torch.promote_types(q.dtype, cos.dtype), q.device)
     if n_tokens == 0:
         return q_rot
     half = head_dim // 2
     grid = (n_tokens, num_q_heads + num_kv_heads)
     _rope_write_kv_kernel[grid](
-        q, k, v, cos, sin, k_cache, v_cache, slots, positions, q_rot,
+        q, k, v, cos, sin, k_cache, v_cache, block_tables, rows, positions, q_rot,
         q.stride(0), q.stride(1),
         k.stride(0), k.stride(1),
         v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0),
+        k_cache.stride(1),
         num_q_heads, head_dim,
         K_TY=_TORCH_TO_TL[torch.promote_types(k.dtype, cos.dtype)],
+        PAGE=k_cache.shape[1],
         HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
         num_warps=1 if half <= 64 else 2,
     )
     return q_rot
-
-
-# ---------------------------------------------------------------------------------------------
-# Decode attention (split-K / flash-decoding)
-# ---------------------------------------------------------------------------------------------
-
-_LOG2E = 1.4426950408889634
-_BLOCK_N = 64  # cached positions per inner step (16-bit caches)
-_BLOCK_N_FP32 = 32  # fp32 caches: exact fp32 dots hold more in registers
-_MAX_SPLITS = 32  # also the reduce kernel's fixed (padded) split width: one compile per model
-_TARGET_PROGRAMS = 2048  # split so that N * Hkv * splits reaches this (H100: 132 SMs)
-_MIN_SPLITS = 4  # keeps a long sequence from serialising a mixed-length batch
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_attn_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, slots_ptr, lens_ptr, part_o_ptr, part_lse_ptr,
-    stride_qn, stride_qh,
-    stride_kc0, stride_kc1, stride_kc2,
-    stride_vc0, stride_vc1, stride_vc2,
-    num_q_heads,
-    num_splits,
-    head_dim,
-    max_len,
-    scale_log2,  # softmax scale * log2(e): the kernel works in base 2
-    GROUP: tl.constexpr,
-    GROUP_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    kvh = tl.program_id(1)
-    split = tl.program_id(2)
-    # Clamped to [1, max_len] so a bad length can never read outside the slot (the contract
-    # says 1 <= seq_len <= max_len; this only makes a violation harmless).
-    seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
-    # The split length depends on this row's seq_len, so a short sequence is covered by a few
-    # splits and the rest exit here without reading or writing anything.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    start = split * split_len
-    if start < seq_len:
-        end = tl.minimum(start + split_len, seq_len)
-        slot = tl.load(slots_ptr + row).to(tl.int64)
-        offs_g = tl.arange(0, GROUP_PAD)
-        offs_d = tl.arange(0, BLOCK_D)
-        g_mask = offs_g < GROUP
-        d_mask = offs_d < head_dim
-        heads = kvh * GROUP + offs_g
-        q = tl.load(
-            q_ptr + row * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
-            mask=g_mask[:, None] & d_mask[None, :],
-            other=0.0,
-        )
-        if DOT_F32:
-            q = q.to(tl.float32)
-        k_base = kc_ptr + slot * stride_kc0 + kvh * stride_kc1
-        v_base = vc_ptr + slot * stride_vc0 + kvh * stride_vc1
-        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
-        l_i = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
-        for n0 in range(start, end, BLOCK_N):
-            offs_n = n0 + tl.arange(0, BLOCK_N)
-            n_mask = offs_n < end
-            kv_mask = n_mask[:, None] & d_mask[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kc2 + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vc2 + offs_d[None, :], mask=kv_mask,
-                        other=0.0)
-            if DOT_F32:
-                qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
-            else:
-                qk = tl.dot(q, tl.trans(k))
-            qk = tl.where(n_mask[None, :], qk * scale_log2, float("-inf"))
-            # Every block holds at least one position < end, so m_new is finite.
-            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(qk - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, axis=1)
-            if DOT_F32:
-                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
-            else:
-                pv = tl.dot(p.to(v.dtype), v)
-            acc = acc * alpha[:, None] + pv
-            m_i = m_new
-        # Partials: the split's normalised output and its log2-sum-exp, per query head.
-        part_rows = (row * num_q_heads + heads) * num_splits + split
-        out_mask = g_mask[:, None] & d_mask[None, :]
-        tl.store(part_o_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
-                 acc / l_i[:, None], mask=out_mask)
-        tl.store(part_lse_ptr + part_rows, m_i + tl.log2(l_i), mask=g_mask)
-
-
-@triton.jit(do_not_specialize=["num_splits"])
-def _decode_attn_reduce_kernel(
-    part_o_ptr, part_lse_ptr, lens_ptr, out_ptr,
-    stride_on, stride_oh,
-    num_q_heads,
-    num_splits,
-    head_dim,
-    max_len,
-    BLOCK_N: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-):
-    row = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
-    # Same split arithmetic as the split kernel: only the splits that ran are read.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
-    active = tl.cdiv(seq_len, split_len)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < active
-    base = (row * num_q_heads + head) * num_splits
-    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
-    weights = tl.exp2(lse - tl.max(lse, axis=0))
-    weights = tl.where(s_mask, weights, 0.0)
-    o = tl.load(part_o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-                mask=s_mask[:, None], other=0.0)
-    out = tl.sum(o * weights[:, None], axis=0) / tl.sum(weights, axis=0)
-    tl.store(out_ptr + row * stride_on + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
-
-
-def decode_attention_splits(batch: int, num_kv_heads: int, max_len: int) -> int:
-    """The split-K factor decode_attention uses for these shapes (a pure function of shapes).
-
-    Enough (row, kv head, split) programs to fill the GPU at small batch, at least a few splits
-    so one long sequence does not serialise a mixed batch, and never more splits than blocks.
-    """
-    by_len = max(1, triton.cdiv(max_len, _BLOCK_N))
-    by_occupancy = max(_MIN_SPLITS, triton.cdiv(_TARGET_PROGRAMS, max(1, batch * num_kv_heads)))
-    return max(1, min(_MAX_SPLITS, by_len, by_occupancy))
-
-
-def decode_attention(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-) -> torch.Tensor:
-    """One query token per row over its slot's first `seq_lens[row]` cached positions.
-
-    Same contract as `server.ops.decode_attention`: q `[N, Hq, D]`, caches
-    `[slots, Hkv, max_len, D]`, GQA with query head h reading kv head `h // (Hq // Hkv)`.
-    Flash-decoding: grid `(N, Hkv, splits)` with `splits = decode_attention_splits(...)` (shapes
-    only); each program handles the whole query group of one kv head and reads only positions
-    < seq_len; a second kernel merges the splits by log-sum-exp.
-    """
-    return decode_attention_split(q, k_cache, v_cache, slots, seq_lens, scale, None)
-
-
-def decode_attention_split(
-    q: torch.Tensor,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    slots: torch.Tensor,
-    seq_lens: torch.Tensor,
-    scale: float,
-    num_splits: int | None,
-) -> torch.Tensor:
-    """`decode_attention` with an explicit split count in [1, 32] (None: the default policy).
-
-    For benchmarks and tests that sweep the split-K factor.
-    """
-    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
-        _check_float(name, t)
-    if q.dim() != 3:
-        raise ValueError(f"q must be [N, Hq, D], got {tuple(q.shape)}")
-    n_rows, num_q_heads, head_dim = q.shape
-    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != head_dim:
-        raise ValueError(
-            f"caches must both be [slots, Hkv, max_len, {head_dim}], got "
-            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
-        )
-    if not q.dtype == k_cache.dtype == v_cache.dtype:
-        raise TypeError(
-            f"q {q.dtype}, k_cache {k_cache.dtype} and v_cache {v_cache.dtype} must share a dtype"
-        )
-    num_kv_heads, max_len = k_cache.shape[1], k_cache.shape[2]
-    if num_kv_heads == 0 or num_q_heads % num_kv_heads:
-        raise ValueError(f"Hq={num_q_heads} must be a multiple of Hkv={num_kv_heads}")
-    _check_index("slots", slots, n_rows)
-    _check_index("seq_lens", seq_lens, n_rows)
-    _check_device(("q", q), ("k_cache", k_cache), ("v_cache", v_cache), ("slots", slots),
-                  ("seq_lens", seq_lens))
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("caches must have unit stride along head_dim")
-    out = _empty(q.shape, q.dtype, q.device)
-    if n_rows == 0:
-        return out
-    group = num_q_heads // num_kv_heads
-    if num_splits is None:
-        num_splits = decode_attention_splits(n_rows, num_kv_heads, max_len)
-    elif not 1 <= num_splits <= _MAX_SPLITS:
-        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
-    block_d = triton.next_power_of_2(head_dim)
-    # Scratch for the per-split partials; written only by splits that hold positions.
-    part_o = _empty((n_rows * num_q_heads * num_splits, block_d), torch.float32, q.device)
-    part_lse = _empty((n_rows * num_q_heads * num_splits,), torch.float32, q.device)
-    # fp32 caches: exact fp32 dots (tf32 would lose precision the reference keeps).
-    dot_f32 = q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16)
-    block_n = _BLOCK_N_FP32 if q.dtype == torch.float32 else _BLOCK_N
-    _decode_attn_split_kernel[(n_rows, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, slots, seq_lens, part_o, part_lse,
-        q.stride(0), q.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        num_q_heads, num_splits, head_dim, max_len, float(scale) * _LOG2E,
-        GROUP=group,
-        GROUP_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
-        BLOCK_D=block_d,
-        BLOCK_N=block_n,
-        DOT_F32=dot_f32,
-        num_warps=8 if q.dtype == torch.float32 else 4,
-        num_stages=2,
-    )
-    _decode_attn_reduce_kernel[(n_rows, num_q_heads)](
-        part_o, part_lse, seq_lens, out,
-        out.stride(0), out.stride(1),
-        num_q_heads, num_splits, head_dim, max_len,
-        BLOCK_N=block_n,
-        SPLITS_PAD=_MAX_SPLITS,
-        BLOCK_D=block_d,
-        num_warps=4,
-    )
-    return out

@@ -98,7 +98,9 @@ def test_graph_report_and_metrics_on_the_real_engine(server, sdk):
     assert metric(text, "graphserve_generation_tokens_total") >= 4
     assert 'graphserve_decode_steps_total{kind="eager"}' in text  # CPU: no CUDA graphs
     assert metric(text, "graphserve_graph_coverage_ratio") is not None
-    assert metric(text, "graphserve_prefill_steps_total") >= 1
+    assert metric(text, 'graphserve_steps_total{kind="mixed"}') >= 1
+    assert metric(text, 'graphserve_kv_blocks{state="used"}') == 0
+    assert metric(text, "graphserve_prefix_cache_hit_rate") is not None
     assert metric(text, "graphserve_step_errors_total") == 0
     assert metric(text, "graphserve_discarded_tokens_total") is not None
 

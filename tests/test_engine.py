@@ -270,7 +270,7 @@ async def test_long_prompt_is_prefilled_in_chunks(llama_dir):
             engine, prompt, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
         )
         assert tokens_of(outs) == hf_greedy(ref, prompt, 5)
-        assert engine.stats()["prefill_steps"] >= 5
+        assert engine.stats()["mixed_steps"] >= 5
     finally:
         engine.shutdown()
 
@@ -374,9 +374,10 @@ async def test_a_failing_decode_step_fails_its_requests_and_the_engine_serves_on
         engine.shutdown()
 
 
-async def test_a_failing_prefill_leaves_the_running_requests_untouched(llama_dir):
-    """A prefill that raises fails only the requests it was prefilling; a request already
-    decoding (with a step in flight) goes on to the exact greedy tokens."""
+async def test_a_failing_mixed_step_fails_its_requests_and_later_ones_are_served(llama_dir):
+    """A step that raises while a prompt chunk rides with a decoding request fails both (the
+    step carried both, and the token in flight is lost), frees their blocks and rows, and the
+    next requests get exact greedy tokens."""
     from transformers import AutoModelForCausalLM
 
     ref = AutoModelForCausalLM.from_pretrained(
@@ -385,23 +386,128 @@ async def test_a_failing_prefill_leaves_the_running_requests_untouched(llama_dir
     engine = start_engine(llama_dir, max_num_seqs=2)
     try:
         core = engine._core
-        real_prefill, calls = core.runner.model.prefill, []
+        real_forward, calls = core.runner.model.forward, []
 
-        def flaky_prefill(*args, **kwargs):
-            calls.append(1)
-            if len(calls) == 2:  # the second request's prefill, while the first decodes
-                raise RuntimeError("injected prefill failure")
-            return real_prefill(*args, **kwargs)
+        def flaky_forward(batch, *args, **kwargs):
+            calls.append(batch.num_decode)
+            if batch.num_decode:  # the second request's chunk beside the first one's decode
+                raise RuntimeError("injected mixed-step failure")
+            return real_forward(batch, *args, **kwargs)
 
-        core.runner.model.prefill = flaky_prefill
-        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        core.runner.model.forward = flaky_forward
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
         first = asyncio.ensure_future(collect(engine, [5, 6, 7], params))
         while core.scheduler.steps["decode"] < 2:
             await asyncio.sleep(0.001)
         second = await asyncio.wait_for(collect(engine, [8, 9], params), 60)
         assert second[-1].finish_reason == "error"
-        assert "injected prefill failure" in second[-1].error
-        assert tokens_of(await asyncio.wait_for(first, 60)) == hf_greedy(ref, [5, 6, 7], 12)
-        assert engine.stats()["step_errors"] == 1
+        assert "injected mixed-step failure" in second[-1].error
+        first = await asyncio.wait_for(first, 60)
+        assert first[-1].finish_reason == "error"
+        stats = engine.stats()
+        assert stats["step_errors"] == 1 and stats["running"] == 0
+        assert stats["kv_blocks_used"] == 0 and stats["free_slots"] == 2
+        core.runner.model.forward = real_forward
+        short = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+        again = await asyncio.gather(
+            collect(engine, [5, 6, 7], short), collect(engine, [8, 9], short)
+        )
+        assert tokens_of(again[0]) == hf_greedy(ref, [5, 6, 7], 6)
+        assert tokens_of(again[1]) == hf_greedy(ref, [8, 9], 6)
+    finally:
+        engine.shutdown()
+
+
+# -- paged KV: preemption, prefix caching, mixed steps ----------------------------------------
+
+
+async def test_preemption_under_a_small_block_pool_keeps_greedy_output(llama_dir):
+    """Four sequences that together need more KV blocks than the pool has: the newest ones
+    are preempted and recomputed, nobody fails, and every output is HF's greedy output."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        llama_dir, dtype=torch.float32, local_files_only=True
+    ).eval()
+    # 12 usable blocks of 8 tokens = 96 tokens for 4 sequences of up to 16 + 24 tokens each.
+    engine = start_engine(llama_dir, max_num_seqs=4, block_size=8, num_kv_blocks=13,
+                          max_model_len=64)
+    try:
+        g = torch.Generator().manual_seed(11)
+        prompts = [torch.randint(2, 400, (n,), generator=g).tolist() for n in (16, 9, 14, 11)]
+        params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+        outs = await asyncio.gather(*(collect(engine, p, params) for p in prompts))
+        for prompt, out in zip(prompts, outs, strict=True):
+            assert out[-1].finish_reason == "length"
+            assert tokens_of(out) == hf_greedy(ref, prompt, 24)
+        stats = engine.stats()
+        assert stats["preemptions"] >= 1
+        assert stats["kv_blocks_used"] == 0 and stats["running"] == 0
+    finally:
+        engine.shutdown()
+
+
+async def test_prefix_cache_hit_gives_the_same_output_and_reports_cached_tokens(llama_dir):
+    """A second request sharing a long prefix reuses its full blocks (reported as cached
+    tokens) and produces exactly the tokens a cold run produces."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        llama_dir, dtype=torch.float32, local_files_only=True
+    ).eval()
+    engine = start_engine(llama_dir, block_size=8)
+    try:
+        system = [(5 * i) % 390 + 2 for i in range(50)]
+        params = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+        first = await collect(engine, system + [7, 8, 9], params)
+        second = await collect(engine, system + [10, 11], params)
+        assert first[-1].cached_tokens == 0
+        assert second[-1].cached_tokens == 48  # the 6 full blocks of the shared 50 tokens
+        assert tokens_of(first) == hf_greedy(ref, system + [7, 8, 9], 8)
+        assert tokens_of(second) == hf_greedy(ref, system + [10, 11], 8)
+        # The whole prompt repeated: all but its last token could come from the cache.
+        third = await collect(engine, system + [7, 8, 9], params)
+        assert third[-1].cached_tokens == 48
+        assert tokens_of(third) == tokens_of(first)
+        assert engine.stats()["prefix_hit_tokens"] >= 96
+    finally:
+        engine.shutdown()
+
+
+async def test_prefix_caching_off_caches_nothing(llama_dir):
+    engine = start_engine(llama_dir, block_size=8, enable_prefix_caching=False)
+    try:
+        prompt = list(range(2, 40))
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        await collect(engine, prompt, params)
+        again = await collect(engine, prompt, params)
+        assert again[-1].cached_tokens == 0
+        assert engine.stats()["kv_blocks_cached"] == 0
+    finally:
+        engine.shutdown()
+
+
+async def test_a_long_prompt_rides_with_running_streams_in_mixed_steps(llama_dir):
+    """While a long prompt is prefilled chunk by chunk, a running stream keeps getting one
+    token per step (mixed steps), and both outputs are exact."""
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(
+        llama_dir, dtype=torch.float32, local_files_only=True
+    ).eval()
+    engine = start_engine(llama_dir, max_num_batched_tokens=12)
+    try:
+        params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+        first = asyncio.ensure_future(collect(engine, [5, 6, 7], params))
+        while engine._core.scheduler.steps["decode"] < 2:
+            await asyncio.sleep(0.001)
+        before = engine.stats()
+        long_prompt = [(3 * i) % 390 + 2 for i in range(60)]
+        second = await collect(engine, long_prompt, SamplingParams(max_tokens=4, temperature=0.0,
+                                                                   ignore_eos=True))
+        mixed = engine.stats()["mixed_steps"] - before["mixed_steps"]
+        assert mixed >= 60 // 11  # chunks of at most 12 - 1 tokens beside the decode row
+        assert tokens_of(await first) == hf_greedy(ref, [5, 6, 7], 30)
+        assert tokens_of(second) == hf_greedy(ref, long_prompt, 4)
     finally:
         engine.shutdown()

@@ -21,7 +21,7 @@ import torch
 from server.errors import ModelLoadError
 from server.hf_config import ModelConfig, load_config
 from server.hf_config import sliding_window as _sliding_window
-from server.model import PrefillChunk, rope_tables
+from server.model import StepBatch, rope_tables
 from server.model_loader import load_checkpoint
 from server.tokenizer import FastTokenizer, TokenizerDeclined
 from server.weights import SafetensorsWeights
@@ -214,12 +214,17 @@ def _tensors(model) -> dict[str, torch.Tensor]:
 def _prefill_logits(model, ids: list[int]) -> torch.Tensor:
     from server.kv_cache import allocate_kv_cache
 
-    kv = allocate_kv_cache(model.shape, 2, 64, torch.float32, "cpu")
     n = len(ids)
-    return model.prefill(
-        torch.tensor(ids), torch.arange(n), torch.zeros(n, dtype=torch.long), kv,
-        [PrefillChunk(slot=0, start=0, length=n, offset=0)],
+    kv = allocate_kv_cache(model.shape, 1 + -(-n // 16), 16, torch.float32, "cpu")
+    table = torch.arange(1, kv[0][0].shape[0], dtype=torch.int32)[None]  # block 0: scratch
+    batch = StepBatch(
+        input_ids=torch.tensor(ids), positions=torch.arange(n),
+        rows=torch.zeros(n, dtype=torch.long),
+        logit_rows=torch.tensor([n - 1]), num_decode=0, seq_rows=torch.tensor([0]),
+        cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32),
+        k_lens=torch.tensor([n], dtype=torch.int32), max_q_len=n,
     )
+    return model.forward(batch, kv, table)
 
 
 def test_fast_weights_are_bit_identical_to_transformers(weight_case):

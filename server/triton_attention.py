@@ -1,0 +1,428 @@
+"""Triton attention over the paged KV cache: decode (split-K) and packed prefill (flash).
+
+The cache of one layer is a pair of `[num_blocks, block_size, Hkv, D]` tensors; a sequence's
+tokens live in the blocks its block-table row lists, token `p` at block `table[p // block_size]`,
+offset `p % block_size`. Both kernels read the cache through the table, token by token, so any
+block size works and a sequence's blocks need not be contiguous.
+
+* `decode_attention`: one query token per row (`seq_lens[row]` cached tokens, its own included).
+  Flash-decoding: grid `(rows, Hkv, splits)`, each program takes the whole GQA group of one KV
+  head over one slice of the context; a second kernel merges the slices by log-sum-exp. Grid
+  and constants depend on shapes only, so the launch is capturable in a CUDA graph.
+* `prefill_attention`: packed query chunks of several sequences (`cu_seqlens_q`), each chunk the
+  last `q_len` tokens of a context of `k_len` tokens already written to the cache: query `i`
+  sits at position `k_len - q_len + i` and sees every key at or before it (causal, aligned to
+  the end). One launch for the whole batch: grid `(query blocks, Hq, sequences)`; blocks of
+  keys that no query of a block can see are never loaded.
+
+Same semantics as the torch references in `server.ops` (which tests compare against).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["decode_attention", "decode_attention_splits", "prefill_attention"]
+
+# Under the interpreter, Triton 3.x computes `tl.dot` on bfloat16 operands wrongly (it treats the
+# raw bits as integers); upcasting the operands to fp32 there keeps the CPU tests meaningful.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_LOG2E = 1.4426950408889634
+
+
+def _empty(shape, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Every output and scratch buffer comes from here (tests swap in a NaN-filled version to
+    prove that each element a kernel should write is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _check_cache(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+    if k_cache.dim() != 4 or v_cache.shape != k_cache.shape or k_cache.shape[3] != q.shape[-1]:
+        raise ValueError(
+            f"caches must both be [blocks, block_size, Hkv, {q.shape[-1]}], got "
+            f"{tuple(k_cache.shape)} and {tuple(v_cache.shape)}"
+        )
+    if not q.dtype == k_cache.dtype == v_cache.dtype:
+        raise TypeError(
+            f"q {q.dtype}, k_cache {k_cache.dtype} and v_cache {v_cache.dtype} must share a dtype"
+        )
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise TypeError(f"attention needs a float32/float16/bfloat16 cache, got {q.dtype}")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()):
+        raise ValueError("caches must be contiguous (tokens are addressed by flat index)")
+    if q.shape[1] % k_cache.shape[2]:
+        raise ValueError(f"Hq={q.shape[1]} must be a multiple of Hkv={k_cache.shape[2]}")
+
+
+def _check_index(name: str, t: torch.Tensor, length: int | None = None) -> None:
+    if t.dtype not in (torch.int64, torch.int32) or t.dim() != 1:
+        raise ValueError(f"{name} must be a 1-D int32/int64 tensor, got {t.dtype} {tuple(t.shape)}")
+    if length is not None and t.shape[0] != length:
+        raise ValueError(f"{name} must have length {length}, got {t.shape[0]}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode (split-K / flash-decoding)
+# ---------------------------------------------------------------------------------------------
+
+_BLOCK_N = 64  # cached positions per inner step (16-bit caches)
+_BLOCK_N_FP32 = 32  # fp32 caches: exact fp32 dots hold more in registers
+_MAX_SPLITS = 32  # also the reduce kernel's fixed (padded) split width: one compile per model
+_TARGET_PROGRAMS = 2048  # split so that N * Hkv * splits reaches this (H100/H200: 132 SMs)
+_MIN_SPLITS = 4  # keeps a long sequence from serialising a mixed-length batch
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_split_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, lens_ptr, part_o_ptr, part_lse_ptr,
+    stride_qn, stride_qh,
+    stride_bt,
+    stride_tok,  # cache stride of one token (Hkv * D); a head's row is contiguous
+    num_q_heads,
+    num_splits,
+    head_dim,
+    max_len,
+    scale_log2,  # softmax scale * log2(e): the kernel works in base 2
+    PAGE: tl.constexpr,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    kvh = tl.program_id(1)
+    split = tl.program_id(2)
+    # Clamped to [1, max_len] so a bad length can never read outside the table row (the
+    # contract says 1 <= seq_len <= max_len; this only makes a violation harmless).
+    seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
+    # The split length depends on this row's seq_len, so a short sequence is covered by a few
+    # splits and the rest exit here without reading or writing anything.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    start = split * split_len
+    if start < seq_len:
+        end = tl.minimum(start + split_len, seq_len)
+        table = bt_ptr + tl.load(rows_ptr + row).to(tl.int64) * stride_bt
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, BLOCK_D)
+        g_mask = offs_g < GROUP
+        d_mask = offs_d < head_dim
+        heads = kvh * GROUP + offs_g
+        q = tl.load(
+            q_ptr + row * stride_qn + heads[:, None] * stride_qh + offs_d[None, :],
+            mask=g_mask[:, None] & d_mask[None, :],
+            other=0.0,
+        )
+        if DOT_F32:
+            q = q.to(tl.float32)
+        head_off = kvh * head_dim + offs_d[None, :]
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+        for n0 in range(start, end, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            n_mask = offs_n < end
+            page = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+            tok = (page * PAGE + offs_n % PAGE) * stride_tok
+            kv_mask = n_mask[:, None] & d_mask[None, :]
+            k = tl.load(kc_ptr + tok[:, None] + head_off, mask=kv_mask, other=0.0)
+            v = tl.load(vc_ptr + tok[:, None] + head_off, mask=kv_mask, other=0.0)
+            if DOT_F32:
+                qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+            else:
+                qk = tl.dot(q, tl.trans(k))
+            qk = tl.where(n_mask[None, :], qk * scale_log2, float("-inf"))
+            # Every block holds at least one position < end, so m_new is finite.
+            m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(qk - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, axis=1)
+            if DOT_F32:
+                pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+            else:
+                pv = tl.dot(p.to(v.dtype), v)
+            acc = acc * alpha[:, None] + pv
+            m_i = m_new
+        # Partials: the split's normalised output and its log2-sum-exp, per query head.
+        part_rows = (row * num_q_heads + heads) * num_splits + split
+        out_mask = g_mask[:, None] & d_mask[None, :]
+        tl.store(part_o_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
+                 acc / l_i[:, None], mask=out_mask)
+        tl.store(part_lse_ptr + part_rows, m_i + tl.log2(l_i), mask=g_mask)
+
+
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_reduce_kernel(
+    part_o_ptr, part_lse_ptr, lens_ptr, out_ptr,
+    stride_on, stride_oh,
+    num_q_heads,
+    num_splits,
+    head_dim,
+    max_len,
+    BLOCK_N: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
+    # Same split arithmetic as the split kernel: only the splits that ran are read.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    active = tl.cdiv(seq_len, split_len)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < active
+    base = (row * num_q_heads + head) * num_splits
+    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
+    weights = tl.exp2(lse - tl.max(lse, axis=0))
+    weights = tl.where(s_mask, weights, 0.0)
+    o = tl.load(part_o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                mask=s_mask[:, None], other=0.0)
+    out = tl.sum(o * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    tl.store(out_ptr + row * stride_on + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
+
+
+def decode_attention_splits(batch: int, num_kv_heads: int, max_len: int) -> int:
+    """The split-K factor decode_attention uses for these shapes (a pure function of shapes).
+
+    Enough (row, kv head, split) programs to fill the GPU at small batch, at least a few splits
+    so one long sequence does not serialise a mixed batch, and never more splits than blocks.
+    """
+    by_len = max(1, triton.cdiv(max_len, _BLOCK_N))
+    by_occupancy = max(_MIN_SPLITS, triton.cdiv(_TARGET_PROGRAMS, max(1, batch * num_kv_heads)))
+    return max(1, min(_MAX_SPLITS, by_len, by_occupancy))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    rows: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """One query token per row over the first `seq_lens[i]` tokens of table row `rows[i]`.
+
+    q `[N, Hq, D]`, caches `[blocks, block_size, Hkv, D]`, block_tables `[R, max_blocks]`
+    int32, rows and seq_lens `[N]`. GQA: query head h reads KV head `h // (Hq // Hkv)`.
+    `num_splits` in [1, 32] overrides the split-K policy (benchmarks and tests sweep it).
+    """
+    _check_cache(q, k_cache, v_cache)
+    if q.dim() != 3:
+        raise ValueError(f"q must be [N, Hq, D], got {tuple(q.shape)}")
+    n_rows, num_q_heads, head_dim = q.shape
+    _check_index("rows", rows, n_rows)
+    _check_index("seq_lens", seq_lens, n_rows)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    max_len = block_tables.shape[1] * page
+    out = _empty(q.shape, q.dtype, q.device)
+    if n_rows == 0:
+        return out
+    group = num_q_heads // num_kv_heads
+    if num_splits is None:
+        num_splits = decode_attention_splits(n_rows, num_kv_heads, max_len)
+    elif not 1 <= num_splits <= _MAX_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
+    block_d = triton.next_power_of_2(head_dim)
+    # Scratch for the per-split partials; written only by splits that hold positions.
+    part_o = _empty((n_rows * num_q_heads * num_splits, block_d), torch.float32, q.device)
+    part_lse = _empty((n_rows * num_q_heads * num_splits,), torch.float32, q.device)
+    # fp32 caches: exact fp32 dots (tf32 would lose precision the reference keeps).
+    dot_f32 = q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16)
+    block_n = _BLOCK_N_FP32 if q.dtype == torch.float32 else _BLOCK_N
+    _decode_split_kernel[(n_rows, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, rows, seq_lens, part_o, part_lse,
+        q.stride(0), q.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(1),
+        num_q_heads, num_splits, head_dim, max_len, float(scale) * _LOG2E,
+        PAGE=page,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
+        BLOCK_D=block_d,
+        BLOCK_N=block_n,
+        DOT_F32=dot_f32,
+        num_warps=8 if q.dtype == torch.float32 else 4,
+        num_stages=2,
+    )
+    _decode_reduce_kernel[(n_rows, num_q_heads)](
+        part_o, part_lse, seq_lens, out,
+        out.stride(0), out.stride(1),
+        num_q_heads, num_splits, head_dim, max_len,
+        BLOCK_N=block_n,
+        SPLITS_PAD=_MAX_SPLITS,
+        BLOCK_D=block_d,
+        num_warps=4,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Prefill (flash attention over packed chunks, keys read through the block table)
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _prefill_tile(
+    acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, offs_m_pos, k_len,
+    stride_tok, scale_log2, d_mask,
+    PAGE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
+):
+    """One BLOCK_N tile of keys folded into the running softmax of a query block."""
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    n_mask = offs_n < k_len
+    page = tl.load(table + offs_n // PAGE, mask=n_mask, other=0).to(tl.int64)
+    tok = (page * PAGE + offs_n % PAGE) * stride_tok
+    kv_mask = n_mask[:, None] & d_mask[None, :]
+    k = tl.load(kc_ptr + tok[:, None] + head_off, mask=kv_mask, other=0.0)
+    v = tl.load(vc_ptr + tok[:, None] + head_off, mask=kv_mask, other=0.0)
+    if DOT_F32:
+        qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
+    else:
+        qk = tl.dot(q, tl.trans(k))
+    qk = qk * scale_log2
+    if CAUSAL:
+        visible = (offs_n[None, :] <= offs_m_pos[:, None]) & n_mask[None, :]
+        qk = tl.where(visible, qk, float("-inf"))
+    else:
+        qk = tl.where(n_mask[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, axis=1))
+    # A query row fully masked so far keeps m = -inf; shift by 0 then (exp2(-inf) = 0).
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp2(m_i - m_safe)
+    p = tl.exp2(qk - m_safe[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    if DOT_F32:
+        pv = tl.dot(p, v.to(tl.float32), input_precision="ieee")
+    else:
+        pv = tl.dot(p.to(v.dtype), v)
+    acc = acc * alpha[:, None] + pv
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_rows_ptr, cu_q_ptr, k_lens_ptr, out_ptr,
+    stride_qt, stride_qh,
+    stride_ot, stride_oh,
+    stride_bt,
+    stride_tok,
+    head_dim,
+    scale_log2,
+    PAGE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    mb = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    if mb * BLOCK_M < q_len:
+        k_len = tl.load(k_lens_ptr + seq)
+        ctx = k_len - q_len  # position of the chunk's first query
+        table = bt_ptr + tl.load(seq_rows_ptr + seq).to(tl.int64) * stride_bt
+        kvh = head // GROUP
+        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < q_len
+        d_mask = offs_d < head_dim
+        tokens = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
+                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        head_off = kvh * head_dim + offs_d[None, :]
+        pos = ctx + offs_m  # absolute position of each query
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        # Keys below the block's first query are visible to every query of the block: no mask.
+        # From there up to its last query's position the causal mask applies; beyond, nothing
+        # is visible and nothing is loaded.
+        first = ctx + mb * BLOCK_M
+        full_end = (first // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(k_len, ctx + tl.minimum((mb + 1) * BLOCK_M, q_len))
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _prefill_tile(
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
+                stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, False, DOT_F32,
+            )
+        for n0 in range(full_end, hi, BLOCK_N):
+            acc, m_i, l_i = _prefill_tile(
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
+                stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, True, DOT_F32,
+            )
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
+
+
+def prefill_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_rows: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    k_lens: torch.Tensor,
+    max_q_len: int,
+    scale: float,
+) -> torch.Tensor:
+    """Causal attention of packed query chunks over their sequences' cached tokens.
+
+    q `[T, Hq, D]` (sequence s owns tokens `cu_seqlens_q[s]:cu_seqlens_q[s+1]`), caches
+    `[blocks, block_size, Hkv, D]` already holding every key up to `k_lens[s]` (the chunk's own
+    included), block_tables `[R, max_blocks]` int32 with sequence s at row `seq_rows[s]`.
+    `max_q_len` (a host int, >= every chunk length) sizes the grid. Returns `[T, Hq, D]`.
+    """
+    _check_cache(q, k_cache, v_cache)
+    if q.dim() != 3:
+        raise ValueError(f"q must be [T, Hq, D], got {tuple(q.shape)}")
+    n_seqs = seq_rows.shape[0]
+    _check_index("seq_rows", seq_rows, n_seqs)
+    _check_index("cu_seqlens_q", cu_seqlens_q, n_seqs + 1)
+    _check_index("k_lens", k_lens, n_seqs)
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    n_tokens, num_q_heads, head_dim = q.shape
+    out = _empty(q.shape, q.dtype, q.device)
+    if n_tokens == 0 or n_seqs == 0:
+        return out
+    fp32 = q.dtype == torch.float32
+    dot_f32 = fp32 or (_INTERPRET and q.dtype == torch.bfloat16)
+    # Hopper: 128 x 64 tiles with 8 warps keep the tensor cores busy at head_dim 128; fp32
+    # (CPU interpreter, tests) needs smaller tiles to fit registers.
+    block_m, block_n, warps = (32, 32, 4) if fp32 else (128, 64, 8)
+    block_d = triton.next_power_of_2(head_dim)
+    grid = (triton.cdiv(max_q_len, block_m), num_q_heads, n_seqs)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, block_tables, seq_rows, cu_seqlens_q, k_lens, out,
+        q.stride(0), q.stride(1),
+        out.stride(0), out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(1),
+        head_dim,
+        float(scale) * _LOG2E,
+        PAGE=k_cache.shape[1],
+        GROUP=num_q_heads // k_cache.shape[2],
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        DOT_F32=dot_f32,
+        num_warps=warps,
+        num_stages=1 if fp32 else 3,
+    )
+    return out
