@@ -13,15 +13,14 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from bench import common
 from bench.cold_start import vllm_like_sizes
 from bench.serve import itl_pair, parse_args, sharegpt_requests
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("cold_start", "serve", "peers")
 TIMEOUT_S = 240
 
@@ -36,7 +35,8 @@ def smoke_runs(tmp_path_factory):
         log = open(out_dir / f"{name}.txt", "wb")  # noqa: SIM115 - closed below
         cmd = [
             sys.executable,
-            str(ROOT / "bench" / f"{name}.py"),
+            "-m",
+            f"bench.{name}",
             "--smoke",
             "--out",
             str(out_dir / f"{name}.json"),
@@ -44,7 +44,7 @@ def smoke_runs(tmp_path_factory):
         if name != "peers":
             cmd += ["--log-dir", str(out_dir / "logs")]
         procs[name] = (
-            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+            subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
             log,
         )
     deadline = time.monotonic() + TIMEOUT_S
