@@ -3,13 +3,18 @@
 Everything above the model runner — CLI, launch, the HTTP layer, the engine front, the
 scheduler, the capture policy — must import without torch: the port is bound and `/health`
 answers before the heavy imports start, and the engine imports its runner on its own thread.
-Each module is imported in a fresh interpreter and what its import added is checked.
+Each module is imported in a fresh interpreter and what its import added is checked; the
+table in docs/architecture.md must list the same modules ("yes (lazily)": torch inside
+functions only, so importing the module is torch-free too).
 """
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+from tests.helpers import REPO
 from tests.helpers.imports import fresh_imports
 
 TORCH_FREE = (
@@ -94,3 +99,31 @@ def test_the_control_imports_torch(added):
     assert {"torch", "server.model_runner", "server.model", "server.ops"} <= set(
         _model_stack(added["server.model_runner"])
     )
+
+
+def _documented() -> dict[str, str]:
+    """{module: its "imports torch?" cell} from the tables in docs/architecture.md."""
+    out = {}
+    for line in (REPO / "docs" / "architecture.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != 3 or not cells[0].startswith("`server/"):
+            continue
+        folder = ""
+        for path in re.findall(r"`([^`]+\.py)`", cells[0]):
+            if "/" in path:
+                folder = path.rsplit("/", 1)[0]
+            else:  # `server/http/a.py`, `b.py`: b.py lives beside a.py
+                path = f"{folder}/{path}"
+            out[path.removesuffix(".py").replace("/", ".")] = cells[2]
+    return out
+
+
+def test_the_architecture_table_says_what_is_tested():
+    documented = _documented()
+    assert len(documented) > 30
+    torch_free = {m for m, cell in documented.items() if cell.startswith("no")}
+    lazy = {m for m, cell in documented.items() if cell == "yes (lazily)"}
+    eager = {m for m, cell in documented.items() if cell == "yes"}
+    assert torch_free | lazy | eager == set(documented)
+    assert torch_free | lazy == set(TORCH_FREE)
+    assert eager == set(TORCH_MODULES)
