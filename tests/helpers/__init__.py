@@ -8,7 +8,8 @@ other):
   `--engine-class` references to it;
 * `api_cases`: route paths, message lists and the bad-request table the in-process and
   end-to-end API tests both run;
-* `tiny_models`: tiny random checkpoints (and tokenizers) of each supported architecture.
+* `tiny_models`: tiny random checkpoints (and tokenizers) of each supported architecture;
+* `imports`: what importing a module pulls in (a fresh interpreter, or its source).
 """
 
 from __future__ import annotations
