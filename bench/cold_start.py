@@ -24,21 +24,18 @@ Wall time: warm-up + runs x 3 policies x 2 size lists launches; with the 8B chec
 roughly weights-load + capture + a few seconds, so `--runs 2` keeps it well inside 10 minutes.
 `--time-budget-s` stops launching (output marked truncated) rather than overrun.
 
-    python bench/cold_start.py --model /tmp/llama-8b --out bench/results/cold-start-8b.json
-    python bench/cold_start.py --smoke --out /tmp/cold.json     # CPU, embedded model, seconds
+    python -m bench.cold_start --model /tmp/llama-8b --out bench/results/cold-start-8b.json
+    python -m bench.cold_start --smoke --out /tmp/cold.json     # CPU, embedded model, seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     BenchError,
     ServerProcess,
     coverage_complete,

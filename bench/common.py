@@ -6,6 +6,7 @@ server they measure for CPU while it imports torch, so nothing here imports the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -22,8 +23,6 @@ from pathlib import Path
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-if str(REPO_ROOT) not in sys.path:
-    sys.path.insert(0, str(REPO_ROOT))
 
 # Token ids used for synthetic prompts: above the embedded tokenizer's special tokens (0..4) and
 # below its vocabulary size (2048), so they are valid for the default model and for the
@@ -134,34 +133,39 @@ class ServerProcess:
         self.stop()
 
 
-def wait_ready(
-    client, url: str, timeout_s: float, proc: ServerProcess | None = None, interval_s: float = 0.01
-) -> dict[str, Any]:
-    """Poll `url/health/ready` with a sync httpx client until 200; return the last body.
+async def wait_ready(
+    client, server: ServerProcess, timeout_s: float, interval_s: float = 0.01
+) -> float:
+    """Poll `server`'s `/health/ready` with an httpx.AsyncClient until 200; return the
+    `time.perf_counter()` at which the 200 arrived.
 
     Raises BenchError if the server exits, reports `failed`, or `timeout_s` passes.
+    (cold_start.py polls by itself: it records every phase on the way, not just the end.)
     """
     import httpx
 
     deadline = time.perf_counter() + timeout_s
     body: dict[str, Any] = {}
     while time.perf_counter() < deadline:
-        if proc is not None and proc.exited() is not None:
+        code = server.exited()
+        if code is not None:
             raise BenchError(
-                f"server exited with code {proc.exited()} before ready; log tail:\n"
-                + proc.log_tail()
+                f"server exited with code {code} before ready; log tail:\n" + server.log_tail()
             )
         try:
-            r = client.get(f"{url}/health/ready", timeout=2.0)
-            body = _json_or_empty(r)
+            r = await client.get(f"{server.url}/health/ready", timeout=2.0)
             if r.status_code == 200:
-                return body
+                return time.perf_counter()
+            body = _json_or_empty(r)
             if body.get("phase") == "failed":
                 raise BenchError(f"server startup failed: {body.get('reason')}")
         except httpx.TransportError:
             pass
-        time.sleep(interval_s)
-    raise BenchError(f"server not ready after {timeout_s:.0f} s (last answer: {body})")
+        await asyncio.sleep(interval_s)
+    raise BenchError(
+        f"server not ready after {timeout_s:.0f} s (last answer: {body}); log tail:\n"
+        + server.log_tail()
+    )
 
 
 def _json_or_empty(response) -> dict[str, Any]:

@@ -2,15 +2,15 @@
 
 Measured in one process, on one GPU, in this order:
 1. HBM read bandwidth (sum over a 4 GiB bf16 tensor) -> decode floor = weight bytes / bandwidth.
-2. Weight loading through the server's loader, the KV cache, Triton warm-up.
-3. Capture of every size descending into one pool (the `eager` policy's startup work): time per
-   graph, pool memory after the largest vs after all.
-4. Per batch size: ms per decode step replaying the graph vs running the same step eagerly
+2. The engine's load through `server.model_runner.ModelRunner` (`--graph-capture eager`): weights,
+   the KV cache, Triton warm-up, and the capture of every size descending into one pool: time
+   per graph, pool memory after the largest vs after all.
+3. Per batch size: ms per decode step replaying the graph vs running the same step eagerly
    (CUDA events, median), at a given context length; plus one full engine step at batch 1
    (host input copy + replay + greedy sampling + device->host) to show host overhead.
-5. Prefill throughput (tokens/s) for one long prompt and for a packed batch of prompts.
+4. Prefill throughput (tokens/s) for one long prompt and for a packed batch of prompts.
 
-    python bench/decode.py --model /tmp/llama-8b --out bench/results/decode-8b.json
+    python -m bench.decode --model /tmp/llama-8b --out bench/results/decode-8b.json
 """
 
 from __future__ import annotations
@@ -19,11 +19,8 @@ import argparse
 import functools
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def cuda_time_ms(fn, iters: int, warmup: int = 3) -> float:
@@ -75,13 +72,11 @@ def main() -> None:
     import transformers
 
     from server import ops
-    from server.config import default_capture_sizes
-    from server.graph_warmup import CapturePolicy, DecodeRunner
-    from server.model import PrefillChunk, allocate_kv_cache
-    from server.model_loader import load_checkpoint
+    from server.config import EngineConfig, default_capture_sizes
+    from server.model import PrefillChunk
+    from server.model_runner import ModelRunner
     from server.sampling import SamplingBatch, sample
 
-    torch.backends.cuda.enable_cudnn_sdp(False)
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     max_n = max(batch_sizes)
     sizes = (
@@ -103,35 +98,42 @@ def main() -> None:
     bw = hbm_read_bandwidth()
     result["hbm_read_gb_s"] = bw / 1e9
 
-    t0 = time.perf_counter()
-    ckpt = load_checkpoint(args.model, "cuda", "bfloat16")
-    result["load_s"] = time.perf_counter() - t0
-    weight_bytes = ckpt.weight_bytes
+    # The engine's own load: weights, a KV cache of max_n + 1 slots (one scratch), Triton
+    # warm-up, then the `eager` policy's startup captures (every size, descending, one pool).
     max_len = max(args.context + 64, 2 * args.prefill + 64)  # room for a continuation chunk
-    model = ckpt.model
-    model.init_rope(max_len)
-    triton = ops.use_triton(True)
-    kv = allocate_kv_cache(model.shape, max_n + 1, max_len, torch.bfloat16, "cuda")
-    for k, v in kv:
+    config = EngineConfig(
+        model=args.model,
+        dtype="bfloat16",
+        device="cuda",
+        graph_capture="eager",
+        cuda_graph_sizes=sizes,
+        max_num_seqs=max_n,
+        max_model_len=max_len,
+        max_num_batched_tokens=args.prefill,  # the KV plan reserves room for this prefill
+    )
+    runner = ModelRunner(config, lambda phase, detail: print(f"[decode] {phase}", flush=True))
+    runner.load()
+    # The loader's whole call, as before the runner existed: weights plus any import inside it.
+    result["load_s"] = runner.timings["weights_s"] + runner.checkpoint.import_s
+    weight_bytes = runner.checkpoint.weight_bytes
+    model, kv, graphs = runner.model, runner.kv_cache, runner.graphs
+    for k, v in kv:  # attention reads real-looking values (the graphs read these tensors)
         k.normal_()
         v.normal_()
     result["weight_gb"] = weight_bytes / 1e9
-    result["kernels"] = "triton" if triton else "torch"
+    result["kernels"] = "triton" if ops.triton_enabled() else "torch"
     # Weights + the KV actually read at batch 1 (the cache is read only up to the context).
     kv_per_row = model.shape.kv_bytes_per_token * 2 * args.context
     result["floor_ms_batch1"] = (weight_bytes + kv_per_row) / bw * 1e3
 
-    policy = CapturePolicy(sizes, "eager")
-    runner = DecodeRunner(model, kv, policy, max_n, max_n)
-    t0 = time.perf_counter()
-    runner.startup()  # warm-up + every size, descending, one pool
-    capture_all_s = time.perf_counter() - t0
-    policy.mark_ready()
-    snap = policy.snapshot()
+    snap = runner.policy.snapshot()
+    if sorted(graphs.graphs) != sizes:
+        raise SystemExit(f"graph capture incomplete: {snap}")
     per_size = {s["size"]: s for s in snap["sizes"]}
     result["capture"] = {
         "sizes": sizes,
-        "startup_total_s": capture_all_s,
+        # The runner's graph phase: warm-up + every capture (+ its input/logit buffers).
+        "startup_total_s": runner.timings["graphs_s"],
         "largest_capture_s": per_size[max_n]["capture_ms"] / 1e3,
         "all_captures_s": sum(s["capture_ms"] for s in snap["sizes"]) / 1e3,
         "pool_bytes_largest": per_size[max_n]["pool_bytes_after"],
@@ -145,13 +147,13 @@ def main() -> None:
     rows = []
     g = torch.Generator(device="cuda").manual_seed(0)
     for b in batch_sizes:
-        runner.inputs[0, :b] = torch.randint(
+        graphs.inputs[0, :b] = torch.randint(
             0, model.shape.vocab_size, (b,), device="cuda", generator=g
         )
-        runner.inputs[1, :b] = args.context - 1
-        runner.inputs[2, :b] = torch.arange(b, device="cuda")
-        eager = cuda_time_ms(lambda b=b: runner._decode_static(b), max(5, args.iters // 3))
-        graph = cuda_time_ms(runner.graphs[b].replay, args.iters)
+        graphs.inputs[1, :b] = args.context - 1
+        graphs.inputs[2, :b] = torch.arange(b, device="cuda")
+        eager = cuda_time_ms(lambda b=b: graphs._decode_static(b), max(5, args.iters // 3))
+        graph = cuda_time_ms(graphs.graphs[b].replay, args.iters)
         rows.append({"batch": b, "eager_ms": eager, "graph_ms": graph, "speedup": eager / graph})
     result["decode"] = rows
 
@@ -159,7 +161,7 @@ def main() -> None:
     greedy = SamplingBatch([0.0], [1.0], [0], [0], [0])
 
     def engine_step():
-        logits = runner.run([5], [args.context - 1], [0])
+        logits = graphs.run([5], [args.context - 1], [0])
         sample(logits, greedy).tolist()
 
     for _ in range(5):

@@ -4,7 +4,7 @@ Benchmarks load it through the server's real loading path, so weight loading is 
 skipped. Shapes follow Llama 3.2 1B and Llama 3.1 8B; weights are N(0, 0.02) from a fixed seed.
 The tokenizer is the embedded default model's (its ids are a subset of the 128k vocab).
 
-    python bench/make_checkpoint.py --shape 8b --out /tmp/llama-8b
+    python -m bench.make_checkpoint --shape 8b --out /tmp/llama-8b
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import sys
 import time
 from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = {
     "1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,

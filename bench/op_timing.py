@@ -6,12 +6,9 @@ a max_len 4096 cache (plus a mixed batch: one long row, the rest short). Each ti
 median of `triton.testing.do_bench` (L2 flushed between runs, so weights-streaming conditions).
 GB/s counts the bytes an op must move; for decode attention, the K/V bytes actually read.
 
-    python bench/op_timing.py --out results.json          # on a CUDA machine, well under 2 min
-    python bench/op_timing.py --split-sweep               # also time other split-K factors
-    TRITON_INTERPRET=1 python bench/op_timing.py --smoke  # CPU: checks the script, tiny shapes
-
-(Not named `kernels.py`: scripts run with `bench/` first on sys.path, and transformers probes for
-a `kernels` package at import, which would then import this file.)
+    python -m bench.op_timing --out results.json          # on a CUDA machine, well under 2 min
+    python -m bench.op_timing --split-sweep               # also time other split-K factors
+    TRITON_INTERPRET=1 python -m bench.op_timing --smoke  # CPU: checks the script, tiny shapes
 """
 
 from __future__ import annotations
@@ -23,12 +20,10 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
+import triton
 
-import torch  # noqa: E402
-import triton  # noqa: E402
-
-from server import ops, triton_ops  # noqa: E402
+from server import ops, triton_ops
 
 
 @dataclass

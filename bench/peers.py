@@ -26,8 +26,8 @@ HF decode ms/token = (generate time - prefill forward time) / (new tokens - 1); 
 forward is timed separately on the same prompt. Ratios: peer ms/token / ours (speed-up at batch
 1) and ours tok/s / peer tok/s (batch). Stops starting steps past `--time-budget-s`.
 
-    python bench/peers.py --model /tmp/llama-8b --out bench/results/peers-8b.json
-    python bench/peers.py --smoke --out /tmp/peers.json     # CPU, embedded model, seconds
+    python -m bench.peers --model /tmp/llama-8b --out bench/results/peers-8b.json
+    python -m bench.peers --smoke --out /tmp/peers.json     # CPU, embedded model, seconds
 """
 
 from __future__ import annotations
@@ -40,15 +40,11 @@ import inspect
 import itertools
 import random
 import statistics
-import sys
 import time
 import traceback
-from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     PROMPT_ID_HIGH,
     PROMPT_ID_LOW,
     BenchError,

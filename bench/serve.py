@@ -25,9 +25,9 @@ A chunk is skipped when a token adds no text (random weights, ids outside the to
 report gives chunks/tokens ("vis"); below 95 % the ITL targets use the server's own per-token
 histogram (/metrics, bucket-interpolated) instead, and say so.
 
-    python bench/serve.py --model /tmp/llama-8b --out bench/results/serve-8b.json
-    python bench/serve.py --url http://127.0.0.1:8000 --part fixed
-    python bench/serve.py --smoke --out /tmp/serve.json      # CPU, embedded model, seconds
+    python -m bench.serve --model /tmp/llama-8b --out bench/results/serve-8b.json
+    python -m bench.serve --url http://127.0.0.1:8000 --part fixed
+    python -m bench.serve --smoke --out /tmp/serve.json      # CPU, embedded model, seconds
 """
 
 from __future__ import annotations
@@ -37,14 +37,11 @@ import asyncio
 import json
 import math
 import random
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from bench.common import (  # noqa: E402
+from bench.common import (
     PROMPT_ID_HIGH,
     PROMPT_ID_LOW,
     BenchError,
@@ -62,6 +59,7 @@ from bench.common import (  # noqa: E402
     target,
     traffic_delta,
     traffic_of,
+    wait_ready,
     write_json,
 )
 
@@ -362,30 +360,6 @@ def server_args(args, mode: str) -> list[str]:
     return out
 
 
-async def wait_ready_async(
-    client, server: ServerProcess, timeout_s: float, interval_s: float = 0.01
-) -> float:
-    """Poll /health/ready until 200; returns the perf_counter time it was seen."""
-    import httpx
-
-    deadline = time.perf_counter() + timeout_s
-    while time.perf_counter() < deadline:
-        code = server.exited()
-        if code is not None:
-            raise BenchError(f"server exited with code {code}; log tail:\n" + server.log_tail())
-        try:
-            r = await client.get(f"{server.url}/health/ready", timeout=2.0)
-            if r.status_code == 200:
-                return time.perf_counter()
-            body = r.json()
-            if body.get("phase") == "failed":
-                raise BenchError(f"server startup failed: {body.get('reason')}")
-        except (httpx.TransportError, ValueError):
-            pass
-        await asyncio.sleep(interval_s)
-    raise BenchError(f"server not ready after {timeout_s:.0f} s; log tail:\n" + server.log_tail())
-
-
 async def wait_steady(client, tgt: Target, timeout_s: float) -> dict[str, Any]:
     """Wait until every graph size is captured (or capture is off); report how long it took."""
     t0 = time.perf_counter()
@@ -517,7 +491,7 @@ async def part_warmstart(client, args, log_dir: Path) -> dict[str, Any]:
     server.start()
     tgt = Target(server.url, server)
     try:
-        t_ready = await wait_ready_async(client, server, args.ready_timeout)
+        t_ready = await wait_ready(client, server, args.ready_timeout)
         ready_s = t_ready - server.started_at
         timeline: list = []
         stop = asyncio.Event()
@@ -832,7 +806,7 @@ async def main_async(args) -> dict[str, Any]:
                     )
                     proc.start()
                     tgt = Target(proc.url, proc)
-                    ready_at = await wait_ready_async(client, proc, args.ready_timeout)
+                    ready_at = await wait_ready(client, proc, args.ready_timeout)
                     result["server_ready_after_exec_s"] = ready_at - proc.started_at
                 await tgt.describe(client)
                 result["server"] = {

@@ -150,7 +150,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         help="least severe level logged, uvicorn's loggers included")
     server.add_argument("--disable-access-log", action="store_true",
                         help="do not log one line per HTTP request")
-    # Test seam: a 'module:callable' building the engine (e.g. tests.fake_engine:env_engine).
+    # Test seam: a 'module:callable' building the engine (tests.helpers.fake_engine:env_engine).
     server.add_argument("--engine-class", default=None, help=argparse.SUPPRESS)
 
 

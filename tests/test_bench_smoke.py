@@ -13,15 +13,14 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from bench import common
 from bench.cold_start import vllm_like_sizes
 from bench.serve import itl_pair, parse_args, sharegpt_requests
+from tests.helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
 SCRIPTS = ("cold_start", "serve", "peers")
 TIMEOUT_S = 240
 
@@ -36,7 +35,8 @@ def smoke_runs(tmp_path_factory):
         log = open(out_dir / f"{name}.txt", "wb")  # noqa: SIM115 - closed below
         cmd = [
             sys.executable,
-            str(ROOT / "bench" / f"{name}.py"),
+            "-m",
+            f"bench.{name}",
             "--smoke",
             "--out",
             str(out_dir / f"{name}.json"),
@@ -44,7 +44,7 @@ def smoke_runs(tmp_path_factory):
         if name != "peers":
             cmd += ["--log-dir", str(out_dir / "logs")]
         procs[name] = (
-            subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT),
+            subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
             log,
         )
     deadline = time.monotonic() + TIMEOUT_S
@@ -171,6 +171,20 @@ def test_peers_smoke(smoke_runs):
 
 
 # ---------------------------------------------------------------------------- helpers (fast)
+def test_scripts_run_as_modules_without_path_edits():
+    sources = {p.stem: p.read_text() for p in (REPO / "bench").glob("*.py")}
+    assert not [name for name, text in sources.items() if "sys.path" in text]
+    # One readiness poll for every script (cold_start.py records phases on its own way there).
+    assert sum(text.count("def wait_ready") for text in sources.values()) == 1
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    for name in ("decode", "make_checkpoint", *SCRIPTS):  # op_timing needs Triton at import
+        out = subprocess.run(
+            [sys.executable, "-m", f"bench.{name}", "--help"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert out.returncode == 0 and "usage:" in out.stdout, (name, out.stderr[-2000:])
+
+
 def test_percentile_interpolates_between_order_statistics():
     xs = [4.0, 1.0, 3.0, 2.0]
     assert common.percentile(xs, 0) == 1.0 and common.percentile(xs, 100) == 4.0

@@ -19,7 +19,9 @@ from server.cli import config_from_args, main, parse_args
 from server.config import ServerConfig
 from server.launch import serve
 from server.logging_setup import JsonFormatter, setup_logging
-from tests.helpers_server import FAKE_ENGINE, REPO, ServerProcess, sse_events
+from tests.helpers import REPO
+from tests.helpers.fake_engine import FAKE_ENGINE
+from tests.helpers.server_process import ServerProcess, sse_events
 
 
 def config(*argv: str) -> ServerConfig:

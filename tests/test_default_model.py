@@ -16,8 +16,7 @@ from pathlib import Path
 import pytest
 
 from server import default_model as dm
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 TRICKY_TEXTS = [
     "Hello, world!",
@@ -69,7 +68,7 @@ def test_module_import_is_light():
         "print(','.join(heavy)); print(m.DEFAULT_MODEL_NAME)"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True
     ).stdout.splitlines()
     assert out == ["", "graphserve-tiny-llama"]
 
@@ -343,11 +342,11 @@ def test_concurrent_processes_agree(tmp_path, built):
         "p = m.ensure_default_model(sys.argv[1]); "
         "print(json.dumps({'path': str(p), 'complete': m.is_complete(p)}))"
     )
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO_ROOT)}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(REPO)}
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code, str(tmp_path)],
-            cwd=REPO_ROOT,
+            cwd=REPO,
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

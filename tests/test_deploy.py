@@ -17,15 +17,14 @@ import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
 from server.config import EngineConfig, ServerConfig
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 DOCKERFILE = REPO / "docker" / "Dockerfile"
 DOCKERIGNORE = REPO / ".dockerignore"
 K8S_DIR = REPO / "docker" / "k8s"

@@ -16,8 +16,8 @@ import httpx
 import openai
 import pytest
 
-from tests.helpers_server import ServerProcess, sse_events
-from tests.test_api import BAD_REQUESTS, CHAT, COMPL, USER_HI
+from tests.helpers.api_cases import BAD_REQUESTS, CHAT, COMPL, USER_HI
+from tests.helpers.server_process import ServerProcess, sse_events
 
 pytestmark = pytest.mark.slow
 

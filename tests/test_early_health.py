@@ -21,9 +21,9 @@ from server.config import ServerConfig
 from server.early_health import EarlyHealthResponder
 from server.health import DRAINING, FAILED, STARTING, Lifecycle
 from server.launch import bind_socket
-from tests.helpers_server import ServerProcess
+from tests.helpers.fake_engine import FAKE_ENGINE_CLASS
+from tests.helpers.server_process import ServerProcess
 
-FAKE_ENGINE = "tests.fake_engine:FakeEngine"
 KEY = "sekrit"
 VOLATILE = ("uptime_s", "phase_elapsed_s", "at_s")  # timings: equal shape, different values
 
@@ -115,7 +115,9 @@ async def test_answers_like_the_app_in_the_same_phase(running, api_key, phase):
         if phase != STARTING:
             lc.set_phase(phase, "boom" if phase == FAILED else "shutdown requested")
     r = running(api_key=api_key, lifecycle=ours_lc)
-    app = create_app(ServerConfig(api_key=api_key), engine_class=FAKE_ENGINE, lifecycle=app_lc)
+    app = create_app(
+        ServerConfig(api_key=api_key), engine_class=FAKE_ENGINE_CLASS, lifecycle=app_lc
+    )
     with httpx.Client(base_url=r.url, timeout=5, follow_redirects=False) as client:
         for method, path, headers, body in REQUESTS:
             ours = client.request(method, path, headers=headers, json=body)
@@ -317,7 +319,9 @@ def slow_fastapi_server(tmp_path, delay: float, *args: str) -> ServerProcess:
     """The CLI with `import fastapi` taking `delay` extra seconds (sitecustomize shim)."""
     (tmp_path / "sitecustomize.py").write_text(SLOW_FASTAPI)
     env = {"PYTHONPATH": str(tmp_path), "SLOW_FASTAPI_S": str(delay)}
-    return ServerProcess("--engine-class", FAKE_ENGINE, "--log-level", "debug", *args, env=env)
+    return ServerProcess(
+        "--engine-class", FAKE_ENGINE_CLASS, "--log-level", "debug", *args, env=env
+    )
 
 
 @pytest.mark.slow
@@ -403,7 +407,7 @@ async def test_head_probes_get_the_same_status_before_and_after_the_handover(pat
     """A HEAD probe must not flip from 200 (responder) to 405 (app) at the handover."""
     from server.api import create_app
 
-    app = create_app(ServerConfig(), engine_class=FAKE_ENGINE, lifecycle=Lifecycle())
+    app = create_app(ServerConfig(), engine_class=FAKE_ENGINE_CLASS, lifecycle=Lifecycle())
     head, get = await app_answer(app, "HEAD", path), await app_answer(app, "GET", path)
     assert head.status_code == get.status_code
     assert head.content == b""

@@ -12,7 +12,7 @@ from server.config import EngineConfig
 from server.engine import AsyncEngine
 from server.errors import InvalidRequestError, QueueFullError
 from server.request import SamplingParams
-from tests.tiny_models import ARCHITECTURES, build_checkpoint, hf_greedy
+from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint, hf_greedy
 
 _ids = itertools.count()
 

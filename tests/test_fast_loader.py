@@ -25,14 +25,13 @@ from server.model import StepBatch, rope_tables
 from server.model_loader import load_checkpoint
 from server.tokenizer import FastTokenizer, TokenizerDeclined
 from server.weights import SafetensorsWeights
-from tests.tiny_models import (
+from tests.helpers import REPO
+from tests.helpers.tiny_models import (
     TOKENIZER_STYLES,
     build_checkpoint,
     build_tokenizer,
     build_tokenizer_variant,
 )
-
-REPO = Path(__file__).resolve().parent.parent
 
 # -- config.json -----------------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import torch
 from server.config import EngineConfig
 from server.engine import AsyncEngine
 from server.request import SamplingParams
-from tests.tiny_models import build_checkpoint
+from tests.helpers.tiny_models import build_checkpoint
 
 pytestmark = pytest.mark.gpu
 

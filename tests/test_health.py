@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.health import Lifecycle, graphs_body, jsonable, process_uptime
 from server.metrics import ServerMetrics
-from tests.helpers_app import assert_error, serve_app, wait_for_phase, wait_until
+from tests.helpers.app import assert_error, serve_app, wait_for_phase, wait_until
 
 ENGINE_ORDER = ["loading_weights", "allocating_kv_cache", "capturing_graphs", "ready"]
 

@@ -9,7 +9,7 @@ from server.errors import ModelLoadError
 from server.kv_cache import allocate_kv_cache
 from server.model import StepBatch
 from server.model_loader import load_checkpoint
-from tests.tiny_models import ARCHITECTURES, build_checkpoint
+from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint
 
 MAX_LEN = 128
 

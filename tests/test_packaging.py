@@ -15,7 +15,6 @@ import shutil
 import subprocess
 import sys
 import zipfile
-from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
@@ -23,8 +22,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.version import Version
 
 import server
+from tests.helpers import REPO
 
-REPO = Path(__file__).resolve().parent.parent
 # The GPU image installs this torch; the CPU instructions install the running one.
 GPU_IMAGE_TORCH = "2.11.0"
 

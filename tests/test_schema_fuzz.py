@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402  (after the importors
 from schemathesis.core.failures import FailureGroup  # noqa: E402
 
 from server.config import EngineConfig  # noqa: E402
-from tests.helpers_app import make_app  # noqa: E402
+from tests.helpers.app import make_app  # noqa: E402
 
 MAX_EXAMPLES = int(os.environ.get("GRAPHSERVE_FUZZ_EXAMPLES", "25"))
 
@@ -28,7 +28,7 @@ MAX_EXAMPLES = int(os.environ.get("GRAPHSERVE_FUZZ_EXAMPLES", "25"))
 def api_schema():
     if os.environ.get("GRAPHSERVE_FUZZ_REAL"):
         # Opt-in: fuzz a real server process (real engine, default model) over HTTP instead.
-        from tests.helpers_server import ServerProcess
+        from tests.helpers.server_process import ServerProcess
 
         with ServerProcess("--max-model-len", "128", "--max-num-seqs", "4") as srv:
             srv.wait_phase("ready")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -13,8 +14,7 @@ from pathlib import Path
 
 import httpx
 
-REPO = Path(__file__).resolve().parents[1]
-FAKE_ENGINE = "tests.fake_engine:env_engine"
+from tests.helpers import REPO
 
 
 def free_port() -> int:
@@ -108,8 +108,6 @@ class ServerProcess:
 
 def sse_events(lines) -> list:
     """Decode an iterator of SSE lines (httpx iter_lines) into payloads, '[DONE]' kept."""
-    import json
-
     out = []
     for line in lines:
         if line.startswith("data: "):

@@ -1,4 +1,5 @@
-"""CapturePolicy: startup plans, dispatch, busy/idle capture timing, failures and the report.
+"""server/graph_warmup.py, the capture policy: startup plans, dispatch, busy/idle capture
+timing, failures, the report, and that the module stays free of torch and the kernels.
 
 Everything runs on a fake clock with a fake runner that plays the engine thread's part of the
 capture protocol (begin, then succeeded or failed), so the tests are fast and deterministic.
@@ -14,6 +15,7 @@ import pytest
 
 from server.config import EngineConfig, default_capture_sizes
 from server.graph_warmup import CapturePolicy, CaptureStateError, Dispatch
+from tests.helpers.imports import fresh_imports, static_imports
 
 MIB = 2**20
 SIZES = [1, 2, 4, 8, 16, 24, 32]
@@ -806,3 +808,35 @@ def test_simulation_with_bursts_and_idle_gaps_reaches_full_coverage():
         spell_sizes = [e["size"] for e in events if e["spell"] == spell]
         assert spell_sizes == sorted(spell_sizes, reverse=True)
     assert snap["timings"]["complete_after_ready_s"] is not None
+
+
+# ------------------------------------------------------------------ no torch at any level
+# What the policy module must never load: the HTTP layer reads `snapshot()` without the model
+# stack, and the engine front builds the policy's config before torch is imported.
+KERNEL_STACK = ("server.ops", "server.triton_ops", "server.graph_runner", "server.model")
+
+
+def _kernel_modules(names) -> list[str]:
+    return sorted(
+        n for n in names if n.split(".")[0] in ("torch", "triton") or n in KERNEL_STACK
+    )
+
+
+def test_policy_module_imports_no_torch_triton_or_kernel_module():
+    added = fresh_imports("server.graph_warmup", "server.graph_runner")
+    assert "server.graph_warmup" in added["server.graph_warmup"]
+    assert _kernel_modules(added["server.graph_warmup"]) == []
+    # The control, in the same interpreter: the runner beside the policy does load them.
+    assert {"torch", "server.ops", "server.graph_runner"} <= set(
+        _kernel_modules(added["server.graph_runner"])
+    )
+
+
+def test_policy_source_names_no_torch_triton_or_kernel_module_even_inside_functions():
+    found = static_imports("server.graph_warmup")
+    assert {"server.graph_warmup", "server.config", "server.graph_memory"} <= set(found)
+    assert {module: _kernel_modules(names) for module, names in found.items()} == {
+        module: [] for module in found
+    }
+    # The control: the same reading finds the runner's imports.
+    assert "torch" in _kernel_modules(static_imports("server.graph_runner")["server.graph_runner"])

@@ -1,10 +1,11 @@
-"""A torch-free engine that honours the AsyncEngine contract (docs/architecture.md), for API tests.
+"""A torch-free engine satisfying `server.engine_protocol.EngineProtocol`, for API tests.
 
 Like the real engine it runs its own thread: that thread reports the startup phases through
 `on_phase`, schedules requests into `max_num_seqs` slots with a `max_queue`-deep waiting queue,
-"decodes" one token per running request per step and delivers `RequestOutput` increments to each
-request's asyncio.Queue with `loop.call_soon_threadsafe`. Text goes through the project's real
-`IncrementalDetokenizer`, so stop strings behave as they will in production.
+"decodes" one token per running request per step and hands `RequestOutput` increments to each
+request's `server.engine_protocol.RequestStream` with `deliver` (the real stream type and
+hand-over). Text goes through the project's real `IncrementalDetokenizer`, so stop strings
+behave as they will in production. `tests/test_engine_protocol.py` checks the contract.
 
 The "model" is byte-level: token ids 0..255 are bytes, 256 is BOS, 257 is EOS. It writes a fixed
 phrase over and over. Markers in the prompt script the rest:
@@ -25,6 +26,7 @@ from typing import Any
 
 from server.config import EngineConfig, default_capture_sizes
 from server.detokenizer import IncrementalDetokenizer
+from server.engine_protocol import PhaseCallback, RequestStream, deliver
 from server.errors import EngineNotReadyError, InvalidRequestError, QueueFullError
 from server.request import RequestOutput, SamplingParams
 
@@ -32,6 +34,11 @@ BOS = 256
 EOS = 257
 VOCAB = 258
 PHRASE = b"The quick brown fox jumps over the lazy dog. "
+
+# `--engine-class` / `create_app(engine_class=...)` references to this module: the factory that
+# reads the FAKE_ENGINE_* knobs from the environment, and the class itself (no knobs).
+FAKE_ENGINE = "tests.helpers.fake_engine:env_engine"
+FAKE_ENGINE_CLASS = "tests.helpers.fake_engine:FakeEngine"
 
 
 class FakeTokenizer:
@@ -73,8 +80,7 @@ class _Request:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue
+    stream: RequestStream
     detok: IncrementalDetokenizer
     eos_after: int | None
     fault_after: int | None
@@ -82,32 +88,14 @@ class _Request:
     aborted: bool = False
 
 
-class _Stream:
-    """Async iterator over one request's increments; ends after the finished one."""
-
-    def __init__(self, queue: asyncio.Queue):
-        self._queue = queue
-        self._done = False
-
-    def __aiter__(self):
-        return self
-
-    async def __anext__(self) -> RequestOutput:
-        if self._done:
-            raise StopAsyncIteration
-        out = await self._queue.get()
-        if out.finished:
-            self._done = True
-        return out
-
-
 class FakeEngine:
-    """Contract-faithful stand-in for `server.engine.AsyncEngine` (no torch, no model)."""
+    """Stand-in for `server.engine.AsyncEngine` (no torch, no model); implements
+    `server.engine_protocol.EngineProtocol`."""
 
     def __init__(
         self,
         config: EngineConfig,
-        on_phase=None,
+        on_phase: PhaseCallback | None = None,
         *,
         token_delay: float = 0.0,
         phase_delay: float = 0.0,
@@ -196,7 +184,7 @@ class FakeEngine:
 
     # ---------------------------------------------------------------- requests
     def add_request(self, request_id: str, prompt_ids: list[int],
-                    params: SamplingParams) -> _Stream:
+                    params: SamplingParams) -> RequestStream:
         if not self._ready or self._stop:
             raise EngineNotReadyError("engine is not ready")
         params.validate()
@@ -210,7 +198,8 @@ class FakeEngine:
         eos = re.search(r"\[eos:(\d+)\]", text)
         fault = re.search(r"\[fault:(\d+)\]", text)
         req = _Request(
-            request_id, list(prompt_ids), params, asyncio.get_running_loop(), asyncio.Queue(),
+            request_id, list(prompt_ids), params,
+            RequestStream(request_id, asyncio.get_running_loop()),
             IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
             int(eos.group(1)) if eos else None, int(fault.group(1)) if fault else None,
         )
@@ -222,7 +211,7 @@ class FakeEngine:
             self._waiting.append(req)
             self.submitted.append((request_id, list(prompt_ids), params))
             self._lock.notify_all()
-        return _Stream(req.queue)
+        return req.stream
 
     def stop_accepting(self) -> None:
         self._ready = False
@@ -277,10 +266,7 @@ class FakeEngine:
 
     # ---------------------------------------------------------------- engine thread
     def _emit(self, req: _Request, out: RequestOutput) -> None:
-        try:
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, out)
-        except RuntimeError:  # the request's loop is closed: nobody is listening any more
-            pass
+        deliver([(req.stream, out)])  # drops it if the request's loop is closed
 
     def _finish(self, req: _Request, reason: str, text: str = "", ids=(), error=None) -> None:
         self._emit(req, RequestOutput(
@@ -361,8 +347,8 @@ class FakeEngine:
         return False
 
 
-def env_engine(config: EngineConfig, on_phase=None) -> FakeEngine:
-    """Factory for `python -m server serve --engine-class tests.fake_engine:env_engine`:
+def env_engine(config: EngineConfig, on_phase: PhaseCallback | None = None) -> FakeEngine:
+    """Factory for `python -m server serve --engine-class tests.helpers.fake_engine:env_engine`:
     knobs come from FAKE_ENGINE_TOKEN_DELAY, FAKE_ENGINE_PHASE_DELAY and FAKE_ENGINE_FAIL_IN."""
     return FakeEngine(
         config, on_phase,

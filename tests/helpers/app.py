@@ -14,7 +14,7 @@ import httpx
 
 from server.api import create_app
 from server.config import EngineConfig, ServerConfig
-from tests.fake_engine import FakeEngine
+from tests.helpers.fake_engine import FakeEngine
 
 
 @dataclass
