@@ -104,7 +104,9 @@ def _filter_top_k_top_p(
     # Drop a token when the mass strictly before it already reaches top_p; the first token
     # always stays, so every row keeps at least one candidate.
     mass_before = probs.cumsum(dim=-1) - probs
-    remove |= mass_before >= ps
+    # top_p == 1 is "off": in fp32 the mass before a tail token of a peaked row can round up
+    # to 1.0, which would drop it and make the row's draws depend on its batch neighbours.
+    remove |= (mass_before >= ps) & (ps < 1.0)
     remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(scaled).scatter_(1, order, sorted_logits)
