@@ -107,6 +107,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     sched.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
                        help="tokens per engine step: decode rows plus prompt chunks (default: "
                        "2048 on CUDA, 256 on CPU)")
+    sched.add_argument("--decode-prefill-tokens", type=int, default=None, metavar="N",
+                       help="prompt tokens a step may carry while other requests are decoding: "
+                       "smaller keeps running streams' inter-token gaps even while a long prompt "
+                       "is prefilled, larger prefills it sooner (default: 256)")
     sched.add_argument("--block-size", type=int, default=eng.block_size, metavar="N",
                        help="tokens per KV-cache block (8, 16, 32, 64 or 128); also the prefix "
                        "cache's granularity")
@@ -185,6 +189,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        decode_prefill_tokens=args.decode_prefill_tokens,
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching,
