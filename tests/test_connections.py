@@ -318,7 +318,15 @@ def test_the_early_responder_speaks_tls_with_the_same_certificate(certificate):
         sock.close()
 
 
-def test_tls_flags_are_checked_before_the_port_is_bound(certificate, tmp_path, capsys):
+def test_bad_limit_and_tls_flags_are_config_errors(certificate, tmp_path, capsys):
+    assert cli_main(["serve", "--max-request-bytes", "lots"]) == 2
+    assert cli_main(["serve", "--max-request-bytes", "12"]) == 2  # bytes, not MiB: too small
+    assert cli_main(["serve", "--header-timeout", "0"]) == 2
+    assert cli_main(["serve", "--max-connections", "3"]) == 2
+    err = capsys.readouterr().err
+    assert "--max-request-bytes: expected a size" in err and "at least 1 KiB" in err
+    assert "--header-timeout must be > 0" in err and "--max-connections must be >= 16" in err
+    # TLS files are loaded before the port is bound.
     certfile, keyfile = certificate
     bogus = tmp_path / "bogus.pem"
     bogus.write_text("not a certificate")
