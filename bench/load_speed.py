@@ -410,6 +410,7 @@ def main() -> int:
     ap.add_argument("--cold-read", action="store_true", help="in --cold, time only the reads "
                     "(8 threads into reused buffers, the pipeline's read side) instead of the "
                     "whole load")
+    ap.add_argument("--cold-repeats", type=int, default=2)
     ap.add_argument("--sections", default="overlap,limits,loads,memory",
                     help="comma-separated subset of overlap, limits, loads, memory (and --cold)")
     ap.add_argument("--time-budget-s", type=float, default=170.0)
@@ -476,7 +477,7 @@ def main() -> int:
     # 6: cold page cache: exec -> import -> the whole load, or only its reads (--cold-read).
     if args.cold:
         cold = []
-        for mode in ("plain", "warmer", "plain", "warmer"):
+        for mode in ("plain", "warmer") * args.cold_repeats:
             if left() < 30 or not evict(ckpt):
                 result["skipped"].append(f"cold:{mode}")
                 continue

@@ -8,11 +8,13 @@ keeps a window of tensors in flight, in the order `DecoderModel` takes them:
   (raw bytes in the checkpoint's dtype) and queues its byte ranges, split into pieces of at most
   `chunk_bytes`, for the readers. It keeps scheduling until `window_bytes` of tensors are queued
   ahead of the one it is waiting for.
-* `threads` reader threads pread the pieces. On CUDA each piece goes into a pinned staging
-  buffer from a shared ring (`2 x threads` buffers of `chunk_bytes`, one pinned allocation)
-  and is copied to its place in the destination with a non-blocking copy on the reader's own
-  CUDA stream; a buffer is reused only after the event of its last copy has completed. On the
-  CPU the pieces are read straight into the destination tensor (no staging, no streams).
+* `threads` reader threads pread the pieces. On CUDA each reader owns a CUDA stream and two
+  pinned staging buffers of `chunk_bytes` (allocated by the reader itself, so the pinning
+  overlaps the engine thread's tokenizer load): it reads a piece into one buffer and copies it
+  to its place in the destination with a non-blocking copy on its stream while it reads the
+  next piece into the other; a buffer is reused only after the event of its last copy has
+  completed (the probe's read -> pinned -> GPU technique). On the CPU the pieces are read
+  straight into the destination tensor (no staging, no streams).
 * `take` waits for the tensor's pieces, makes the engine thread's stream wait for their copy
   events (no host sync), views the bytes as the checkpoint dtype and converts to the target
   dtype on the device if they differ (the raw copy is freed right after).
@@ -20,8 +22,8 @@ keeps a window of tensors in flight, in the order `DecoderModel` takes them:
 Memory: device peak = the weights taken so far (fused) + the window + one tensor being
 converted; DecoderModel frees each layer's q/k/v and gate/up parts once fused, and since every
 layer has the same part sizes, the caching allocator hands the freed blocks to the next
-layers' parts. Host: the staging ring only (the checkpoint is never copied whole into host
-memory).
+layers' parts. Host: the staging buffers only, `2 x threads x chunk_bytes` (1 GiB at 16 x 32
+MiB), released at `close()`; the checkpoint is never copied whole into host memory.
 
 GPU ordering: a destination is allocated on the engine thread's current stream, which may
 reuse a block that stream is still reading (a part being fused). An event recorded there after
@@ -30,8 +32,8 @@ waited on by the engine thread's stream before the tensor is used, so neither si
 host sync.
 
 Thread ownership: everything but the reader loop runs on the engine thread (the one that
-constructs the pipeline). The readers only touch their pieces, the staging ring, their own
-stream and the slot bookkeeping under `_cv`. `close()` (always called, also after an error)
+constructs the pipeline). The readers only touch their pieces, their own staging buffers and
+stream, and the slot bookkeeping under `_cv`. `close()` (always called, also after an error)
 stops them, waits for their streams and frees what was not taken.
 """
 
@@ -172,13 +174,11 @@ class PipelinedWeights:
         self._closed = False
         self._fds: dict[Path, int] = {}
         self._streams: list = []
-        self._pool = None
+        self._staged = False
         self._threads: list[threading.Thread] = []
         try:
             for path in sorted({e.path for e in self._entries.values()}):
                 self._fds[path] = os.open(path, os.O_RDONLY)
-            if self._cuda:
-                self._make_staging(2 * threads)
             for i in range(threads):
                 t = threading.Thread(target=self._reader, name=f"graphserve-weights-{i}",
                                      daemon=True)
@@ -253,8 +253,7 @@ class PipelinedWeights:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
-        if self._pool is not None:
-            self._pool = None
+        if self._staged:
             _empty_host_cache()
         if self._prefetcher is not None:
             self._prefetcher.stop()
@@ -317,39 +316,31 @@ class PipelinedWeights:
 
     # -- reader threads -------------------------------------------------------------------------
 
-    def _make_staging(self, count: int) -> None:
-        t0 = time.perf_counter()
-        # One pinned allocation for the whole ring: pinning is paid once, and torch's caching
-        # host allocator holds one block that close() can release.
-        block = torch.empty(count * self._chunk, dtype=torch.uint8, pin_memory=True)
-        self._pool = collections.deque(
-            _Staging(block[i * self._chunk : (i + 1) * self._chunk]) for i in range(count)
-        )
-        self._pool_cv = threading.Condition()
-        self.stats.staging_bytes = count * self._chunk
-        self.stats.staging_alloc_s = time.perf_counter() - t0
-
     def _reader(self) -> None:
-        stream = None
+        stream, bufs = None, []
         if self._cuda:
-            torch.cuda.set_device(self._device)
-            stream = torch.cuda.Stream(self._device)
-            with self._cv:
-                self._streams.append(stream)
+            try:
+                stream, bufs = self._staging()
+            except BaseException as exc:  # e.g. pinned memory refused: fail every piece
+                stream, bufs = exc, []
+        turn = 0
         while True:
             with self._cv:
                 while not self._jobs and not self._closed:
                     self._cv.wait()
                 if self._closed:
-                    return
+                    break
                 piece = self._jobs.popleft()
                 failed = piece.slot.error is not None
             event = None
             error = None
             if not failed:
                 try:
+                    if isinstance(stream, BaseException):
+                        raise stream
                     if stream is not None:
-                        event = self._copy_through_staging(piece, stream)
+                        event = self._copy_through(piece, stream, bufs[turn % 2])
+                        turn += 1
                     else:
                         dest = piece.slot.host_view[piece.dest : piece.dest + piece.length]
                         self._read(piece, dest)
@@ -366,29 +357,36 @@ class PipelinedWeights:
                     self.stats.bytes_read += piece.length
                 if slot.left == 0:
                     self._cv.notify_all()
+        if isinstance(stream, torch.cuda.Stream):
+            stream.synchronize()  # the staging buffers are freed with this frame
 
-    def _copy_through_staging(self, piece: _Piece, stream):
-        with self._pool_cv:
-            while not self._pool:
-                self._pool_cv.wait()
-            buf = self._pool.popleft()
-        try:
-            if buf.event is not None:
-                buf.event.synchronize()  # its previous copy must have left the buffer
-            self._read(piece, buf.view[: piece.length])
-            slot = piece.slot
-            with torch.cuda.stream(stream):
-                stream.wait_event(slot.alloc_event)
-                dest = slot.raw[piece.dest : piece.dest + piece.length]
-                dest.copy_(buf.tensor[: piece.length], non_blocking=True)
-                event = torch.cuda.Event()
-                event.record(stream)
-            buf.event = event
-            return event
-        finally:
-            with self._pool_cv:
-                self._pool.append(buf)
-                self._pool_cv.notify()
+    def _staging(self):
+        t0 = time.perf_counter()
+        torch.cuda.set_device(self._device)
+        stream = torch.cuda.Stream(self._device)
+        bufs = [_Staging(torch.empty(self._chunk, dtype=torch.uint8, pin_memory=True))
+                for _ in range(2)]
+        with self._cv:
+            self._streams.append(stream)
+            self._staged = True
+            self.stats.staging_bytes += 2 * self._chunk
+            self.stats.staging_alloc_s = max(self.stats.staging_alloc_s,
+                                             time.perf_counter() - t0)
+        return stream, bufs
+
+    def _copy_through(self, piece: _Piece, stream, buf: _Staging):
+        if buf.event is not None:
+            buf.event.synchronize()  # its previous copy must have left the buffer
+        self._read(piece, buf.view[: piece.length])
+        slot = piece.slot
+        with torch.cuda.stream(stream):
+            stream.wait_event(slot.alloc_event)
+            dest = slot.raw[piece.dest : piece.dest + piece.length]
+            dest.copy_(buf.tensor[: piece.length], non_blocking=True)
+            event = torch.cuda.Event()
+            event.record(stream)
+        buf.event = event
+        return event
 
     def _read(self, piece: _Piece, dest: memoryview) -> None:
         fd = self._fds[piece.slot.entry.path]
