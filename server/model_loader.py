@@ -240,6 +240,10 @@ def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load
         stats = _weight_stats(weights, warmer)
     finally:
         weights.close()
+    if torch.device(device).type == "cuda":
+        # The fused layers' parts (and the pipeline's window) sit freed in the caching
+        # allocator; the KV cache planner counts reserved memory as used, so give them back.
+        torch.cuda.empty_cache()
     if unused:
         # transformers warns about unexpected keys too; they may mean a mislabelled checkpoint.
         log.warning(
