@@ -308,9 +308,9 @@ def _describe(stats: dict | None) -> str:
             f"{stats['wait_s']:.2f} s waited")
     pre = stats.get("prefetch")
     if pre and pre.get("planned_bytes"):
-        text += (f"; before the torch import finished, {pre['resident_bytes'] / 1e9:.2f} of "
-                 f"{pre['planned_bytes'] / 1e9:.2f} GB were in the page cache and the prefetch "
-                 f"read {pre['read_bytes'] / 1e9:.2f} GB")
+        text += (f"; page cache at engine start: {pre['resident_bytes'] / 1e9:.2f} of "
+                 f"{pre['planned_bytes'] / 1e9:.2f} GB, the prefetch pulled "
+                 f"{pre['read_bytes'] / 1e9:.2f} GB more")
     return text
 
 
