@@ -489,7 +489,7 @@ def main() -> int:
             if left() < 30 or not evict(ckpt):
                 result["skipped"].append(f"cold:{mode}")
                 continue
-            cold.append(run_child(ckpt, mode, device, 8, timeout=max(30, left()),
+            cold.append(run_child(ckpt, mode, device, 4, timeout=max(30, left()),
                                   consumer="read" if args.cold_read else "load",
                                   dtype=args.dtype))
         result["cold"] = cold
