@@ -104,6 +104,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                        "~/.cache/graphserve)")
     model.add_argument("--no-state-dir", action="store_true",
                        help="keep no state across restarts")
+    model.add_argument("--prefetch-threads", type=int, default=eng.prefetch_threads, metavar="N",
+                       help="threads pulling the checkpoint into the page cache while torch "
+                       "imports (0: none)")
     model.add_argument("--max-model-len", type=int, default=None, metavar="N",
                        help="context length (prompt + output) in tokens (default: the model's "
                        "limit, shrunk to fit the KV cache)")
@@ -197,6 +200,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         seed=args.seed,
         load_format=args.load_format,
         state_dir="" if args.no_state_dir else args.state_dir,
+        prefetch_threads=args.prefetch_threads,
     )
     config = ServerConfig(
         engine=engine,

@@ -78,6 +78,7 @@ class EngineConfig:
     # Capture plan + startup timings kept across restarts: None = server.state_dir's default
     # ($XDG_CACHE_HOME/graphserve), "" = keep nothing.
     state_dir: str | None = None
+    prefetch_threads: int = 4  # page-cache warmers during the torch import (0: none)
 
     def validate(self) -> None:
         """Raise ConfigError for values that can never work (checked before any heavy import)."""
@@ -100,6 +101,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.prefetch_threads < 0:
+            raise ConfigError(f"--prefetch-threads must be >= 0, got {self.prefetch_threads}")
         if self.max_queue < 0:
             raise ConfigError(f"--max-queue must be >= 0, got {self.max_queue}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -108,8 +108,8 @@ class AsyncEngine:
         try:
             t_start = time.perf_counter()
             # Torch-free: the checkpoint streams into the page cache while torch imports.
-            if self.config.load_format != "dummy":
-                prefetch.start(self.config.model)
+            if self.config.load_format != "dummy" and self.config.prefetch_threads > 0:
+                prefetch.start(self.config.model, self.config.prefetch_threads)
             self._set_phase("loading_weights")
             from server.model_runner import ModelRunner  # torch: part of loading, see above
 

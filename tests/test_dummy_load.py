@@ -115,3 +115,6 @@ def test_flags():
         parse_args(["--load-format", "pt"])
     with pytest.raises(ConfigError, match="--load-format"):
         EngineConfig(load_format="npz").validate()
+    assert config_from_args(parse_args(["--prefetch-threads", "0"])).engine.prefetch_threads == 0
+    with pytest.raises(ConfigError, match="--prefetch-threads"):
+        config_from_args(parse_args(["--prefetch-threads", "-1"]))

@@ -367,18 +367,23 @@ def test_cuda_pipeline_is_bit_identical(checkpoint, dtype):
         assert got[name].is_cuda and _same_bits(got[name], want[name]), name
 
 
-def test_engine_thread_hands_its_prefetch_to_the_loader(tmp_path):
+@pytest.mark.parametrize("prefetch_threads", [3, 0])
+def test_engine_thread_hands_its_prefetch_to_the_loader(tmp_path, prefetch_threads):
     from server.config import EngineConfig
     from server.engine import AsyncEngine
 
     path = build_checkpoint(tmp_path / "m", "llama", seed=2)
     engine = AsyncEngine(EngineConfig(model=str(path), device="cpu", max_num_seqs=2,
-                                      max_model_len=64, state_dir=""))
+                                      max_model_len=64, state_dir="",
+                                      prefetch_threads=prefetch_threads))
     engine.start()
     try:
         assert engine.ready.wait(120), (engine.phase, engine.error)
         stats = engine._core.runner.checkpoint.load_stats
         assert stats["bytes_read"] == sum(e.nbytes for e in read_checkpoint(path).values())
+        if prefetch_threads == 0:
+            assert "prefetch" not in stats
+            return
         pre = stats["prefetch"]
         assert pre["error"] is None and pre["planned_bytes"] > 0
         assert pre["files"] == ["model.safetensors"]
