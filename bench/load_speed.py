@@ -12,8 +12,8 @@ Sections, in order (each skipped once `--time-budget-s` is spent, marked in the 
    and 8 threads, a bare read -> pinned -> GPU pipeline into one flat buffer (8, 16 threads);
 4. loads into `DecoderModel` (q/k/v and gate/up fused, as the server does): the old
    `SafetensorsWeights` and `PipelinedWeights` over a threads x chunk grid, each run twice
-   (the first pays the pinned staging allocation), plus the pipeline as a bare weight source
-   and the server's whole `load_checkpoint` (tokenizer included);
+   (each pays its pinned staging allocation: the pipeline releases it), plus the pipeline as a
+   bare weight source and the server's whole `load_checkpoint` (tokenizer included);
 5. handover proxy: the checkpoint pre-read into anonymous memory, then the pipeline copying
    from there instead of pread (the best a prefetch-into-memory design could do after import);
 6. `--cold`: page cache dropped for the checkpoint (posix_fadvise DONTNEED, no root needed),
@@ -257,6 +257,11 @@ def limits(ckpt: Path, device: str) -> dict[str, Any]:
     res["probe_pipeline_16t_GBps"] = pipeline(16, flat)
     del flat
     torch.cuda.empty_cache()
+    # The probe's pinned buffers sit in torch's host cache: release them, or a pipeline run
+    # with the same buffer size would skip paying for its pinning.
+    from server.weight_pipeline import _empty_host_cache
+
+    _empty_host_cache()
     return res
 
 
