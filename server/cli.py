@@ -91,9 +91,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default=eng.device, choices=DEVICES,
                        help="auto = cuda if available, else cpu")
     model.add_argument("--loader", default=eng.loader, choices=LOADERS,
-                       help="auto = read safetensors and tokenizer.json directly, falling back to "
-                       "transformers when the checkpoint needs it; fast = never import "
-                       "transformers; transformers = always use its Auto classes")
+                       help="auto = read safetensors and tokenizer.json directly, taking the "
+                       "tokenizer from transformers when tokenizer.json cannot reproduce it; "
+                       "fast = never import transformers; transformers = always use its Auto "
+                       "classes")
     model.add_argument("--load-format", default=eng.load_format, choices=LOAD_FORMATS,
                        help="auto = the checkpoint's safetensors files; dummy = random weights of "
                        "config.json's shapes, no weight file read (a directory with config.json "
