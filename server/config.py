@@ -16,6 +16,9 @@ DEVICES = ("auto", "cuda", "cpu")
 # auto: read the files directly unless the checkpoint needs transformers; fast: never import
 # transformers (fail instead); transformers: always use its Auto classes.
 LOADERS = ("auto", "fast", "transformers")
+# auto: the checkpoint's safetensors files; dummy: random weights of config.json's shapes, no
+# weight file read (config.json and tokenizer files are enough).
+LOAD_FORMATS = ("auto", "dummy")
 
 
 class ConfigError(ValueError):
@@ -99,6 +102,12 @@ class EngineConfig:
     capture_min_interval_ms: float = 250.0  # spacing of captures while requests are running
     idle_debounce_ms: float = 20.0  # quiet time before idle capture starts
     seed: int = 0  # base seed for requests that give none
+    # -- startup (weights, state dir) --
+    load_format: str = "auto"  # auto | dummy (see LOAD_FORMATS)
+    # Capture plan + startup timings kept across restarts: None = server.state_dir's default
+    # ($XDG_CACHE_HOME/graphserve), "" = keep nothing.
+    state_dir: str | None = None
+    prefetch_threads: int = 4  # page-cache warmers during the torch import (0: none)
 
     def validate(self) -> None:
         """Raise ConfigError for values that can never work (checked before any heavy import)."""
@@ -108,6 +117,10 @@ class EngineConfig:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.loader not in LOADERS:
             raise ConfigError(f"--loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(
+                f"--load-format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
         if self.graph_capture not in GRAPH_CAPTURE_MODES:
             raise ConfigError(
                 f"--graph-capture must be one of {', '.join(GRAPH_CAPTURE_MODES)}, "
@@ -122,6 +135,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.prefetch_threads < 0:
+            raise ConfigError(f"--prefetch-threads must be >= 0, got {self.prefetch_threads}")
         if self.max_queue < 0:
             raise ConfigError(f"--max-queue must be >= 0, got {self.max_queue}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

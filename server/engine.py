@@ -32,6 +32,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from server import prefetch
 from server.block_manager import BlockManager
 from server.config import EngineConfig
 from server.engine_protocol import PhaseCallback, RequestStream, deliver
@@ -46,6 +47,7 @@ from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler
 
 if TYPE_CHECKING:
     from server.model_runner import ModelRunner, PendingStep
+    from server.state_dir import PlanKeeper
 
 log = logging.getLogger("graphserve.engine")
 
@@ -106,18 +108,23 @@ class AsyncEngine:
     def _thread_main(self) -> None:
         try:
             t_start = time.perf_counter()
+            # Torch-free: the checkpoint streams into the page cache while torch imports.
+            if self.config.load_format != "dummy" and self.config.prefetch_threads > 0:
+                prefetch.start(self.config.model, self.config.prefetch_threads)
             self._set_phase("loading_weights")
             from server.model_runner import ModelRunner  # torch: part of loading, see above
 
             runner = ModelRunner(self.config, self._set_phase)
             runner.load(t_start)
         except Exception as exc:  # startup failure: report it, the server decides to exit
+            prefetch.discard()
             reason = str(exc) or type(exc).__name__
             expected = isinstance(exc, (StartupError, ValueError))
             log.error("engine startup failed: %s", reason, exc_info=not expected)
             self._set_phase("failed", reason)
             return
         plan = runner.kv_plan
+        state = self._open_state(runner)
         scheduler = Scheduler(
             max_num_seqs=runner.max_num_seqs,
             max_model_len=runner.max_model_len,
@@ -130,7 +137,7 @@ class AsyncEngine:
                 plan.num_blocks, plan.block_size, self.config.enable_prefix_caching
             ),
         )
-        core = EngineCore(runner, scheduler)
+        core = EngineCore(runner, scheduler, state)
         self._core = core
         self.model_name = runner.checkpoint.name
         self.max_model_len = runner.max_model_len
@@ -140,6 +147,16 @@ class AsyncEngine:
         self.ready.set()
         self._set_phase("ready")
         core.serve(self._commands, self._deliver)
+
+    def _open_state(self, runner: ModelRunner) -> PlanKeeper | None:
+        """The saved capture plan (`--state-dir`); a problem there never fails the start."""
+        from server.state_dir import open_plan_keeper
+
+        try:
+            return open_plan_keeper(self.config, runner)
+        except Exception:
+            log.exception("capture plan state unavailable; continuing without it")
+            return None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; unfinished requests end with finish_reason 'abort'."""
@@ -255,9 +272,11 @@ class EngineCore:
     Engine thread only, except `counters` (plain ints, read by other threads).
     """
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler,
+                 state: PlanKeeper | None = None):
         self.runner = runner
         self.scheduler = scheduler
+        self.state = state  # saves the capture plan (file IO: only while idle, and at exit)
         self.step_errors = 0
         self._pending: PendingStep | None = None  # the step in flight
 
@@ -273,8 +292,12 @@ class EngineCore:
             if outputs:
                 deliver_outputs(outputs)
             self._offer_capture(commands)
+            if self.state is not None and not sched.busy and self._pending is None:
+                self.state.maybe_save(idle=True)
         sched.abort_all("engine shut down")
         deliver_outputs(sched.take_outputs())
+        if self.state is not None:
+            self.state.close()
 
     def _apply_commands(self, commands: queue.SimpleQueue, block: bool) -> bool:
         """Apply queued commands; block briefly when idle. Returns False on shutdown."""

@@ -90,7 +90,8 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         t0 = time.perf_counter()
         self.checkpoint = load_checkpoint(
-            cfg.model, device, cfg.dtype, cfg.served_model_name, loader=cfg.loader
+            cfg.model, device, cfg.dtype, cfg.served_model_name, loader=cfg.loader,
+            load_format=cfg.load_format,
         )
         # A transformers fallback imports transformers inside the load: count that as import.
         self.timings["import_s"] += self.checkpoint.import_s

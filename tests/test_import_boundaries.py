@@ -32,6 +32,9 @@ TORCH_FREE = (
     "server.hf_config",
     "server.tokenizer",
     "server.model_loader",
+    "server.safetensors_index",
+    "server.prefetch",
+    "server.state_dir",
     "server.default_model",
     "server.health",
     "server.metrics",
@@ -70,6 +73,7 @@ TORCH_MODULES = (
     "server.triton_attention",
     "server.sampling",
     "server.weights",
+    "server.weight_pipeline",
 )
 
 
