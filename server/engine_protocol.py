@@ -26,13 +26,19 @@ class RequestStream:
 
     Owned by the event loop it was created on; producers on other threads hand outputs over
     with `deliver(streams_and_outputs)` (or `loop.call_soon_threadsafe(stream.put, out)`).
+
+    A request with `choices` > 1 (n) interleaves its choices' outputs (`RequestOutput.index`);
+    the stream ends after the last choice's finished output. `open_choices` is the producer's
+    own count of choices not finished yet (only the producer's thread touches it).
     """
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, choices: int = 1):
         self.request_id = request_id
         self.loop = loop
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
+        self.open_choices = choices
+        self._unfinished = choices
 
     def put(self, out: RequestOutput) -> None:
         """Event-loop thread only."""
@@ -46,7 +52,9 @@ class RequestStream:
             raise StopAsyncIteration
         out = await self._queue.get()
         if out.finished:
-            self.finished = True
+            self._unfinished -= 1
+            if self._unfinished <= 0:
+                self.finished = True
         return out
 
 

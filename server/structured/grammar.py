@@ -88,8 +88,10 @@ class SequenceGrammar:
 
     def fill(self, mask, row: int) -> None:
         """Write the allowed-token bitmask into `mask[row]` (numpy int32, C-contiguous)."""
-        if self._m.is_stopped() or self._m.is_error():
-            return  # the sequence ends with the token just read; its row is discarded
+        if self._m.is_error():
+            return  # the sequence is being failed; its row is discarded
+        # A finished grammar (stopped) yields a mask of the EOS tokens alone: that is how a
+        # complete document ends the sequence.
         view = mask[row]
         self._m.unsafe_compute_mask_ptr(view.ctypes.data, view.nbytes)
 
