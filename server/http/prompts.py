@@ -5,6 +5,7 @@ Event-loop thread; every problem a client can cause is an `ApiError` 400 naming 
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
@@ -39,14 +40,20 @@ def vocab_size(engine: Any) -> int | None:
         return None
 
 
-def completion_prompt(engine: Any, prompt: Any) -> list[int]:
+MAX_PROMPTS = 128  # prompts of one batched /v1/completions request
+
+
+def completion_prompts(engine: Any, prompt: Any) -> list[list[int]]:
+    """A prompt, or a batch of them (a list of strings or of token lists), as token ids."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise ApiError(
-                400, f"Batched prompts are not supported ({len(prompt)} prompts given); "
-                "send one request per prompt.", param="prompt", code="batch_not_supported",
-            )
-        prompt = prompt[0]
+        if len(prompt) > MAX_PROMPTS:
+            raise ApiError(400, f"At most {MAX_PROMPTS} prompts per request ({len(prompt)} "
+                           "given).", param="prompt")
+        return [completion_prompt(engine, p) for p in prompt]
+    return [completion_prompt(engine, prompt)]
+
+
+def completion_prompt(engine: Any, prompt: Any) -> list[int]:
     if isinstance(prompt, str):
         check_text(prompt, "prompt")
         ids = _encode(engine.tokenizer, prompt, add_special_tokens=True)
@@ -67,7 +74,11 @@ def completion_prompt(engine: Any, prompt: Any) -> list[int]:
     return list(prompt)
 
 
-def chat_prompt(engine: Any, messages: list[ChatMessage]) -> list[int]:
+def chat_prompt(engine: Any, messages: list[ChatMessage],
+                tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Render the conversation through the model's chat template (with `tools`, whose
+    calls and results in the history are passed as the templates expect them: assistant
+    `tool_calls` with arguments as JSON text, `tool` messages with `tool_call_id`)."""
     conversation = []
     for i, msg in enumerate(messages):
         if isinstance(msg.content, list):
@@ -85,11 +96,27 @@ def chat_prompt(engine: Any, messages: list[ChatMessage]) -> list[int]:
         if msg.name is not None:
             check_text(msg.name, f"messages.{i}.name")
             entry["name"] = msg.name
+        if msg.tool_calls:
+            if msg.role != "assistant":
+                raise ApiError(400, f"messages.{i}.tool_calls is only allowed on assistant "
+                               "messages", param=f"messages.{i}.tool_calls")
+            entry["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name,
+                              "arguments": _arguments(c.function.arguments, i)}}
+                for c in msg.tool_calls
+            ]
+        if msg.role == "tool":
+            if msg.tool_call_id is None:
+                raise ApiError(400, f"messages.{i}.tool_call_id is required for role 'tool'",
+                               param=f"messages.{i}.tool_call_id")
+            entry["tool_call_id"] = msg.tool_call_id
         conversation.append(entry)
     tokenizer = engine.tokenizer
+    kwargs = {"tools": tools} if tools else {}
     try:
         text = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=True, tokenize=False
+            conversation, add_generation_prompt=True, tokenize=False, **kwargs
         )
     except Exception as exc:
         # Templates reject conversations they cannot render (e.g. roles not alternating).
@@ -98,3 +125,13 @@ def chat_prompt(engine: Any, messages: list[ChatMessage]) -> list[int]:
                        param="messages") from None
     # The rendered template already holds any BOS token; adding special tokens would double it.
     return _encode(tokenizer, text, add_special_tokens=False)
+
+
+def _arguments(text: str, i: int) -> Any:
+    """A call's arguments as templates expect them: most render a mapping with `tojson`
+    (HF's convention), the others accept the JSON text, so parse it."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        raise ApiError(400, f"messages.{i}.tool_calls: arguments are not valid JSON",
+                       param=f"messages.{i}.tool_calls") from None

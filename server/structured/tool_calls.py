@@ -3,11 +3,13 @@ the grammar that forces calls, and the incremental parser of calls out of genera
 
 Families (`detect_format` reads the model's chat template):
 
-| family | detected by (in the chat template) | a turn with calls |
-|---|---|---|
-| `hermes` (Hermes, Qwen 2/2.5/3, the demo model) | `<tool_call>` | `<tool_call>\\n{"name": .., "arguments": {..}}\\n</tool_call>`, one block per call, `\\n` between |
-| `mistral` | `[TOOL_CALLS]` | `[TOOL_CALLS][{"name": .., "arguments": {..}}, ...]` (`[TOOL_CALLS]` is a special token) |
-| `llama3_json` (Llama 3.1/3.2/3.3) | `<|python_tag|>`, or `<|start_header_id|>` with a `parameters` key | `{"name": .., "parameters": {..}}`, calls separated by `; ` |
+* `hermes` (Hermes, Qwen 2/2.5/3, the demo model), detected by `<tool_call>` in the template:
+  `<tool_call>\n{"name": .., "arguments": {..}}\n</tool_call>`, one block per call, a newline
+  between blocks;
+* `mistral`, detected by `[TOOL_CALLS]`: `[TOOL_CALLS][{"name": .., "arguments": {..}}, ..]`
+  (`[TOOL_CALLS]` is a special token: such requests are detokenised with special tokens);
+* `llama3_json` (Llama 3.1/3.2/3.3), detected by `<|python_tag|>`, or `<|start_header_id|>`
+  with a `parameters` key: `{"name": .., "parameters": {..}}`, calls separated by `; `.
 
 A template that never reads `tools` cannot show the model its tools: `detect_format` returns
 None and a request with tools is refused (400) rather than silently answered without them.
@@ -130,7 +132,9 @@ def new_call_id() -> str:
     return "call_" + uuid.uuid4().hex[:24]
 
 
-_HEADER = re.compile(r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
+_HEADER = re.compile(
+    r'\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*'
+)
 _PYTHON_TAG = "<|python_tag|>"
 
 
