@@ -62,7 +62,7 @@ def detect_format(chat_template: str | None, tokenizer: Any = None) -> ToolForma
     if not chat_template or "tools" not in chat_template:
         return None
     if "<tool_call>" in chat_template:
-        return ToolFormat("hermes", "arguments", "<tool_call>\n", "\n</tool_call>", "\n")
+        return ToolFormat("hermes", "arguments", "<tool_call>", "</tool_call>", "\n")
     if "[TOOL_CALLS]" in chat_template:
         token_id = _special_id(tokenizer, "[TOOL_CALLS]")
         return ToolFormat("mistral", "arguments", "[TOOL_CALLS]", "", ", ", token_id)
@@ -98,7 +98,7 @@ def tool_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], *, parallel: bool
     body = " | ".join(bodies)
     sep = _lark_string(fmt.separator)
     if fmt.family == "hermes":
-        call = f"{_lark_string(fmt.start)} body {_lark_string(fmt.end)}"
+        call = f'{_lark_string(fmt.start + chr(10))} body {_lark_string(chr(10) + fmt.end)}'
         start = f"start: call ({sep} call)*" if parallel else "start: call"
         lines = [start, f"call: {call}", f"body: {body}", *lines]
     elif fmt.family == "mistral":
