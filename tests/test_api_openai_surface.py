@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import json
 
+from server.config import EngineConfig
 from server.http.schemas import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     CompletionChunk,
     CompletionResponse,
 )
-from server.config import EngineConfig
 from tests.helpers.api_cases import CHAT, COMPL, USER_HI
 from tests.helpers.app import parse_sse, serve_app
 from tests.helpers.fake_engine import PHRASE
