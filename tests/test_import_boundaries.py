@@ -45,6 +45,12 @@ TORCH_FREE = (
     "server.http.error_handlers",
     "server.http.openapi",
     "server.http.responses",
+    "server.http.surface",
+    "server.http.relay",
+    "server.http.logprobs",
+    "server.structured.__init__",
+    "server.structured.grammar",
+    "server.structured.tool_calls",
     "server.api",
     "server.early_health",
     "server.uvicorn_server",
@@ -62,6 +68,7 @@ TORCH_MODULES = (
     "server.ops",
     "server.triton_ops",
     "server.sampling",
+    "server.logits_processors",
     "server.weights",
 )
 
