@@ -16,7 +16,8 @@ tokens from its usage chunk. Targets (issue 13, 8B on an H200, batch 8): plain r
 <= 1.05x `plain`.
 
     python -m bench.make_checkpoint --shape 8b --out /tmp/llama-8b
-    python -m bench.openai_overheads --model /tmp/llama-8b --out bench/results/openai-overheads-8b-h200.json
+    python -m bench.openai_overheads --model /tmp/llama-8b \
+        --out bench/results/openai-overheads-8b-h200.json
     python -m bench.openai_overheads --smoke --out /tmp/oo.json     # CPU, embedded model
 """
 
