@@ -378,8 +378,7 @@ class Scheduler:
                 group.remove(seq)
         seq.num_computed = 0
         seq.fill_target = 0
-        self.waiting.appendleft(seq)
-        self._release_followers(seq)
+        self.waiting.appendleft(seq)  # choices held for its prefill stay held: it comes first
 
     def _release_followers(self, seq: Sequence) -> None:
         """The choices held for `seq`'s prefill join the front of the queue, in order."""
