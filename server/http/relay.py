@@ -30,6 +30,19 @@ logger = logging.getLogger("graphserve.api")
 _TEXT_MARK = "\x00graphserve-text\x00"
 
 
+def text_template(base: dict[str, Any], index: int, chat: bool) -> tuple[bytes, bytes]:
+    """The bytes before and after the JSON string of a token's text in a streamed chunk of
+    choice `index`, rendered from the same dict a full chunk is (a marker as the text), so
+    `prefix + dumps(text) + suffix` and the full rendering are byte-identical."""
+    if chat:
+        probe = {"index": index, "delta": {"content": _TEXT_MARK}, "logprobs": None,
+                 "finish_reason": None}
+    else:
+        probe = {"index": index, "text": _TEXT_MARK, "logprobs": None, "finish_reason": None}
+    prefix, suffix = sse({**base, "choices": [probe]}).split(dumps(_TEXT_MARK), 1)
+    return prefix, suffix
+
+
 class GenerationGroup:
     """The engine streams of one request, aborted and closed together."""
 
@@ -216,14 +229,7 @@ class Answer:
             # once per choice (the per-token JSON was ~6 of ~30 us per token on the loop).
             tpl = templates.get(index)
             if tpl is None:
-                if self.chat:
-                    probe = {"index": index, "delta": {"content": _TEXT_MARK}, "logprobs": None,
-                             "finish_reason": None}
-                else:
-                    probe = {"index": index, "text": _TEXT_MARK, "logprobs": None,
-                             "finish_reason": None}
-                prefix, suffix = chunk(probe).split(dumps(_TEXT_MARK), 1)
-                tpl = templates[index] = (prefix, suffix)
+                tpl = templates[index] = text_template(base, index, self.chat)
             return tpl[0] + dumps(text) + tpl[1]
 
         try:
