@@ -234,3 +234,21 @@ async def test_tool_history_is_rendered_and_tool_choice_none_hides_tools():
     rendered = bytes(t for t in prompt_ids if t < 256).decode()
     assert '"city": "Oslo"' in rendered and "<|tool|>-3" in rendered
     assert "<|tools|>" not in rendered and params.grammar is None
+
+
+async def test_auto_mode_without_parallel_calls_returns_the_first_call_only():
+    one = '<tool_call>\n{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call>'
+    two = one + "\n" + one.replace("UTC", "CET")
+    body = {"messages": [{"role": "user", "content": f"[say:{two}][eos:{len(two)}]"}],
+            "tools": [TIME], "max_tokens": 300}
+    async with serve_app(engine_config=LONG) as h:
+        both = await h.client.post(CHAT, json=body)
+        first = await h.client.post(CHAT, json={**body, "parallel_tool_calls": False})
+        streamed = await h.client.post(CHAT, json={**body, "parallel_tool_calls": False,
+                                                   "stream": True})
+    assert len(both.json()["choices"][0]["message"]["tool_calls"]) == 2
+    (call,) = first.json()["choices"][0]["message"]["tool_calls"]
+    assert json.loads(call["function"]["arguments"]) == {"zone": "UTC"}
+    deltas = [d for e in parse_sse(streamed.text)[:-1]
+              for d in e["choices"][0]["delta"].get("tool_calls") or []]
+    assert {d["index"] for d in deltas} == {0}

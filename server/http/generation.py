@@ -54,18 +54,20 @@ class Generation:
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """The engine's increments; ends after the one with `finished=True`."""
         metrics = self._metrics
-        last_token_at: float | None = None
+        last_token_at: dict[int, float] = {}  # per choice: choices interleave in one stream
         async for out in self._stream:
             n = len(out.token_ids)
             if n:
                 now = time.perf_counter()
-                if last_token_at is None:
-                    metrics.ttft.observe(now - self._arrival)
+                last = last_token_at.get(out.index)
+                if last is None:
+                    if not last_token_at:
+                        metrics.ttft.observe(now - self._arrival)
                 else:
-                    per_token = (now - last_token_at) / n
+                    per_token = (now - last) / n
                     for _ in range(n):
                         metrics.itl.observe(per_token)
-                last_token_at = now
+                last_token_at[out.index] = now
                 self.completion_tokens += n
                 metrics.generation_tokens.inc(n)
             if out.finished:

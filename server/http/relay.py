@@ -181,6 +181,8 @@ class Answer:
             reason = c.finish_reason
             if plan.tool_format is not None:
                 parsed = parse_tool_calls(plan.tool_format, text)
+                if not plan.parallel_tool_calls:
+                    parsed.calls = parsed.calls[:1]
                 if parsed.calls:
                     message["content"] = parsed.content or None
                     message["tool_calls"] = [
@@ -275,7 +277,7 @@ class Answer:
                 yield chunk({"index": c.index, "delta": {"content": content}, "logprobs": lp,
                              "finish_reason": None})
             for d in deltas:
-                if "tool_call" in d:
+                if "tool_call" in d and (plan.parallel_tool_calls or d["tool_call"]["index"] == 0):
                     yield chunk({"index": c.index, "delta": {"tool_calls": [d["tool_call"]]},
                                  "logprobs": None, "finish_reason": None})
         elif lp is not None:

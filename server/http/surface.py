@@ -37,6 +37,7 @@ class Plan:
     echo: bool = False
     tool_format: ToolFormat | None = None  # parse tool calls out of the output
     tools: list[dict[str, Any]] | None = None  # rendered through the chat template
+    parallel_tool_calls: bool = True  # False: at most one call per choice is returned
 
     @property
     def generated(self) -> int:
@@ -93,6 +94,8 @@ def _plan_chat(engine: Any, body: ChatCompletionRequest, plan: Plan,
                            code="unsupported_parameter")
         tools = [t.model_dump(exclude_none=True) for t in body.tools]
         plan.tools, plan.tool_format = tools, fmt
+        # auto mode cannot stop a model from writing two calls; the answer keeps the first
+        plan.parallel_tool_calls = body.parallel_tool_calls is not False
         extra["skip_special_tokens"] = False  # a call marker may be a special token
         forced = tools
         if not isinstance(choice, str) and choice is not None:

@@ -44,7 +44,7 @@ def json_schema_grammar(schema: dict[str, Any]) -> str:
 
     try:
         return llguidance.LLMatcher.grammar_from_json_schema(schema, defaults=COMPACT)
-    except ValueError as exc:
+    except Exception as exc:  # the binding raises ValueError, or TypeError on odd input
         raise GrammarError(str(exc)) from None
 
 
