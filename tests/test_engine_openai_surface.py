@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from server.request import SamplingParams
+from server.scheduler import PROMPT_LOGPROBS_CHUNK
 from server.structured.grammar import json_schema_grammar
 from tests.helpers.tiny_models import build_checkpoint
 from tests.test_engine import _rid, collect, start_engine, tokens_of
@@ -45,7 +46,7 @@ def ref(llama_dir):
 
 @pytest.fixture(scope="module")
 def engine(llama_dir):
-    engine = start_engine(llama_dir, max_num_seqs=4, block_size=8)
+    engine = start_engine(llama_dir, max_num_seqs=4, block_size=8, max_model_len=512)
     yield engine
     engine.shutdown()
 
@@ -137,13 +138,15 @@ async def test_logprobs_match_hf_log_softmax(engine, ref):
 async def test_prompt_logprobs_with_no_generation(engine, ref):
     """echo + logprobs + max_tokens 0: every prompt token's logprob given the ones before it
     (the first None), nothing generated."""
-    prompt = [(11 * i) % 390 + 2 for i in range(21)]  # spans several chunks and blocks
+    # Longer than PROMPT_LOGPROBS_CHUNK: two prompt chunks, each keeping its logits.
+    prompt = [(11 * i) % 390 + 2 for i in range(300)]
     outs = await collect(engine, prompt, SamplingParams(max_tokens=0, prompt_logprobs=3))
     assert len(outs) == 1 and outs[0].finish_reason == "length"
     assert outs[0].token_ids == [] and outs[0].completion_tokens == 0
     entries = outs[0].prompt_logprobs
     assert len(entries) == len(prompt) and entries[0] is None
     lp = torch.log_softmax(hf_logits(ref, prompt), dim=-1)
+    assert PROMPT_LOGPROBS_CHUNK < len(prompt)
     for pos in range(1, len(prompt)):
         assert entries[pos].token_id == prompt[pos]
         assert entries[pos].logprob == pytest.approx(lp[pos - 1, prompt[pos]].item(), abs=1e-4)
