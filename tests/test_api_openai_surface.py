@@ -252,3 +252,17 @@ async def test_auto_mode_without_parallel_calls_returns_the_first_call_only():
     deltas = [d for e in parse_sse(streamed.text)[:-1]
               for d in e["choices"][0]["delta"].get("tool_calls") or []]
     assert {d["index"] for d in deltas} == {0}
+
+
+async def test_strict_tools_in_auto_mode_constrain_the_answer():
+    strict = {"type": "function", "function": {**TIME["function"], "strict": True}}
+    async with serve_app(engine_config=LONG) as h:
+        loose = await h.client.post(CHAT, json={"messages": USER_HI, "tools": [TIME],
+                                                "max_tokens": 4})
+        tight = await h.client.post(CHAT, json={"messages": USER_HI, "tools": [strict],
+                                                "max_tokens": 40})
+        (_, _, loose_params), (_, _, tight_params) = h.engine.submitted
+    assert loose.status_code == tight.status_code == 200, tight.text
+    assert loose_params.grammar is None and tight_params.grammar is not None
+    message = tight.json()["choices"][0]["message"]
+    assert "<tool_call>" not in (message["content"] or "")  # text never opens a call

@@ -14,6 +14,7 @@ from server.logits_processors import apply_bitmask
 from server.structured.grammar import GrammarBackend, GrammarError, json_schema_grammar
 from server.structured.tool_calls import (
     ToolCallParser,
+    auto_grammar,
     detect_format,
     parse_tool_calls,
     tool_grammar,
@@ -134,3 +135,16 @@ def test_bitmask_application_matches_a_per_row_reference():
         for t in range(vocab):
             allowed = (int(mask[r, t // 32]) >> (t % 32)) & 1
             assert out[r, t].item() == (logits[r, t].item() if allowed else float("-inf"))
+
+
+def test_auto_grammar_for_strict_tools_is_text_or_valid_calls():
+    one = '<tool_call>\n{"name":"a","arguments":{"x":5}}\n</tool_call>'
+    g = auto_grammar(HERMES, TOOLS, parallel=True)
+    assert _drive(g, "just words, < and all") and _drive(g, one) and _drive(g, one + "\n" + one)
+    assert not _drive(g, one.replace("5", '"5"'))  # a call must match its schema
+    assert not _drive(g, "text then " + one)  # text may not open a call
+    single = auto_grammar(HERMES, TOOLS, parallel=False)
+    assert _drive(single, one) and not _drive(single, one + "\n" + one)
+    llama = auto_grammar(LLAMA, TOOLS, parallel=True)
+    assert _drive(llama, "no call") and _drive(llama, '{"name":"b","parameters":{"s":"p"}}')
+    assert not _drive(llama, '{"name":"b","parameters":{"s":"z"}}')

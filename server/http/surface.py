@@ -23,7 +23,7 @@ from server.structured.grammar import (
     json_object_grammar,
     json_schema_grammar,
 )
-from server.structured.tool_calls import ToolFormat, detect_format, tool_grammar
+from server.structured.tool_calls import ToolFormat, auto_grammar, detect_format, tool_grammar
 
 
 @dataclass
@@ -110,6 +110,17 @@ def _plan_chat(engine: Any, body: ChatCompletionRequest, plan: Plan,
             parallel = body.parallel_tool_calls is not False and forced is tools
             try:
                 grammar = tool_grammar(fmt, forced, parallel=parallel)
+            except GrammarError as exc:
+                raise ApiError(400, f"tools: a function's parameters cannot be enforced: {exc}",
+                               param="tools") from None
+        elif any(t["function"].get("strict") for t in tools):
+            # auto with strict tools: calls must match their schemas, so the whole answer is
+            # constrained (text that opens no call, or calls only).
+            if grammar is not None:
+                raise ApiError(400, "response_format cannot be combined with strict tools.",
+                               param="response_format")
+            try:
+                grammar = auto_grammar(fmt, tools, parallel=plan.parallel_tool_calls)
             except GrammarError as exc:
                 raise ApiError(400, f"tools: a function's parameters cannot be enforced: {exc}",
                                param="tools") from None

@@ -17,7 +17,9 @@ None and a request with tools is refused (400) rather than silently answered wit
 `tool_grammar` forces calls for `tool_choice` "required" (one or more calls, or exactly one
 when `parallel_tool_calls` is false) and for a named function (exactly one call of it): each
 call's arguments follow the function's JSON schema, so they always parse. "auto" is unforced:
-the output is parsed, and a call that does not parse is left as content.
+the output is parsed, and a call that does not parse is left as content, unless a tool is
+`strict`: then `auto_grammar` lets the model answer either in text (that never opens a call) or
+with calls only (no text before them), each call matching its schema.
 
 `ToolCallParser` is incremental: fed text deltas, it returns content deltas and OpenAI-shaped
 tool-call deltas (the first for a call carries id, type and name with empty arguments, the
@@ -110,6 +112,20 @@ def tool_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], *, parallel: bool
         start = f"start: body ({sep} body)*" if parallel else "start: body"
         lines = [start, f"body: {body}", *lines]
     return check_grammar("\n".join(lines))
+
+
+def auto_grammar(fmt: ToolFormat, tools: list[dict[str, Any]], *, parallel: bool) -> str:
+    """`tool_choice: auto` with strict tools: plain text that never opens a call, or calls
+    (as `tool_grammar`) and nothing else. Validated (GrammarError)."""
+    calls = tool_grammar(fmt, tools, parallel=parallel).split("\n")
+    calls[0] = calls[0].replace("start:", "calls:", 1)
+    if fmt.family == "llama3_json":
+        text = r"/(?s:.+)/ & ~/(?s:\s*(\{|<\|python_tag\|>).*)/"
+    elif fmt.start_token_id is not None:
+        text = r"/(?s:.+)/"  # the marker is a special token: text cannot write it
+    else:
+        text = rf"/(?s:.+)/ & ~/(?s:.*{re.escape(fmt.start)}.*)/"
+    return check_grammar("\n".join(["start: TEXT | calls", f"TEXT: {text}", *calls]))
 
 
 # -- parsing ------------------------------------------------------------------------------------
