@@ -30,12 +30,13 @@ import json
 import threading
 from typing import Any
 
+from server.errors import GrammarError
+
+__all__ = ["GrammarError", "GrammarBackend", "SequenceGrammar", "check_grammar",
+           "json_object_grammar", "json_schema_grammar", "tokenizer_json"]
+
 COMPACT = {"whitespace_flexible": False}
 _PROTOTYPES = 64  # compiled grammars kept per engine (least recently used dropped)
-
-
-class GrammarError(ValueError):
-    """A schema or grammar llguidance cannot compile; the message says why."""
 
 
 def json_schema_grammar(schema: dict[str, Any]) -> str:
