@@ -92,10 +92,16 @@ def needs_processing(params: list[SamplingParams], masks) -> bool:
     return masks is not None or any(p.processed for p in params)
 
 
+_SHIFTS: dict[torch.device, torch.Tensor] = {}
+
+
 def apply_bitmask(logits: torch.Tensor, mask: torch.Tensor) -> None:
     """-inf where `mask` (int32 `[n, ceil(V/32)]`, bit t%32 of word t//32) has a 0 bit."""
     n, vocab = logits.shape
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    shifts = _SHIFTS.get(logits.device)
+    if shifts is None:  # built once per device: no allocation or launch per step
+        shifts = _SHIFTS[logits.device] = torch.arange(32, dtype=torch.int32,
+                                                       device=logits.device)
     allowed = ((mask.unsqueeze(-1) >> shifts) & 1).view(n, -1)[:, :vocab].bool()
     logits.masked_fill_(~allowed, float("-inf"))
 
