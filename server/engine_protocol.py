@@ -101,7 +101,9 @@ class EngineProtocol(Protocol):
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; raises InvalidRequestError, QueueFullError or EngineNotReadyError
-        (server.errors) before anything is queued. The stream ends after a finished output."""
+        (server.errors) before anything is queued. The stream carries the outputs of the
+        `params.n` choices (`RequestOutput.index`) and ends after the last choice's finished
+        output."""
 
     def abort(self, request_id: str) -> None:
         """Idempotent; the request ends with finish_reason "abort" if it had not finished."""
