@@ -16,6 +16,13 @@ device from step N's output, before the host reads step N's tokens and does the 
 bookkeeping (stop checks, detokenisation, delivery). The device never waits for that Python
 work; the price is one wasted row when a sequence stops on a token the host had not seen yet.
 
+Constrained rows (structured outputs, forced tool calls) need step N's token to build step
+N+1's grammar mask. Such a step is queued in two parts: its forward first (inputs still taken on
+the device), then the host reads step N, advances the matchers, fills the masks of the
+constrained rows and queues the draw. The device computes N+1's forward meanwhile, so the
+host's grammar work hides behind it instead of sitting between two device steps; the rest of
+step N's bookkeeping (detokenisation, delivery) follows as usual.
+
 This module imports no torch: `AsyncEngine` is built cheaply on any thread, and the model
 runner (which imports torch) is imported on the engine thread, inside the "loading_weights"
 phase it belongs to.
@@ -43,7 +50,8 @@ from server.errors import (
     StartupError,
 )
 from server.request import RequestOutput, SamplingParams
-from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler
+from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler, StepResult
+from server.structured.grammar import GrammarBackend, tokenizer_json
 
 if TYPE_CHECKING:
     from server.model_runner import ModelRunner, PendingStep
@@ -136,6 +144,10 @@ class AsyncEngine:
             block_manager=BlockManager(
                 plan.num_blocks, plan.block_size, self.config.enable_prefix_caching
             ),
+            # Its tokenizer is built on a thread of its own: readiness does not wait for it.
+            grammars=GrammarBackend(
+                tokenizer_json(runner.checkpoint.tokenizer), runner.vocab_size, runner.eos_ids
+            ),
         )
         core = EngineCore(runner, scheduler, state)
         self._core = core
@@ -190,7 +202,7 @@ class AsyncEngine:
                 f"the waiting queue is full ({self.config.max_queue} requests); retry later"
             )
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(64)
-        stream = RequestStream(request_id, asyncio.get_running_loop())
+        stream = RequestStream(request_id, asyncio.get_running_loop(), choices=params.n)
         self._streams[request_id] = stream
         self._commands.put(("add", NewRequest(request_id, list(prompt_ids), params, seed)))
         return stream
@@ -237,7 +249,9 @@ class AsyncEngine:
             if stream is None:
                 continue
             if out.finished:
-                self._streams.pop(out.request_id, None)
+                stream.open_choices -= 1  # engine thread only: see RequestStream
+                if stream.open_choices <= 0:
+                    self._streams.pop(out.request_id, None)
             items.append((stream, out))
         deliver(items)
 
@@ -336,13 +350,27 @@ class EngineCore:
         """
         prev, self._pending = self._pending, None
         step: ScheduledStep | None = None
+        sched, runner = self.scheduler, self.runner
         try:
-            step = self.scheduler.schedule()
+            step = sched.schedule()
+            read: StepResult | None = None
             if step is not None:
-                self._pending = self.runner.run_step(step, prev)
-                self.scheduler.launched(step)
+                sampled = step.sampled
+                if sched.has_constrained(sampled):
+                    launched = runner.launch(step, prev)
+                    if prev is not None:
+                        read = runner.read(prev)  # N+1's forward keeps the device busy
+                        sched.advance_grammars(prev.seqs, read.tokens)
+                    masks = sched.fill_masks(sampled, runner.mask_words)
+                    self._pending = runner.sample(launched, masks)
+                else:
+                    self._pending = runner.run_step(step, prev)
+                sched.launched(step)
             if prev is not None:
-                self.scheduler.complete(prev.seqs, self.runner.read(prev))
+                if read is None:
+                    read = runner.read(prev)
+                    sched.advance_grammars(prev.seqs, read.tokens)
+                sched.complete(prev.seqs, read)
         except Exception as exc:
             self.step_errors += 1
             failed = list(prev.seqs) if prev is not None else []

@@ -6,6 +6,8 @@ Torch-free and FastAPI-free: the HTTP layer imports this before the model stack 
   anything is queued; the HTTP layer maps them to 400 / 429 / 503.
 * Startup errors (`StartupError`, `ModelLoadError`) end the engine's startup; their message is
   shown on `/health/ready` and in the pod log, so it names what an operator has to change.
+* `GrammarError`: a schema or grammar that cannot be enforced (`server.structured`); the HTTP
+  layer answers 400 naming the parameter it came from, the engine fails only that request.
 """
 
 from __future__ import annotations
@@ -37,3 +39,7 @@ class StartupError(RuntimeError):
 
 class ModelLoadError(StartupError):
     """The model directory cannot be served; the message names the path and the problem."""
+
+
+class GrammarError(ValueError):
+    """A JSON schema or grammar llguidance cannot compile; the message says why."""

@@ -14,6 +14,16 @@ on the device from step N's samples, host inputs staged through pinned memory, n
 copy) and returns a `PendingStep`; `read` waits for that step's tokens later, after the host has
 done step N's bookkeeping.
 
+A step is queued in two parts, `launch` (the forward: graph replay or mixed step) and `sample`
+(logits processing and the draw, `server.logits_processors`). `run_step` does both at once;
+the engine splits them when the step has constrained rows: their grammar masks need step N's
+tokens, which the host reads while step N+1's forward is already queued, so the device stays
+busy while the host advances the matchers and fills the masks.
+
+Logprobs and prompt logprobs are computed on the device with the draw and copied back with the
+tokens; a mixed step keeps the logits of every prompt position of the sequences that want
+prompt logprobs (`StepBatch.logit_rows` lists them after the sampled rows).
+
 Block table sync: each admitted sequence owns one row of the device block table; before a step,
 only the entries a sequence gained since the last sync are written (one small scatter per step).
 
@@ -35,10 +45,12 @@ from server.errors import StartupError
 from server.graph_runner import DecodeGraphRunner
 from server.graph_warmup import CapturePolicy
 from server.kv_cache import KVPlan, allocate_kv_cache, plan_kv_cache
+from server.logits_processors import PenaltyState, process_and_sample, prompt_logprobs
 from server.model import StepBatch
 from server.model_loader import load_checkpoint
-from server.sampling import SamplingBatch, sample, to_device
-from server.scheduler import ScheduledStep, Sequence
+from server.request import TokenLogprob
+from server.sampling import to_device
+from server.scheduler import ScheduledStep, Sequence, StepResult
 
 log = logging.getLogger("graphserve.engine")
 
@@ -47,13 +59,24 @@ _WARMUP_PROMPT_TOKENS = 32
 
 
 @dataclass
+class Launched:
+    """A step whose forward is queued and whose draw is not (`ModelRunner.launch`)."""
+
+    sampled: list[Sequence]  # rows of `logits`, in order; prompt rows follow
+    logits: torch.Tensor | None
+    prompt_rows: list[tuple[Sequence, int]]  # (sequence, position of the target token)
+    prompt_targets: list[int]
+
+
+@dataclass
 class PendingStep:
     """A step launched on the device whose sampled tokens the host has not read yet."""
 
     seqs: list[Sequence]  # the sequences it samples for, in row order
     tokens: torch.Tensor  # int64 [n] on the device: the next step reads its inputs from here
-    host: torch.Tensor  # int64 [n] host copy, valid once `ready` has fired
-    ready: torch.cuda.Event | None  # recorded after the copy (None on CPU: already valid)
+    host: dict[str, torch.Tensor]  # host copies ("tokens", logprobs...), valid once `ready`
+    ready: torch.cuda.Event | None  # recorded after the copies (None on CPU: already valid)
+    prompt_rows: list[tuple[Sequence, int]]
 
 
 class ModelRunner:
@@ -139,6 +162,7 @@ class ModelRunner:
         )
         self._row_owner = [-1] * self.max_num_seqs  # admission number of the row's sequence
         self._row_synced = [0] * self.max_num_seqs  # table entries already on the device
+        self.penalties = PenaltyState(self.max_num_seqs, self.vocab_size, self.device)
         triton = ops.use_triton(cuda)
         self.timings["kv_cache_s"] = time.perf_counter() - t0
         log.info(
@@ -194,14 +218,21 @@ class ModelRunner:
 
     # -- steps ------------------------------------------------------------------------------
 
-    def run_step(self, step: ScheduledStep, prev: PendingStep | None) -> PendingStep | None:
-        """Queue `step` on the device; nothing here waits for it. None if it samples nothing
-        (prompt chunks that complete no prompt).
+    def run_step(self, step: ScheduledStep, prev: PendingStep | None,
+                 masks=None) -> PendingStep | None:
+        """Queue `step` on the device (forward and draw); nothing here waits for it. None if
+        it computes nothing the host reads (prompt chunks that complete no prompt)."""
+        return self.sample(self.launch(step, prev), masks)
+
+    def launch(self, step: ScheduledStep, prev: PendingStep | None) -> Launched:
+        """Queue the step's forward; nothing here waits for it.
 
         A decode row whose input token is still in flight takes it from `prev.tokens` on the
         device; every other token comes from the host.
         """
         self._sync_block_tables(step)
+        if prev is not None and not prev.seqs:
+            prev = None  # a step that sampled nothing (prompt logprobs only) carries no tokens
         prev_row = {id(s): i for i, s in enumerate(prev.seqs)} if prev is not None else {}
         ids, src, positions, rows = [], [], [], []
         for s in step.decode:
@@ -213,24 +244,63 @@ class ModelRunner:
             rows.append(s.row)
         prev_tokens = prev.tokens if prev is not None else None
         sampled = step.sampled
+        prompt_rows: list[tuple[Sequence, int]] = []
+        targets: list[int] = []
         if not step.prefill:
             logits = self.graphs.run(ids, positions, rows, prev_tokens, src)
         else:
-            logits = self._forward_mixed(step, ids, src, positions, rows, prev_tokens)
-        if not sampled:
+            logits = self._forward_mixed(step, ids, src, positions, rows, prev_tokens,
+                                         prompt_rows, targets)
+        return Launched(sampled, logits, prompt_rows, targets)
+
+    def sample(self, launched: Launched, masks=None) -> PendingStep | None:
+        """Queue the draw (and logprobs) of a launched step and the copies back to the host.
+        `masks`: grammar bitmasks of the sampled rows (numpy int32), or None."""
+        sampled = launched.sampled
+        if not sampled and not launched.prompt_rows:
             return None
-        tokens = self._sample(logits, sampled)
+        out: dict[str, torch.Tensor] = {}
+        tokens = torch.empty(0, dtype=torch.int64, device=self.device)
+        if sampled:
+            result = process_and_sample(
+                launched.logits[: len(sampled)],
+                [s.params for s in sampled],
+                [s.row for s in sampled],
+                [s.key for s in sampled],
+                [s.num_sampled for s in sampled],
+                self.penalties,
+                self.eos_ids,
+                masks,
+            )
+            tokens = result.tokens
+            out["tokens"] = tokens
+            if result.logprobs is not None:
+                out["lp"] = result.logprobs
+            if result.top_ids is not None:
+                out["top_ids"], out["top_lp"] = result.top_ids, result.top_logprobs
+        if launched.prompt_rows:
+            k = max(seq.params.prompt_logprobs or 0 for seq, _ in launched.prompt_rows)
+            chosen, top_ids, top_lp = prompt_logprobs(
+                launched.logits[len(sampled):], launched.prompt_targets, k
+            )
+            out["p_lp"] = chosen
+            if top_ids is not None:
+                out["p_top_ids"], out["p_top_lp"] = top_ids, top_lp
         if self.device.type != "cuda":
-            return PendingStep(sampled, tokens, tokens, None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
+            return PendingStep(sampled, tokens, out, None, launched.prompt_rows)
+        host = {}
+        for name, t in out.items():
+            host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host[name].copy_(t, non_blocking=True)
         ready = torch.cuda.Event()
         ready.record()
-        return PendingStep(sampled, tokens, host, ready)
+        return PendingStep(sampled, tokens, host, ready, launched.prompt_rows)
 
-    def _forward_mixed(self, step, ids, src, positions, rows, prev_tokens) -> torch.Tensor:
+    def _forward_mixed(self, step, ids, src, positions, rows, prev_tokens,
+                       prompt_rows, targets) -> torch.Tensor:
         nd = len(step.decode)
         seq_rows, cu, k_lens, logit_rows = [], [0], [], list(range(nd))
+        extra: list[int] = []  # prompt positions whose logits are kept, after the sampled rows
         for item in step.prefill:
             seq = item.seq
             ids.extend(seq.tokens[item.start : item.start + item.length])
@@ -242,6 +312,14 @@ class ModelRunner:
             k_lens.append(item.start + item.length)
             if item.completes:
                 logit_rows.append(nd + cu[-1] - 1)
+            if seq.prompt_lps is not None and not seq.prompt_lps_sent:
+                # Position p's logits give the logprob of prompt token p + 1.
+                last = min(item.start + item.length, len(seq.prompt_ids) - 1)
+                for p in range(item.start, last):
+                    extra.append(nd + cu[-2] + p - item.start)
+                    prompt_rows.append((seq, p + 1))
+                    targets.append(seq.prompt_ids[p + 1])
+        logit_rows += extra
         dev = self.device
         tok = to_device([ids, src, positions, rows], torch.int64, dev)
         meta = to_device([seq_rows, k_lens], torch.int64, dev)
@@ -271,6 +349,8 @@ class ModelRunner:
             if self._row_owner[row] != seq.admitted:  # a new occupant: write its whole row
                 self._row_owner[row] = seq.admitted
                 self._row_synced[row] = 0
+                if seq.params.penalized:  # nothing is in flight for it: the host's view is whole
+                    self.penalties.init_row(row, seq.prompt_ids, seq.output_ids)
             done, n = self._row_synced[row], len(seq.blocks)
             if n > done:
                 r_idx.extend([row] * (n - done))
@@ -281,25 +361,40 @@ class ModelRunner:
             idx = to_device([r_idx, c_idx, values], torch.int64, self.device)
             self.block_tables[idx[0], idx[1]] = idx[2].to(torch.int32)
 
-    def read(self, step: PendingStep) -> list[int]:
-        """The step's sampled tokens (blocks until the device has produced them)."""
+    def read(self, step: PendingStep) -> StepResult:
+        """What the step computed for the host (blocks until the device has produced it)."""
         if step.ready is not None:
             step.ready.synchronize()  # releases the GIL while the device finishes
-        return step.host.tolist()
-
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per row, on the device (no host sync)."""
-        batch = SamplingBatch(
-            temperatures=[s.params.temperature for s in seqs],
-            top_ps=[s.params.top_p for s in seqs],
-            top_ks=[s.params.top_k for s in seqs],
-            keys=[s.key for s in seqs],
-            steps=[s.num_sampled for s in seqs],
-        )
-        return sample(logits, batch)
+        host = step.host
+        tokens = host["tokens"].tolist() if "tokens" in host else []
+        result = StepResult(tokens)
+        if "lp" in host:
+            result.logprobs = _entries(
+                [s.params.logprobs for s in step.seqs], tokens, host["lp"].tolist(),
+                host["top_ids"].tolist() if "top_ids" in host else None,
+                host["top_lp"].tolist() if "top_lp" in host else None,
+            )
+        if step.prompt_rows:
+            entries = _entries(
+                [seq.params.prompt_logprobs for seq, _ in step.prompt_rows],
+                [seq.prompt_ids[pos] for seq, pos in step.prompt_rows],
+                host["p_lp"].tolist(),
+                host["p_top_ids"].tolist() if "p_top_ids" in host else None,
+                host["p_top_lp"].tolist() if "p_top_lp" in host else None,
+            )
+            result.prompt = [
+                (seq, pos, entry) for (seq, pos), entry in zip(step.prompt_rows, entries,
+                                                               strict=True)
+            ]
+        return result
 
     def capture(self, size: int) -> None:
         self.graphs.capture(size)
+
+    @property
+    def mask_words(self) -> int:
+        """Width of a grammar bitmask row (int32 words) for this vocabulary."""
+        return (self.vocab_size + 31) // 32
 
     # -- introspection ----------------------------------------------------------------------
 
@@ -315,3 +410,15 @@ class ModelRunner:
             "note": self.kv_plan.note,
         }
         return report
+
+
+def _entries(ks, tokens, lps, top_ids, top_lps) -> list[TokenLogprob | None]:
+    """Host lists -> one TokenLogprob per row (None where the row asked for no logprobs)."""
+    out: list[TokenLogprob | None] = []
+    for i, k in enumerate(ks):
+        if k is None:
+            out.append(None)
+            continue
+        top = list(zip(top_ids[i][:k], top_lps[i][:k], strict=True)) if k and top_ids else []
+        out.append(TokenLogprob(tokens[i], lps[i], top))
+    return out

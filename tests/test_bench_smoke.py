@@ -21,7 +21,7 @@ from bench.cold_start import vllm_like_sizes
 from bench.serve import itl_pair, parse_args, sharegpt_requests
 from tests.helpers import REPO
 
-SCRIPTS = ("cold_start", "serve", "peers")
+SCRIPTS = ("cold_start", "serve", "peers", "openai_overheads")
 TIMEOUT_S = 240
 
 
@@ -41,7 +41,7 @@ def smoke_runs(tmp_path_factory):
             "--out",
             str(out_dir / f"{name}.json"),
         ]
-        if name != "peers":
+        if name not in ("peers", "openai_overheads"):
             cmd += ["--log-dir", str(out_dir / "logs")]
         procs[name] = (
             subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
@@ -257,3 +257,19 @@ def test_itl_pair_never_mixes_sources():
     assert itl_pair(full, full, "p50")[:2] == (1.0, 1.0)
     a, b, source = itl_pair(full, partial, "p50")
     assert (a, b) == (1.5, 2.0) and "server histogram" in source
+
+
+@pytest.mark.slow
+def test_openai_overheads_smoke(smoke_runs):
+    text, data = _get(smoke_runs, "openai_overheads")
+    scenarios = data["scenarios"]
+    assert list(scenarios) == ["plain", "mixed", "constrained", "logprobs"]
+    assert data["errors"] == 0, {k: v["errors"] for k, v in scenarios.items()}
+    for name, row in scenarios.items():
+        # Every row decodes the whole time: constrained ones are held open by their schema.
+        assert row["finish_reasons"] == ["length"], (name, row)
+    assert scenarios["plain"]["constrained_tpot_ms"] is None
+    assert scenarios["mixed"]["plain_tpot_ms"] > 0 and scenarios["mixed"]["constrained_tpot_ms"] > 0
+    assert scenarios["constrained"]["plain_tpot_ms"] is None
+    _check_targets(data["targets"], 4)
+    _check_verdict_lines(text, 4)
