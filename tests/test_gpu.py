@@ -1,4 +1,5 @@
-"""CUDA tests: bf16 correctness vs HF, graph replay vs eager, capture policies on a real GPU.
+"""CUDA tests: bf16 correctness vs HF, graph replay vs eager, capture policies, and the paged KV
+cache (block sizes, preemption, prefix caching, chunked prefill) on a real GPU.
 
 Run on the GPU machine (`pytest -m gpu`); they skip without CUDA.
 """
@@ -14,7 +15,7 @@ import torch
 
 from server.config import EngineConfig
 from server.engine import AsyncEngine
-from server.request import SamplingParams
+from server.request import RequestOutput, SamplingParams
 from tests.helpers.tiny_models import build_checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -115,39 +116,75 @@ async def test_bf16_greedy_matches_hf_forward(gpu_model_dir):
     assert exact >= 0.9 * total, f"only {exact}/{total} tokens are HF bf16's exact argmax"
 
 
+def _scattered_table(rows: int, width: int, num_blocks: int, seed: int) -> torch.Tensor:
+    """A `[rows + 1, width]` int32 block table on the GPU: each row lists its own blocks in
+    scattered order (no block in two rows); the last row is the scratch row (block 0)."""
+    g = torch.Generator().manual_seed(seed)
+    table = torch.zeros(rows + 1, width, dtype=torch.int32)
+    perm = torch.randperm(num_blocks - 1, generator=g)[: rows * width] + 1
+    table[:rows] = perm.view(rows, width).to(torch.int32)
+    return table.cuda()
+
+
 def test_model_logits_match_hf_in_bf16(gpu_model_dir):
-    """Our bf16 logits are as close to the fp32 truth as HF's own bf16 forward is."""
+    """Our bf16 logits are as close to the fp32 truth as HF's own bf16 forward is: a prompt
+    prefilled in two chunks through forward(StepBatch) over scattered blocks (the second chunk
+    reads the first one's keys through the table), then decoded in a batch padded with the
+    scratch row."""
     from server import ops
     from server.kv_cache import allocate_kv_cache
-    from server.model import PrefillChunk
+    from server.model import StepBatch
     from server.model_loader import load_checkpoint
 
     ops.use_triton(True)
     ckpt = load_checkpoint(str(gpu_model_dir), "cuda", "bfloat16")
     model = ckpt.model
     model.init_rope(256)
-    kv = allocate_kv_cache(model.shape, 3, 256, torch.bfloat16, "cuda")
-    ids = torch.randint(2, 400, (60,)).tolist()
+    block_size, num_blocks = 16, 40
+    kv = allocate_kv_cache(model.shape, num_blocks, block_size, torch.bfloat16, "cuda")
+    table = _scattered_table(2, 256 // block_size, num_blocks, seed=3)
+    row, scratch = 1, 2
+    ids = torch.randint(2, 400, (60,), generator=torch.Generator().manual_seed(1)).tolist()
     l32 = _full_logits(_hf(gpu_model_dir, torch.float32), ids)
     l16 = _full_logits(_hf(gpu_model_dir, torch.bfloat16), ids)
-    prompt = torch.tensor(ids[:40], device="cuda")
-    ones = torch.ones(40, dtype=torch.long, device="cuda")
-    model.prefill(prompt, torch.arange(40, device="cuda"), ones, kv, [PrefillChunk(1, 0, 40, 0)])
-    out = torch.empty(2, 400, dtype=torch.bfloat16, device="cuda")
-    for t in range(40, 60):
-        ids_t = torch.tensor([ids[t], 0], device="cuda")
-        model.decode(
-            ids_t, torch.tensor([t, 0], device="cuda"), torch.tensor([1, 2], device="cuda"), kv, out
-        )
-        ours = (out[0].float() - l32[t]).norm() / l32[t].norm()
+
+    def check(logits, t):
+        ours = (logits.float() - l32[t]).norm() / l32[t].norm()
         hf = (l16[t] - l32[t]).norm() / l32[t].norm()
         assert ours <= 2 * hf + 2e-3, f"position {t}: ours {ours:.3g} vs HF bf16 {hf:.3g}"
+
+    def cuda(values, dtype=torch.int64):
+        return torch.tensor(values, dtype=dtype, device="cuda")
+
+    for start, length in ((0, 25), (25, 15)):  # chunk edges inside blocks
+        batch = StepBatch(
+            input_ids=cuda(ids[start : start + length]),
+            positions=torch.arange(start, start + length, device="cuda"),
+            rows=torch.full((length,), row, dtype=torch.int64, device="cuda"),
+            logit_rows=cuda([length - 1]),
+            num_decode=0,
+            seq_rows=cuda([row]),
+            cu_seqlens_q=cuda([0, length], torch.int32),
+            k_lens=cuda([start + length], torch.int32),
+            max_q_len=length,
+        )
+        logits = model.forward(batch, kv, table)
+        assert logits.shape == (1, 400)
+        check(logits[0], start + length - 1)
+    out = torch.empty(2, 400, dtype=torch.bfloat16, device="cuda")
+    for t in range(40, 60):
+        model.decode(cuda([ids[t], 0]), cuda([t, 0]), cuda([row, scratch]), kv, table, out)
+        check(out[0], t)
 
 
 # -- graphs ------------------------------------------------------------------------------------
 
+RUNNER_MAX_LEN = 512  # table width * block size
 
-def _runner(model_dir, sizes, mode="eager"):
+
+def _runner(model_dir, sizes, mode="eager", block_size=16):
+    """A DecodeGraphRunner over a paged cache of random K/V and a table of scattered blocks
+    (one row per batch slot, then the scratch row)."""
     from server import ops
     from server.graph_runner import DecodeGraphRunner
     from server.graph_warmup import CapturePolicy
@@ -157,14 +194,17 @@ def _runner(model_dir, sizes, mode="eager"):
     ops.use_triton(True)
     ckpt = load_checkpoint(str(model_dir), "cuda", "bfloat16")
     model = ckpt.model
-    model.init_rope(512)
+    model.init_rope(RUNNER_MAX_LEN)
     max_n = max(sizes)
-    kv = allocate_kv_cache(model.shape, max_n + 1, 512, torch.bfloat16, "cuda")
+    width = RUNNER_MAX_LEN // block_size
+    num_blocks = 1 + max_n * width + 7  # a few blocks no row lists
+    kv = allocate_kv_cache(model.shape, num_blocks, block_size, torch.bfloat16, "cuda")
     for k, v in kv:
         k.normal_()
         v.normal_()
+    table = _scattered_table(max_n, width, num_blocks, seed=0)
     policy = CapturePolicy(sizes, mode)
-    runner = DecodeGraphRunner(model, kv, policy, max_n, max_n)
+    runner = DecodeGraphRunner(model, kv, table, policy, max_n, scratch_row=max_n)
     runner.startup()
     policy.mark_ready()
     return runner, policy
@@ -177,14 +217,15 @@ def test_graph_replay_equals_eager_for_every_size(gpu_model_dir):
     g = torch.Generator().manual_seed(0)
     for n in list(range(1, 33)):
         ids = torch.randint(2, 400, (n,), generator=g).tolist()
-        positions = torch.randint(0, 500, (n,), generator=g).tolist()
-        slots = torch.randperm(32, generator=g)[:n].tolist()
-        graph_logits = runner.run(ids, positions, slots).clone()
+        positions = torch.randint(0, RUNNER_MAX_LEN, (n,), generator=g).tolist()
+        rows = torch.randperm(32, generator=g)[:n].tolist()  # distinct rows: distinct blocks
+        graph_logits = runner.run(ids, positions, rows).clone()
         runner.inputs[0, :n] = torch.tensor(ids)
         runner.inputs[1, :n] = torch.tensor(positions)
-        runner.inputs[2, :n] = torch.tensor(slots)
+        runner.inputs[2, :n] = torch.tensor(rows)
         runner._decode_static(n)  # the same step, eagerly, exact size
         eager_logits = runner.logits[:n].clone()
+        assert not torch.isnan(graph_logits).any()
         if n in sizes:
             assert torch.equal(graph_logits, eager_logits), f"size {n}: replay differs from eager"
         else:  # padded: other GEMM shapes may round differently; same greedy token
@@ -266,3 +307,98 @@ async def test_idle_time_captures_everything_without_requests(gpu_model_dir):
         assert traffic["eager_steps"] == 0
     finally:
         engine.shutdown()
+
+
+# -- paged KV cache at engine level ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def long_context_model_dir(tmp_path_factory):
+    """separated_model_dir's weights with a 4096-token context (the others stop at 1024)."""
+    shape = dict(GPU_SHAPE, max_position_embeddings=4096)
+    return build_checkpoint(tmp_path_factory.mktemp("gpu-llama-4k"), "llama", seed=7, **shape)
+
+
+async def generate(engine, prompt, max_tokens) -> tuple[list[int], RequestOutput]:
+    """Greedy tokens of one request, and its final output."""
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    toks, last = [], None
+    async for out in engine.generate(f"g{next(_ids)}", prompt, params):
+        toks += out.token_ids
+        last = out
+    assert last is not None and last.finished and last.finish_reason == "length", last
+    return toks, last
+
+
+async def test_block_size_and_preemption_keep_greedy_output(separated_model_dir):
+    """Blocks of 16 or 128 tokens give the same greedy tokens (the kernels walk the context in
+    the same tiles whatever the block size), and so does a pool so small that sequences are
+    preempted and recomputed. One max_model_len throughout: the table width times the block
+    size sets the decode split count; every graph is captured up front, so both runs pick the
+    same graph for every step."""
+    prompts = mixed_prompts(12, seed=31)
+    configs = {
+        "bs16": dict(block_size=16, num_kv_blocks=1 + 16 * 16),  # every sequence at full length
+        "bs128": dict(block_size=128, num_kv_blocks=1 + 16 * 2),
+        # 19 blocks of 16 tokens for 12 sequences of up to 89 + 40 tokens (9 blocks) each.
+        "preempt": dict(block_size=16, num_kv_blocks=20),
+    }
+    results, stats = {}, {}
+    for name, overrides in configs.items():
+        engine = start(separated_model_dir, max_model_len=256, graph_capture="eager", **overrides)
+        try:
+            results[name] = await run_batch(engine, prompts, max_tokens=40)
+            stats[name] = engine.stats()
+            report = engine.graph_report()
+        finally:
+            engine.shutdown()
+        assert report["kv_cache"]["block_size"] == overrides["block_size"], name
+        assert stats[name]["kv_blocks_used"] == 0 and stats[name]["running"] == 0, name
+    assert stats["bs16"]["preemptions"] == 0 and stats["bs128"]["preemptions"] == 0
+    assert stats["preempt"]["preemptions"] >= 1
+    assert all(len(toks) == 40 for toks in results["bs16"])
+    assert results["bs128"] == results["bs16"]
+    assert results["preempt"] == results["bs16"]
+
+
+async def test_prefix_cache_hit_gives_the_same_output(separated_model_dir):
+    """In bf16 on the GPU, a request served from the prefix cache (only its last tokens
+    prefilled, reading the cached blocks) gives the tokens its cold run gave, and reports the
+    cached tokens in its final output. One request at a time, so both runs decode alike."""
+    g = torch.Generator().manual_seed(41)
+    prompts = [torch.randint(2, 400, (n,), generator=g).tolist() for n in (100, 300)]
+    engine = start(
+        separated_model_dir, block_size=16, num_kv_blocks=1 + 16 * 32, graph_capture="eager"
+    )
+    try:
+        misses = [await generate(engine, p, 24) for p in prompts]
+        before = engine.stats()["prefix_hit_tokens"]
+        hits = [await generate(engine, p, 24) for p in prompts]
+        hit_tokens = engine.stats()["prefix_hit_tokens"] - before
+    finally:
+        engine.shutdown()
+    for prompt, (miss, miss_out), (hit, hit_out) in zip(prompts, misses, hits, strict=True):
+        assert miss_out.cached_tokens == 0
+        # Every full block but the one holding the last prompt token (its logits are needed).
+        assert hit_out.cached_tokens == (len(prompt) - 1) // 16 * 16
+        assert hit == miss, f"prompt of {len(prompt)} tokens: cache hit {hit} != miss {miss}"
+    assert hit_tokens == 96 + 288
+
+
+async def test_chunked_prefill_gives_the_same_tokens(long_context_model_dir):
+    """A 3000-token prompt prefilled in chunks of 512 (each chunk attending to the earlier ones
+    through the cache) gives the greedy tokens of one 3000-token chunk."""
+    prompt = torch.randint(2, 400, (3000,), generator=torch.Generator().manual_seed(51)).tolist()
+    results, mixed = {}, {}
+    for budget in (512, 4096):
+        engine = start(long_context_model_dir, max_model_len=4096, block_size=16,
+                       num_kv_blocks=1 + 2 * 4096 // 16, max_num_batched_tokens=budget,
+                       graph_capture="eager")
+        try:
+            before = engine.stats()["mixed_steps"]
+            results[budget], _ = await generate(engine, prompt, 16)
+            mixed[budget] = engine.stats()["mixed_steps"] - before
+        finally:
+            engine.shutdown()
+    assert mixed == {512: 6, 4096: 1}  # ceil(3000 / 512) chunks, or one
+    assert results[512] == results[4096]

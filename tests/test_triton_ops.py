@@ -2,7 +2,7 @@
 
 Two ways to run:
 * on CUDA (tests marked `gpu`): the compiled kernels, plus CUDA-graph replay and
-  compile-variant checks;
+  compile-variant checks (these include the attention kernels);
 * on CPU under Triton's interpreter, opt-in: `TRITON_INTERPRET=1 pytest tests/test_triton_ops.py`
   (the variable must be set before triton is imported, hence an environment variable).
 Without triton the module is skipped.
@@ -19,16 +19,17 @@ Tolerances, and why:
 * Triton's interpreter converts fp32 -> bf16 by truncation, not round-to-nearest-even, so under
   the interpreter bf16 results get a loose extra allowance (4 eps * max|ref|); fp16 and fp32
   keep the compiled tolerances there, and they exercise the same rounding steps.
-* decode attention: against the reference run in float64 on the same (rounded) inputs. The
-  kernel's own error is the final rounding (1 ulp) plus, for 16-bit caches, rounding the
-  softmax weights to the cache dtype before the P @ V product (<= eps/2 relative per weight,
-  so <= eps/2 * the weighted mean of |v|); the bound checked is 1 ulp + eps * that mean.
+* rope_write_kv writes through the block table into a paged cache (`[blocks, block_size, Hkv,
+  D]`); the caches start as NaN, so a write to the wrong block or offset shows twice: the
+  entry that should hold k/v is NaN, and an entry that should have stayed NaN does not.
+The attention kernels (`server.triton_attention`) have their own file,
+tests/test_triton_attention.py; the compile-variant check here covers them too, since a decoder
+layer launches them beside these kernels.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 
 import pytest
@@ -39,32 +40,6 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 from server import ops, triton_ops  # noqa: E402  (after the importorskip)
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-@functools.cache
-def _interpreter_loops_work() -> bool:
-    """Whether this triton + numpy pair can run a loop whose bound is a tensor in the interpreter.
-
-    Triton < 3.7's interpreter turns a one-element array into an int with `int(array)`, which
-    numpy >= 2.4 rejects; decode_attention's loop over the cached positions needs it.
-    """
-    import triton.language as tl
-
-    @triton.jit
-    def _probe(n_ptr, out_ptr):
-        n = tl.load(n_ptr)
-        acc = 0
-        for _ in range(0, n):
-            acc += 1
-        tl.store(out_ptr, acc)
-
-    n = torch.tensor([3], dtype=torch.int32)
-    out = torch.zeros(1, dtype=torch.int32)
-    try:
-        _probe[(1,)](n, out)
-    except Exception:  # the interpreter's own error type differs between versions
-        return False
-    return int(out[0]) == 3
 
 
 _CPU_SKIP = (
@@ -272,11 +247,11 @@ def test_silu_and_mul_strided_rows_and_3d(device):
 # rope_write_kv
 # ---------------------------------------------------------------------------------------------
 
-ROPE_CASES = [  # (T, Hq, Hkv, D)
-    (1, 32, 8, 128),
-    (7, 8, 8, 64),
-    (37, 16, 2, 128),
-    (300, 4, 1, 64),
+ROPE_CASES = [  # (T, Hq, Hkv, D, block_size)
+    (1, 32, 8, 128, 16),
+    (7, 8, 8, 64, 8),
+    (37, 16, 2, 128, 64),
+    (300, 4, 1, 64, 16),
 ]
 
 
@@ -292,199 +267,68 @@ def _fused_qkv(t, hq, hkv, d, dtype, device, gen, pad=0):
     return q, k, v
 
 
+def _block_table(n_rows: int, width: int, gen, spare: int = 3) -> tuple[torch.Tensor, int]:
+    """`[n_rows + 1, width]` int32: each row lists its own scattered blocks (no block in two
+    rows), the last row is the scratch row (block 0). Returns (table, number of blocks)."""
+    num_blocks = 1 + n_rows * width + spare
+    table = torch.zeros(n_rows + 1, width, dtype=torch.int32)
+    perm = torch.randperm(num_blocks - 1, generator=gen)[: n_rows * width] + 1
+    table[:n_rows] = perm.view(n_rows, width).to(torch.int32)
+    return table, num_blocks
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: "T{}-q{}-kv{}-d{}".format(*c))
+@pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: "T{}-q{}-kv{}-d{}-bs{}".format(*c))
 def test_rope_write_kv(device, dtype, case):
-    t, hq, hkv, d = case
-    gen = _gen(t * 131 + hq * 17 + d)
+    t, hq, hkv, d, page = case
+    gen = _gen(t * 131 + hq * 17 + d + page)
     q, k, v = _fused_qkv(t, hq, hkv, d, dtype, device, gen, pad=8)  # an odd row stride too
     assert t == 1 or q.stride(0) > hq * d  # strided views into one buffer
     cos = _randn(t, d, dtype=dtype, device=device, gen=gen)
     sin = _randn(t, d, dtype=dtype, device=device, gen=gen)
-    num_slots, max_len = 5, 97
-    # Distinct (slot, position) pairs: duplicates would make the reference's order matter.
-    flat = torch.randperm(num_slots * max_len, generator=gen)[:t]
-    slots, positions = (flat // max_len).to(device), (flat % max_len).to(device)
+    n_rows, max_len = 5, 97
+    table, num_blocks = _block_table(n_rows, -(-max_len // page), gen)
+    table = table.to(device)
+    # Distinct (row, position) pairs, so distinct cache entries: duplicates would make the
+    # reference's write order matter.
+    flat = torch.randperm(n_rows * max_len, generator=gen)[:t]
+    rows, positions = (flat // max_len).to(device), (flat % max_len).to(device)
     # Poisoned caches: written entries must be exact, every other entry must stay NaN.
-    k_cache = torch.full((num_slots, hkv, max_len, d), float("nan"), dtype=dtype, device=device)
+    k_cache = torch.full((num_blocks, page, hkv, d), float("nan"), dtype=dtype, device=device)
     v_cache = torch.full_like(k_cache, float("nan"))
     k_ref, v_ref = k_cache.clone(), v_cache.clone()
     with torch_reference():
-        q_ref = ops.rope_write_kv(q, k, v, cos, sin, k_ref, v_ref, slots, positions)
+        q_ref = ops.rope_write_kv(q, k, v, cos, sin, k_ref, v_ref, table, rows, positions)
 
-    q_rot = triton_ops.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, positions)
+    q_rot = triton_ops.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, table, rows, positions)
 
-    k_written = k_cache[slots, :, positions]
+    index = ops.flat_token_index(table, rows, positions, page)
+    assert index.unique().numel() == t
+
+    def tokens(cache):  # the cache as `[blocks * block_size, Hkv, D]`
+        return cache.view(-1, hkv, d)
+
+    k_written, k_want = tokens(k_cache)[index], tokens(k_ref)[index]
     if INTERPRET or dtype == torch.float32:
         assert_close(q_rot, q_ref, 0, "q_rot")
-        assert_close(k_written, k_ref[slots, :, positions], 0, "k written")
+        assert_close(k_written, k_want, 0, "k written")
     else:
-        for name, got, want, x in (
-            ("q_rot", q_rot, q_ref, q),
-            ("k written", k_written, k_ref[slots, :, positions], k),
-        ):
+        for name, got, want, x in (("q_rot", q_rot, q_ref, q), ("k written", k_written, k_want, k)):
             err = (got.double() - want.double()).abs().cpu()
             bound = _rope_tolerance(x, cos, sin, dtype)
             assert not torch.isnan(got).any(), f"{name}: NaN (an element not written?)"
             assert bool((err <= bound).all()), f"{name}: {int((err > bound).sum())} elements off"
-    assert torch.equal(v_cache[slots, :, positions], v_ref[slots, :, positions]), "v written"
-    written = torch.zeros(num_slots, max_len, dtype=torch.bool, device=device)
-    written[slots, positions] = True
+    assert torch.equal(tokens(v_cache)[index], tokens(v_ref)[index]), "v written"
+    written = torch.zeros(num_blocks * page, dtype=torch.bool, device=device)
+    written[index] = True
     for name, cache in (("k", k_cache), ("v", v_cache)):
-        untouched = cache.permute(0, 2, 1, 3)[~written]
-        assert torch.isnan(untouched).all(), f"{name} cache changed outside the written positions"
-
-
-# ---------------------------------------------------------------------------------------------
-# decode_attention
-# ---------------------------------------------------------------------------------------------
-
-ATTN_CASES = [  # (N, Hq, Hkv, D, max_len)
-    (1, 4, 4, 64, 37),  # G = 1
-    (5, 8, 2, 128, 300),  # G = 4
-    (3, 16, 2, 64, 1000),  # G = 8
-    (64, 8, 2, 64, 129),  # wide batch, G = 4
-    (2, 2, 1, 128, 4096),  # long context, few heads: many splits per row
-]
-GPU_ATTN_CASES = [  # the 8B shape (32 q / 8 kv heads, D 128)
-    (1, 32, 8, 128, 4096),
-    (8, 32, 8, 128, 4096),
-    (64, 32, 8, 128, 513),
-]
-
-
-def _attention_inputs(n, hq, hkv, d, max_len, dtype, device, gen):
-    """Caches where only the positions some row may read are finite; everything else is NaN.
-
-    Rows get distinct slots except the last two, which share a "scratch" slot with seq_len 1
-    (how the engine pads a batch). seq_lens cover 1, max_len and odd values in between.
-    """
-    num_slots = n + 3
-    slot_perm = torch.randperm(num_slots, generator=gen)
-    slots = slot_perm[:n].clone()
-    lens = torch.randint(1, max_len + 1, (n,), generator=gen)
-    lens[0] = max_len
-    if n > 1:
-        lens[1] = 1
-    if n > 3:
-        lens[2] = max(1, max_len // 2 + 1)
-        slots[-2:] = slot_perm[n]  # padding rows: one scratch slot, seq_len 1
-        lens[-2:] = 1
-    k_cache = torch.randn(num_slots, hkv, max_len, d, generator=gen).to(dtype)
-    v_cache = torch.randn(num_slots, hkv, max_len, d, generator=gen).to(dtype)
-    readable = torch.zeros(num_slots, max_len, dtype=torch.bool)
-    for s, length in zip(slots.tolist(), lens.tolist(), strict=True):
-        readable[s, :length] = True
-    for cache in (k_cache, v_cache):
-        cache.permute(0, 2, 1, 3)[~readable] = float("nan")
-    q = (torch.randn(n, hq, d, generator=gen) * 2).to(dtype)
-    return [t.to(device) for t in (q, k_cache, v_cache, slots, lens)]
-
-
-def _attention_ref(q, k_cache, v_cache, slots, lens, scale):
-    """`ops._decode_attention_ref` in float64 (NaN-poisoned positions zeroed: masked anyway)."""
-    return ops._decode_attention_ref(
-        q.double(),
-        k_cache.nan_to_num().double(),
-        v_cache.nan_to_num().double(),
-        slots,
-        lens,
-        scale,
-    )
-
-
-def _assert_attention_close(got, inputs, what):
-    """Error bound (module docstring): 1 ulp of the result + eps * the softmax-weighted mean of
-    |v| (what rounding each weight to the cache dtype can move); fp32: rtol 1e-5 of the same."""
-    q, k_cache, v_cache, slots, lens, scale = inputs
-    assert got.shape == q.shape and got.dtype == q.dtype, what
-    assert not torch.isnan(got).any(), f"{what}: NaN (unwritten output or a poisoned read)"
-    ref = _attention_ref(q, k_cache, v_cache, slots, lens, scale).cpu()
-    mean_abs_v = _attention_ref(q, k_cache, v_cache.abs(), slots, lens, scale).cpu()
-    got64 = got.double().cpu()
-    err = (got64 - ref).abs()
-    if q.dtype == torch.float32:
-        bound = 1e-5 * (ref.abs() + mean_abs_v)
-    else:
-        finfo = torch.finfo(q.dtype)
-        ulp = torch.exp2(torch.floor(torch.log2(ref.abs().clamp_min(finfo.tiny)))) * finfo.eps
-        bound = ulp + finfo.eps * mean_abs_v
-    bad = err > bound
-    assert not bad.any(), (
-        f"{what}: {int(bad.sum())} elements beyond the bound; worst error {err.max().item():.3g}, "
-        f"typical bound {bound.median().item():.3g}"
-    )
-
-
-def _run_attention_case(device, dtype, case, seed, num_splits=None):
-    n, hq, hkv, d, max_len = case
-    gen = _gen(seed)
-    q, k_cache, v_cache, slots, lens = _attention_inputs(n, hq, hkv, d, max_len, dtype, device, gen)
-    scale = d**-0.5
-    got = triton_ops.decode_attention_split(q, k_cache, v_cache, slots, lens, scale, num_splits)
-    _assert_attention_close(
-        got, (q, k_cache, v_cache, slots, lens, scale), f"decode_attention {case} {dtype}"
-    )
-
-
-@pytest.fixture
-def interpreter_loops(request):
-    if INTERPRET and not _interpreter_loops_work():
-        pytest.skip(
-            "this triton's interpreter cannot run loops with tensor bounds under this numpy "
-            "(fixed in triton 3.7); compiled GPU runs are unaffected"
-        )
-
-
-@pytest.mark.usefixtures("interpreter_loops")
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("case", ATTN_CASES, ids=lambda c: "N{}-q{}-kv{}-d{}-L{}".format(*c))
-def test_decode_attention(device, dtype, case):
-    _run_attention_case(device, dtype, case, seed=sum(case))
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("case", GPU_ATTN_CASES, ids=lambda c: "N{}-q{}-kv{}-d{}-L{}".format(*c))
-def test_decode_attention_8b_shapes(dtype, case):
-    _run_attention_case("cuda", dtype, case, seed=sum(case))
-
-
-@pytest.mark.usefixtures("interpreter_loops")
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("num_splits", [1, 3, 32])
-def test_decode_attention_any_split_count(device, num_splits):
-    _run_attention_case(device, torch.float16, (6, 8, 2, 64, 777), seed=3, num_splits=num_splits)
-
-
-def test_split_policy_depends_on_shapes_only():
-    for batch in (1, 2, 8, 64, 256):
-        for max_len in (1, 63, 64, 65, 4096, 131072):
-            splits = triton_ops.decode_attention_splits(batch, 8, max_len)
-            assert 1 <= splits <= 32
-            assert splits <= max(1, -(-max_len // 64))  # never more splits than blocks
-    assert triton_ops.decode_attention_splits(1, 8, 4096) == 32  # batch 1 fills the GPU
-    assert triton_ops.decode_attention_splits(64, 8, 4096) == 4
+        untouched = tokens(cache)[~written]
+        assert torch.isnan(untouched).all(), f"{name} cache changed outside the written tokens"
 
 
 @pytest.mark.parametrize("device", [DEVICES[0], "cpu"])  # raised before any kernel runs
 def test_input_validation(device):
-    q = torch.zeros(2, 8, 64, device=device)
-    cache = torch.zeros(3, 2, 16, 64, device=device)
-    idx = torch.zeros(2, dtype=torch.int64, device=device)
-    with pytest.raises(ValueError, match="multiple of Hkv"):
-        triton_ops.decode_attention(
-            torch.zeros(2, 7, 64, device=device), cache, cache, idx, idx, 1.0
-        )
-    with pytest.raises(ValueError, match="seq_lens"):
-        triton_ops.decode_attention(q, cache, cache, idx, idx[:1], 1.0)
-    with pytest.raises(TypeError, match="share a dtype"):
-        triton_ops.decode_attention(q.half(), cache, cache, idx, idx, 1.0)
-    with pytest.raises(ValueError, match="num_splits"):
-        triton_ops.decode_attention_split(q, cache, cache, idx, idx, 1.0, 33)
     with pytest.raises(ValueError, match="weight must be"):
         triton_ops.rms_norm(torch.zeros(2, 64, device=device), torch.zeros(32, device=device), 1e-6)
     with pytest.raises(ValueError, match="even"):
@@ -493,6 +337,37 @@ def test_input_validation(device):
         triton_ops.rms_norm(
             torch.zeros(2, 4, dtype=torch.int32, device=device), torch.zeros(4, device=device), 1e-6
         )
+    q = torch.zeros(2, 8, 64, device=device)
+    k = torch.zeros(2, 2, 64, device=device)
+    cs = torch.zeros(2, 64, device=device)
+    cache = torch.zeros(3, 16, 2, 64, device=device)
+    table = torch.zeros(2, 4, dtype=torch.int32, device=device)
+    idx = torch.zeros(2, dtype=torch.int64, device=device)
+
+    def rope(**changes):
+        args = dict(q=q, k=k, v=k, cos=cs, sin=cs, k_cache=cache, v_cache=cache,
+                    block_tables=table, rows=idx, positions=idx)
+        args.update(changes)
+        return triton_ops.rope_write_kv(**args)
+
+    with pytest.raises(ValueError, match="caches must be"):
+        rope(k_cache=torch.zeros(3, 16, 4, 64, device=device))
+    with pytest.raises(ValueError, match="caches must be"):
+        rope(v_cache=torch.zeros(3, 8, 2, 64, device=device))
+    with pytest.raises(ValueError, match="caches must be contiguous"):
+        strided = torch.zeros(3, 16, 2, 128, device=device)[..., :64]
+        rope(k_cache=strided, v_cache=strided)
+    with pytest.raises(ValueError, match="positions"):
+        rope(positions=idx[:1])
+    with pytest.raises(ValueError, match="rows"):
+        rope(rows=idx.float())
+    with pytest.raises(ValueError, match="even"):
+        odd = torch.zeros(2, 2, 63, device=device)
+        rope(q=torch.zeros(2, 8, 63, device=device), k=odd, v=odd,
+             cos=torch.zeros(2, 63, device=device), sin=torch.zeros(2, 63, device=device))
+    if device == "cuda":
+        with pytest.raises(ValueError, match="block_tables is on cpu"):
+            rope(block_tables=table.cpu())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -502,45 +377,13 @@ def test_input_validation(device):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_decode_attention_graph_replay_with_new_lengths(dtype, monkeypatch):
-    """A graph captured once replays correctly with other seq_lens, slots and queries."""
-    monkeypatch.setattr(
-        triton_ops, "_empty", lambda shape, dt, dev: torch.empty(shape, dtype=dt, device=dev)
-    )  # the graph pool hands out memory; no NaN fill inside
-    n, hq, hkv, d, max_len = 8, 32, 8, 128, 1024
-    gen = _gen(123)
-    q, k_cache, v_cache, slots, lens = _attention_inputs(n, hq, hkv, d, max_len, dtype, "cuda", gen)
-    k_cache, v_cache = k_cache.nan_to_num(), v_cache.nan_to_num()
-    scale = d**-0.5
-    triton_ops.decode_attention(q, k_cache, v_cache, slots, lens, scale)  # compile outside
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = triton_ops.decode_attention(q, k_cache, v_cache, slots, lens, scale)
-    for trial in range(3):
-        new_q = (torch.randn(n, hq, d, generator=gen) * 2).to(dtype)
-        new_slots = torch.randperm(k_cache.shape[0], generator=gen)[:n]
-        new_lens = torch.randint(1, max_len + 1, (n,), generator=gen)
-        new_lens[trial] = max_len if trial else 1
-        q.copy_(new_q)
-        slots.copy_(new_slots)
-        lens.copy_(new_lens)
-        graph.replay()
-        eager = triton_ops.decode_attention(q, k_cache, v_cache, slots, lens, scale)
-        torch.cuda.synchronize()
-        assert torch.equal(out, eager), f"replay {trial} differs from eager"
-        _assert_attention_close(out, (q, k_cache, v_cache, slots, lens, scale), f"replay {trial}")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
 def test_layer_ops_graph_replay(monkeypatch):
-    """rope_write_kv + norms + silu captured together follow new positions/slots on replay."""
+    """rope_write_kv + norms + silu captured together follow new positions, rows and block
+    tables on replay (the table is read in place, as the engine's device table is)."""
     monkeypatch.setattr(
         triton_ops, "_empty", lambda shape, dt, dev: torch.empty(shape, dtype=dt, device=dev)
     )
-    dtype, n, hq, hkv, d, hidden = torch.bfloat16, 4, 8, 2, 64, 512
+    dtype, n, hq, hkv, d, hidden, page, width = torch.bfloat16, 4, 8, 2, 64, 512, 8, 4
     gen = _gen(9)
     q, k, v = _fused_qkv(n, hq, hkv, d, dtype, "cuda", gen)
     cos = _randn(n, d, dtype=dtype, device="cuda", gen=gen)
@@ -548,13 +391,17 @@ def test_layer_ops_graph_replay(monkeypatch):
     x = _randn(n, hidden, dtype=dtype, device="cuda", gen=gen)
     res = _randn(n, hidden, dtype=dtype, device="cuda", gen=gen)
     w = _randn(hidden, dtype=dtype, device="cuda", gen=gen)
-    k_cache = torch.zeros(6, hkv, 32, d, dtype=dtype, device="cuda")
+    table, num_blocks = _block_table(n, width, gen, spare=8)
+    table = table.cuda()
+    k_cache = torch.zeros(num_blocks, page, hkv, d, dtype=dtype, device="cuda")
     v_cache = torch.zeros_like(k_cache)
-    slots = torch.arange(n, device="cuda")
+    rows = torch.arange(n, device="cuda")
     positions = torch.zeros(n, dtype=torch.int64, device="cuda")
 
     def step():
-        q_rot = triton_ops.rope_write_kv(q, k, v, cos, sin, k_cache, v_cache, slots, positions)
+        q_rot = triton_ops.rope_write_kv(
+            q, k, v, cos, sin, k_cache, v_cache, table, rows, positions
+        )
         normed, s = triton_ops.add_rms_norm(x, res, w, 1e-5)
         return q_rot, normed, s, triton_ops.silu_and_mul(torch.cat([normed, s], dim=-1))
 
@@ -563,8 +410,11 @@ def test_layer_ops_graph_replay(monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         outs = step()
-    slots.copy_(torch.tensor([5, 3, 1, 0]))
+    rows.copy_(torch.tensor([3, 1, 0, 2]))
     positions.copy_(torch.tensor([31, 7, 0, 12]))
+    new_table, _ = _block_table(n, width, _gen(10), spare=8)  # other blocks for every row
+    assert not torch.equal(new_table, table.cpu())
+    table.copy_(new_table)
     x.mul_(-0.5)
     k_cache.zero_()
     v_cache.zero_()
@@ -578,52 +428,148 @@ def test_layer_ops_graph_replay(monkeypatch):
     for a, b in zip(outs, eager, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(k_graph, k_cache) and torch.equal(v_graph, v_cache)
-    assert k_cache[5, :, 31].abs().sum() > 0  # the new slot/position was written
+    # The replay wrote exactly the tokens the new table, rows and positions name.
+    index = ops.flat_token_index(table, rows, positions, page)
+    written = torch.zeros(num_blocks * page, dtype=torch.bool, device="cuda")
+    written[index] = True
+    for cache in (k_graph, v_graph):
+        tokens = cache.view(-1, hkv, d)
+        assert bool((tokens[index] != 0).any(dim=-1).all()), "a token was not written"
+        assert not tokens[~written].any(), "a token outside the new table's entries was written"
 
 
-def _compiled_variants(kernel) -> int | None:
-    """How many compiled variants a @triton.jit function holds (None: unknown triton layout)."""
+def _variant_keys(kernel) -> set | None:
+    """The compiled variants' cache keys of a @triton.jit function, over every device (empty:
+    never launched; None: a triton whose kernel cache has an unknown layout)."""
     caches = getattr(kernel, "device_caches", None)
-    if not caches:
+    if caches is None:
         return None
-    kernel_cache = next(iter(caches.values()))[0]
-    return len(kernel_cache) if isinstance(kernel_cache, dict) else None
+    keys: set = set()
+    for entry in caches.values():  # (kernel_cache, ...) per device
+        kernel_cache = entry[0] if isinstance(entry, (tuple, list)) and entry else None
+        if not isinstance(kernel_cache, dict):
+            return None
+        keys |= set(kernel_cache)
+    return keys
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
 def test_batch_size_does_not_recompile():
-    """Every batch size and sequence length reuses the kernels compiled for the first one."""
-    dtype, hq, hkv, d, hidden, inter, max_len = torch.bfloat16, 12, 3, 64, 384, 320, 200
+    """After one decode step and one mixed step, no batch size, split count, chunk length or
+    number of chunks compiles another variant of any kernel a decoder layer launches.
+
+    Triton specialises integer arguments equal to 1 (or divisible by 16) and pointers by their
+    16-byte alignment, so the arguments are made the way the engine makes them: decode inputs
+    are rows of one static `[4, max_num_seqs]` buffer (DecodeGraphRunner.inputs), a mixed
+    step passes `q_rot[:nd]` to decode and `q_rot[nd:]` to prefill attention, writing into
+    `attn_out[:nd]` and `attn_out[nd:]` of one buffer. Any new variant is reported with its
+    specialisation key, which names the argument responsible.
+    """
+    from server import triton_attention
+
+    dtype, hq, hkv, d, hidden, inter = torch.bfloat16, 12, 3, 64, 384, 320
+    page, width, max_n = 16, 64, 64  # 1024 positions per row: 16 or 11 splits by batch size
+    max_len = page * width
     gen = _gen(77)
-    kernels = [
-        triton_ops._rms_norm_kernel,
-        triton_ops._silu_and_mul_kernel,
-        triton_ops._rope_write_kv_kernel,
-        triton_ops._decode_attn_split_kernel,
-        triton_ops._decode_attn_reduce_kernel,
-    ]
-    k_cache = torch.zeros(70, hkv, max_len, d, dtype=dtype, device="cuda")
+    kernels = {
+        "rms_norm": triton_ops._rms_norm_kernel,
+        "silu_and_mul": triton_ops._silu_and_mul_kernel,
+        "rope_write_kv": triton_ops._rope_write_kv_kernel,
+        "decode_split": triton_attention._decode_split_kernel,
+        "decode_reduce": triton_attention._decode_reduce_kernel,
+        "prefill (per head)": triton_attention._prefill_kernel,
+        "prefill (GQA-packed)": triton_attention._prefill_gqa_kernel,
+    }
+    table, num_blocks = _block_table(max_n, width, gen)
+    table = table.cuda()
+    k_cache = torch.zeros(num_blocks, page, hkv, d, dtype=dtype, device="cuda")
     v_cache = torch.zeros_like(k_cache)
-    counts = None
-    for n in (1, 2, 3, 16, 17, 64):
-        x = _randn(n, hidden, dtype=dtype, device="cuda", gen=gen)
+    static = torch.zeros(4, max_n, dtype=torch.int64, device="cuda")  # ids, positions, rows, src
+
+    def layer_ops(t):
+        x = _randn(t, hidden, dtype=dtype, device="cuda", gen=gen)
         w = _randn(hidden, dtype=dtype, device="cuda", gen=gen)
         triton_ops.rms_norm(x, w, 1e-6)
         triton_ops.add_rms_norm(x, x, w, 1e-6)
-        triton_ops.silu_and_mul(_randn(n, 2 * inter, dtype=dtype, device="cuda", gen=gen))
-        q, k, v = _fused_qkv(n, hq, hkv, d, dtype, "cuda", gen)
-        cs = _randn(n, d, dtype=dtype, device="cuda", gen=gen)
-        slots = torch.arange(n, device="cuda")
-        positions = torch.randint(0, max_len, (n,), generator=gen).cuda()
-        q_rot = triton_ops.rope_write_kv(q, k, v, cs, cs, k_cache, v_cache, slots, positions)
-        triton_ops.decode_attention(q_rot, k_cache, v_cache, slots, positions + 1, 0.125)
-        now = [_compiled_variants(kern) for kern in kernels]
-        if None in now:
-            pytest.skip("this triton keeps its kernel cache in an unknown layout")
-        if counts is None:
-            counts = now
-        assert now == counts, f"batch {n} compiled new variants: {counts} -> {now}"
+        triton_ops.silu_and_mul(_randn(t, 2 * inter, dtype=dtype, device="cuda", gen=gen))
+        q, k, v = _fused_qkv(t, hq, hkv, d, dtype, "cuda", gen)
+        return q, k, v, _randn(t, d, dtype=dtype, device="cuda", gen=gen)
+
+    def decode_step(n, num_splits=None):
+        q, k, v, cs = layer_ops(n)
+        positions, rows = static[1, :n], static[2, :n]
+        positions.copy_(torch.randint(0, max_len, (n,), generator=gen))
+        rows.copy_(torch.randperm(max_n, generator=gen)[:n])
+        q_rot = triton_ops.rope_write_kv(q, k, v, cs, cs, k_cache, v_cache, table, rows, positions)
+        triton_attention.decode_attention(
+            q_rot, k_cache, v_cache, table, rows, positions + 1, 0.125, num_splits
+        )
+
+    def mixed_step(nd, chunks):
+        """nd decode rows, then prompt chunks [(q_len, k_len)], on distinct table rows."""
+        seq_rows = torch.randperm(max_n, generator=gen)[: nd + len(chunks)].tolist()
+        pos = torch.randint(0, max_len, (nd,), generator=gen).tolist()
+        rows = seq_rows[:nd]
+        for r, (q_len, k_len) in zip(seq_rows[nd:], chunks, strict=True):
+            pos += range(k_len - q_len, k_len)
+            rows += [r] * q_len
+        q_lens = [q_len for q_len, _ in chunks]
+        q, k, v, cs = layer_ops(len(pos))
+        positions = torch.tensor(pos, device="cuda")
+        rows = torch.tensor(rows, device="cuda")
+        q_rot = triton_ops.rope_write_kv(q, k, v, cs, cs, k_cache, v_cache, table, rows, positions)
+        attn_out = torch.empty_like(q_rot)  # one buffer per step, as DecoderModel.forward
+        if nd:
+            triton_attention.decode_attention(
+                q_rot[:nd], k_cache, v_cache, table, rows[:nd], positions[:nd] + 1, 0.125,
+                out=attn_out[:nd],
+            )
+        triton_attention.prefill_attention(
+            q_rot[nd:], k_cache, v_cache, table,
+            torch.tensor(seq_rows[nd:], device="cuda"),
+            torch.tensor([0] + q_lens, device="cuda").cumsum(0, dtype=torch.int32),
+            torch.tensor([k_len for _, k_len in chunks], dtype=torch.int32, device="cuda"),
+            max(q_lens), 0.125, out=attn_out[nd:],
+        )
+
+    # As the engine starts: a mixed warm-up step (one decode row, a 32-token chunk), then
+    # decode at the largest and the smallest batch size.
+    mixed_step(1, [(32, 32)])
+    decode_step(max_n)
+    decode_step(1)
+    torch.cuda.synchronize()
+    before = {name: _variant_keys(kern) for name, kern in kernels.items()}
+    if None in before.values():
+        pytest.skip("this triton keeps its kernel cache in an unknown layout")
+    # Every kernel the steps launch has a variant by now (the per-head prefill kernel serves
+    # only groups that are not a power of two here), so the cache is being read right.
+    assert all(keys for name, keys in before.items() if name != "prefill (per head)"), before
+
+    def check(what):
+        torch.cuda.synchronize()
+        for name, kern in kernels.items():
+            new = _variant_keys(kern) - before[name]
+            assert not new, f"{what} compiled a new variant of {name}: {sorted(map(str, new))}"
+
+    for n in (2, 3, 16, 17, 63, 64):
+        decode_step(n)
+        check(f"decode batch {n}")
+    for splits in (1, 2, 3, 16, 32):
+        decode_step(5, splits)
+        check(f"decode with {splits} splits")
+    for nd, chunks in [
+        (0, [(1, 1)]),
+        (0, [(5, 5), (17, 40)]),
+        (3, [(128, 128)]),
+        (1, [(200, 300), (1, 90), (64, 64)]),
+        (0, [(1, 1000)]),
+        (2, [(600, 1024), (16, 16)]),
+        (16, [(1, 2)] * 7),
+        (5, [(513, 600)]),
+    ]:
+        mixed_step(nd, chunks)
+        check(f"a mixed step of {nd} decode rows and chunks {chunks}")
 
 
 @pytest.mark.gpu
