@@ -304,6 +304,7 @@ class Scheduler:
         """The next step, with blocks allocated for every token it writes (None: nothing to
         run). Preempts when decode rows need blocks the pool no longer has."""
         decode = []
+        preempted_before = self.preemptions
         for seq in list(self.running):
             if seq.in_flight and seq.ends_with_in_flight_token():
                 continue  # its last token is already being computed
@@ -315,7 +316,8 @@ class Scheduler:
         budget = self.max_batched_tokens - len(decode)
         if decode:
             budget = min(budget, self.decode_prefill_tokens)
-        self._admit()
+        if self.preemptions == preempted_before:  # no admission right after a preemption:
+            self._admit()  # the freed blocks go to the sequences still running first
         prefill = []
         for seq in self.prefilling:
             if budget <= 0:
@@ -331,14 +333,12 @@ class Scheduler:
         return ScheduledStep(decode, prefill)
 
     def _reserve(self, seq: Sequence, num_tokens: int) -> bool:
-        """Blocks for `num_tokens` tokens of `seq`, preempting newer sequences (or, when
-        none is left, `seq` itself) until the pool has them. False if `seq` was preempted."""
+        """Blocks for `num_tokens` tokens of `seq`, preempting the most recently admitted
+        sequences (`seq` itself when it is the newest) until the pool has them. False if `seq`
+        was preempted."""
         while not self.blocks.append_slot(seq.blocks, num_tokens):
-            victim = max(
-                (s for s in self.running + self.prefilling if s is not seq),
-                key=lambda s: s.admitted,
-                default=seq,
-            )
+            # Last in, first out: the most recently admitted sequence, `seq` itself if it is.
+            victim = max(self.running + self.prefilling, key=lambda s: s.admitted)
             self._preempt(victim)
             if victim is seq:
                 return False

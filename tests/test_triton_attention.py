@@ -542,16 +542,21 @@ PREFILL_CASES = [  # (chunks [(q_len, k_len)], Hq, Hkv, D, block_size, share)
 PREFILL_KERNELS = ["default", "other"]
 
 
-def _prefill_config(kernel: str, dtype: torch.dtype):
+def _prefill_config(kernel: str, dtype: torch.dtype, max_q_len: int):
+    """None for the default launch; for "other", a config naming the kernel it does not pick."""
     if kernel == "default":
         return None
-    return ("gqa", 32, 32, 4, 1) if dtype == torch.float32 else ("per_head", 128, 64, 8, 3)
+    if dtype == torch.float32 or max_q_len <= triton_attention.SHORT_CHUNK:
+        return ("gqa", 32, 32, 4, 1) if dtype == torch.float32 else ("gqa", 128, 128, 8, 3)
+    return ("per_head", 128, 64, 8, 3)
 
 
-def _expected_prefill_kernel(kernel: str, dtype: torch.dtype, group: int) -> str:
+def _expected_prefill_kernel(kernel: str, dtype: torch.dtype, group: int, max_q_len: int) -> str:
     if group & (group - 1):
         return "per_head"  # the GQA packing needs a power-of-two group
-    gqa_by_default = dtype != torch.float32
+    # Short chunks (a few tokens over a long cached context) stay per query head by default:
+    # one GQA program per KV head would leave most of the GPU idle.
+    gqa_by_default = dtype != torch.float32 and max_q_len > triton_attention.SHORT_CHUNK
     return "gqa" if (kernel == "default") == gqa_by_default else "per_head"
 
 
@@ -605,9 +610,9 @@ def test_prefill_attention(device, kernel, dtype, case, prefill_launches):
     inputs = _prefill_inputs(chunks, hq, hkv, d, page, dtype, device, gen, share=share,
                              q_offset=3)
     what = f"prefill_attention {_prefill_id(case)} {dtype} {kernel}"
-    _check_prefill(inputs, what, config=_prefill_config(kernel, dtype))
+    _check_prefill(inputs, what, config=_prefill_config(kernel, dtype, inputs[-1]))
     assert [launch[0] for launch in prefill_launches] == [
-        _expected_prefill_kernel(kernel, dtype, hq // hkv)
+        _expected_prefill_kernel(kernel, dtype, hq // hkv, max(q for q, _ in chunks))
     ], what
 
 
@@ -622,7 +627,7 @@ def test_prefill_attention_long_chunks(kernel, dtype, case):
     inputs = _prefill_inputs(chunks, hq, hkv, d, page, dtype, "cuda", gen, share=share,
                              q_offset=5)
     what = f"prefill_attention {_prefill_id(case)} {dtype} {kernel}"
-    _check_prefill(inputs, what, config=_prefill_config(kernel, dtype))
+    _check_prefill(inputs, what, config=_prefill_config(kernel, dtype, inputs[-1]))
 
 
 @pytest.mark.usefixtures("interpreter_loops")
@@ -635,10 +640,15 @@ def test_prefill_packing_does_not_leak_between_sequences(device, kernel, prefill
     chunks = [(7, 50), (40, 40), (1, 13)]
     inputs = _prefill_inputs(chunks, hq, hkv, d, page, dtype, device, _gen(21))
     q, k_cache, v_cache, table, seq_rows, cu, k_lens, max_q_len = inputs
-    scale, config = d**-0.5, _prefill_config(kernel, dtype)
+    scale, config = d**-0.5, _prefill_config(kernel, dtype, max_q_len)
     packed = triton_attention.prefill_attention(*inputs, scale, config=config)
+    # The default launch depends on max_q_len (short chunks stay per query head): pin the
+    # one `packed` used, so only the grid's size differs.
+    same = config or (triton_attention.SHORT_CHUNK_CONFIG
+                      if max_q_len <= triton_attention.SHORT_CHUNK
+                      else triton_attention.PREFILL_CONFIG)
     wider = triton_attention.prefill_attention(*inputs[:-1], max_q_len + 100, scale,
-                                               config=config)
+                                               config=same)
     assert torch.equal(packed, wider)
     bounds = cu.tolist()
     for s in range(len(chunks)):
@@ -649,7 +659,7 @@ def test_prefill_packing_does_not_leak_between_sequences(device, kernel, prefill
         )
         assert torch.equal(alone, packed[bounds[s] : bounds[s + 1]]), f"sequence {s}"
     name, grid, block_t = prefill_launches[0]
-    assert name == _expected_prefill_kernel(kernel, dtype, hq // hkv)
+    assert name == _expected_prefill_kernel(kernel, dtype, hq // hkv, max_q_len)
     if name == "gqa":  # one program per (token block, KV head, sequence); 128 rows = 64 x 2
         assert block_t == 64 and grid == (1, hkv, len(chunks))
     else:  # one per (query block, query head, sequence)

@@ -130,9 +130,14 @@ class GrammarBackend:
         try:
             import llguidance
 
-            self._tokenizer = llguidance.LLTokenizer(
-                tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos
-            )
+            try:
+                self._tokenizer = llguidance.LLTokenizer(
+                    tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos
+                )
+            except TypeError:  # llguidance < 1.7 takes one EOS id (the GPU image's 1.6.1)
+                self._tokenizer = llguidance.LLTokenizer(
+                    tokenizer_json, n_vocab=self.vocab_size, eos_token=self._eos[0]
+                )
         except Exception as exc:  # reported to the requests that need it
             self._error = f"grammar tokenizer could not be built: {exc}"
         finally:
