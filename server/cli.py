@@ -18,6 +18,7 @@ from server.config import (
     DEVICES,
     DTYPES,
     GRAPH_CAPTURE_MODES,
+    LOAD_FORMATS,
     LOADERS,
     ConfigError,
     EngineConfig,
@@ -93,6 +94,9 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                        help="auto = read safetensors and tokenizer.json directly, falling back to "
                        "transformers when the checkpoint needs it; fast = never import "
                        "transformers; transformers = always use its Auto classes")
+    model.add_argument("--load-format", default=eng.load_format, choices=LOAD_FORMATS,
+                       help="auto = the checkpoint's safetensors files; dummy = random weights of "
+                       "config.json's shapes, no weight file read (measuring big shapes)")
     model.add_argument("--max-model-len", type=int, default=None, metavar="N",
                        help="context length (prompt + output) in tokens (default: the model's "
                        "limit, shrunk to fit the KV cache)")
@@ -108,6 +112,15 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                        help="prefill chunk size in tokens (default: 2048 on CUDA, 256 on CPU)")
     sched.add_argument("--gpu-memory-utilization", type=float, default=eng.gpu_memory_utilization,
                        metavar="FRACTION", help="share of GPU memory the server may use")
+
+    par = p.add_argument_group("tensor parallelism")
+    par.add_argument("--tensor-parallel-size", "-tp", type=int, default=eng.tensor_parallel_size,
+                     metavar="N",
+                     help="shard the model over N GPUs of this host, one process each (this "
+                     "one is rank 0); N must divide the model's KV heads")
+    par.add_argument("--tp-timeout", type=float, default=eng.tp_timeout_s, metavar="SECONDS",
+                     help="longest wait for a peer rank at any agreement (load: 10x this); a "
+                     "peer that misses it fails the server instead of hanging it")
 
     graphs = p.add_argument_group("CUDA graphs")
     graphs.add_argument("--graph-capture", default=None, choices=GRAPH_CAPTURE_MODES,
@@ -171,6 +184,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         device=args.device,
         loader=args.loader,
+        load_format=args.load_format,
+        tensor_parallel_size=args.tensor_parallel_size,
+        tp_timeout_s=args.tp_timeout,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,

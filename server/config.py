@@ -14,6 +14,9 @@ DEVICES = ("auto", "cuda", "cpu")
 # auto: read the files directly unless the checkpoint needs transformers; fast: never import
 # transformers (fail instead); transformers: always use its Auto classes.
 LOADERS = ("auto", "fast", "transformers")
+# auto: the checkpoint's safetensors files; dummy: random weights of config.json's shapes, no
+# weight file read (for measuring shapes that are not on disk).
+LOAD_FORMATS = ("auto", "dummy")
 
 
 class ConfigError(ValueError):
@@ -59,6 +62,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
     loader: str = "auto"  # auto | fast | transformers (see LOADERS)
+    load_format: str = "auto"  # auto | dummy (see LOAD_FORMATS)
+    tensor_parallel_size: int = 1  # processes (GPUs) the model is sharded over
+    tp_timeout_s: float = 60.0  # longest wait for a tensor-parallel peer at any agreement
     max_model_len: int | None = None  # None: the model's limit, shrunk to fit the KV budget
     max_num_seqs: int | None = None  # None: 64 on CUDA, 8 on CPU
     max_queue: int = 1024  # waiting requests beyond this are rejected (HTTP 429)
@@ -82,6 +88,16 @@ class EngineConfig:
             raise ConfigError(f"--device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         if self.loader not in LOADERS:
             raise ConfigError(f"--loader must be one of {', '.join(LOADERS)}, got {self.loader!r}")
+        if self.load_format not in LOAD_FORMATS:
+            raise ConfigError(
+                f"--load-format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
+            )
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(
+                f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"
+            )
+        if not self.tp_timeout_s > 0:
+            raise ConfigError(f"--tp-timeout must be > 0 seconds, got {self.tp_timeout_s}")
         if self.graph_capture not in GRAPH_CAPTURE_MODES:
             raise ConfigError(
                 f"--graph-capture must be one of {', '.join(GRAPH_CAPTURE_MODES)}, "

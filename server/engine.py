@@ -16,6 +16,11 @@ device from step N's output, before the host reads step N's tokens and does the 
 bookkeeping (stop checks, detokenisation, delivery). The device never waits for that Python
 work; the price is one wasted row when a sequence stops on a token the host had not seen yet.
 
+A step that raises fails the requests it carried and the engine serves on. A
+`FatalEngineError` (a tensor-parallel rank died or the ranks lost step) cannot be stepped past:
+every request fails, the other ranks are stopped, and the engine reports `failed`, after which
+the server exits non-zero.
+
 This module imports no torch: `AsyncEngine` is built cheaply on any thread, and the model
 runner (which imports torch) is imported on the engine thread, inside the "loading_weights"
 phase it belongs to.
@@ -37,6 +42,7 @@ from server.config import EngineConfig
 from server.engine_protocol import PhaseCallback, RequestStream, deliver
 from server.errors import (
     EngineNotReadyError,
+    FatalEngineError,
     InvalidRequestError,
     QueueFullError,
     StartupError,
@@ -138,7 +144,20 @@ class AsyncEngine:
         self._accepting = True
         self.ready.set()
         self._set_phase("ready")
-        core.serve(self._commands, self._deliver)
+        try:
+            core.serve(self._commands, self._deliver)
+        except FatalEngineError as exc:
+            self._accepting = False
+            reason = str(exc)
+            log.error("engine failed: %s", reason)
+            core.fail_everything(self._commands, self._deliver, reason)
+            runner.close(kill=True)
+            self._set_phase("failed", reason)
+            return
+        except BaseException:
+            runner.close(kill=True)
+            raise
+        runner.close()
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; unfinished requests end with finish_reason 'abort'."""
@@ -261,6 +280,8 @@ class EngineCore:
         self._pending: PendingStep | None = None  # the step in flight
 
     def serve(self, commands: queue.SimpleQueue, deliver_outputs) -> None:
+        """Run until a shutdown command; raises FatalEngineError when the engine cannot go on
+        (the caller then calls `fail_everything`)."""
         sched = self.scheduler
         while True:
             busy = sched.busy or self._pending is not None
@@ -273,6 +294,20 @@ class EngineCore:
                 deliver_outputs(outputs)
             self._offer_capture(commands)
         sched.abort_all("engine shut down")
+        deliver_outputs(sched.take_outputs())
+
+    def fail_everything(self, commands: queue.SimpleQueue, deliver_outputs, reason: str) -> None:
+        """After a fatal error: every request, queued ones included, ends with an error."""
+        self._pending = None
+        sched = self.scheduler
+        while True:
+            try:
+                cmd, arg = commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd == "add":
+                sched.add(arg)
+        sched.fail(list(sched.by_id.values()), f"the engine failed: {reason}")
         deliver_outputs(sched.take_outputs())
 
     def _apply_commands(self, commands: queue.SimpleQueue, block: bool) -> bool:
@@ -308,7 +343,7 @@ class EngineCore:
         length) are left out of step N+1.
 
         If anything raises, the requests of both steps fail (their tokens are lost) and the
-        engine serves on with the rest.
+        engine serves on with the rest; a FatalEngineError propagates instead.
         """
         prev, self._pending = self._pending, None
         step: ScheduledStep | None = None
@@ -319,6 +354,8 @@ class EngineCore:
                 self.scheduler.launched(step)
             if prev is not None:
                 self.scheduler.complete(prev.seqs, self.runner.read(prev))
+        except FatalEngineError:
+            raise
         except Exception as exc:
             self.step_errors += 1
             failed = list(prev.seqs) if prev is not None else []

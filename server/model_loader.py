@@ -5,6 +5,11 @@ Two loaders build the same `server.model.DecoderModel`. The fast one reads confi
 (`server.tokenizer`) directly and never imports transformers, whose import alone takes most of
 a small model's time to ready. The transformers loader (Auto classes) handles whatever the fast
 one declines, such as sentencepiece-only tokenizers or model-specific tokenizer classes.
+`load_format="dummy"` replaces the weight files by random tensors (`weights.DummyWeights`), so a
+directory with config.json and tokenizer files suffices. Under tensor parallelism each rank
+builds only its shard (`shard=TPShard(rank, world)`); the workers, which need no tokenizer,
+load through `load_shard`.
+
 Everything that can be wrong with a model directory is reported as a
 `ModelLoadError` whose message names the path and the problem, because it ends up on
 `/health/ready` and in the pod log where an operator has to act on it.
@@ -19,7 +24,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from server.config import LOADERS
+from server.config import LOAD_FORMATS, LOADERS
 from server.errors import ModelLoadError
 
 log = logging.getLogger("graphserve.loader")
@@ -76,10 +81,10 @@ def resolve_model_path(model: str | None) -> Path:
     return path
 
 
-def _check_directory(path: Path) -> None:
+def _check_directory(path: Path, load_format: str = "auto") -> None:
     if not (path / "config.json").is_file():
         raise ModelLoadError(f"{path}: no config.json (is this a HuggingFace model directory?)")
-    if not any(path.glob("*.safetensors")):
+    if load_format != "dummy" and not any(path.glob("*.safetensors")):
         raise ModelLoadError(f"{path}: no *.safetensors weight files found")
     has_tokenizer = any(
         (path / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -150,21 +155,29 @@ def load_checkpoint(
     dtype: str,
     served_name: str | None = None,
     loader: str = "auto",
+    load_format: str = "auto",
+    shard=None,
 ) -> LoadedCheckpoint:
     """Load config, tokenizers and weights of `model` onto `device`; raise ModelLoadError.
 
     `loader`: "fast" reads the files directly (no transformers import), "transformers" uses
     its Auto classes, "auto" takes the fast path unless the checkpoint needs transformers (the
-    reason is logged at INFO). The model is built from the weights either way.
+    reason is logged at INFO). The model is built from the weights either way. `load_format`:
+    "auto" reads the safetensors files, "dummy" draws random weights of the config's shapes.
+    `shard` (`server.distributed.sharding.TPShard`): build only that rank's slice.
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
+    if load_format not in LOAD_FORMATS:
+        raise ValueError(f"load_format must be one of {', '.join(LOAD_FORMATS)}, got "
+                         f"{load_format!r}")
     force_offline()
     path = resolve_model_path(model)
-    _check_directory(path)
+    _check_directory(path, load_format)
     name = _served_name(model, path, served_name)
     if loader == "transformers":
-        return _load_with_transformers(path, name, device, dtype, "--loader transformers")
+        return _load_with_transformers(path, name, device, dtype, "--loader transformers",
+                                       load_format, shard)
     from server.hf_config import ConfigReadError, generation_eos_ids, load_config
     from server.tokenizer import FastTokenizer, TokenizerDeclined, TokenizerLoadError
 
@@ -184,18 +197,11 @@ def load_checkpoint(
                 "use --loader auto or transformers"
             ) from exc
         log.info("loading %s with transformers: %s", path, exc)
-        return _load_with_transformers(path, name, device, dtype, str(exc))
+        return _load_with_transformers(path, name, device, dtype, str(exc), load_format, shard)
 
-    import torch
+    from server.weights import unused_tensors
 
-    from server.model import DecoderModel
-    from server.weights import SafetensorsWeights, unused_tensors
-
-    try:
-        weights = SafetensorsWeights(path, device, resolve_dtype(dtype, device))
-        model_obj = DecoderModel(config, weights)
-    except torch.OutOfMemoryError as exc:
-        raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
+    model_obj, weights = _build_model(path, config, device, dtype, load_format, shard)
     unused = unused_tensors(weights, config)
     if unused:
         # transformers warns about unexpected keys too; they may mean a mislabelled checkpoint.
@@ -206,7 +212,6 @@ def load_checkpoint(
             config.model_type,
             ", ".join(sorted(unused)[:5]) + (", ..." if len(unused) > 5 else ""),
         )
-    weights.close()
     log.info("loaded %s without transformers (safetensors + tokenizer.json)", path)
     return LoadedCheckpoint(
         path=path,
@@ -221,14 +226,56 @@ def load_checkpoint(
     )
 
 
-def _load_with_transformers(path: Path, name: str, device: str, dtype: str, why: str):
+def load_shard(model_path: str, device: str, dtype: str, load_format: str, shard):
+    """A tensor-parallel worker's load: config.json and this rank's slice of the weights.
+
+    No tokenizer (rank 0 owns text), no transformers import: the weights are the same
+    safetensors bytes (or the same dummy draws) whichever loader rank 0's tokenizer needed.
+    Returns `(DecoderModel, config)`; raises ModelLoadError.
+    """
+    from server.hf_config import ConfigReadError, load_config
+
+    force_offline()
+    path = resolve_model_path(model_path)
+    _check_directory(path, load_format)
+    try:
+        config = load_config(path)
+    except ConfigReadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    check_config(config, path)
+    model_obj, _ = _build_model(path, config, device, dtype, load_format, shard)
+    return model_obj, config
+
+
+def _build_model(path: Path, config, device: str, dtype: str, load_format: str, shard):
+    """The DecoderModel from the files (or dummy draws); returns it and the closed source."""
+    import torch
+
+    from server.model import DecoderModel
+    from server.weights import DummyWeights, SafetensorsWeights
+
+    torch_dtype = resolve_dtype(dtype, device)
+    if load_format == "dummy":
+        weights = DummyWeights(device, torch_dtype)
+    else:
+        weights = SafetensorsWeights(path, device, torch_dtype)
+    try:
+        return DecoderModel(config, weights, shard=shard), weights
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
+    finally:
+        weights.close()
+
+
+def _load_with_transformers(path: Path, name: str, device: str, dtype: str, why: str,
+                            load_format: str = "auto", shard=None):
     t0 = time.perf_counter()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
     import_s = time.perf_counter() - t0
     from server.model import DecoderModel
-    from server.weights import StateDictWeights
+    from server.weights import DummyWeights, StateDictWeights
 
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
@@ -246,19 +293,22 @@ def _load_with_transformers(path: Path, name: str, device: str, dtype: str, why:
     # without it, load on the CPU and move (slower, twice the host memory, but it works).
     direct = device != "cpu" and importlib.util.find_spec("accelerate") is not None
     try:
-        hf_model = AutoModelForCausalLM.from_pretrained(
-            path,
-            dtype=torch_dtype,
-            local_files_only=True,
-            **({"device_map": device} if direct else {}),
-        )
-        if device != "cpu" and not direct:
-            hf_model.to(device)
-        weights = StateDictWeights(hf_model.state_dict(), f"{path} (transformers)")
-        # Only the state dict holds the tensors now (transformers models hold no reference
-        # cycles, so no gc pass is needed), and fusing frees each part as it goes.
-        del hf_model
-        model_obj = DecoderModel(config, weights)
+        if load_format == "dummy":
+            weights = DummyWeights(device, torch_dtype)
+        else:
+            hf_model = AutoModelForCausalLM.from_pretrained(
+                path,
+                dtype=torch_dtype,
+                local_files_only=True,
+                **({"device_map": device} if direct else {}),
+            )
+            if device != "cpu" and not direct:
+                hf_model.to(device)
+            weights = StateDictWeights(hf_model.state_dict(), f"{path} (transformers)")
+            # Only the state dict holds the tensors now (transformers models hold no reference
+            # cycles, so no gc pass is needed), and fusing frees each part as it goes.
+            del hf_model
+        model_obj = DecoderModel(config, weights, shard=shard)
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

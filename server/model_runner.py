@@ -1,8 +1,10 @@
 """The model runner: loads the checkpoint, owns the paged KV cache, runs each scheduled step.
 
-Everything that touches a tensor happens here or below (`server.model`, `server.ops`,
-`server.graph_runner`, `server.sampling`); the scheduler above sees sequences, blocks and token
-ids. A step goes in as a `ScheduledStep` and comes out as sampled token ids.
+Everything that touches a tensor happens here or below (`server.step_executor`, `server.model`,
+`server.ops`, `server.graph_runner`, `server.sampling`); the scheduler above sees sequences,
+blocks and token ids. A step goes in as a `ScheduledStep`, becomes a `StepPlan` (plain
+integers: tokens, positions, block-table edits, the graph size to replay) and comes out as
+sampled token ids.
 
 * A decode-only step runs on a captured CUDA graph (`server.graph_runner`), padded to the
   smallest captured batch size, reading the block table from a static device buffer.
@@ -17,12 +19,27 @@ done step N's bookkeeping.
 Block table sync: each admitted sequence owns one row of the device block table; before a step,
 only the entries a sequence gained since the last sync are written (one small scatter per step).
 
-Thread ownership: engine thread only. `load` reports its phases through `set_phase`.
+Tensor parallelism (`--tensor-parallel-size N`): this process is rank 0. It starts ranks
+1..N-1 (`server.distributed.launcher`), each loading its shard, and keeps them in lockstep: the
+KV pool is the smallest any rank fits, every step's plan is sent to all ranks before rank 0
+runs it, every warm-up and capture is an order in the same stream, and each capture ends in an
+agreement (all ranks captured, or the size is failed everywhere). Rank 0 alone schedules,
+samples and decides; its sampled tokens go to the workers by a broadcast at the end of each
+step. A failure after a step was sent (a worker gone, a collective that raised) cannot be
+stepped past, since the ranks' collectives would no longer pair up: it raises
+`FatalEngineError` and the engine fails.
+
+Thread ownership: engine thread only. `load` reports its phases through `set_phase`; the
+launcher's watch threads report a dead worker through it too (`failed`).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import gc
 import logging
+import os
+import threading
 import time
 from dataclasses import dataclass
 
@@ -30,20 +47,26 @@ import torch
 
 from server import ops
 from server.config import EngineConfig
+from server.distributed.launcher import TPLauncher, apply_env_defaults
+from server.distributed.protocol import Kind
+from server.distributed.sharding import TPShard, check_divisible
 from server.engine_protocol import PhaseCallback
-from server.errors import StartupError
+from server.errors import FatalEngineError, StartupError
 from server.graph_runner import DecodeGraphRunner
 from server.graph_warmup import CapturePolicy
-from server.kv_cache import KVPlan, allocate_kv_cache, plan_kv_cache
-from server.model import StepBatch
-from server.model_loader import load_checkpoint
-from server.sampling import SamplingBatch, sample, to_device
+from server.kv_cache import KVPlan, agree, allocate_kv_cache, plan_kv_cache
+from server.model_loader import load_checkpoint, resolve_model_path
+from server.sampling import SamplingBatch, sample
 from server.scheduler import ScheduledStep, Sequence
+from server.step_executor import StepExecutor
+from server.step_plan import StepPlan
 
 log = logging.getLogger("graphserve.engine")
 
 # A mixed step at startup compiles the prefill kernels before the server reports ready.
 _WARMUP_PROMPT_TOKENS = 32
+# Test seam: on CPU, "capture" graphs that replay the eager step (graph_runner's docstring).
+EMULATE_GRAPHS_ENV = "GRAPHSERVE_EMULATE_GRAPHS"
 
 
 @dataclass
@@ -57,16 +80,24 @@ class PendingStep:
 
 
 class ModelRunner:
-    """Model, paged KV cache, decode graphs, the mixed-step forward and sampling.
+    """Model, paged KV cache, decode graphs, the mixed-step forward, sampling, and (under
+    tensor parallelism) the other ranks.
 
     After `load()`: `max_model_len`, `max_num_seqs`, `max_batched_tokens`, `vocab_size`,
-    `eos_ids`, `kv_plan` (blocks), `checkpoint` (tokenizers, name), `policy` and `graphs` are set.
+    `eos_ids`, `kv_plan` (blocks), `checkpoint` (tokenizers, name), `policy`, `graphs`,
+    `executor` and, with N > 1 ranks, `tp` (the launcher) and `comm` are set.
     """
 
     def __init__(self, config: EngineConfig, set_phase: PhaseCallback):
         self.config = config
         self._set_phase = set_phase
         self.timings: dict[str, float] = {}
+        self.world = config.tensor_parallel_size
+        self.tp: TPLauncher | None = None
+        self.comm = None
+        self._rank_devices: list[dict] = []
+        self._rank_captures: dict[int, list[dict]] = {}  # size -> each rank's CaptureResult
+        self._model_path = config.model  # resolved before workers start (they share it)
 
     # -- startup ----------------------------------------------------------------------------
 
@@ -75,8 +106,18 @@ class ModelRunner:
 
         The caller has reported "loading_weights" already: importing this module (torch) is
         part of loading. `t_start`: when that import began, so `timings["import_s"]` holds it.
+        A failing start stops any workers it started.
         """
-        t_start = time.perf_counter() if t_start is None else t_start
+        try:
+            self._load(time.perf_counter() if t_start is None else t_start)
+        except FatalEngineError as exc:  # a worker failed or missed a deadline while starting
+            self.close(kill=True)
+            raise StartupError(str(exc)) from exc
+        except BaseException:
+            self.close(kill=True)
+            raise
+
+    def _load(self, t_start: float) -> None:
         cfg = self.config
         self.timings["import_s"] = time.perf_counter() - t_start
         if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -88,20 +129,26 @@ class ModelRunner:
             torch.cuda.set_device(0)
             # cuDNN's SDPA failed intermittently under graph capture on the H100 (see notes).
             torch.backends.cuda.enable_cudnn_sdp(False)
+        emulate = not cuda and os.environ.get(EMULATE_GRAPHS_ENV) == "1"
+        if self.world > 1:
+            # Workers start first, so their imports and loads overlap rank 0's.
+            self._start_workers(device, emulate)
         t0 = time.perf_counter()
         self.checkpoint = load_checkpoint(
-            cfg.model, device, cfg.dtype, cfg.served_model_name, loader=cfg.loader
-        )
+            self._model_path, device, cfg.dtype, cfg.served_model_name, loader=cfg.loader,
+            load_format=cfg.load_format, shard=TPShard(0, self.world),
+        )  # fmt: skip
         # A transformers fallback imports transformers inside the load: count that as import.
         self.timings["import_s"] += self.checkpoint.import_s
         self.timings["weights_s"] = time.perf_counter() - t0 - self.checkpoint.import_s
         hf_config = self.checkpoint.config
         self.eos_ids = self.checkpoint.eos_token_ids
         log.info(
-            "loaded %s (%s, %.2f GB of weights) in %.2f s with the %s loader",
+            "loaded %s (%s, %.2f GB of weights%s) in %.2f s with the %s loader",
             self.checkpoint.path,
             hf_config.model_type,
             self.checkpoint.weight_bytes / 1e9,
+            f" on rank 0 of {self.world}" if self.world > 1 else "",
             self.timings["weights_s"],
             self.checkpoint.loader,
         )
@@ -119,7 +166,10 @@ class ModelRunner:
             self.max_num_seqs,
             self.max_batched_tokens,
             self.checkpoint.weight_bytes,
+            self.world,
         )
+        if self.tp is not None:
+            plan = self._join_workers(plan, model, emulate)
         self.kv_plan: KVPlan = plan
         self.max_model_len = plan.max_model_len
         model.init_rope(self.max_model_len)
@@ -140,10 +190,11 @@ class ModelRunner:
         triton = ops.use_triton(cuda)
         self.timings["kv_cache_s"] = time.perf_counter() - t0
         log.info(
-            "KV cache: %d blocks x %d tokens = %.2f GB, context %d tokens (%s); kernels: %s",
+            "KV cache: %d blocks x %d tokens = %.2f GB%s, context %d tokens (%s); kernels: %s",
             plan.num_blocks,
             plan.block_size,
             plan.kv_bytes / 1e9,
+            " per rank" if self.world > 1 else "",
             plan.max_model_len,
             plan.note,
             "triton" if triton else "torch",
@@ -152,42 +203,123 @@ class ModelRunner:
         self._set_phase("capturing_graphs", None)
         t0 = time.perf_counter()
         disabled = None
-        if not cuda and cfg.graph_capture != "off":
+        if not (cuda or emulate) and cfg.graph_capture != "off":
             disabled = "CUDA graphs need a CUDA device; running eagerly on CPU"
         self.policy = CapturePolicy.from_config(cfg, self.max_num_seqs, disabled_reason=disabled)
         if plan.budget_bytes is not None:
             self.policy.set_memory(plan.budget_bytes, plan.kv_bytes, self.checkpoint.weight_bytes)
-        self._warm_mixed_step()
         self.graphs = DecodeGraphRunner(
-            model, self.kv_cache, self.block_tables, self.policy, self.max_num_seqs,
-            self.scratch_row,
-        )
-        self.graphs.startup()
+            model, self.kv_cache, self.block_tables, self.max_num_seqs, self.scratch_row,
+            emulate=emulate,
+            # NCCL's watchdog thread polls events while this thread captures (module docs).
+            capture_error_mode="thread_local" if self.tp is not None else "global",
+        )  # fmt: skip
+        self.executor = StepExecutor(model, self.kv_cache, self.block_tables, self.graphs)
+        self._startup_graphs(cuda or emulate)
         self.policy.mark_ready()
         self.timings["graphs_s"] = time.perf_counter() - t0
         self.timings["load_total_s"] = time.perf_counter() - t_start
-        log.info(
-            "startup graphs done in %.2f s (%s)", self.timings["graphs_s"], self.graphs.describe()
-        )
+        log.info("startup graphs done in %.2f s (%s)", self.timings["graphs_s"], self._describe())
+
+    # -- tensor-parallel startup ------------------------------------------------------------
+
+    def _start_workers(self, device: str, emulate: bool) -> None:
+        """Check the model splits over the ranks, then start ranks 1..N-1 loading."""
+        from server.hf_config import ConfigReadError, load_config
+
+        cfg = self.config
+        if device == "cuda" and torch.cuda.device_count() < self.world:
+            raise StartupError(
+                f"--tensor-parallel-size {self.world} needs {self.world} GPUs; this host has "
+                f"{torch.cuda.device_count()}"
+            )
+        # The default model is built here, once, before the workers read it.
+        path = resolve_model_path(cfg.model)
+        try:
+            check_divisible(load_config(path), self.world)
+        except ConfigReadError:
+            pass  # the load reports an unreadable config.json with the path and the reason
+        self._model_path = str(path)
+        apply_env_defaults()
+        self.tp = TPLauncher(self.world, cfg.tp_timeout_s, on_failure=self._on_worker_failure)
+        self.tp.start({"engine": dataclasses.asdict(cfg), "model_path": self._model_path,
+                       "device": device})
+
+    def _join_workers(self, plan: KVPlan, model, emulate: bool) -> KVPlan:
+        """Agree on the KV pool (the smallest any rank fits), join the process group, and
+        wait until every worker has its cache; returns the agreed plan."""
+        from server.distributed.comm import create_store, init_group
+
+        cfg, tp = self.config, self.tp
+        # Workers started loading before rank 0 did; a generous multiple of the agreement
+        # deadline covers a slower disk under one of them.
+        loaded = tp.collect(Kind.LOADED, 0, timeout_s=10 * cfg.tp_timeout_s)
+        plan = agree(plan, min(r["num_blocks"] for r in loaded), cfg)
+        store = create_store(self.world, cfg.tp_timeout_s)
+        seq = tp.send_json(Kind.SETUP, {
+            "num_blocks": plan.num_blocks, "max_model_len": plan.max_model_len,
+            "store_port": store.port, "emulate_graphs": emulate,
+        })  # fmt: skip
+        self.comm = init_group(0, self.world, self.device, cfg.tp_timeout_s, store=store)
+        model.attach_comm(self.comm)
+        self._rank_devices = [r["device"] for r in tp.collect(Kind.READY, seq)]
+        log.info("tensor-parallel group of %d ranks ready (workers: %s)", self.world,
+                 ", ".join(f"pid {p}" for p in tp.pids()))
+        return plan
+
+    def _on_worker_failure(self, reason: str) -> None:
+        """A worker exited on its own (a launcher watch thread calls this): the group is
+        broken for good. Report `failed` now, whatever the engine thread is doing; its next
+        message or collective to the dead rank raises, and the server exits non-zero."""
+        self._set_phase("failed", reason)
+
+    # -- startup graphs ---------------------------------------------------------------------
+
+    def _startup_graphs(self, graphs_possible: bool) -> None:
+        """Warm-ups on every rank, then the policy's startup captures (lazy: the largest)."""
+        self._warm_mixed_step()
+        if not graphs_possible:
+            self._warm(self.max_num_seqs)  # still exercise the step, so the first one is fast
+            return
+        # Eager runs at the largest size on the capture stream first: cuBLAS creates its
+        # workspace and Triton compiles its kernels outside any graph pool.
+        for n in sorted({self.max_num_seqs, 1}, reverse=True):
+            self._warm(n)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        plan = self.policy.startup_plan()
+        if not plan:
+            return
+        if len(plan) > 1:
+            # One collection before a bulk, not per graph. Lazy startup captures a single
+            # graph: a full collection of the torch + transformers heap (~0.2 s measured on
+            # the H100 box) would only delay readiness.
+            gc.collect()
+        gc.freeze()
+        try:
+            for size in plan:
+                if not self.policy.active:  # the largest failed: the policy is off, serve eagerly
+                    break
+                self.capture(size, bulk=True)
+        finally:
+            gc.unfreeze()
+
+    def _warm(self, n: int) -> None:
+        if self.tp is not None:
+            self.tp.send_json(Kind.WARM, {"n": n})
+        self.graphs.warm(n)
 
     def _warm_mixed_step(self) -> None:
         """Run one mixed step on the scratch row so its kernels (the varlen prefill attention
         among them) compile now, not in the first request's time to first token."""
-        n = _WARMUP_PROMPT_TOKENS
-        dev = self.device
-        batch = StepBatch(
-            input_ids=torch.zeros(n + 1, dtype=torch.int64, device=dev),
-            positions=torch.cat([torch.tensor([n], device=dev), torch.arange(n, device=dev)]),
-            rows=torch.full((n + 1,), self.scratch_row, dtype=torch.int64, device=dev),
-            logit_rows=torch.tensor([0, n], device=dev),
-            num_decode=1,
-            seq_rows=torch.tensor([self.scratch_row], device=dev),
-            cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32, device=dev),
-            k_lens=torch.tensor([n], dtype=torch.int32, device=dev),
-            max_q_len=n,
-        )
-        self.model.forward(batch, self.kv_cache, self.block_tables)
-        if dev.type == "cuda":
+        n, row = _WARMUP_PROMPT_TOKENS, self.scratch_row
+        plan = StepPlan(
+            ids=[0] * (n + 1), src=[-1] * (n + 1), positions=[n, *range(n)],
+            rows=[row] * (n + 1), num_decode=1, num_sampled=0, logit_rows=[0, n],
+            seq_rows=[row], cu_seqlens=[0, n], k_lens=[n], max_q_len=n,
+        )  # fmt: skip
+        self._launch(plan, None, [])
+        if self.device.type == "cuda":
             torch.cuda.synchronize()
 
     # -- steps ------------------------------------------------------------------------------
@@ -199,7 +331,39 @@ class ModelRunner:
         A decode row whose input token is still in flight takes it from `prev.tokens` on the
         device; every other token comes from the host.
         """
-        self._sync_block_tables(step)
+        plan = self._plan(step, prev)
+        sampled = step.sampled
+        tokens = self._launch(plan, prev.tokens if prev is not None else None, sampled)
+        if tokens is None:
+            return None
+        if self.device.type != "cuda":
+            return PendingStep(sampled, tokens, tokens, None)
+        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+        host.copy_(tokens, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingStep(sampled, tokens, host, ready)
+
+    def _launch(self, plan: StepPlan, prev_tokens, seqs: list[Sequence]) -> torch.Tensor | None:
+        """Run `plan` on every rank; rank 0 samples `seqs` and broadcasts the tokens."""
+        if self.tp is None:
+            logits = self.executor.execute(plan, prev_tokens)
+            return self._sample(logits, seqs) if plan.num_sampled else None
+        self.tp.send(Kind.STEP, plan.encode())
+        try:
+            logits = self.executor.execute(plan, prev_tokens)
+            if not plan.num_sampled:
+                return None
+            return self.comm.broadcast_from_rank0(self._sample(logits, seqs))
+        except Exception as exc:
+            raise FatalEngineError(
+                "a tensor-parallel step failed on rank 0 after the other ranks had started it "
+                f"(their collectives can no longer pair up): {type(exc).__name__}: {exc}"
+            ) from exc
+
+    def _plan(self, step: ScheduledStep, prev: PendingStep | None) -> StepPlan:
+        """The step as plain integers (host work only: nothing is sent or launched yet)."""
+        table = self._table_edits(step)
         prev_row = {id(s): i for i, s in enumerate(prev.seqs)} if prev is not None else {}
         ids, src, positions, rows = [], [], [], []
         for s in step.decode:
@@ -209,25 +373,11 @@ class ModelRunner:
             src.append(-1 if known else prev_row[id(s)])
             positions.append(pos)
             rows.append(s.row)
-        prev_tokens = prev.tokens if prev is not None else None
-        sampled = step.sampled
+        nd = len(ids)
         if not step.prefill:
-            logits = self.graphs.run(ids, positions, rows, prev_tokens, src)
-        else:
-            logits = self._forward_mixed(step, ids, src, positions, rows, prev_tokens)
-        if not sampled:
-            return None
-        tokens = self._sample(logits, sampled)
-        if self.device.type != "cuda":
-            return PendingStep(sampled, tokens, tokens, None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return PendingStep(sampled, tokens, host, ready)
-
-    def _forward_mixed(self, step, ids, src, positions, rows, prev_tokens) -> torch.Tensor:
-        nd = len(step.decode)
+            dispatch = self.policy.select(nd)
+            return StepPlan(ids, src, positions, rows, num_decode=nd, num_sampled=nd,
+                            graph=dispatch.size or 0, **table)  # fmt: skip
         seq_rows, cu, k_lens, logit_rows = [], [0], [], list(range(nd))
         for item in step.prefill:
             seq = item.seq
@@ -240,29 +390,14 @@ class ModelRunner:
             k_lens.append(item.start + item.length)
             if item.completes:
                 logit_rows.append(nd + cu[-1] - 1)
-        dev = self.device
-        tok = to_device([ids, src, positions, rows], torch.int64, dev)
-        meta = to_device([seq_rows, k_lens], torch.int64, dev)
-        input_ids = tok[0]
-        if prev_tokens is not None and nd:
-            carried = prev_tokens.index_select(0, tok[1, :nd].clamp(min=0))
-            input_ids = input_ids.clone()
-            input_ids[:nd] = torch.where(tok[1, :nd] >= 0, carried, tok[0, :nd])
-        batch = StepBatch(
-            input_ids=input_ids,
-            positions=tok[2],
-            rows=tok[3],
-            logit_rows=to_device(logit_rows, torch.int64, dev),
-            num_decode=nd,
-            seq_rows=meta[0],
-            cu_seqlens_q=to_device(cu, torch.int32, dev),
-            k_lens=meta[1].to(torch.int32),
-            max_q_len=max(item.length for item in step.prefill),
-        )
-        return self.model.forward(batch, self.kv_cache, self.block_tables)
+        return StepPlan(
+            ids, src, positions, rows, num_decode=nd, num_sampled=len(logit_rows),
+            logit_rows=logit_rows, seq_rows=seq_rows, cu_seqlens=cu, k_lens=k_lens,
+            max_q_len=max(item.length for item in step.prefill), **table,
+        )  # fmt: skip
 
-    def _sync_block_tables(self, step: ScheduledStep) -> None:
-        """Write the table entries the step's sequences gained since they were last synced."""
+    def _table_edits(self, step: ScheduledStep) -> dict[str, list[int]]:
+        """The block-table entries the step's sequences gained since they were last synced."""
         r_idx, c_idx, values = [], [], []
         for seq in step.decode + [item.seq for item in step.prefill]:
             row = seq.row
@@ -275,9 +410,7 @@ class ModelRunner:
                 c_idx.extend(range(done, n))
                 values.extend(seq.blocks[done:n])
                 self._row_synced[row] = n
-        if values:
-            idx = to_device([r_idx, c_idx, values], torch.int64, self.device)
-            self.block_tables[idx[0], idx[1]] = idx[2].to(torch.int32)
+        return {"table_rows": r_idx, "table_cols": c_idx, "table_values": values}
 
     def read(self, step: PendingStep) -> list[int]:
         """The step's sampled tokens (blocks until the device has produced them)."""
@@ -296,10 +429,67 @@ class ModelRunner:
         )
         return sample(logits, batch)
 
-    def capture(self, size: int) -> None:
-        self.graphs.capture(size)
+    # -- graphs -----------------------------------------------------------------------------
+
+    def capture(self, size: int, bulk: bool = False) -> None:
+        """Capture `size` on every rank at this step boundary and record the agreement.
+
+        The size counts as captured only if every rank captured it; a failure on any rank
+        marks it failed for all (rank 0 never dispatches a step onto it, so the workers' own
+        graph of that size is never replayed). A worker that is gone, errs or stays silent
+        past `--tp-timeout` raises FatalEngineError after the size is marked failed.
+        """
+        self.policy.begin(size)
+        t0 = time.perf_counter()
+        try:
+            seq = self.tp.send_json(Kind.CAPTURE, {"size": size}) if self.tp else None
+            local = self.graphs.capture(size, bulk=bulk)
+            results = [local.to_json()]
+            if self.tp is not None:
+                results += self.tp.collect(Kind.CAPTURED, seq)
+            if any(r.get("size") != size for r in results):
+                raise FatalEngineError(f"the ranks captured different sizes: {results}")
+        except FatalEngineError as exc:
+            self.policy.failed(size, str(exc))
+            raise
+        self._rank_captures[size] = results
+        failed = [f"rank {r}: {res['error']}" for r, res in enumerate(results) if not res["ok"]]
+        if failed:
+            self.policy.failed(size, "; ".join(failed))
+        else:
+            # What the busy-time budget bounds: rank 0's whole stall, waiting for peers included.
+            self.policy.succeeded(size, time.perf_counter() - t0, local.pool_bytes)
+
+    # -- shutdown ---------------------------------------------------------------------------
+
+    def close(self, kill: bool = False) -> None:
+        """Stop the other ranks (engine thread, after the last step; idempotent).
+
+        `kill`: the group is broken (or never formed): no SHUTDOWN, just end the workers.
+        """
+        tp, self.tp = self.tp, None
+        if tp is None:
+            return
+        if kill or tp.failure is not None:
+            tp.kill()
+        else:
+            tp.close()
+        if self.comm is not None:
+            self.comm = None
+            # Leaving the group must not hang a shutdown: NCCL's teardown can wait on peers.
+            from server.distributed.comm import destroy_group
+
+            done = threading.Thread(target=destroy_group, name="graphserve-tp-destroy",
+                                    daemon=True)  # fmt: skip
+            done.start()
+            done.join(5.0)
 
     # -- introspection ----------------------------------------------------------------------
+
+    def _describe(self) -> str:
+        cov = self.policy.snapshot().get("coverage", {})
+        return (f"mode={self.policy.mode}, captured {cov.get('captured', 0)}/"
+                f"{cov.get('total', 0)} sizes")  # fmt: skip
 
     def graph_report(self) -> dict:
         report = self.policy.snapshot()
@@ -312,4 +502,33 @@ class ModelRunner:
             "max_model_len": self.kv_plan.max_model_len,
             "note": self.kv_plan.note,
         }
+        if self.world > 1:
+            report["tensor_parallel"] = self._tp_report(report["sizes"])
         return report
+
+    def _tp_report(self, sizes: list[dict]) -> dict:
+        """Each rank's process, device and captures; each size's result on each rank."""
+        for record in sizes:
+            results = self._rank_captures.get(record["size"])
+            if results is not None:
+                record["ranks"] = [
+                    {"rank": r, "ok": res["ok"], "capture_ms": round(res["seconds"] * 1e3, 3),
+                     "pool_bytes": res["pool_bytes"], "error": res["error"]}
+                    for r, res in enumerate(results)
+                ]  # fmt: skip
+        procs = [{"rank": 0, "pid": os.getpid(), "alive": True, "returncode": None}]
+        tp = self.tp
+        procs += tp.describe() if tp is not None else []
+        devices = [self.graphs.device_info(), *self._rank_devices]
+        ranks = []
+        for r, proc in enumerate(procs):
+            done = {s: res[r] for s, res in self._rank_captures.items() if r < len(res)}
+            ranks.append({
+                **proc,
+                "device": devices[r] if r < len(devices) else None,
+                "captured": sorted(s for s, res in done.items() if res["ok"]),
+                "failed": {str(s): res["error"] for s, res in sorted(done.items())
+                           if not res["ok"]},
+                "pool_bytes": max((res["pool_bytes"] for res in done.values()), default=0),
+            })  # fmt: skip
+        return {"world_size": self.world, "failure": tp.failure if tp else None, "ranks": ranks}

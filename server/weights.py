@@ -8,11 +8,18 @@ freed as soon as the fused copy exists and peak memory stays near one copy of th
 `SafetensorsWeights` reads `model.safetensors` or the shards listed in
 `model.safetensors.index.json` with the `safetensors` package, straight onto the device
 (no host staging copy on CUDA). `StateDictWeights` wraps `hf_model.state_dict()`.
+`DummyWeights` draws random tensors for `--load-format dummy` (no file read).
+
+A source may also offer `take_part(name, shape, dim, start, stop)`: the slice
+`[start, stop)` along `dim` of the tensor of full shape `shape`, reading only that slice.
+Tensor-parallel ranks load their shard through it (`server.distributed.sharding.take_sharded`
+falls back to `take` and a copy of the slice for sources without it).
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -116,8 +123,82 @@ class SafetensorsWeights:
             raise ModelLoadError(f"{origin}: tensor {name!r} has dtype {tensor.dtype}, not float")
         return tensor.to(self._dtype)
 
+    def take_part(
+        self, name: str, shape: tuple[int, ...], dim: int, start: int, stop: int
+    ) -> torch.Tensor:
+        """Rows (`dim` 0) or columns (`dim` 1) `[start, stop)` of the tensor `name` of full
+        shape `shape`, read without the rest of it; consumed like `take`."""
+        file = self._where.pop(name, None)
+        if file is None:
+            raise ModelLoadError(
+                f"{self._dir}: tensor {name!r} is missing from "
+                f"{', '.join(sorted(self._handles)) or 'the safetensors files'}"
+            )
+        origin = str(self._dir / file)
+        try:
+            part = self._handles[file].get_slice(name)
+            full = tuple(part.get_shape())
+            if full != tuple(shape):
+                raise ModelLoadError(
+                    f"{origin}: tensor {name!r} has shape {list(full)}, expected {list(shape)} "
+                    "from config.json"
+                )
+            index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(full)))
+            tensor = part[index]
+        except ModelLoadError:
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise ModelLoadError(f"{origin}: out of GPU memory loading {name}: {exc}") from exc
+        except Exception as exc:  # safetensors raises its own types for truncated data
+            raise ModelLoadError(f"{origin}: cannot read tensor {name!r}: {exc}") from exc
+        if not tensor.is_floating_point():
+            raise ModelLoadError(f"{origin}: tensor {name!r} has dtype {tensor.dtype}, not float")
+        # A column slice comes back as a strided view; the model wants dense matrices.
+        return tensor.to(device=self._device, dtype=self._dtype).contiguous()
+
     def close(self) -> None:
         self._handles.clear()
+
+
+class DummyWeights:
+    """Random weights of whatever shape the model asks for (`--load-format dummy`).
+
+    Nothing is read: large shapes can be served and measured from a directory holding only
+    config.json and tokenizer files. Each tensor is drawn on the target device from its own
+    generator, seeded from `seed` and the tensor's name, so the values do not depend on the
+    order of the takes (nor on which other tensors a model variant takes), and a
+    tensor-parallel rank's slice of a tensor is the same slice of what one process draws.
+    Matrices and embeddings are N(0, `std`) (0.02, as HF initialises Llama), norm weights 1
+    and biases 0: with RMSNorm before every projection, activations stay O(1) through any depth.
+    """
+
+    def __init__(self, device: str | torch.device, dtype: torch.dtype, seed: int = 0,
+                 std: float = 0.02):
+        self._device = torch.device(device)
+        self._dtype = dtype
+        self._seed = seed
+        self._std = std
+        self._taken: set[str] = set()
+
+    def has(self, name: str) -> bool:
+        return name not in self._taken
+
+    def names(self) -> Iterable[str]:
+        return []  # nothing is left over: tensors exist only when taken
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        self._taken.add(name)
+        if name.endswith("norm.weight"):
+            return torch.ones(shape, dtype=self._dtype, device=self._device)
+        if name.endswith(".bias"):
+            return torch.zeros(shape, dtype=self._dtype, device=self._device)
+        gen = torch.Generator(device=self._device)
+        gen.manual_seed((self._seed * 1_000_003 + zlib.crc32(name.encode())) % 2**63)
+        tensor = torch.empty(shape, dtype=self._dtype, device=self._device)
+        return tensor.normal_(0.0, self._std, generator=gen)
+
+    def close(self) -> None:
+        pass
 
 
 def unused_tensors(weights, config) -> list[str]:
