@@ -69,6 +69,13 @@ _WARMUP_PROMPT_TOKENS = 32
 EMULATE_GRAPHS_ENV = "GRAPHSERVE_EMULATE_GRAPHS"
 
 
+def share_cpu_threads(world: int) -> None:
+    """CPU ranks split the cores: with each rank's torch using every core, ranks that wait in
+    a collective while their peer computes oversubscribe them (20x slower steps measured on
+    a 2-core box)."""
+    torch.set_num_threads(max(1, torch.get_num_threads() // world))
+
+
 @dataclass
 class PendingStep:
     """A step launched on the device whose sampled tokens the host has not read yet."""
@@ -130,6 +137,8 @@ class ModelRunner:
             # cuDNN's SDPA failed intermittently under graph capture on the H100 (see notes).
             torch.backends.cuda.enable_cudnn_sdp(False)
         emulate = not cuda and os.environ.get(EMULATE_GRAPHS_ENV) == "1"
+        if not cuda and self.world > 1:
+            share_cpu_threads(self.world)
         if self.world > 1:
             # Workers start first, so their imports and loads overlap rank 0's.
             self._start_workers(device, emulate)
@@ -356,10 +365,19 @@ class ModelRunner:
                 return None
             return self.comm.broadcast_from_rank0(self._sample(logits, seqs))
         except Exception as exc:
-            raise FatalEngineError(
+            # A collective that raised usually means a peer died: name that, not the symptom.
+            cause = self._peer_failure(wait_s=2.0)
+            raise FatalEngineError(cause or (
                 "a tensor-parallel step failed on rank 0 after the other ranks had started it "
                 f"(their collectives can no longer pair up): {type(exc).__name__}: {exc}"
-            ) from exc
+            )) from exc
+
+    def _peer_failure(self, wait_s: float) -> str | None:
+        """The launcher's account of a dead worker, waiting up to `wait_s` for its watcher."""
+        deadline = time.monotonic() + wait_s
+        while self.tp.failure is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return self.tp.failure
 
     def _plan(self, step: ScheduledStep, prev: PendingStep | None) -> StepPlan:
         """The step as plain integers (host work only: nothing is sent or launched yet)."""

@@ -32,6 +32,10 @@ TORCH_FREE = (
     "server.tokenizer",
     "server.model_loader",
     "server.default_model",
+    "server.step_plan",
+    "server.distributed.protocol",
+    "server.distributed.launcher",
+    "server.distributed.worker",
     "server.health",
     "server.metrics",
     "server.http.errors",
@@ -63,6 +67,9 @@ TORCH_MODULES = (
     "server.triton_ops",
     "server.sampling",
     "server.weights",
+    "server.step_executor",
+    "server.distributed.sharding",
+    "server.distributed.comm",
 )
 
 

@@ -86,10 +86,12 @@ class TPLauncher:
     """Workers of one tensor-parallel group, as rank 0 sees them."""
 
     def __init__(self, world: int, timeout_s: float,
-                 on_failure: Callable[[str], None] | None = None):
+                 on_failure: Callable[[str], None] | None = None,
+                 worker_module: str = "server.distributed.worker"):
         if world < 2:
             raise ValueError(f"a tensor-parallel group needs >= 2 ranks, got {world}")
         self.world = world
+        self._module = worker_module  # tests run protocol-speaking stand-ins
         self.timeout_s = timeout_s
         self._on_failure = on_failure
         self._workers: list[_Worker] = []
@@ -123,7 +125,7 @@ class TPLauncher:
         child_fds = (control_r, reply_w, life_r)
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "server.distributed.worker", "--rank", str(rank),
+                [sys.executable, "-m", self._module, "--rank", str(rank),
                  "--control-fd", str(control_r), "--reply-fd", str(reply_w),
                  "--lifeline-fd", str(life_r)],
                 env=env, pass_fds=child_fds, stdin=subprocess.DEVNULL,

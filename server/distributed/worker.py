@@ -87,6 +87,7 @@ class Worker:
         from server.graph_runner import DecodeGraphRunner
         from server.kv_cache import allocate_kv_cache, plan_kv_cache
         from server.model_loader import load_shard
+        from server.model_runner import share_cpu_threads
         from server.step_executor import StepExecutor
         from server.step_plan import StepPlan
 
@@ -97,6 +98,8 @@ class Worker:
         if cuda:
             torch.cuda.set_device(device)
             torch.backends.cuda.enable_cudnn_sdp(False)  # as rank 0 (model_runner.load)
+        else:
+            share_cpu_threads(world)
         if self.faults.load:
             raise RuntimeError("injected load fault (GRAPHSERVE_TP_TEST_FAULT=load)")
         model, hf_config = load_shard(
