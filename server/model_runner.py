@@ -483,24 +483,29 @@ class ModelRunner:
     def close(self, kill: bool = False) -> None:
         """Stop the other ranks (engine thread, after the last step; idempotent).
 
-        `kill`: the group is broken (or never formed): no SHUTDOWN, just end the workers.
+        `kill`: the group is broken (or never formed): no SHUTDOWN, the workers are killed
+        and rank 0 aborts its side of the group instead of the collective teardown.
         """
         tp, self.tp = self.tp, None
         if tp is None:
             return
-        if kill or tp.failure is not None:
+        broken = kill or tp.failure is not None
+        if broken:
             tp.kill()
         else:
-            tp.close()
+            tp.shutdown()  # the workers leave the group as rank 0 does, below
         if self.comm is not None:
             self.comm = None
-            # Leaving the group must not hang a shutdown: NCCL's teardown can wait on peers.
             from server.distributed.comm import destroy_group
 
-            done = threading.Thread(target=destroy_group, name="graphserve-tp-destroy",
-                                    daemon=True)  # fmt: skip
-            done.start()
-            done.join(5.0)
+            # Bounded: a teardown that waits on a peer must not hang the shutdown.
+            leave = threading.Thread(target=destroy_group, args=(broken,),
+                                     name="graphserve-tp-destroy", daemon=True)  # fmt: skip
+            leave.start()
+            leave.join(10.0)
+            if leave.is_alive():
+                log.warning("leaving the tensor-parallel group did not finish in 10 s")
+        tp.join()
 
     # -- introspection ----------------------------------------------------------------------
 

@@ -86,6 +86,8 @@ def init_group(
     if store is None:
         store = dist.TCPStore("127.0.0.1", port, world, False, timeout=timeout)
     cuda = device.type == "cuda"
+    if cuda and device.index is None:  # NCCL's eager init wants the exact device
+        device = torch.device("cuda", torch.cuda.current_device())
     dist.init_process_group(
         "nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout,
         device_id=device if cuda else None,
@@ -93,7 +95,17 @@ def init_group(
     return TPComm(dist.group.WORLD, rank, world)
 
 
-def destroy_group() -> None:
-    """Leave the group (after the peers have stopped issuing collectives)."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+def destroy_group(abort: bool = False) -> None:
+    """Leave the group. Orderly (`abort=False`): every rank calls this after its last
+    collective; NCCL's teardown is itself collective (it flushes, then frees), so a rank that
+    never calls it can hang the others' call; callers bound it. `abort`: a peer is gone; NCCL
+    communicators are aborted locally instead (nothing is waited for); gloo's teardown is
+    local either way."""
+    if not dist.is_initialized():
+        return
+    abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort and dist.get_backend() == "nccl":
+        if abort_group is not None:
+            abort_group()
+        return  # no local abort in this torch: leave it to the process's exit
+    dist.destroy_process_group()

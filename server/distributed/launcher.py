@@ -271,7 +271,12 @@ class TPLauncher:
     # -- shutdown ---------------------------------------------------------------------------
 
     def close(self, timeout_s: float = 10.0) -> None:
-        """Stop every worker: SHUTDOWN, then SIGKILL whatever has not exited in time."""
+        """Stop every worker: `shutdown`, then `join`."""
+        self.shutdown()
+        self.join(timeout_s)
+
+    def shutdown(self) -> None:
+        """Tell every worker to stop (it leaves the process group and exits 0)."""
         if self._closing:
             return
         self._closing = True
@@ -282,6 +287,9 @@ class TPLauncher:
                     write_all(w.control, data)
                 except (PeerGone, OSError):
                     pass
+
+    def join(self, timeout_s: float = 10.0) -> None:
+        """Wait for the workers to exit; SIGKILL whatever has not exited in time."""
         deadline = time.monotonic() + timeout_s
         for w in self._workers:
             try:

@@ -82,7 +82,7 @@ class Worker:
 
         from server import ops
         from server.config import EngineConfig
-        from server.distributed.comm import init_group
+        from server.distributed.comm import destroy_group, init_group
         from server.distributed.sharding import TPShard
         from server.graph_runner import DecodeGraphRunner
         from server.kv_cache import allocate_kv_cache, plan_kv_cache
@@ -165,6 +165,7 @@ class Worker:
                 self._answer(Kind.CAPTURED, msg.seq, result.to_json())
             elif msg.kind == Kind.SHUTDOWN:
                 log.info("rank %d shutting down", self.rank)
+                destroy_group()  # with rank 0, which leaves the group at the same time
                 return
             else:
                 raise RuntimeError(f"unexpected message {msg!r}")
