@@ -518,6 +518,7 @@ class ModelRunner:
         report = self.policy.snapshot()
         report["device"] = self.graphs.device_info()
         report["startup_timings_s"] = dict(self.timings)
+        report["weights_bytes"] = self.checkpoint.weight_bytes  # per rank under TP
         report["kv_cache"] = {
             "num_blocks": self.kv_plan.num_blocks - 1,
             "block_size": self.kv_plan.block_size,
