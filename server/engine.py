@@ -110,14 +110,22 @@ class AsyncEngine:
                 log.exception("phase callback failed")
 
     def _thread_main(self) -> None:
+        launcher = None
         try:
             t_start = time.perf_counter()
             self._set_phase("loading_weights")
+            if self.config.tensor_parallel_size > 1:
+                # Torch-free: the other ranks import torch and read their weights meanwhile.
+                from server.distributed.launcher import start_workers
+
+                launcher = start_workers(self.config, on_failure=self._on_worker_failure)
             from server.model_runner import ModelRunner  # torch: part of loading, see above
 
-            runner = ModelRunner(self.config, self._set_phase)
+            runner = ModelRunner(self.config, self._set_phase, launcher)
             runner.load(t_start)
         except Exception as exc:  # startup failure: report it, the server decides to exit
+            if launcher is not None:
+                launcher.kill()
             reason = str(exc) or type(exc).__name__
             expected = isinstance(exc, (StartupError, ValueError))
             log.error("engine startup failed: %s", reason, exc_info=not expected)
@@ -158,6 +166,14 @@ class AsyncEngine:
             runner.close(kill=True)
             raise
         runner.close()
+
+    def _on_worker_failure(self, reason: str) -> None:
+        """A tensor-parallel worker exited on its own (a launcher watch thread calls this):
+        the group is broken for good. Report `failed` now, whatever the engine thread is doing;
+        its next message or collective to the dead rank raises, and the server exits
+        non-zero."""
+        self._accepting = False
+        self._set_phase("failed", reason)
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; unfinished requests end with finish_reason 'abort'."""

@@ -35,7 +35,6 @@ launcher's watch threads report a dead worker through it too (`failed`).
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -47,15 +46,15 @@ import torch
 
 from server import ops
 from server.config import EngineConfig
-from server.distributed.launcher import TPLauncher, apply_env_defaults
+from server.distributed.launcher import TPLauncher, start_workers
 from server.distributed.protocol import Kind
-from server.distributed.sharding import TPShard, check_divisible
+from server.distributed.sharding import TPShard
 from server.engine_protocol import PhaseCallback
 from server.errors import FatalEngineError, StartupError
 from server.graph_runner import DecodeGraphRunner
 from server.graph_warmup import CapturePolicy
 from server.kv_cache import KVPlan, agree, allocate_kv_cache, plan_kv_cache
-from server.model_loader import load_checkpoint, resolve_model_path
+from server.model_loader import load_checkpoint
 from server.sampling import SamplingBatch, sample
 from server.scheduler import ScheduledStep, Sequence
 from server.step_executor import StepExecutor
@@ -95,16 +94,18 @@ class ModelRunner:
     `executor` and, with N > 1 ranks, `tp` (the launcher) and `comm` are set.
     """
 
-    def __init__(self, config: EngineConfig, set_phase: PhaseCallback):
+    def __init__(self, config: EngineConfig, set_phase: PhaseCallback,
+                 launcher: TPLauncher | None = None):
+        """`launcher`: the workers, already started (`launcher.start_workers`, which the engine
+        thread calls before it imports torch); started by `load` when not given."""
         self.config = config
         self._set_phase = set_phase
         self.timings: dict[str, float] = {}
         self.world = config.tensor_parallel_size
-        self.tp: TPLauncher | None = None
+        self.tp: TPLauncher | None = launcher
         self.comm = None
         self._rank_devices: list[dict] = []
         self._rank_captures: dict[int, list[dict]] = {}  # size -> each rank's CaptureResult
-        self._model_path = config.model  # resolved before workers start (they share it)
 
     # -- startup ----------------------------------------------------------------------------
 
@@ -140,11 +141,10 @@ class ModelRunner:
         if not cuda and self.world > 1:
             share_cpu_threads(self.world)
         if self.world > 1:
-            # Workers start first, so their imports and loads overlap rank 0's.
-            self._start_workers(device, emulate)
+            self._check_workers(device)
         t0 = time.perf_counter()
         self.checkpoint = load_checkpoint(
-            self._model_path, device, cfg.dtype, cfg.served_model_name, loader=cfg.loader,
+            cfg.model, device, cfg.dtype, cfg.served_model_name, loader=cfg.loader,
             load_format=cfg.load_format, shard=TPShard(0, self.world),
         )  # fmt: skip
         # A transformers fallback imports transformers inside the load: count that as import.
@@ -232,27 +232,15 @@ class ModelRunner:
 
     # -- tensor-parallel startup ------------------------------------------------------------
 
-    def _start_workers(self, device: str, emulate: bool) -> None:
-        """Check the model splits over the ranks, then start ranks 1..N-1 loading."""
-        from server.hf_config import ConfigReadError, load_config
-
-        cfg = self.config
+    def _check_workers(self, device: str) -> None:
+        """Start the workers unless the engine thread did, and check there is a GPU each."""
+        if self.tp is None:
+            self.tp = start_workers(self.config, on_failure=self._on_worker_failure)
         if device == "cuda" and torch.cuda.device_count() < self.world:
             raise StartupError(
                 f"--tensor-parallel-size {self.world} needs {self.world} GPUs; this host has "
                 f"{torch.cuda.device_count()}"
             )
-        # The default model is built here, once, before the workers read it.
-        path = resolve_model_path(cfg.model)
-        try:
-            check_divisible(load_config(path), self.world)
-        except ConfigReadError:
-            pass  # the load reports an unreadable config.json with the path and the reason
-        self._model_path = str(path)
-        apply_env_defaults()
-        self.tp = TPLauncher(self.world, cfg.tp_timeout_s, on_failure=self._on_worker_failure)
-        self.tp.start({"engine": dataclasses.asdict(cfg), "model_path": self._model_path,
-                       "device": device})
 
     def _join_workers(self, plan: KVPlan, model, emulate: bool) -> KVPlan:
         """Agree on the KV pool (the smallest any rank fits), join the process group, and
@@ -277,9 +265,8 @@ class ModelRunner:
         return plan
 
     def _on_worker_failure(self, reason: str) -> None:
-        """A worker exited on its own (a launcher watch thread calls this): the group is
-        broken for good. Report `failed` now, whatever the engine thread is doing; its next
-        message or collective to the dead rank raises, and the server exits non-zero."""
+        """See `server.engine.AsyncEngine._on_worker_failure` (the same, for runners built
+        without an engine)."""
         self._set_phase("failed", reason)
 
     # -- startup graphs ---------------------------------------------------------------------

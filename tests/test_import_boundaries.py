@@ -36,6 +36,7 @@ TORCH_FREE = (
     "server.distributed.protocol",
     "server.distributed.launcher",
     "server.distributed.worker",
+    "server.distributed.sharding",
     "server.health",
     "server.metrics",
     "server.http.errors",
@@ -68,7 +69,6 @@ TORCH_MODULES = (
     "server.sampling",
     "server.weights",
     "server.step_executor",
-    "server.distributed.sharding",
     "server.distributed.comm",
 )
 

@@ -23,6 +23,7 @@ call `on_failure`. Torch-free.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
@@ -45,6 +46,7 @@ from server.distributed.protocol import (
     read_message,
     write_all,
 )
+from server.distributed.sharding import check_divisible
 from server.errors import FatalEngineError
 from server.logging_setup import JsonFormatter
 
@@ -59,6 +61,26 @@ NCCL_ENV_DEFAULTS = {
     "NVSHMEM_DISABLE_NVLS": "1",
 }
 _PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+
+
+def start_workers(config, on_failure: Callable[[str], None] | None = None) -> TPLauncher:
+    """Check that the model splits over `config.tensor_parallel_size` ranks, then start ranks
+    1..N-1 loading. Torch-free: the engine thread calls this before it imports torch, so the
+    workers' imports and weight reads overlap rank 0's. Raises StartupError."""
+    from server.hf_config import ConfigReadError, load_config
+    from server.model_loader import resolve_model_path
+
+    world = config.tensor_parallel_size
+    # The default model is built here, once, before the workers read it.
+    path = resolve_model_path(config.model)
+    try:
+        check_divisible(load_config(path), world)
+    except ConfigReadError:
+        pass  # rank 0's load reports an unreadable config.json with the path and the reason
+    apply_env_defaults()
+    launcher = TPLauncher(world, config.tp_timeout_s, on_failure=on_failure)
+    launcher.start({"engine": dataclasses.asdict(config), "model_path": str(path)})
+    return launcher
 
 
 def apply_env_defaults(env: dict[str, str] | None = None) -> dict[str, str]:

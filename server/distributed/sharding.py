@@ -10,13 +10,14 @@ Norms are replicated; biases follow their matrix's rows, and a bias added after 
 
 Each rank reads only its slice when the weight source can (`take_part`, safetensors slices);
 otherwise the whole tensor is taken and the slice copied out, one tensor at a time.
+
+Torch-free at import (tensors come in and go out): rank 0 checks that a model splits before it
+has imported torch (`check_divisible`), while the workers start.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-
-import torch
 
 from server.errors import StartupError
 
@@ -64,9 +65,7 @@ def check_divisible(config, world: int) -> None:
         raise StartupError(f"{flag} does not divide the model's intermediate size {inter}")
 
 
-def take_sharded(
-    weights, name: str, shape: tuple[int, ...], dim: int, start: int, stop: int
-) -> torch.Tensor:
+def take_sharded(weights, name: str, shape: tuple[int, ...], dim: int, start: int, stop: int):
     """The slice `[start, stop)` along `dim` of tensor `name` (full shape `shape`), dense.
 
     Reads only the slice when the source offers `take_part`; otherwise takes the whole tensor
@@ -77,11 +76,12 @@ def take_sharded(
     take_part = getattr(weights, "take_part", None)
     if take_part is not None:
         return take_part(name, shape, dim, start, stop)
-    full = weights.take(name, shape)
-    return full.narrow(dim, start, stop - start).clone(memory_format=torch.contiguous_format)
+    part = weights.take(name, shape).narrow(dim, start, stop - start)
+    # A copy either way, so the full tensor's storage is freed on return.
+    return part.clone() if part.is_contiguous() else part.contiguous()
 
 
-def pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+def pad_rows(tensor, rows: int):
     """`tensor` with zero rows appended up to `rows` (the last rank's vocabulary slice)."""
     if tensor.shape[0] == rows:
         return tensor

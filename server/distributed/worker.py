@@ -93,7 +93,8 @@ class Worker:
 
         config = EngineConfig(**cfg["engine"])
         world = cfg["world"]
-        cuda = cfg["device"] == "cuda"
+        # Rank 0's rule, on the same host: the same answer.
+        cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda", self.rank) if cuda else torch.device("cpu")
         if cuda:
             torch.cuda.set_device(device)
