@@ -7,7 +7,8 @@ Parts (each writes its section of the JSON as soon as it ends, so a cut-off run 
   rank 0 by all-gather vs gather, at batch 1..64 x 128256/2 columns (which one the server uses
   is `server.distributed.comm`'s choice; this keeps it honest); the token broadcast.
   `--symm-mem` adds torch's symmetric-memory one-shot all-reduce (P2P, no multicast).
-* `8b`: Llama-3.1-8B shapes at TP=1 and TP=2 (`--graph-capture eager`): greedy agreement over
+* `8b`: Llama-3.1-8B shapes at TP=1 and TP=2 (`--graph-capture eager`; with `--symm-mem`
+  also TP=2 `--tp-allreduce symm-mem`): greedy agreement over
   `--agree-tokens` tokens per prompt (first divergence per prompt), decode ms/step at batch 1
   and tokens/s at batch 64, each from the difference of two request lengths (prefill, admission
   and HTTP cancel out).
@@ -202,10 +203,14 @@ async def part_8b(b: Bench, client) -> dict[str, Any]:
     data: dict[str, Any] = {"model": a.model_8b, "runs": {}}
     rng = random.Random(0)
     agree_prompts = [prompt(rng, 24) for _ in range(a.agree_prompts)]
-    for tp in (1, 2):
-        run: dict[str, Any] = {}
-        data["runs"][f"tp{tp}"] = run
-        server = b.server(f"8b-tp{tp}", a.model_8b, tp, "eager")
+    configs = [("tp1", 1, []), ("tp2", 2, [])]
+    if a.symm_mem:
+        configs.append(("tp2_symm_mem", 2, ["--tp-allreduce", "symm-mem"]))
+    pieces = {}
+    for name, tp, extra in configs:
+        run: dict[str, Any] = {"args": extra}
+        data["runs"][name] = run
+        server = b.server(f"8b-{name}", a.model_8b, tp, "eager", extra)
         try:
             run["ready_s"] = await b.ready(client, server)
             run["agreement_pieces"] = [
@@ -219,7 +224,7 @@ async def part_8b(b: Bench, client) -> dict[str, Any]:
             run["b64_ms_per_step"] = step64 * 1e3
             run["b64_tokens_per_s"] = a.batch / step64
             report = await graphs(client, server)
-            if tp == 2 and "lazy" in a.parts:
+            if name == "tp2" and "lazy" in a.parts:
                 # The lazy part's reference: this server captured every size before ready.
                 b.lazy_reference = await asyncio.wait_for(
                     run_waves(client, server.url, lazy_plan(a)), a.hang_timeout)
@@ -227,21 +232,37 @@ async def part_8b(b: Bench, client) -> dict[str, Any]:
             run["coverage"] = report.get("coverage")
             run["ranks"] = rank_summary(report)
             run["weights_bytes_per_gpu"] = report.get("weights_bytes")
+        except Exception as exc:  # a failing variant keeps the others' numbers
+            if name == "tp1":
+                raise
+            run["error"] = f"{type(exc).__name__}: {exc}"
         finally:
             run["returncode"] = server.stop()
-    one, two = data["runs"]["tp1"], data["runs"]["tp2"]
-    data["agreement"] = []
-    for i, (p1, p2) in enumerate(zip(one.pop("agreement_pieces"), two.pop("agreement_pieces"),
-                                     strict=True)):  # fmt: skip
+        pieces[name] = run.pop("agreement_pieces", None)
+    one = data["runs"]["tp1"]
+    for name in data["runs"]:
+        two = data["runs"][name]
+        if name == "tp1" or pieces.get(name) is None:
+            continue
+        key = "" if name == "tp2" else f"_{name.removeprefix('tp2_')}"
+        data[f"agreement{key}"] = agreement(pieces["tp1"], pieces[name])
+        data[f"b1_ratio{key}"] = ratio(two.get("b1_ms_per_step"), one["b1_ms_per_step"])
+        data[f"b64_throughput_ratio{key}"] = ratio(two.get("b64_tokens_per_s"),
+                                                   one["b64_tokens_per_s"])  # fmt: skip
+    return data
+
+
+def agreement(reference: list[list[str]], other: list[list[str]]) -> list[dict[str, Any]]:
+    """Per prompt: equal, or the first token where the pieces differ and a few around it."""
+    out = []
+    for i, (p1, p2) in enumerate(zip(reference, other, strict=True)):
         diff = first_difference(p1, p2)
-        data["agreement"].append({
+        out.append({
             "prompt": i, "tokens": len(p1), "equal": diff is None, "first_divergence": diff,
             "context": None if diff is None else {"tp1": p1[max(0, diff - 3): diff + 3],
                                                   "tp2": p2[max(0, diff - 3): diff + 3]},
         })  # fmt: skip
-    data["b1_ratio"] = ratio(two["b1_ms_per_step"], one["b1_ms_per_step"])
-    data["b64_throughput_ratio"] = ratio(two["b64_tokens_per_s"], one["b64_tokens_per_s"])
-    return data
+    return out
 
 
 async def part_70b(b: Bench, client) -> dict[str, Any]:
@@ -356,7 +377,7 @@ async def part_lazy(b: Bench, client) -> dict[str, Any]:
 def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
     parts = result["parts"]
     out = []
-    if "8b" in parts and "error" not in parts["8b"]:
+    if "8b" in parts and "error" not in parts["8b"] and "agreement" in parts["8b"]:
         d = parts["8b"]
         agreed = sum(x["equal"] for x in d["agreement"])
         firsts = [x["first_divergence"] for x in d["agreement"] if not x["equal"]]
@@ -370,6 +391,14 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
                           TARGET_B64_RATIO, lower_is_better=False,
                           detail=f"{fmt(d['runs']['tp2']['b64_tokens_per_s'], '.0f')} vs "
                           f"{fmt(d['runs']['tp1']['b64_tokens_per_s'], '.0f')} tok/s"))
+        symm = d["runs"].get("tp2_symm_mem")
+        if symm is not None:  # the experimental all-reduce against the same target
+            agree = d.get("agreement_symm_mem", [])
+            out.append(target("8B batch-1 ms/step TP=2 symm-mem / TP=1",
+                              d.get("b1_ratio_symm_mem"), TARGET_B1_RATIO,
+                              detail=symm.get("error") or
+                              f"agreement {sum(x['equal'] for x in agree)}/{len(agree)} prompts; "
+                              f"b64 ratio {fmt(d.get('b64_throughput_ratio_symm_mem'))}"))
     if "70b" in parts and "error" not in parts["70b"]:
         d = parts["70b"]
         out.append(target("70B TP=2 batch-1 step / bandwidth floor", d.get("floor_ratio"),

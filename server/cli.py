@@ -20,6 +20,7 @@ from server.config import (
     GRAPH_CAPTURE_MODES,
     LOAD_FORMATS,
     LOADERS,
+    TP_ALLREDUCE,
     ConfigError,
     EngineConfig,
     ServerConfig,
@@ -122,6 +123,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      help="longest wait for a peer rank at any agreement (load: 10x this); a "
                      "peer that misses it fails the server instead of hanging it")
 
+    par.add_argument("--tp-allreduce", default=eng.tp_allreduce, choices=TP_ALLREDUCE,
+                     help="nccl; symm-mem (experimental, CUDA): torch's symmetric-memory one-shot "
+                     "all-reduce over NVLink for decode-sized tensors, nccl for the rest")
+
     graphs = p.add_argument_group("CUDA graphs")
     graphs.add_argument("--graph-capture", default=None, choices=GRAPH_CAPTURE_MODES,
                         help="lazy: capture the largest size before ready, the rest while "
@@ -187,6 +192,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         load_format=args.load_format,
         tensor_parallel_size=args.tensor_parallel_size,
         tp_timeout_s=args.tp_timeout,
+        tp_allreduce=args.tp_allreduce,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,

@@ -17,6 +17,9 @@ LOADERS = ("auto", "fast", "transformers")
 # auto: the checkpoint's safetensors files; dummy: random weights of config.json's shapes, no
 # weight file read (for measuring shapes that are not on disk).
 LOAD_FORMATS = ("auto", "dummy")
+# How tensor-parallel ranks all-reduce: nccl everywhere, or torch's symmetric-memory one-shot
+# all-reduce (P2P loads over NVLink, no multicast) for decode-sized tensors, nccl for the rest.
+TP_ALLREDUCE = ("nccl", "symm-mem")
 
 
 class ConfigError(ValueError):
@@ -65,6 +68,7 @@ class EngineConfig:
     load_format: str = "auto"  # auto | dummy (see LOAD_FORMATS)
     tensor_parallel_size: int = 1  # processes (GPUs) the model is sharded over
     tp_timeout_s: float = 60.0  # longest wait for a tensor-parallel peer at any agreement
+    tp_allreduce: str = "nccl"  # nccl | symm-mem (see TP_ALLREDUCE)
     max_model_len: int | None = None  # None: the model's limit, shrunk to fit the KV budget
     max_num_seqs: int | None = None  # None: 64 on CUDA, 8 on CPU
     max_queue: int = 1024  # waiting requests beyond this are rejected (HTTP 429)
@@ -95,6 +99,11 @@ class EngineConfig:
         if self.tensor_parallel_size < 1:
             raise ConfigError(
                 f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"
+            )
+        if self.tp_allreduce not in TP_ALLREDUCE:
+            raise ConfigError(
+                f"--tp-allreduce must be one of {', '.join(TP_ALLREDUCE)}, "
+                f"got {self.tp_allreduce!r}"
             )
         if not self.tp_timeout_s > 0:
             raise ConfigError(f"--tp-timeout must be > 0 seconds, got {self.tp_timeout_s}")

@@ -236,6 +236,8 @@ class ModelRunner:
         """Start the workers unless the engine thread did, and check there is a GPU each."""
         if self.tp is None:
             self.tp = start_workers(self.config, on_failure=self._on_worker_failure)
+        if device != "cuda" and self.config.tp_allreduce == "symm-mem":
+            raise StartupError("--tp-allreduce symm-mem needs CUDA GPUs; use nccl (gloo on CPU)")
         if device == "cuda" and torch.cuda.device_count() < self.world:
             raise StartupError(
                 f"--tensor-parallel-size {self.world} needs {self.world} GPUs; this host has "
@@ -258,6 +260,9 @@ class ModelRunner:
             "store_port": store.port, "emulate_graphs": emulate,
         })  # fmt: skip
         self.comm = init_group(0, self.world, self.device, cfg.tp_timeout_s, store=store)
+        if cfg.tp_allreduce == "symm-mem":  # every rank, right after joining (collective)
+            self.comm.enable_symm_mem(self.max_num_seqs, model.shape.hidden_size, model.dtype,
+                                      self.device)  # fmt: skip
         model.attach_comm(self.comm)
         self._rank_devices = [r["device"] for r in tp.collect(Kind.READY, seq)]
         log.info("tensor-parallel group of %d ranks ready (workers: %s)", self.world,

@@ -226,12 +226,18 @@ def test_two_shards_compute_the_one_process_logits(tmp_path, case):
             assert torch.equal(sharded.argmax(-1), reference.argmax(-1))
 
 
-def test_the_tensor_parallel_size_must_divide_the_kv_heads(checkpoints):
+@pytest.mark.parametrize("overrides, message", [
+    ({"tensor_parallel_size": 4},
+     "--tensor-parallel-size 4 does not divide the model's 2 KV heads"),
+    ({"tensor_parallel_size": 2, "tp_allreduce": "symm-mem"},
+     "--tp-allreduce symm-mem needs CUDA GPUs"),
+])  # fmt: skip
+def test_a_group_that_cannot_work_is_a_clear_startup_error(checkpoints, overrides, message):
     path, _ = checkpoints("llama")  # 4 heads, 2 KV heads
-    engine = AsyncEngine(EngineConfig(model=str(path), device="cpu", tensor_parallel_size=4))
+    engine = AsyncEngine(EngineConfig(model=str(path), device="cpu", **overrides))
     engine.start()
     _wait_phase(engine, "failed", 60)
-    assert "--tensor-parallel-size 4 does not divide the model's 2 KV heads" in engine.error
+    assert message in engine.error
 
 
 # -- the engine at --tensor-parallel-size 2 ------------------------------------------------------

@@ -11,6 +11,13 @@ Every rank must issue the same collectives in the same order: the forward does, 
 rank runs the same step plan (`server.step_plan`); the token broadcast follows each step that
 samples. Ordering across ranks is the caller's invariant, not checked here.
 
+All-reduce: NCCL by default. `enable_symm_mem` (`--tp-allreduce symm-mem`, CUDA) switches the
+tensors of up to `rows` rows (decode steps) to torch's symmetric-memory one-shot all-reduce:
+each rank copies its tensor into a buffer every peer maps, the ranks meet at a device-side
+barrier, and each sums the peers' buffers straight over NVLink (no multicast): one kernel
+instead of NCCL's launch, proxy and protocol machinery, which is what a decode step's 2L+1
+all-reduces of a few KiB each are made of. Larger tensors (prompt chunks) stay on NCCL.
+
 Logits: all-gather (every rank gets every slice, one NCCL collective, capturable) rather than a
 gather to rank 0: on one host the bytes rank 0 receives are the same, and `bench/tp.py`
 measures both inside CUDA graphs (`logits_gather` in its JSON) to keep that choice honest.
@@ -38,9 +45,34 @@ class TPComm:
         self.world = world
         self._broadcast_opts = dist.BroadcastOptions()
         self._broadcast_opts.rootRank = 0
+        self._symm: torch.Tensor | None = None  # the symmetric buffer, once enabled
+        self._one_shot = None
+
+    def enable_symm_mem(self, rows: int, hidden: int, dtype, device) -> None:
+        """Route all-reduces of `[<= rows, hidden]` tensors through a symmetric buffer.
+
+        Collective (the buffer's rendezvous): every rank calls it at the same point.
+        """
+        import torch.distributed._symmetric_memory as symm
+
+        name = self.group.group_name
+        symm.enable_symm_mem_for_group(name)
+        buffer = symm.empty(rows, hidden, dtype=dtype, device=device)
+        symm.rendezvous(buffer, name)
+        self._symm_group = name
+        self._one_shot = torch.ops.symm_mem.one_shot_all_reduce_copy_out
+        self._symm = buffer
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place; returns `x`."""
+        buf = self._symm
+        if buf is not None and x.dim() == 2 and x.shape[0] <= buf.shape[0] and (
+            x.shape[1] == buf.shape[1]
+        ):
+            # In place is safe: each thread copies its elements of x into the shared buffer
+            # before the device-side barrier and writes the same elements' sums after it.
+            self._one_shot(buf[: x.shape[0]], x, "sum", self._symm_group, x)
+            return x
         self.group.allreduce([x]).wait()
         return x
 
