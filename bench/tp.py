@@ -167,7 +167,27 @@ class Bench:
         return ServerProcess(args, log_path=self.log_dir / f"{name}.log", env=self.env).start()
 
     async def ready(self, client, server: ServerProcess) -> float:
-        return await wait_ready(client, server, self.args.ready_timeout) - server.started_at
+        seconds = await wait_ready(client, server, self.args.ready_timeout) - server.started_at
+        tp = (await graphs(client, server)).get("tensor_parallel") or {}
+        server.worker_pids = [r["pid"] for r in tp.get("ranks", [])[1:]]
+        return seconds
+
+    @staticmethod
+    def stop(server: ServerProcess) -> int | None:
+        """Stop the server, then wait until its workers are gone too (they exit after rank 0
+        or with it), so the next server finds every GPU's memory free."""
+        code = server.stop()
+        deadline = time.monotonic() + 30
+        for pid in getattr(server, "worker_pids", []):
+            while time.monotonic() < deadline:
+                try:
+                    state = Path(f"/proc/{pid}/stat").read_text().rsplit(") ", 1)[1][:1]
+                except (OSError, IndexError):
+                    break  # gone
+                if state == "Z":
+                    break  # a zombie holds no GPU memory
+                time.sleep(0.05)
+        return code
 
     def save(self, part: str, data: dict[str, Any]) -> None:
         self.result["parts"][part] = data
@@ -237,7 +257,7 @@ async def part_8b(b: Bench, client) -> dict[str, Any]:
                 raise
             run["error"] = f"{type(exc).__name__}: {exc}"
         finally:
-            run["returncode"] = server.stop()
+            run["returncode"] = b.stop(server)
         pieces[name] = run.pop("agreement_pieces", None)
     one = data["runs"]["tp1"]
     for name in data["runs"]:
@@ -297,7 +317,7 @@ async def part_70b(b: Bench, client) -> dict[str, Any]:
             data["floor_ms"] = data["weights_bytes_per_gpu"] / (bw * 1e9) * 1e3
             data["floor_ratio"] = data["b1_ms_per_step"] / data["floor_ms"]
     finally:
-        data["returncode"] = server.stop()
+        data["returncode"] = b.stop(server)
     return data
 
 
@@ -342,7 +362,7 @@ async def part_lazy(b: Bench, client) -> dict[str, Any]:
             reference = await asyncio.wait_for(run_waves(client, server.url, plan),
                                                a.hang_timeout)  # fmt: skip
         finally:
-            server.stop()
+            b.stop(server)
     for i in range(a.restarts):
         run: dict[str, Any] = {"restart": i}
         data["runs"].append(run)
@@ -368,7 +388,7 @@ async def part_lazy(b: Bench, client) -> dict[str, Any]:
             run["equal_to_eager"] = not run["hang"] and not mismatched
             run["mismatched_requests"] = mismatched
         finally:
-            run["returncode"] = server.stop()
+            run["returncode"] = b.stop(server)
             run["log"] = str(server.log_path)
     return data
 
@@ -464,7 +484,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--wave-tokens", type=int, default=24)
     ap.add_argument("--max-num-seqs", type=int, default=64)
     ap.add_argument("--max-model-len", type=int, default=4096)
-    ap.add_argument("--ready-timeout", type=float, default=600)
+    ap.add_argument("--ready-timeout", type=float, default=300)
     ap.add_argument("--hang-timeout", type=float, default=180,
                     help="a workload (or request) taking longer counts as a hang")
     ap.add_argument("--symm-mem", action="store_true",
