@@ -523,9 +523,14 @@ class ModelRunner:
         return report
 
     def _tp_report(self, sizes: list[dict]) -> dict:
-        """Each rank's process, device and captures; each size's result on each rank."""
+        """Each rank's process, device and captures; each size's result on each rank.
+
+        Called on the event loop while the engine thread may record a capture: it reads a
+        copy (dict.copy is atomic under the GIL; each size's results list is never mutated).
+        """
+        captures = self._rank_captures.copy()
         for record in sizes:
-            results = self._rank_captures.get(record["size"])
+            results = captures.get(record["size"])
             if results is not None:
                 record["ranks"] = [
                     {"rank": r, "ok": res["ok"], "capture_ms": round(res["seconds"] * 1e3, 3),
@@ -538,7 +543,7 @@ class ModelRunner:
         devices = [self.graphs.device_info(), *self._rank_devices]
         ranks = []
         for r, proc in enumerate(procs):
-            done = {s: res[r] for s, res in self._rank_captures.items() if r < len(res)}
+            done = {s: res[r] for s, res in captures.items() if r < len(res)}
             ranks.append({
                 **proc,
                 "device": devices[r] if r < len(devices) else None,
