@@ -333,6 +333,34 @@ def test_a_worker_that_cannot_load_fails_the_start(checkpoints, monkeypatch):
     assert not engine._thread.is_alive()
 
 
+def test_a_worker_dying_mid_step_fails_the_requests_and_the_engine(checkpoints, monkeypatch):
+    """Rank 1 exits while decoding: rank 0's next collective or message to it fails, every
+    request ends with an error naming the rank, the engine reports `failed` and its thread
+    ends, within the deadline, not a hang."""
+    path, _ = checkpoints("llama")
+    monkeypatch.setenv("GRAPHSERVE_TP_TEST_FAULT", "exit_at_step:6")
+    engine = _start(path, tensor_parallel_size=2, tp_timeout_s=20)
+    t0 = time.monotonic()
+
+    async def run():
+        params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+        return await asyncio.gather(*(
+            _collect(engine, prompt, params) for prompt in PROMPTS[:2]
+        ))  # fmt: skip
+
+    for outs in asyncio.run(run()):
+        assert outs[-1].finished and outs[-1].finish_reason == "error"
+        assert "tensor-parallel rank 1" in outs[-1].error
+    _wait_phase(engine, "failed", 30)
+    assert "tensor-parallel rank 1" in engine.error and "exited with code 9" in engine.error
+    engine._thread.join(30)
+    assert not engine._thread.is_alive() and time.monotonic() - t0 < 60
+
+
+async def _collect(engine, prompt, params):
+    return [out async for out in engine.generate(f"tp-{next(_ids)}", prompt, params)]
+
+
 # -- the server process ----------------------------------------------------------------------
 
 

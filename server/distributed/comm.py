@@ -128,16 +128,19 @@ def init_group(
 
 
 def destroy_group(abort: bool = False) -> None:
-    """Leave the group. Orderly (`abort=False`): every rank calls this after its last
-    collective; NCCL's teardown is itself collective (it flushes, then frees), so a rank that
-    never calls it can hang the others' call; callers bound it. `abort`: a peer is gone; NCCL
-    communicators are aborted locally instead (nothing is waited for); gloo's teardown is
-    local either way."""
+    """Leave the group.
+
+    Orderly (`abort=False`): every rank calls this after its last collective; NCCL's teardown
+    is itself collective (it flushes, then frees), so a rank that never calls it can hang the
+    others' call: callers bound it. `abort`: a peer is gone; the group is aborted locally,
+    waiting for nothing (gloo's orderly teardown, too, waits for its threads blocked on the
+    dead peer), where this torch offers it.
+    """
     if not dist.is_initialized():
         return
     abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
-    if abort and dist.get_backend() == "nccl":
-        if abort_group is not None:
-            abort_group()
-        return  # no local abort in this torch: leave it to the process's exit
-    dist.destroy_process_group()
+    if abort and abort_group is not None:
+        abort_group()
+    elif not abort or dist.get_backend() != "nccl":
+        dist.destroy_process_group()
+    # else: a broken NCCL group without a local abort is left to the process's exit
