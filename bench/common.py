@@ -59,6 +59,7 @@ class ServerProcess:
         port: int | None = None,
         log_path: str | os.PathLike[str] | None = None,
         env: dict[str, str] | None = None,
+        cwd: str | os.PathLike[str] | None = None,
     ):
         self.host = host
         self.port = port or free_port(host)
@@ -70,6 +71,8 @@ class ServerProcess:
             os.close(fd)
         self.log_path = Path(log_path)
         self._env = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+        # Another checkout's server (e.g. the previous design, measured in the same run).
+        self._cwd = Path(cwd) if cwd is not None else REPO_ROOT
         self.proc: subprocess.Popen | None = None
         self.started_at: float | None = None
         self.stopped_by: str | None = None
@@ -81,7 +84,7 @@ class ServerProcess:
             self.started_at = time.perf_counter()
             self.proc = subprocess.Popen(
                 self.command,
-                cwd=REPO_ROOT,
+                cwd=self._cwd,
                 env=self._env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,

@@ -8,7 +8,9 @@ Measured in one process, on one GPU, in this order:
 3. Per batch size: ms per decode step replaying the graph vs running the same step eagerly
    (CUDA events, median), at a given context length; plus one full engine step at batch 1
    (host input copy + replay + greedy sampling + device->host) to show host overhead.
-4. Prefill throughput (tokens/s) for one long prompt and for a packed batch of prompts.
+4. Prefill throughput (tokens/s): a first chunk, continuation chunks after cached contexts of
+   growing depth (2k, 8k, 14k), and a packed batch of short prompts — each against the first
+   chunk's rate; plus decode attention alone per split-K factor at the largest batch.
 
     python -m bench.decode --model /tmp/llama-8b --out bench/results/decode-8b.json
 """
@@ -64,6 +66,9 @@ def main() -> None:
     )
     ap.add_argument("--context", type=int, default=512, help="tokens each row attends to")
     ap.add_argument("--prefill", type=int, default=2048, help="tokens per prefill step")
+    ap.add_argument("--deep", type=int, default=14336, help="deepest cached context before a "
+                    "continuation chunk")
+    ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -71,9 +76,9 @@ def main() -> None:
     import torch
     import transformers
 
-    from server import ops
+    from server import ops, triton_attention
     from server.config import EngineConfig, default_capture_sizes
-    from server.model import PrefillChunk
+    from server.model import StepBatch
     from server.model_runner import ModelRunner
     from server.sampling import SamplingBatch, sample
 
@@ -93,14 +98,16 @@ def main() -> None:
         "transformers": transformers.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "context": args.context,
+        "kv_layout": f"paged, block_size {args.block_size}",
     }
 
     bw = hbm_read_bandwidth()
     result["hbm_read_gb_s"] = bw / 1e9
 
-    # The engine's own load: weights, a KV cache of max_n + 1 slots (one scratch), Triton
-    # warm-up, then the `eager` policy's startup captures (every size, descending, one pool).
-    max_len = max(args.context + 64, 2 * args.prefill + 64)  # room for a continuation chunk
+    # The engine's own load: weights, the paged KV pool, the mixed-step warm-up, then the
+    # `eager` policy's startup captures (every size, descending, one pool).
+    bs = args.block_size
+    max_len = -(-max(args.context + 64, args.deep + args.prefill) // bs) * bs
     config = EngineConfig(
         model=args.model,
         dtype="bfloat16",
@@ -109,7 +116,10 @@ def main() -> None:
         cuda_graph_sizes=sizes,
         max_num_seqs=max_n,
         max_model_len=max_len,
-        max_num_batched_tokens=args.prefill,  # the KV plan reserves room for this prefill
+        max_num_batched_tokens=args.prefill,
+        block_size=bs,
+        # Enough blocks for every row at the decode context and one row at max_len.
+        num_kv_blocks=1 + max_n * -(-(args.context + 64) // bs) + max_len // bs,
     )
     runner = ModelRunner(config, lambda phase, detail: print(f"[decode] {phase}", flush=True))
     runner.load()
@@ -120,11 +130,24 @@ def main() -> None:
     for k, v in kv:  # attention reads real-looking values (the graphs read these tensors)
         k.normal_()
         v.normal_()
+    # Row r of the block table: the blocks a sequence admitted r-th would get (consecutive
+    # runs, as a fresh pool hands them out); the last real row gets the deep context.
+    per_row = -(-(args.context + 64) // bs)
+    table = runner.block_tables
+    for r in range(max_n):
+        table[r, :per_row] = torch.arange(1 + r * per_row, 1 + (r + 1) * per_row,
+                                          dtype=torch.int32, device="cuda")
+    deep_row = max_n - 1
+    deep_first = 1 + max_n * per_row
+    table[deep_row, : max_len // bs] = torch.arange(deep_first, deep_first + max_len // bs,
+                                                    dtype=torch.int32, device="cuda")
     result["weight_gb"] = weight_bytes / 1e9
     result["kernels"] = "triton" if ops.triton_enabled() else "torch"
-    # Weights + the KV actually read at batch 1 (the cache is read only up to the context).
-    kv_per_row = model.shape.kv_bytes_per_token * 2 * args.context
-    result["floor_ms_batch1"] = (weight_bytes + kv_per_row) / bw * 1e3
+    kv_token = model.shape.kv_bytes_per_token * 2  # bf16
+    result["floor_ms"] = {
+        b: (weight_bytes + b * kv_token * args.context) / bw * 1e3 for b in batch_sizes
+    }
+    result["floor_ms_batch1"] = result["floor_ms"][1]
 
     snap = runner.policy.snapshot()
     if sorted(graphs.graphs) != sizes:
@@ -154,14 +177,35 @@ def main() -> None:
         graphs.inputs[2, :b] = torch.arange(b, device="cuda")
         eager = cuda_time_ms(lambda b=b: graphs._decode_static(b), max(5, args.iters // 3))
         graph = cuda_time_ms(graphs.graphs[b].replay, args.iters)
-        rows.append({"batch": b, "eager_ms": eager, "graph_ms": graph, "speedup": eager / graph})
+        floor = result["floor_ms"][b]
+        rows.append({"batch": b, "eager_ms": eager, "graph_ms": graph, "speedup": eager / graph,
+                     "floor_ms": floor, "of_floor": floor / graph})
     result["decode"] = rows
+
+    # Attention alone at the largest batch, per split-K factor (one layer, graph-timed).
+    q = torch.randn(max_n, model.shape.num_heads, model.shape.head_dim, device="cuda",
+                    dtype=torch.bfloat16)
+    arows = torch.arange(max_n, device="cuda")
+    lens = torch.full((max_n,), args.context, device="cuda")
+    splits = {}
+    for n_splits in (1, 2, 4, 8, 16):
+        def attn(n_splits=n_splits):
+            triton_attention.decode_attention(q, kv[0][0], kv[0][1], table, arows, lens,
+                                              model.scale, num_splits=n_splits)
+        splits[n_splits] = cuda_time_ms(attn, args.iters) * 1e3
+    result["attention_us_by_splits"] = {
+        "batch": max_n, "context": args.context, "default_splits":
+        triton_attention.decode_attention_splits(max_n, model.shape.num_kv_heads,
+                                                 table.shape[1] * bs),
+        "us": splits,
+    }
 
     # One whole engine step at batch 1: host->device inputs, replay, greedy sample, tokens back.
     greedy = SamplingBatch([0.0], [1.0], [0], [0], [0])
 
     def engine_step():
-        logits = graphs.run([5], [args.context - 1], [0])
+        # size=1: replay the batch-1 graph, as the policy dispatches a step of one row.
+        logits = graphs.run([5], [args.context - 1], [0], size=1)
         sample(logits, greedy).tolist()
 
     for _ in range(5):
@@ -171,27 +215,45 @@ def main() -> None:
         engine_step()
     result["engine_step_ms_batch1"] = (time.perf_counter() - t0) / args.iters * 1e3
 
-    # Prefill throughput.
-    prefill = {}
-    for n_seqs in (1, 8):
-        per = args.prefill // n_seqs
-        ids = torch.randint(0, model.shape.vocab_size, (per * n_seqs,), device="cuda")
-        pos = torch.arange(per, device="cuda").repeat(n_seqs)
-        slots = torch.arange(n_seqs, device="cuda").repeat_interleave(per)
-        chunks = [PrefillChunk(slot=i, start=0, length=per, offset=i * per) for i in range(n_seqs)]
-        step = functools.partial(model.prefill, ids, pos, slots, kv, chunks)
-        ms = cuda_time_ms(step, 5, warmup=2)
-        prefill[f"{n_seqs}x{per}"] = {"ms": ms, "tokens_per_s": per * n_seqs / (ms / 1e3)}
-    # A long prompt's second chunk: `prefill` new tokens attending to `prefill` cached ones
-    # (chunked prefill's causal-with-offset attention path).
+    # Prefill: chunks of `--prefill` tokens, first and continuing cached contexts of growing
+    # depth (the deep row's table spans max_len), plus packed short prompts.
+    def chunk_step(chunks):
+        ids, pos, trows, cu, k_lens, seq_rows = [], [], [], [0], [], []
+        for row, start, length in chunks:
+            ids += [7] * length
+            pos += range(start, start + length)
+            trows += [row] * length
+            cu.append(cu[-1] + length)
+            k_lens.append(start + length)
+            seq_rows.append(row)
+        dev = "cuda"
+        batch = StepBatch(
+            input_ids=torch.tensor(ids, device=dev), positions=torch.tensor(pos, device=dev),
+            rows=torch.tensor(trows, device=dev),
+            logit_rows=torch.tensor([c - 1 for c in cu[1:]], device=dev), num_decode=0,
+            seq_rows=torch.tensor(seq_rows, device=dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
+            k_lens=torch.tensor(k_lens, dtype=torch.int32, device=dev),
+            max_q_len=max(length for _, _, length in chunks),
+        )
+        return functools.partial(model.forward, batch, kv, table)
+
     n = args.prefill
-    ids = torch.randint(0, model.shape.vocab_size, (n,), device="cuda")
-    pos = torch.arange(n, 2 * n, device="cuda")
-    slots = torch.zeros(n, dtype=torch.int64, device="cuda")
-    chunks = [PrefillChunk(slot=0, start=n, length=n, offset=0)]
-    step = functools.partial(model.prefill, ids, pos, slots, kv, chunks)
-    ms = cuda_time_ms(step, 5, warmup=2)
-    prefill[f"1x{n}_after_{n}"] = {"ms": ms, "tokens_per_s": n / (ms / 1e3)}
+    prefill = {}
+    cases = {f"1x{n}": [(deep_row, 0, n)]}
+    for depth in sorted({n, 8192, args.deep}):
+        if depth + n <= max_len:
+            cases[f"1x{n}_after_{depth}"] = [(deep_row, depth, n)]
+    packed = n // 8
+    if per_row * bs >= packed:
+        cases[f"8x{packed}"] = [(r, 0, packed) for r in range(min(8, max_n))]
+    for name, chunks in cases.items():
+        ms = cuda_time_ms(chunk_step(chunks), 5, warmup=2)
+        tokens = sum(length for _, _, length in chunks)
+        prefill[name] = {"ms": ms, "tokens_per_s": tokens / (ms / 1e3)}
+    first = prefill[f"1x{n}"]["tokens_per_s"]
+    for entry in prefill.values():
+        entry["vs_first_chunk"] = entry["tokens_per_s"] / first
     result["prefill"] = prefill
 
     print(f"\n{result['device']}  torch {result['torch']}  kernels={result['kernels']}  "
@@ -201,13 +263,16 @@ def main() -> None:
     ratio = cap["pool_ratio_all_vs_largest"]
     print(f"capture: largest {cap['largest_capture_s'] * 1e3:.0f} ms, all {len(sizes)} sizes "
           f"{cap['all_captures_s']:.2f} s; pool all/largest = {ratio:.3f}")  # fmt: skip
-    print(f"{'batch':>5} {'eager ms':>9} {'graph ms':>9} {'speedup':>7}")
+    print(f"{'batch':>5} {'eager ms':>9} {'graph ms':>9} {'speedup':>7} {'floor':>6} {'%floor':>6}")
     for r in rows:
-        print(f"{r['batch']:>5} {r['eager_ms']:>9.2f} {r['graph_ms']:>9.2f} {r['speedup']:>7.2f}")
+        print(f"{r['batch']:>5} {r['eager_ms']:>9.2f} {r['graph_ms']:>9.2f} {r['speedup']:>7.2f} "
+              f"{r['floor_ms']:>6.2f} {100 * r['of_floor']:>5.1f}%")
+    print(f"attention b{max_n} ctx {args.context} us by splits: {splits}")
     step_ms = result["engine_step_ms_batch1"]
     print(f"engine step batch 1 (with sampling and host sync): {step_ms:.2f} ms")
     for k, v in prefill.items():
-        print(f"prefill {k}: {v['ms']:.1f} ms, {v['tokens_per_s']:.0f} tok/s")
+        print(f"prefill {k}: {v['ms']:.1f} ms, {v['tokens_per_s']:.0f} tok/s, "
+              f"{v['vs_first_chunk']:.2f}x the first chunk's rate")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

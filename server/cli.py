@@ -100,17 +100,31 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                        "config.json's shapes, no weight file read (measuring big shapes)")
     model.add_argument("--max-model-len", type=int, default=None, metavar="N",
                        help="context length (prompt + output) in tokens (default: the model's "
-                       "limit, shrunk to fit the KV cache)")
+                       "limit; shrunk only if the whole KV pool is smaller)")
     model.add_argument("--seed", type=int, default=eng.seed,
                        help="base seed for requests that give none")
 
     sched = p.add_argument_group("scheduling")
     sched.add_argument("--max-num-seqs", type=int, default=None, metavar="N",
-                       help="requests decoded together (default: 64 on CUDA, 8 on CPU)")
+                       help="requests running at once (default: 64 on CUDA, 8 on CPU)")
     sched.add_argument("--max-queue", type=int, default=eng.max_queue, metavar="N",
                        help="waiting requests beyond this are refused with HTTP 429")
     sched.add_argument("--max-num-batched-tokens", type=int, default=None, metavar="N",
-                       help="prefill chunk size in tokens (default: 2048 on CUDA, 256 on CPU)")
+                       help="tokens per engine step: decode rows plus prompt chunks (default: "
+                       "2048 on CUDA, 256 on CPU)")
+    sched.add_argument("--decode-prefill-tokens", type=int, default=None, metavar="N",
+                       help="prompt tokens a step may carry while other requests are decoding: "
+                       "smaller keeps running streams' inter-token gaps even while a long prompt "
+                       "is prefilled, larger prefills it sooner (default: 256)")
+    sched.add_argument("--block-size", type=int, default=eng.block_size, metavar="N",
+                       help="tokens per KV-cache block (8, 16, 32, 64 or 128); also the prefix "
+                       "cache's granularity")
+    sched.add_argument("--num-kv-blocks", type=int, default=None, metavar="N",
+                       help="KV-cache blocks to allocate (default: all the memory budget holds "
+                       "on CUDA; every sequence at full context on CPU)")
+    sched.add_argument("--no-prefix-caching", dest="enable_prefix_caching",
+                       action="store_false",
+                       help="do not share KV blocks between requests with the same prefix")
     sched.add_argument("--gpu-memory-utilization", type=float, default=eng.gpu_memory_utilization,
                        metavar="FRACTION", help="share of GPU memory the server may use")
 
@@ -197,6 +211,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,
         max_num_batched_tokens=args.max_num_batched_tokens,
+        decode_prefill_tokens=args.decode_prefill_tokens,
+        block_size=args.block_size,
+        num_kv_blocks=args.num_kv_blocks,
+        enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
         graph_capture=graph_capture,
         cuda_graph_sizes=sizes,

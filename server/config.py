@@ -46,13 +46,22 @@ class DeviceDefaults:
     max_num_seqs: int
     max_num_batched_tokens: int
     max_model_len: int | None  # None: the model's limit (shrunk to fit the KV budget on CUDA)
+    decode_prefill_tokens: int  # prompt tokens a step may add to running decode rows
 
 
 # A GPU step of 64 rows costs little more than one (decode reads the weights once per step); on
 # the CPU every row costs, and a CI box has two cores, so fewer rows and smaller prefill chunks.
 DEVICE_DEFAULTS = {
-    "cuda": DeviceDefaults(max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=None),
-    "cpu": DeviceDefaults(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=4096),
+    "cuda": DeviceDefaults(
+        max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=None,
+        # 8B on an H200: a step of 256 prompt tokens beside the decode rows takes ~1.5x a decode
+        # step, 2048 take ~10x (bench/results/kv-serving-8b-h200.json): running streams' gaps
+        # stay within 2x while a long prompt is prefilled beside them.
+        decode_prefill_tokens=256,
+    ),
+    "cpu": DeviceDefaults(
+        max_num_seqs=8, max_num_batched_tokens=256, max_model_len=4096, decode_prefill_tokens=256
+    ),
 }
 
 
@@ -73,6 +82,8 @@ class EngineConfig:
     max_num_seqs: int | None = None  # None: 64 on CUDA, 8 on CPU
     max_queue: int = 1024  # waiting requests beyond this are rejected (HTTP 429)
     max_num_batched_tokens: int | None = None  # tokens per step; None: 2048 CUDA, 256 CPU
+    # Prompt tokens a step may carry beside decode rows (ITL of running streams); None: 256.
+    decode_prefill_tokens: int | None = None
     block_size: int = 16  # tokens per KV-cache block (the prefix cache's granularity too)
     num_kv_blocks: int | None = None  # None: as many as the memory budget holds
     enable_prefix_caching: bool = True  # share full KV blocks between identical prefixes
@@ -116,7 +127,8 @@ class EngineConfig:
             raise ConfigError(f"--block-size must be 8, 16, 32, 64 or 128, got {self.block_size}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 2:
             raise ConfigError(f"--num-kv-blocks must be >= 2, got {self.num_kv_blocks}")
-        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens"):
+        for name in ("max_model_len", "max_num_seqs", "max_num_batched_tokens",
+                     "decode_prefill_tokens"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -143,6 +155,9 @@ class EngineConfig:
 
     def max_num_batched_tokens_for(self, device_type: str) -> int:
         return self.max_num_batched_tokens or DEVICE_DEFAULTS[device_type].max_num_batched_tokens
+
+    def decode_prefill_tokens_for(self, device_type: str) -> int:
+        return self.decode_prefill_tokens or DEVICE_DEFAULTS[device_type].decode_prefill_tokens
 
 
 @dataclass

@@ -136,6 +136,7 @@ class AsyncEngine:
             max_num_seqs=runner.max_num_seqs,
             max_model_len=runner.max_model_len,
             max_batched_tokens=runner.max_batched_tokens,
+            decode_prefill_tokens=runner.decode_prefill_tokens,
             eos_ids=runner.eos_ids,
             tokenizer=runner.checkpoint.tokenizer,
             admission=self._admission,

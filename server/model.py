@@ -420,20 +420,27 @@ class DecoderModel:
         names (decode rows, and the last token of each chunk that completes its prompt).
         """
         nd = batch.num_decode
+        seq_lens = batch.positions[:nd] + 1  # once per step, not per layer
+        # One output buffer for every layer: the decode and prefill kernels each write their
+        # rows into it (no per-layer concatenation and allocation: mixed steps are launch-bound).
+        attn_out = None
 
         def attend(k_cache, v_cache, q):
-            parts = []
+            nonlocal attn_out
+            if attn_out is None:
+                attn_out = torch.empty_like(q)
             if nd:
-                parts.append(ops.decode_attention(
-                    q[:nd], k_cache, v_cache, block_tables, batch.rows[:nd],
-                    batch.positions[:nd] + 1, self.scale,
-                ))
+                ops.decode_attention(
+                    q[:nd], k_cache, v_cache, block_tables, batch.rows[:nd], seq_lens,
+                    self.scale, out=attn_out[:nd],
+                )
             if batch.seq_rows is not None:
-                parts.append(ops.prefill_attention(
+                ops.prefill_attention(
                     q[nd:], k_cache, v_cache, block_tables, batch.seq_rows,
                     batch.cu_seqlens_q, batch.k_lens, batch.max_q_len, self.scale,
-                ))
-            return parts[0] if len(parts) == 1 else torch.cat(parts)
+                    out=attn_out[nd:],
+                )
+            return attn_out
 
         x = self._forward(
             batch.input_ids, batch.positions, batch.rows, kv_cache, block_tables, attend

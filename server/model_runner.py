@@ -166,6 +166,7 @@ class ModelRunner:
         t0 = time.perf_counter()
         self.max_num_seqs = cfg.max_num_seqs_for(device)
         self.max_batched_tokens = cfg.max_num_batched_tokens_for(device)
+        self.decode_prefill_tokens = cfg.decode_prefill_tokens_for(device)
         model = self.checkpoint.model
         plan = plan_kv_cache(
             cfg,

@@ -123,17 +123,19 @@ def decode_attention(
     rows: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one new token per row over the first `seq_lens[i]` tokens of its sequence.
 
     q `[N, Hq, D]` (already rotated; its own k/v already written), caches
     `[blocks, block_size, Hkv, D]`, block_tables `[R, max_blocks]`, rows and seq_lens `[N]`
-    int64. Returns `[N, Hq, D]`. Capturable (the reference reads the whole table row when
-    capturing on CUDA; on the CPU it stops at the longest sequence).
+    int64. Returns `[N, Hq, D]` (written into `out` when given). Capturable (the reference
+    reads the whole table row when capturing on CUDA; on the CPU it stops at the longest
+    sequence).
     """
     if _triton is not None and q.is_cuda:
         return _attention.decode_attention(
-            q, k_cache, v_cache, block_tables, rows, seq_lens, scale
+            q, k_cache, v_cache, block_tables, rows, seq_lens, scale, out=out
         )
     n, hq, d = q.shape
     block_size, hkv = k_cache.shape[1], k_cache.shape[2]
@@ -146,8 +148,11 @@ def decode_attention(
     mask = positions[None, :] < seq_lens[:, None]
     # Fold the GQA group into the query rows rather than repeating K/V.
     qg = q.view(n, hkv, hq // hkv, d)
-    out = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
-    return out.reshape(n, hq, d)
+    o = F.scaled_dot_product_attention(qg, k, v, attn_mask=mask[:, None, None, :], scale=scale)
+    if out is None:
+        return o.reshape(n, hq, d)
+    out.copy_(o.reshape(n, hq, d))
+    return out
 
 
 def prefill_attention(
@@ -160,19 +165,22 @@ def prefill_attention(
     k_lens: torch.Tensor,
     max_q_len: int,
     scale: float,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed prompt chunks over their sequences' cached tokens.
 
     Sequence s owns query tokens `cu_seqlens_q[s]:cu_seqlens_q[s+1]`, the last `q_len` of its
     `k_lens[s]` tokens already in the cache (this chunk's keys included): query i sits at
-    position `k_lens[s] - q_len + i` and sees every key at or before it. Returns `[T, Hq, D]`.
+    position `k_lens[s] - q_len + i` and sees every key at or before it. Returns `[T, Hq, D]`
+    (written into `out` when given).
     """
     if _triton is not None and q.is_cuda:
         return _attention.prefill_attention(
-            q, k_cache, v_cache, block_tables, seq_rows, cu_seqlens_q, k_lens, max_q_len, scale
+            q, k_cache, v_cache, block_tables, seq_rows, cu_seqlens_q, k_lens, max_q_len, scale,
+            out=out,
         )
     block_size = k_cache.shape[1]
-    out = torch.empty_like(q)
+    out = torch.empty_like(q) if out is None else out
     bounds = cu_seqlens_q.tolist()
     for s, (row, k_len) in enumerate(zip(seq_rows.tolist(), k_lens.tolist(), strict=True)):
         q0, q1 = bounds[s], bounds[s + 1]

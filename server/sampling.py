@@ -39,12 +39,28 @@ def uniform_noise(keys: torch.Tensor, steps: torch.Tensor, vocab: int) -> torch.
 
 
 def to_device(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A host list as a device tensor, without waiting for the device.
+    """A host list (or a list of equal-length rows) as a device tensor, without waiting.
 
     `torch.tensor(values, device="cuda")` copies from pageable memory and synchronises the
     stream, which would stall the engine until the previous decode step has finished; a pinned
     staging tensor and a non-blocking copy keep the host ahead of the device.
+
+    Rows of a 2-D result start on 16-byte boundaries (each padded to a multiple of 16 bytes and
+    sliced back): Triton specialises kernels on pointer alignment, so a row view at an odd
+    offset would compile a second variant of every kernel it reaches, in the middle of serving.
     """
+    if values and isinstance(values[0], list):
+        width = len(values[0])
+        per_16 = 16 // torch.empty((), dtype=dtype).element_size()
+        padded = -(-width // per_16) * per_16
+        if padded != width:
+            fill = [0] * (padded - width)
+            values = [row + fill for row in values]
+        return _stage(values, dtype, device)[:, :width]
+    return _stage(values, dtype, device)
+
+
+def _stage(values: list, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return torch.tensor(values, dtype=dtype, device=device)
     return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
@@ -104,7 +120,9 @@ def _filter_top_k_top_p(
     # Drop a token when the mass strictly before it already reaches top_p; the first token
     # always stays, so every row keeps at least one candidate.
     mass_before = probs.cumsum(dim=-1) - probs
-    remove |= mass_before >= ps
+    # top_p == 1 is "off": in fp32 the mass before a tail token of a peaked row can round up
+    # to 1.0, which would drop it and make the row's draws depend on its batch neighbours.
+    remove |= (mass_before >= ps) & (ps < 1.0)
     remove[:, 0] = False
     sorted_logits = sorted_logits.masked_fill(remove, float("-inf"))
     return torch.empty_like(scaled).scatter_(1, order, sorted_logits)

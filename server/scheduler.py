@@ -8,7 +8,10 @@ is preempted. Each step (`schedule()`) carries, under one token budget
 (`--max-num-batched-tokens`):
 
 * one decode token for every running sequence (a new KV block when it crosses a block edge);
-* prompt chunks of prefilling sequences, in admission order, with what the budget leaves.
+* prompt chunks of prefilling sequences, in admission order, with what the budget leaves — but
+  at most `decode_prefill_tokens` while decode rows ride in the step: a step's time grows with
+  its prompt tokens, and every running stream waits for the whole step, so a long prompt is fed
+  in small chunks beside running streams and in full-budget chunks when nothing decodes.
 
 A step with prompt chunks is a *mixed* step (run eagerly); one without is decode-only (run on
 a captured graph). Waiting sequences are admitted while a table row is free and the block pool
@@ -159,6 +162,7 @@ class Scheduler:
         max_num_seqs: int,
         max_model_len: int,
         max_batched_tokens: int,
+        decode_prefill_tokens: int | None = None,
         eos_ids: frozenset[int],
         tokenizer,
         admission: Admission,
@@ -168,6 +172,7 @@ class Scheduler:
         self.max_model_len = max_model_len
         # Decode rows take one token each out of the budget; keep room for a prompt chunk.
         self.max_batched_tokens = max(max_batched_tokens, max_num_seqs + 1)
+        self.decode_prefill_tokens = decode_prefill_tokens or self.max_batched_tokens
         self.eos_ids = eos_ids
         self.blocks = block_manager
         self._tokenizer = tokenizer  # the engine thread's own instance (detokenisation)
@@ -245,6 +250,8 @@ class Scheduler:
                 decode.append(seq)
         decode = [s for s in decode if s.row >= 0]  # drop rows preempted for later ones
         budget = self.max_batched_tokens - len(decode)
+        if decode:
+            budget = min(budget, self.decode_prefill_tokens)
         self._admit()
         prefill = []
         for seq in self.prefilling:

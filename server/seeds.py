@@ -11,7 +11,7 @@ MASK32 = 0xFFFFFFFF
 
 
 def fmix32(x: int) -> int:
-    """MurmurHash3's 32-bit finaliser (the same mixing `sampling.fmix32_tensor` does)."""
+    """MurmurHash3's 32-bit finaliser (`server.sampling._fmix32` is its tensor twin)."""
     x ^= x >> 16
     x = (x * 0x85EBCA6B) & MASK32
     x ^= x >> 13

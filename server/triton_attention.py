@@ -207,12 +207,16 @@ def decode_attention(
     seq_lens: torch.Tensor,
     scale: float,
     num_splits: int | None = None,
+    config: tuple | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One query token per row over the first `seq_lens[i]` tokens of table row `rows[i]`.
 
     q `[N, Hq, D]`, caches `[blocks, block_size, Hkv, D]`, block_tables `[R, max_blocks]`
     int32, rows and seq_lens `[N]`. GQA: query head h reads KV head `h // (Hq // Hkv)`.
-    `num_splits` in [1, 32] overrides the split-K policy (benchmarks and tests sweep it).
+    `num_splits` in [1, 32] overrides the split-K policy (benchmarks and tests sweep it);
+    `config` = (BLOCK_N, num_warps, num_stages) overrides the launch (16-bit caches). `out`
+    (shaped like q, unit stride along D) receives the result instead of a new tensor.
     """
     _check_cache(q, k_cache, v_cache)
     if q.dim() != 3:
@@ -224,7 +228,7 @@ def decode_attention(
         q = q.contiguous()
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     max_len = block_tables.shape[1] * page
-    out = _empty(q.shape, q.dtype, q.device)
+    out = _empty(q.shape, q.dtype, q.device) if out is None else out
     if n_rows == 0:
         return out
     group = num_q_heads // num_kv_heads
@@ -238,7 +242,10 @@ def decode_attention(
     part_lse = _empty((n_rows * num_q_heads * num_splits,), torch.float32, q.device)
     # fp32 caches: exact fp32 dots (tf32 would lose precision the reference keeps).
     dot_f32 = q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16)
-    block_n = _BLOCK_N_FP32 if q.dtype == torch.float32 else _BLOCK_N
+    if q.dtype == torch.float32:
+        block_n, warps, stages = _BLOCK_N_FP32, 8, 2
+    else:
+        block_n, warps, stages = config or (_BLOCK_N, 4, 2)
     _decode_split_kernel[(n_rows, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, rows, seq_lens, part_o, part_lse,
         q.stride(0), q.stride(1),
@@ -251,8 +258,8 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         DOT_F32=dot_f32,
-        num_warps=8 if q.dtype == torch.float32 else 4,
-        num_stages=2,
+        num_warps=warps,
+        num_stages=stages,
     )
     _decode_reduce_kernel[(n_rows, num_q_heads)](
         part_o, part_lse, seq_lens, out,
@@ -370,6 +377,76 @@ def _prefill_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
 
 
+@triton.jit
+def _prefill_gqa_kernel(
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_rows_ptr, cu_q_ptr, k_lens_ptr, out_ptr,
+    stride_qt, stride_qh,
+    stride_ot, stride_oh,
+    stride_bt,
+    stride_tok,
+    head_dim,
+    scale_log2,
+    PAGE: tl.constexpr,
+    GROUP: tl.constexpr,
+    BLOCK_T: tl.constexpr,  # query tokens per program; rows = BLOCK_T * GROUP
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    # One program per (token block, KV head, sequence): its rows are every (token, query head)
+    # pair of the KV head's group, so each K/V tile is loaded once for the whole group.
+    tb = tl.program_id(0)
+    kvh = tl.program_id(1)
+    seq = tl.program_id(2)
+    q_start = tl.load(cu_q_ptr + seq)
+    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
+    if tb * BLOCK_T < q_len:
+        k_len = tl.load(k_lens_ptr + seq)
+        ctx = k_len - q_len
+        table = bt_ptr + tl.load(seq_rows_ptr + seq).to(tl.int64) * stride_bt
+        rows = tl.arange(0, BLOCK_T * GROUP)
+        offs_m = tb * BLOCK_T + rows // GROUP  # token index within the chunk
+        heads = kvh * GROUP + rows % GROUP
+        offs_d = tl.arange(0, BLOCK_D)
+        m_mask = offs_m < q_len
+        d_mask = offs_d < head_dim
+        tokens = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
+                    + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
+        if DOT_F32:
+            q = q.to(tl.float32)
+        head_off = kvh * head_dim + offs_d[None, :]
+        pos = ctx + offs_m
+        m_i = tl.full([BLOCK_T * GROUP], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_T * GROUP], tl.float32)
+        acc = tl.zeros([BLOCK_T * GROUP, BLOCK_D], tl.float32)
+        first = ctx + tb * BLOCK_T
+        full_end = (first // BLOCK_N) * BLOCK_N
+        hi = tl.minimum(k_len, ctx + tl.minimum((tb + 1) * BLOCK_T, q_len))
+        for n0 in range(0, full_end, BLOCK_N):
+            acc, m_i, l_i = _prefill_tile(
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
+                stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, False, DOT_F32,
+            )
+        for n0 in range(full_end, hi, BLOCK_N):
+            acc, m_i, l_i = _prefill_tile(
+                acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
+                stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, True, DOT_F32,
+            )
+        out = acc / l_i[:, None]
+        tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
+                 + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=m_mask[:, None] & d_mask[None, :])
+
+
+# (kind, BLOCK_M or tokens x group rows, BLOCK_N, num_warps, num_stages) for 16-bit caches;
+# `prefill_attention(config=...)` overrides it (benchmarks sweep it).
+# Measured on an H200 (8B shapes, bf16, 2026-11-30, .probe tune run): the GQA-packed 128 x 128
+# tile led or tied every case (first 2048-token chunk, after 2k and 14k of context, 8 x 256,
+# 256 after 8k); per-head 128 x 64 was 5-19 % slower.
+PREFILL_CONFIG = ("gqa", 128, 128, 8, 3)
+
+
 def prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -380,6 +457,8 @@ def prefill_attention(
     k_lens: torch.Tensor,
     max_q_len: int,
     scale: float,
+    config: tuple | None = None,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query chunks over their sequences' cached tokens.
 
@@ -387,6 +466,9 @@ def prefill_attention(
     `[blocks, block_size, Hkv, D]` already holding every key up to `k_lens[s]` (the chunk's own
     included), block_tables `[R, max_blocks]` int32 with sequence s at row `seq_rows[s]`.
     `max_q_len` (a host int, >= every chunk length) sizes the grid. Returns `[T, Hq, D]`.
+    `config` overrides `PREFILL_CONFIG` (kind "per_head": one program per query head; "gqa":
+    one per KV head, its group's query heads stacked as rows so K/V tiles load once). `out`
+    (shaped like q, unit stride along D) receives the result instead of a new tensor.
     """
     _check_cache(q, k_cache, v_cache)
     if q.dim() != 3:
@@ -398,31 +480,30 @@ def prefill_attention(
     if q.stride(-1) != 1:
         q = q.contiguous()
     n_tokens, num_q_heads, head_dim = q.shape
-    out = _empty(q.shape, q.dtype, q.device)
+    out = _empty(q.shape, q.dtype, q.device) if out is None else out
     if n_tokens == 0 or n_seqs == 0:
         return out
     fp32 = q.dtype == torch.float32
     dot_f32 = fp32 or (_INTERPRET and q.dtype == torch.bfloat16)
+    group = num_q_heads // k_cache.shape[2]
     # Hopper: 128 x 64 tiles with 8 warps keep the tensor cores busy at head_dim 128; fp32
     # (CPU interpreter, tests) needs smaller tiles to fit registers.
-    block_m, block_n, warps = (32, 32, 4) if fp32 else (128, 64, 8)
-    block_d = triton.next_power_of_2(head_dim)
-    grid = (triton.cdiv(max_q_len, block_m), num_q_heads, n_seqs)
-    _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_rows, cu_seqlens_q, k_lens, out,
-        q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1),
-        block_tables.stride(0),
-        k_cache.stride(1),
-        head_dim,
-        float(scale) * _LOG2E,
-        PAGE=k_cache.shape[1],
-        GROUP=num_q_heads // k_cache.shape[2],
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        DOT_F32=dot_f32,
-        num_warps=warps,
-        num_stages=1 if fp32 else 3,
+    kind, block_m, block_n, warps, stages = config or (
+        ("per_head", 32, 32, 4, 1) if fp32 else PREFILL_CONFIG
     )
+    block_d = triton.next_power_of_2(head_dim)
+    common = dict(PAGE=k_cache.shape[1], GROUP=group, BLOCK_N=block_n, BLOCK_D=block_d,
+                  DOT_F32=dot_f32, num_warps=warps, num_stages=stages)
+    args = (
+        q, k_cache, v_cache, block_tables, seq_rows, cu_seqlens_q, k_lens, out,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(1), head_dim, float(scale) * _LOG2E,
+    )
+    if kind == "gqa" and group & (group - 1) == 0 and block_m >= group:
+        block_t = max(1, block_m // group)  # rows = tokens x the group's query heads
+        grid = (triton.cdiv(max_q_len, block_t), k_cache.shape[2], n_seqs)
+        _prefill_gqa_kernel[grid](*args, BLOCK_T=block_t, **common)
+    else:
+        grid = (triton.cdiv(max_q_len, block_m), num_q_heads, n_seqs)
+        _prefill_kernel[grid](*args, BLOCK_M=block_m, **common)
     return out

@@ -47,7 +47,8 @@ async def test_completion_text_usage_and_default_max_tokens():
     assert params.max_tokens == 16
     assert choice["text"] == phrase(16) and choice["finish_reason"] == "length"
     assert prompt_ids == [BOS, *b"Hello"]
-    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 16, "total_tokens": 22}
+    assert body["usage"] == {"prompt_tokens": 6, "completion_tokens": 16, "total_tokens": 22,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 async def test_completion_default_max_tokens_is_clipped_to_the_context():

@@ -116,6 +116,21 @@ def test_sdk_completion(server, sdk):
     assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
 
 
+def test_sdk_reports_prefix_cache_hits_and_the_output_does_not_change(server, sdk):
+    system = "You are a careful assistant. " * 12  # well over a few KV blocks
+    kwargs = dict(model=server.model, max_tokens=8, temperature=0)
+    cold = sdk.chat.completions.create(
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": "Hi A"}],
+        **kwargs)
+    warm = sdk.chat.completions.create(
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": "Hi A"}],
+        **kwargs)
+    assert cold.usage.prompt_tokens_details.cached_tokens == 0
+    cached = warm.usage.prompt_tokens_details.cached_tokens
+    assert 0 < cached < warm.usage.prompt_tokens
+    assert warm.choices[0].message.content == cold.choices[0].message.content
+
+
 def test_sdk_chat_and_stream_agree_when_greedy(server, sdk):
     kwargs = dict(model=server.model, messages=USER_HI, max_tokens=16, temperature=0)
     full = sdk.chat.completions.create(**kwargs)

@@ -131,8 +131,6 @@ def _nucleus(logits: list[float], top_k: int, top_p: float) -> set[int]:
 
 
 def test_top_k_keeps_exactly_the_k_largest():
-    # Moderate logits: no token's probability is so small that the mass before it rounds to
-    # 1.0 (see the xfail below).
     logits = random_logits(5, 200, seed=3, scale=1.0)
     ks = [1, 2, 10, 199, 0]  # 0: off
     filtered = _filter_top_k_top_p(
@@ -146,12 +144,6 @@ def test_top_k_keeps_exactly_the_k_largest():
     assert torch.equal(filtered[mask], logits[mask])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug: top_p=1.0 (off) still drops tail tokens whose preceding probability "
-    "mass rounds to 1.0 in float32 whenever the batch is filtered (any row with top-k or "
-    "top_p < 1), so such a row's draws can depend on the rows sharing its batch",
-)
 def test_top_p_of_one_keeps_every_token_even_of_a_peaked_row():
     logits = random_logits(5, 200, seed=3)  # peaked: the smallest probabilities are ~1e-7
     filtered = _filter_top_k_top_p(

@@ -36,6 +36,7 @@ class Generation:
         self.request_id = request_id
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
+        self.cached_tokens = 0
         self.finish_reason: str | None = None
         self.error: str | None = None
         self.finished = False
@@ -65,6 +66,7 @@ class Generation:
                 metrics.generation_tokens.inc(n)
             if out.finished:
                 self.completion_tokens = max(self.completion_tokens, out.completion_tokens or 0)
+                self.cached_tokens = out.cached_tokens
                 self.finish_reason = out.finish_reason or "stop"
                 self.error = out.error
                 self.finished = True
@@ -82,11 +84,13 @@ class Generation:
             yield RequestOutput(self.request_id, finished=True, finish_reason="error",
                                 error=self.error)
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, object]:
+        """OpenAI's usage object; `cached_tokens`: prompt tokens the prefix cache supplied."""
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "total_tokens": self.prompt_tokens + self.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": self.cached_tokens},
         }
 
     def abort(self, cause: str) -> None:

@@ -1,0 +1,233 @@
+"""KV cache and prefill under real traffic (issue 12), over HTTP, against real servers.
+
+Parts (each against the server under test and, where `--baseline-dir` names another checkout,
+the same part against that checkout's server in the same run):
+
+* `ttft`: time to first token for prompts of 512 ... 16,000 tokens, alone (median of 3) and 8 at
+  once (p50); every prompt distinct, so no prefix is shared.
+* `prefix`: a 4,000-token system prompt shared by requests with different 40-token questions:
+  the first request's TTFT against the next ones', with prefix caching on (this server) and off
+  (a second server started with `--no-prefix-caching`).
+* `interference`: four streams decode; an 8,000-token prompt arrives; the streams' inter-token
+  gaps while it is prefilled: max and p99 against their p50.
+* `sweep`: open loop, Poisson arrivals whose rate rises in stages so concurrency sweeps ~1 to
+  ~60 (prompts 64-512 tokens, outputs 64-256), ITL p50 / p99 / max over the whole run.
+
+    python -m bench.kv_serving --model /tmp/llama-8b --baseline-dir .probe/landed \\
+        --out bench/results/kv-serving-8b-h200.json
+    python -m bench.kv_serving --smoke           # CPU, the embedded model, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import time
+from typing import Any
+
+from bench.common import (
+    PROMPT_ID_HIGH,
+    PROMPT_ID_LOW,
+    BenchError,
+    ServerProcess,
+    environment,
+    percentile,
+    wait_ready,
+    write_json,
+)
+from bench.serve import Request, stream_completion
+
+TTFT_LENGTHS = (512, 2048, 4096, 8000, 16000)
+SWEEP_STAGES = ((1.0, 4), (4.0, 4), (10.0, 4), (25.0, 4), (50.0, 4), (75.0, 6))  # (rate/s, s)
+
+
+def prompt(rng: random.Random, n: int) -> list[int]:
+    return [rng.randrange(PROMPT_ID_LOW, PROMPT_ID_HIGH) for _ in range(n)]
+
+
+def ttft_ms(req: Request) -> float | None:
+    if req.error or not req.chunks or req.sent is None:
+        return None
+    return (req.chunks[0] - req.sent) * 1e3
+
+
+def gaps_ms(req: Request) -> list[float]:
+    return [(b - a) * 1e3 for a, b in zip(req.chunks, req.chunks[1:], strict=False)]
+
+
+def _errors(reqs: list[Request]) -> list[str]:
+    return [r.error for r in reqs if r.error][:3]
+
+
+async def part_ttft(client, url: str, rng: random.Random, lengths, batch8: bool) -> dict:
+    out: dict[str, Any] = {}
+    for n in lengths:
+        single = []
+        for _ in range(3):
+            req = Request(prompt(rng, n), 16)
+            await stream_completion(client, url, "", req)
+            single.append(ttft_ms(req))
+        entry: dict[str, Any] = {"batch1_ms": percentile([t for t in single if t], 50)}
+        if batch8:
+            reqs = [Request(prompt(rng, n), 16) for _ in range(8)]
+            await asyncio.gather(*(stream_completion(client, url, "", r) for r in reqs))
+            ttfts = [t for t in map(ttft_ms, reqs) if t is not None]
+            entry["batch8_p50_ms"] = percentile(ttfts, 50)
+            entry["batch8_max_ms"] = max(ttfts) if ttfts else None
+            entry["errors"] = _errors(reqs)
+        out[str(n)] = entry
+        print(f"  ttft {n:>6} tokens: {entry}", flush=True)
+    return out
+
+
+async def part_prefix(client, url: str, rng: random.Random, system_len: int) -> dict:
+    system = prompt(rng, system_len)
+    ttfts = []
+    for _ in range(4):
+        req = Request(system + prompt(rng, 40), 8)
+        await stream_completion(client, url, "", req)
+        ttfts.append(ttft_ms(req))
+    warm = percentile([t for t in ttfts[1:] if t], 50)
+    out = {"first_ms": ttfts[0], "next_p50_ms": warm,
+           "next_vs_first": warm / ttfts[0] if warm and ttfts[0] else None}
+    print(f"  prefix ({system_len}-token system prompt): {out}", flush=True)
+    return out
+
+
+async def part_interference(client, url: str, rng: random.Random, long_len: int) -> dict:
+    streams = [Request(prompt(rng, 256), 400) for _ in range(4)]
+    tasks = [asyncio.ensure_future(stream_completion(client, url, "", r)) for r in streams]
+    while sum(len(r.chunks) for r in streams) < 4 * 40:  # all streaming at a steady pace
+        await asyncio.sleep(0.005)
+    long_req = Request(prompt(rng, long_len), 8)
+    t_arrive = time.perf_counter()
+    await stream_completion(client, url, "", long_req)
+    t_first = long_req.chunks[0] if long_req.chunks else time.perf_counter()
+    await asyncio.gather(*tasks)
+    steady, during = [], []
+    for r in streams:
+        for a, b in zip(r.chunks, r.chunks[1:], strict=False):
+            (during if b >= t_arrive and a <= t_first else steady).append((b - a) * 1e3)
+    p50 = percentile(steady, 50)
+    out = {"long_prompt_tokens": long_len, "long_ttft_ms": ttft_ms(long_req),
+           "stream_itl_p50_ms": p50, "during_prefill_max_ms": max(during) if during else None,
+           "during_prefill_p99_ms": percentile(during, 99),
+           "max_vs_p50": (max(during) / p50) if during and p50 else None,
+           "errors": _errors(streams + [long_req])}
+    print(f"  interference: {out}", flush=True)
+    return out
+
+
+async def part_sweep(client, url: str, rng: random.Random, scale: float,
+                     rate_scale: float) -> dict:
+    reqs, t = [], 0.0
+    for rate, seconds in SWEEP_STAGES:
+        end = t + seconds * scale
+        while t < end:
+            reqs.append(Request(prompt(rng, rng.randint(64, 512)), rng.randint(64, 256), t))
+            t += rng.expovariate(rate * rate_scale)
+    t0 = time.perf_counter()
+
+    async def one(req: Request) -> None:
+        delay = t0 + req.arrival - time.perf_counter()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        await stream_completion(client, url, "", req)
+
+    await asyncio.gather(*(one(r) for r in reqs))
+    itl = [g for r in reqs for g in gaps_ms(r)]
+    ttfts = [t for t in map(ttft_ms, reqs) if t is not None]
+    p50 = percentile(itl, 50)
+    out = {"requests": len(reqs), "duration_s": time.perf_counter() - t0,
+           "itl_p50_ms": p50, "itl_p99_ms": percentile(itl, 99), "itl_max_ms": max(itl),
+           "p99_vs_p50": percentile(itl, 99) / p50 if p50 else None,
+           "ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99),
+           "output_tok_s": sum(len(r.chunks) for r in reqs) / (time.perf_counter() - t0),
+           "errors": _errors(reqs)}
+    print(f"  sweep: {out}", flush=True)
+    return out
+
+
+async def run_server(label: str, args, server_args: list[str], parts: list[str],
+                     cwd=None) -> dict:
+    import httpx
+
+    server = ServerProcess(server_args, cwd=cwd)
+    result: dict[str, Any] = {"args": server_args}
+    print(f"[{label}] starting: {' '.join(server_args)}", flush=True)
+    with server:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=httpx.Limits(
+                max_connections=256, max_keepalive_connections=256)) as client:
+            await wait_ready(client, server, timeout_s=600)
+            result["ready_after_s"] = server.since_start()
+            rng = random.Random(args.seed)
+            url = server.url
+            if "ttft" in parts:
+                lengths = [n for n in TTFT_LENGTHS if n <= args.max_prompt]
+                result["ttft"] = await part_ttft(client, url, rng, lengths, args.batch8)
+            if "prefix" in parts:
+                result["prefix"] = await part_prefix(client, url, rng, args.system_len)
+            if "interference" in parts:
+                result["interference"] = await part_interference(client, url, rng, args.long_len)
+            if "sweep" in parts:
+                result["sweep"] = await part_sweep(client, url, rng, args.sweep_scale,
+                                                   args.sweep_rate_scale)
+            graphs = (await client.get(f"{url}/health/graphs")).json()
+            result["traffic"] = graphs.get("traffic")
+            result["kv_cache"] = graphs.get("kv_cache")
+    if server.exited() not in (0, None):
+        raise BenchError(f"[{label}] server exited {server.exited()}:\n{server.log_tail()}")
+    return result
+
+
+async def main_async(args) -> dict:
+    common = ["--graph-capture", "eager", "--served-model-name", "m"]
+    if args.model:
+        common += ["--model", args.model]
+    if args.smoke:
+        common = ["--served-model-name", "m"]
+    out: dict[str, Any] = {"environment": environment(), "date": time.strftime("%Y-%m-%d")}
+    out["graphserve"] = await run_server(
+        "graphserve", args, common + ["--max-num-seqs", "64"],
+        ["ttft", "prefix", "interference", "sweep"])
+    out["graphserve_no_prefix_cache"] = await run_server(
+        "no prefix cache", args, common + ["--no-prefix-caching"], ["prefix"])
+    if args.baseline_dir:
+        # The previous design keeps one slot of max_model_len per sequence: a long context
+        # needs few slots, the sweep needs many, so two servers.
+        long_ctx = str(max(args.max_prompt, args.long_len, args.system_len) + 512)
+        out["baseline_long"] = await run_server(
+            "baseline long", args, common + ["--max-model-len", long_ctx, "--max-num-seqs", "16"],
+            ["ttft", "prefix", "interference"], cwd=args.baseline_dir)
+        out["baseline_sweep"] = await run_server(
+            "baseline sweep", args, common + ["--max-model-len", "2048", "--max-num-seqs", "64"],
+            ["sweep"], cwd=args.baseline_dir)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--baseline-dir", default=None,
+                    help="another checkout whose server is measured the same way (same run)")
+    ap.add_argument("--max-prompt", type=int, default=16000)
+    ap.add_argument("--system-len", type=int, default=4000)
+    ap.add_argument("--long-len", type=int, default=8000)
+    ap.add_argument("--sweep-scale", type=float, default=1.0, help="stretch the sweep's stages")
+    ap.add_argument("--sweep-rate-scale", type=float, default=1.0, help="scale its rates")
+    ap.add_argument("--no-batch8", dest="batch8", action="store_false")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--smoke", action="store_true", help="CPU: the embedded model, tiny sizes")
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if args.smoke:
+        args.max_prompt, args.system_len, args.long_len = 512, 300, 400
+        args.sweep_scale, args.sweep_rate_scale, args.batch8 = 0.5, 0.05, False
+    result = asyncio.run(main_async(args))
+    write_json(args.out, result)
+
+
+if __name__ == "__main__":
+    main()
