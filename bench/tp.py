@@ -35,6 +35,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -210,12 +211,32 @@ def part_collectives(b: Bench) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "bench.tp", "--collectives-child"]
     if b.args.symm_mem:
         cmd.append("--symm-mem")
-    out = subprocess.run(cmd, cwd=REPO_ROOT, env=b.child_env(), capture_output=True,
-                         text=True, timeout=300)  # fmt: skip
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("COLLECTIVES ")]
-    if out.returncode != 0 or not lines:
-        raise BenchError(f"collectives child exited {out.returncode}: {out.stderr[-3000:]}")
-    return json.loads(lines[-1][len("COLLECTIVES "):])
+    line, problem = _child(b, cmd, "COLLECTIVES ", 300)
+    if line is None:
+        raise BenchError(problem)
+    data = json.loads(line)
+    if problem:  # the sections reported before it went wrong
+        data["error"] = problem
+    return data
+
+
+def _child(b: Bench, cmd: list[str], prefix: str, timeout_s: float):
+    """(the last `prefix` line the child printed, without the prefix, or None; what went
+    wrong, or None). The child runs in its own session: on a timeout the whole group goes
+    (its rank processes included), so no GPU stays held by a wedged probe."""
+    proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=b.child_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    problem = None
+    try:
+        out, err = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        problem = f"{cmd[3:]} timed out after {timeout_s:.0f} s: {err[-2000:]}"
+    lines = [ln for ln in out.splitlines() if ln.startswith(prefix)]
+    if problem is None and proc.returncode != 0:
+        problem = f"{cmd[3:]} exited {proc.returncode}: {err[-3000:]}"
+    return (lines[-1][len(prefix):] if lines else None), problem
 
 
 async def part_8b(b: Bench, client) -> dict[str, Any]:
@@ -322,11 +343,11 @@ async def part_70b(b: Bench, client) -> dict[str, Any]:
 
 
 def part_collectives_hbm(b: Bench) -> float | None:
-    out = subprocess.run([sys.executable, "-m", "bench.tp", "--hbm-child"], cwd=REPO_ROOT,
-                         env=b.child_env(), capture_output=True, text=True,
-                         timeout=120)  # fmt: skip
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("HBM ")]
-    return float(lines[-1].split()[1]) if lines else None
+    line, problem = _child(b, [sys.executable, "-m", "bench.tp", "--hbm-child"], "HBM ", 120)
+    if line is None:
+        print(f"[tp] HBM bandwidth not measured: {problem}", flush=True)
+        return None
+    return float(line)
 
 
 def waves(seed: int, max_batch: int, max_tokens: int) -> list[list[tuple[list[int], int]]]:

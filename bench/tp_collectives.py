@@ -12,8 +12,9 @@ and reports the median replay time divided by K, in microseconds per collective:
 * with `symm_mem`: torch's symmetric-memory one-shot all-reduce at the same shapes (NVLink
   multicast stays off: `TORCH_SYMM_MEM_DISABLE_MULTICAST=1`).
 
-Rank 0 also measures HBM read bandwidth and prints one `COLLECTIVES {json}` line. A failing
-measurement records its error instead of ending the run.
+Rank 0 also measures HBM read bandwidth, and prints a `COLLECTIVES {json}` line after every
+section (the last one holds everything). A failing measurement records its error instead of
+ending the run.
 """
 
 from __future__ import annotations
@@ -76,37 +77,49 @@ def _rank(rank: int, world: int, port: int, symm_mem: bool) -> None:
                             timeout=datetime.timedelta(seconds=60),
                             device_id=torch.device("cuda", rank))  # fmt: skip
     res: dict = {"nccl": ".".join(map(str, torch.cuda.nccl.version())), "torch": torch.__version__}
-    bf16 = torch.bfloat16
-    allreduce = {}
-    for hidden in (4096, 8192):
-        for rows in (1, 64):
-            x = torch.ones(rows, hidden, dtype=bf16, device="cuda")
-            k = 64
-            allreduce[f"h{hidden}_rows{rows}"] = _guarded(lambda x=x, k=k: _graph_us(
-                lambda: [dist.all_reduce(x) for _ in range(k)], k))
-    res["allreduce_us"] = allreduce
-    gathered, gather, bcast = {}, {}, {}
-    for n in ROWS:
-        local = torch.randn(n, VOCAB_SLICE, dtype=bf16, device="cuda")
-        out = torch.empty(world * n, VOCAB_SLICE, dtype=bf16, device="cuda")
-        parts = [torch.empty_like(local) for _ in range(world)] if rank == 0 else None
-        k = 10
-        gathered[n] = _guarded(lambda local=local, out=out, k=k: _graph_us(
-            lambda: [dist.all_gather_into_tensor(out, local) for _ in range(k)], k))
-        gather[n] = _guarded(lambda local=local, parts=parts, k=k: _graph_us(
-            lambda: [dist.gather(local, parts, dst=0) for _ in range(k)], k))
-        tokens = torch.zeros(n, dtype=torch.int64, device="cuda")
-        bcast[n] = _guarded(lambda tokens=tokens, k=k: _graph_us(
-            lambda: [dist.broadcast(tokens, src=0) for _ in range(k)], k))
-    res["logits_all_gather_us"], res["logits_gather_us"], res["broadcast_us"] = (
-        gathered, gather, bcast)
-    if symm_mem:
-        res["symm_mem"] = _guarded(lambda: _symm_mem(rank, world))
-    if rank == 0:
+
+    def report() -> None:  # after every section: a later hang still leaves the earlier numbers
+        if rank == 0:
+            print("COLLECTIVES " + json.dumps(res), flush=True)
+
+    if rank == 0:  # before any collective: rank 1 waits in the first one meanwhile
         from bench.decode import hbm_read_bandwidth
 
         res["hbm_read_gb_s"] = round(hbm_read_bandwidth() / 1e9, 1)
-        print("COLLECTIVES " + json.dumps(res), flush=True)
+        report()
+    bf16 = torch.bfloat16
+    res["allreduce_us"] = allreduce = {}
+    for hidden in (4096, 8192):
+        for rows in (1, 64):
+            x = torch.zeros(rows, hidden, dtype=bf16, device="cuda")
+            k = 64
+            allreduce[f"h{hidden}_rows{rows}"] = _guarded(lambda x=x, k=k: _graph_us(
+                lambda: [dist.all_reduce(x) for _ in range(k)], k))
+    report()
+    res["logits_all_gather_us"], res["broadcast_us"] = gathered, bcast = {}, {}
+    for n in ROWS:
+        local = torch.randn(n, VOCAB_SLICE, dtype=bf16, device="cuda")
+        out = torch.empty(world * n, VOCAB_SLICE, dtype=bf16, device="cuda")
+        k = 10
+        gathered[n] = _guarded(lambda local=local, out=out, k=k: _graph_us(
+            lambda: [dist.all_gather_into_tensor(out, local) for _ in range(k)], k))
+        tokens = torch.zeros(n, dtype=torch.int64, device="cuda")
+        bcast[n] = _guarded(lambda tokens=tokens, k=k: _graph_us(
+            lambda: [dist.broadcast(tokens, src=0) for _ in range(k)], k))
+    report()
+    if symm_mem:
+        res["symm_mem"] = _guarded(lambda: _symm_mem(rank, world))
+        report()
+    # Last: a gather is point-to-point sends and receives under the hood; if its capture fails
+    # on one rank only, the other's replay waits for a partner that never comes.
+    res["logits_gather_us"] = gather = {}
+    for n in ROWS:
+        local = torch.randn(n, VOCAB_SLICE, dtype=bf16, device="cuda")
+        parts = [torch.empty_like(local) for _ in range(world)] if rank == 0 else None
+        k = 10
+        gather[n] = _guarded(lambda local=local, parts=parts, k=k: _graph_us(
+            lambda: [dist.gather(local, parts, dst=0) for _ in range(k)], k))
+    report()
     dist.barrier()
     dist.destroy_process_group()
 
