@@ -33,10 +33,6 @@ class KVPlan:
     budget_bytes: int | None  # total GPU memory the server may hold (None on CPU)
     note: str
 
-    @property
-    def max_blocks_per_seq(self) -> int:
-        return -(-self.max_model_len // self.block_size)
-
 
 def plan_kv_cache(
     cfg: EngineConfig,

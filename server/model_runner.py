@@ -51,9 +51,8 @@ from server.distributed.protocol import Kind
 from server.distributed.sharding import TPShard
 from server.engine_protocol import PhaseCallback
 from server.errors import FatalEngineError, StartupError
-from server.graph_runner import DecodeGraphRunner
 from server.graph_warmup import CapturePolicy
-from server.kv_cache import KVPlan, agree, allocate_kv_cache, plan_kv_cache
+from server.kv_cache import KVPlan, agree, plan_kv_cache
 from server.model_loader import load_checkpoint
 from server.sampling import SamplingBatch, sample
 from server.scheduler import ScheduledStep, Sequence
@@ -186,15 +185,14 @@ class ModelRunner:
         self.model = model
         self.checkpoint.model = None  # the runner owns the model from here on
         self.vocab_size = model.shape.vocab_size
-        self.kv_cache = allocate_kv_cache(
-            model.shape, plan.num_blocks, plan.block_size, model.dtype, self.device
-        )
-        # One row per sequence that can be admitted, plus the scratch row (all block 0) that
-        # padding rows and warm-up runs use.
-        self.scratch_row = self.max_num_seqs
-        self.block_tables = torch.zeros(
-            self.max_num_seqs + 1, plan.max_blocks_per_seq, dtype=torch.int32, device=self.device
-        )
+        self.executor = StepExecutor.build(
+            model, plan.num_blocks, plan.block_size, plan.max_model_len, self.max_num_seqs,
+            emulate=emulate, tensor_parallel=self.tp is not None,
+        )  # fmt: skip
+        self.kv_cache = self.executor.kv_cache
+        self.block_tables = self.executor.block_tables
+        self.graphs = self.executor.graphs
+        self.scratch_row = self.graphs.scratch_row
         self._row_owner = [-1] * self.max_num_seqs  # admission number of the row's sequence
         self._row_synced = [0] * self.max_num_seqs  # table entries already on the device
         triton = ops.use_triton(cuda)
@@ -218,13 +216,6 @@ class ModelRunner:
         self.policy = CapturePolicy.from_config(cfg, self.max_num_seqs, disabled_reason=disabled)
         if plan.budget_bytes is not None:
             self.policy.set_memory(plan.budget_bytes, plan.kv_bytes, self.checkpoint.weight_bytes)
-        self.graphs = DecodeGraphRunner(
-            model, self.kv_cache, self.block_tables, self.max_num_seqs, self.scratch_row,
-            emulate=emulate,
-            # NCCL's watchdog thread polls events while this thread captures (module docs).
-            capture_error_mode="thread_local" if self.tp is not None else "global",
-        )  # fmt: skip
-        self.executor = StepExecutor(model, self.kv_cache, self.block_tables, self.graphs)
         self._startup_graphs(cuda or emulate)
         self.policy.mark_ready()
         self.timings["graphs_s"] = time.perf_counter() - t0

@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 
 from server.graph_runner import DecodeGraphRunner
+from server.kv_cache import allocate_kv_cache
 from server.model import StepBatch
 from server.sampling import to_device
 from server.step_plan import StepPlan
@@ -31,6 +32,25 @@ class StepExecutor:
         self.block_tables = block_tables
         self.graphs = graphs
         self.device = block_tables.device
+
+    @classmethod
+    def build(cls, model, num_blocks: int, block_size: int, max_model_len: int,
+              max_num_seqs: int, *, emulate: bool, tensor_parallel: bool) -> StepExecutor:
+        """The KV cache, the block table and the graph runner of one rank, the same on every
+        rank of a group (the agreed block count and context length)."""
+        device = model.device
+        kv_cache = allocate_kv_cache(model.shape, num_blocks, block_size, model.dtype, device)
+        # One row per sequence that can be admitted, plus the scratch row (all block 0) that
+        # padding rows and warm-up runs use.
+        block_tables = torch.zeros(
+            max_num_seqs + 1, -(-max_model_len // block_size), dtype=torch.int32, device=device
+        )
+        graphs = DecodeGraphRunner(
+            model, kv_cache, block_tables, max_num_seqs, max_num_seqs, emulate=emulate,
+            # NCCL's watchdog thread polls events while this thread captures (graph_runner).
+            capture_error_mode="thread_local" if tensor_parallel else "global",
+        )  # fmt: skip
+        return cls(model, kv_cache, block_tables, graphs)
 
     def execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
         """Queue the step; returns its logits `[num_logits, vocab]` (None if it has none).

@@ -104,13 +104,18 @@ class SafetensorsWeights:
     def names(self) -> Iterable[str]:
         return list(self._where)
 
-    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _consume(self, name: str) -> str:
+        """The file holding `name`, which is forgotten from now on (ModelLoadError if none)."""
         file = self._where.pop(name, None)
         if file is None:
             raise ModelLoadError(
                 f"{self._dir}: tensor {name!r} is missing from "
                 f"{', '.join(sorted(self._handles)) or 'the safetensors files'}"
             )
+        return file
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        file = self._consume(name)
         origin = str(self._dir / file)
         try:
             tensor = self._handles[file].get_tensor(name)
@@ -128,12 +133,7 @@ class SafetensorsWeights:
     ) -> torch.Tensor:
         """Rows (`dim` 0) or columns (`dim` 1) `[start, stop)` of the tensor `name` of full
         shape `shape`, read without the rest of it; consumed like `take`."""
-        file = self._where.pop(name, None)
-        if file is None:
-            raise ModelLoadError(
-                f"{self._dir}: tensor {name!r} is missing from "
-                f"{', '.join(sorted(self._handles)) or 'the safetensors files'}"
-            )
+        file = self._consume(name)
         origin = str(self._dir / file)
         try:
             part = self._handles[file].get_slice(name)

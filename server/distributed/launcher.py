@@ -43,6 +43,7 @@ from server.distributed.protocol import (
     enlarge_pipe,
     frame,
     frame_json,
+    json_payload,
     read_message,
     write_all,
 )
@@ -228,11 +229,7 @@ class TPLauncher:
         return self._seq
 
     def send_json(self, kind: Kind, obj: Any) -> int:
-        self._seq += 1
-        data = frame_json(kind, self._seq, obj)
-        for w in self._workers:
-            self._write(w, data)
-        return self._seq
+        return self.send(kind, json_payload(obj))
 
     def _write(self, worker: _Worker, data: bytes) -> None:
         try:

@@ -77,8 +77,12 @@ def frame(kind: Kind, seq: int, payload: bytes = b"") -> bytes:
     return _HEADER.pack(_MAGIC, int(kind), 0, seq, len(payload)) + payload
 
 
+def json_payload(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
 def frame_json(kind: Kind, seq: int, obj: Any) -> bytes:
-    return frame(kind, seq, json.dumps(obj, separators=(",", ":")).encode())
+    return frame(kind, seq, json_payload(obj))
 
 
 def write_all(fd: int, data: bytes | memoryview) -> None:

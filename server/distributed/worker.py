@@ -84,8 +84,7 @@ class Worker:
         from server.config import EngineConfig
         from server.distributed.comm import destroy_group, init_group
         from server.distributed.sharding import TPShard
-        from server.graph_runner import DecodeGraphRunner
-        from server.kv_cache import allocate_kv_cache, plan_kv_cache
+        from server.kv_cache import plan_kv_cache
         from server.model_loader import load_shard
         from server.model_runner import share_cpu_threads
         from server.step_executor import StepExecutor
@@ -127,20 +126,13 @@ class Worker:
         model.attach_comm(comm)
         model.init_rope(s["max_model_len"])
         ops.use_triton(cuda)
-        kv_cache = allocate_kv_cache(
-            model.shape, s["num_blocks"], config.block_size, model.dtype, device
-        )
-        max_blocks = -(-s["max_model_len"] // config.block_size)
-        block_tables = torch.zeros(
-            max_num_seqs + 1, max_blocks, dtype=torch.int32, device=device
-        )
-        graphs = DecodeGraphRunner(
-            model, kv_cache, block_tables, max_num_seqs, max_num_seqs,
-            emulate=s["emulate_graphs"], capture_error_mode="thread_local",
+        executor = StepExecutor.build(
+            model, s["num_blocks"], config.block_size, s["max_model_len"], max_num_seqs,
+            emulate=s["emulate_graphs"], tensor_parallel=True,
         )  # fmt: skip
+        graphs = executor.graphs
         if self.faults.capture_size is not None:
             graphs.fault_injector = self._capture_fault
-        executor = StepExecutor(model, kv_cache, block_tables, graphs)
         self._answer(Kind.READY, setup.seq, {"device": graphs.device_info()})
         log.info("rank %d ready: %.2f GB of weights, %d KV blocks", self.rank,
                  model.weight_bytes / 1e9, s["num_blocks"])
