@@ -105,6 +105,7 @@ class ModelRunner:
         self.comm = None
         self._rank_devices: list[dict] = []
         self._rank_captures: dict[int, list[dict]] = {}  # size -> each rank's CaptureResult
+        self._stopped_tp: TPLauncher | None = None
 
     # -- startup ----------------------------------------------------------------------------
 
@@ -473,6 +474,7 @@ class ModelRunner:
         tp, self.tp = self.tp, None
         if tp is None:
             return
+        self._stopped_tp = tp  # /health/graphs still shows how each worker ended
         broken = kill or tp.failure is not None
         if broken:
             tp.kill()
@@ -530,7 +532,7 @@ class ModelRunner:
                     for r, res in enumerate(results)
                 ]  # fmt: skip
         procs = [{"rank": 0, "pid": os.getpid(), "alive": True, "returncode": None}]
-        tp = self.tp
+        tp = self.tp or self._stopped_tp
         procs += tp.describe() if tp is not None else []
         devices = [self.graphs.device_info(), *self._rank_devices]
         ranks = []
