@@ -26,18 +26,22 @@ from fastapi.responses import Response
 from server import __version__
 from server.config import ServerConfig
 from server.health import Lifecycle, graphs_body
+from server.http.body_guard import BodyGuard
 from server.http.error_handlers import install_error_handlers
 from server.http.errors import ApiError
+from server.http.limits import MAX_NAME_CHARS
 from server.http.middleware import V1Middleware
 from server.http.openapi import STREAM_DOC, customize_openapi, error_docs
-from server.http.prompts import chat_prompt, completion_prompt
+from server.http.prompts import Room, conversation, encode_chat, encode_text, select_prompt
 from server.http.responses import JSONBody
 from server.http.sampling_params import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
     check_stop_ids,
+    check_stop_limits,
     max_tokens_for,
     refuse_unsupported,
     sampling_params,
+    stop_strings,
 )
 from server.http.schemas import (
     ChatCompletionRequest,
@@ -87,6 +91,9 @@ def create_app(
         default_response_class=JSONBody,
     )
     app.state.graphserve = state
+    # Added first, so it runs inside V1Middleware: bodies are read only once auth and
+    # readiness have passed.
+    app.add_middleware(BodyGuard, state=state)
     app.add_middleware(V1Middleware, state=state)
     install_error_handlers(app)
     _add_health_routes(app, state)
@@ -151,23 +158,36 @@ def _add_v1_routes(app: FastAPI, state: ServerState) -> None:
 
 async def _generate(state: ServerState, request: Request, body: SamplingFields,
                     chat: bool) -> Response:
-    """Both generation endpoints: prompt -> params -> submit -> stream or collect."""
+    """Both generation endpoints: prompt -> params -> submit -> stream or collect.
+
+    The checks that cost nothing come first; the prompt's rendering and tokenisation, whose
+    cost grows with its length, run on a prompt worker (`state.prompt_workers`) so the event
+    loop keeps serving meanwhile.
+    """
     engine = state.engine
     model = _check_model(engine, body.model)
     refuse_unsupported(body)
+    check_stop_limits(stop_strings(body), body.stop_token_ids or [])
+    max_len = engine.max_model_len
     if chat:
-        prompt_ids = chat_prompt(engine, body.messages)
         if body.max_completion_tokens is not None:
             requested, param = body.max_completion_tokens, "max_completion_tokens"
         else:
             requested, param = body.max_tokens, "max_tokens"
-        default, prompt_param = None, "messages"
+        default, room = None, Room(max_len, requested, param, "messages")
+        entries = conversation(body.messages)
+        prompt_ids = await state.prompt_workers.run(encode_chat, engine.tokenizer, entries, room)
     else:
-        prompt_ids = completion_prompt(engine, body.prompt)
         requested, param = body.max_tokens, "max_tokens"
-        default, prompt_param = COMPLETIONS_DEFAULT_MAX_TOKENS, "prompt"
-    max_tokens = max_tokens_for(requested, default, len(prompt_ids), engine.max_model_len,
-                                param, prompt_param)
+        default, room = COMPLETIONS_DEFAULT_MAX_TOKENS, Room(max_len, requested, param, "prompt")
+        prompt = select_prompt(engine, body.prompt, room)
+        if isinstance(prompt, str):
+            prompt_ids = await state.prompt_workers.run(encode_text, engine.tokenizer, prompt,
+                                                        room)
+        else:
+            prompt_ids = prompt
+    max_tokens = max_tokens_for(requested, default, len(prompt_ids), max_len, param,
+                                room.prompt_param)
     params = sampling_params(body, max_tokens)
     check_stop_ids(engine, params)
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
@@ -197,7 +217,8 @@ async def _generate(state: ServerState, request: Request, body: SamplingFields,
 def _check_model(engine: Any, name: str | None) -> str:
     served = engine.model_name
     if name is not None and name != served:
-        raise ApiError(404, f"The model '{name}' does not exist; this server serves "
+        shown = name if len(name) <= MAX_NAME_CHARS else name[:MAX_NAME_CHARS] + "..."
+        raise ApiError(404, f"The model '{shown}' does not exist; this server serves "
                        f"'{served}'.", param="model", code="model_not_found")
     return served
 

@@ -24,8 +24,9 @@ from server.config import (
     ConfigError,
     EngineConfig,
     ServerConfig,
+    parse_byte_size,
 )
-from server.launch import serve
+from server.launch import serve, tls_context
 from server.logging_setup import LOG_LEVELS, setup_logging
 
 logger = logging.getLogger("graphserve.cli")
@@ -182,6 +183,29 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         help="least severe level logged, uvicorn's loggers included")
     server.add_argument("--disable-access-log", action="store_true",
                         help="do not log one line per HTTP request")
+    server.add_argument("--ssl-certfile", default=None, metavar="PEM",
+                        help="serve HTTPS with this certificate chain (health probes too)")
+    server.add_argument("--ssl-keyfile", default=None, metavar="PEM",
+                        help="private key for --ssl-certfile (default: inside the certfile)")
+
+    limits = p.add_argument_group(
+        "limits", "what one client may cost the server (docs/deployment.md, Reliability)")
+    limits.add_argument("--max-request-bytes", default=None, metavar="SIZE",
+                        help="largest request body (e.g. 4MiB); larger ones get 413 before "
+                        "they are read (default: 16 bytes per token of context, at least 1 MiB)")
+    limits.add_argument("--header-timeout", type=float, default=srv.header_timeout,
+                        metavar="SECONDS",
+                        help="time a connection has to send a complete request head, from "
+                        "connecting or from its previous answer")
+    limits.add_argument("--body-timeout", type=float, default=srv.body_timeout,
+                        metavar="SECONDS",
+                        help="time a request has to send its whole body once its head is in")
+    limits.add_argument("--keep-alive-timeout", type=float, default=srv.keep_alive_timeout,
+                        metavar="SECONDS", help="idle time before a keep-alive connection closes")
+    limits.add_argument("--max-connections", type=int, default=srv.max_connections,
+                        metavar="N",
+                        help="open connections; beyond it the one waiting longest for a "
+                        "request head is closed (never a request in progress)")
     # Test seam: a 'module:callable' building the engine (tests.helpers.fake_engine:env_engine).
     server.add_argument("--engine-class", default=None, help=argparse.SUPPRESS)
 
@@ -223,6 +247,12 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         idle_debounce_ms=args.idle_debounce_ms,
         seed=args.seed,
     )
+    max_request_bytes = None
+    if args.max_request_bytes is not None:
+        try:
+            max_request_bytes = parse_byte_size(args.max_request_bytes)
+        except ConfigError as exc:
+            raise ConfigError(f"--max-request-bytes: {exc}") from None
     config = ServerConfig(
         engine=engine,
         host=args.host,
@@ -232,6 +262,13 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         startup_failure_grace=args.startup_failure_grace,
         log_format=args.log_format,
         log_level=args.log_level,
+        max_request_bytes=max_request_bytes,
+        header_timeout=args.header_timeout,
+        body_timeout=args.body_timeout,
+        keep_alive_timeout=args.keep_alive_timeout,
+        max_connections=args.max_connections,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
     )
     config.validate()
     if config.startup_failure_grace < 0:
@@ -254,12 +291,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         config = config_from_args(args)
+        tls = tls_context(config)
     except ConfigError as exc:
         print(f"graphserve: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     setup_logging(config.log_format, config.log_level)
     code = serve(config, engine_class=args.engine_class,
-                 access_log=not args.disable_access_log)
+                 access_log=not args.disable_access_log, tls=tls)
     logger.info("exiting with code %d", code)
     logging.shutdown()
     stuck = [t for t in threading.enumerate()

@@ -6,6 +6,8 @@ port is bound, and the port must be bound before the heavy imports start.
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass, field
 
 GRAPH_CAPTURE_MODES = ("lazy", "eager", "off")
@@ -24,6 +26,19 @@ TP_ALLREDUCE = ("nccl", "symm-mem")
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message says which and why."""
+
+
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*", re.I)
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_byte_size(text: str) -> int:
+    """'1048576', '512KiB', '8MiB', '1.5G' -> bytes (binary units; K, KB, KiB all mean 1024)."""
+    match = _SIZE.fullmatch(text)
+    if match is None:
+        raise ConfigError(f"expected a size like 1048576, 512KiB or 8MiB, got {text!r}")
+    number, unit = match.groups()
+    return int(float(number) * _UNITS[(unit or "")[:1].lower()])
 
 
 def default_capture_sizes(max_num_seqs: int) -> list[int]:
@@ -172,6 +187,14 @@ class ServerConfig:
     startup_failure_grace: float = 5.0  # seconds a failed startup stays observable before exit
     log_format: str = "text"  # text | json
     log_level: str = "info"
+    # Limits that keep one client from stalling the server (docs/deployment.md, Reliability).
+    max_request_bytes: int | None = None  # None: from the context length (http.limits)
+    header_timeout: float = 10.0  # seconds from connect (or the last answer) to a full head
+    body_timeout: float = 30.0  # seconds to receive a request body once its head is in
+    keep_alive_timeout: float = 5.0  # idle seconds before a keep-alive connection is closed
+    max_connections: int = 4096  # open connections; idle ones are closed first beyond it
+    ssl_certfile: str | None = None  # PEM certificate chain: serve HTTPS
+    ssl_keyfile: str | None = None  # PEM private key (may be inside ssl_certfile)
 
     def validate(self) -> None:
         self.engine.validate()
@@ -179,5 +202,22 @@ class ServerConfig:
             raise ConfigError(f"--port must be in 0..65535, got {self.port}")
         if self.drain_timeout < 0:
             raise ConfigError(f"--drain-timeout must be >= 0, got {self.drain_timeout}")
+        if self.max_request_bytes is not None and self.max_request_bytes < 1024:
+            raise ConfigError(
+                f"--max-request-bytes must be at least 1 KiB, got {self.max_request_bytes}"
+            )
+        for flag, value in (("--header-timeout", self.header_timeout),
+                            ("--body-timeout", self.body_timeout),
+                            ("--keep-alive-timeout", self.keep_alive_timeout)):
+            if not value > 0:
+                raise ConfigError(f"{flag} must be > 0 seconds, got {value}")
+        if self.max_connections < 16:
+            raise ConfigError(f"--max-connections must be >= 16, got {self.max_connections}")
+        if self.ssl_keyfile and not self.ssl_certfile:
+            raise ConfigError("--ssl-keyfile needs --ssl-certfile")
+        for flag, path in (("--ssl-certfile", self.ssl_certfile),
+                           ("--ssl-keyfile", self.ssl_keyfile)):
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{flag}: no such file: {path}")
         if self.log_format not in ("text", "json"):
             raise ConfigError(f"--log-format must be text or json, got {self.log_format!r}")

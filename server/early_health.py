@@ -16,6 +16,11 @@ Every answer says `Connection: close`; the socket is then shut down for writing 
 until the peer closes, so unread request bytes never turn the close into a reset. A client that
 sends nothing is dropped after a short timeout and never holds up the handover.
 
+Under TLS (`--ssl-certfile`) it speaks HTTPS with the server's own context: each accepted socket
+is wrapped and its handshake driven without blocking, within the same per-client deadline, so
+an HTTPS probe is answered from the first moment too and sees the same certificate as after
+the handover. The answer is followed by a plain close (probes send no body to linger for).
+
 `stop()` is the handover, called right before uvicorn takes the socket: on return this thread
 no longer accepts (connections still queued belong to uvicorn) and its duplicate is closed, so
 the original keeps listening. Connections it had accepted are still answered to the end, in the
@@ -28,6 +33,7 @@ import json
 import logging
 import selectors
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -58,7 +64,9 @@ _REASONS = {200: "OK", 307: "Temporary Redirect", 400: "Bad Request", 401: "Unau
             404: "Not Found", 405: "Method Not Allowed",
             431: "Request Header Fields Too Large", 503: "Service Unavailable"}  # fmt: skip
 
-_READING, _WRITING, _LINGERING = "reading", "writing", "lingering"
+_HANDSHAKE, _READING, _WRITING, _LINGERING = "handshake", "reading", "writing", "lingering"
+# Non-blocking TLS: the operation must wait for the socket to become readable / writable.
+_TLS_WAIT = (ssl.SSLWantReadError, ssl.SSLWantWriteError)
 
 
 class _Answer:
@@ -80,9 +88,9 @@ class _Client:
 
     __slots__ = ("sock", "stage", "inbuf", "out", "deadline")
 
-    def __init__(self, sock: socket.socket, deadline: float):
+    def __init__(self, sock: socket.socket, deadline: float, stage: str = _READING):
         self.sock = sock
-        self.stage = _READING
+        self.stage = stage
         self.inbuf = bytearray()
         self.out = b""
         self.deadline = deadline
@@ -91,13 +99,15 @@ class _Client:
 class EarlyHealthResponder:
     """A one-thread, non-blocking HTTP/1.x responder for the seconds before uvicorn serves."""
 
-    def __init__(self, sock: socket.socket, lifecycle: Lifecycle, api_key: str | None = None):
+    def __init__(self, sock: socket.socket, lifecycle: Lifecycle, api_key: str | None = None,
+                 tls: ssl.SSLContext | None = None):
         # A duplicate shares the listening socket's queue; closing it leaves the original open.
         # (It also shares O_NONBLOCK: the CLI's socket is non-blocking already, as uvicorn wants.)
         self._listener: socket.socket | None = sock.dup()
         self._listener.setblocking(False)
         self._lifecycle = lifecycle
         self._api_key = api_key.encode() if api_key else None
+        self._tls = tls
         self._selector = selectors.DefaultSelector()
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
@@ -226,7 +236,16 @@ class EarlyHealthResponder:
                 self._set_listening(False)
                 return
             conn.setblocking(False)
-            client = _Client(conn, time.monotonic() + CLIENT_TIMEOUT_S)
+            stage = _READING
+            if self._tls is not None:
+                try:
+                    conn = self._tls.wrap_socket(conn, server_side=True,
+                                                 do_handshake_on_connect=False)
+                except (OSError, ValueError):
+                    conn.close()
+                    continue
+                stage = _HANDSHAKE
+            client = _Client(conn, time.monotonic() + CLIENT_TIMEOUT_S, stage)
             self._clients[conn] = client
             self._selector.register(conn, selectors.EVENT_READ, client)
         # Full: leave further connections queued in the kernel until a slot frees up.
@@ -258,13 +277,40 @@ class EarlyHealthResponder:
             self._close(client)
 
     def _service(self, client: _Client, events: int) -> None:
+        if client.stage == _HANDSHAKE:
+            self._handshake(client)
+            return
         if client.stage == _WRITING:
             if events & selectors.EVENT_WRITE:
                 self._flush(client)
             return
+        self._read(client)
+        # TLS may hold decrypted bytes the OS socket no longer signals: read them out too.
+        while (client.stage == _READING and client.sock in self._clients
+               and isinstance(client.sock, ssl.SSLSocket) and client.sock.pending()):
+            self._read(client)
+
+    def _handshake(self, client: _Client) -> None:
+        sock = client.sock
+        try:
+            sock.do_handshake()  # type: ignore[attr-defined]
+        except ssl.SSLWantReadError:
+            self._selector.modify(sock, selectors.EVENT_READ, client)
+            return
+        except ssl.SSLWantWriteError:
+            self._selector.modify(sock, selectors.EVENT_WRITE, client)
+            return
+        except (OSError, ValueError):  # not TLS, bad handshake, reset: nothing to answer
+            self._close(client)
+            return
+        client.stage = _READING
+        self._selector.modify(sock, selectors.EVENT_READ, client)
+        self._service(client, selectors.EVENT_READ)  # the request may already be buffered
+
+    def _read(self, client: _Client) -> None:
         try:
             chunk = client.sock.recv(65536)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, *_TLS_WAIT):
             return
         except OSError:
             self._close(client)
@@ -296,7 +342,7 @@ class EarlyHealthResponder:
     def _flush(self, client: _Client) -> None:
         try:
             sent = client.sock.send(client.out)
-        except (BlockingIOError, InterruptedError):
+        except (BlockingIOError, InterruptedError, *_TLS_WAIT):
             sent = 0
         except OSError:
             self._close(client)
@@ -306,6 +352,11 @@ class EarlyHealthResponder:
             self._selector.modify(client.sock, selectors.EVENT_WRITE, client)
             return
         self.answered += 1
+        if isinstance(client.sock, ssl.SSLSocket):
+            # A TLS socket cannot be half-closed (no close_notify without a blocking unwrap);
+            # probes send no body whose unread bytes would turn the close into a reset.
+            self._close(client)
+            return
         # Lingering close: end our side, then read until the peer closes. Closing with unread
         # request bytes (a POST body) would send a reset, which can destroy the answer.
         try:

@@ -19,11 +19,12 @@ import logging
 import os
 import signal
 import socket
+import ssl
 import threading
 from typing import TYPE_CHECKING, Any
 
 from server import __version__
-from server.config import ServerConfig
+from server.config import ConfigError, ServerConfig
 
 if TYPE_CHECKING:
     from server.early_health import EarlyHealthResponder
@@ -61,9 +62,57 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
+def tls_context(config: ServerConfig) -> ssl.SSLContext | None:
+    """The server's TLS context from `--ssl-certfile`/`--ssl-keyfile`, or None for plain HTTP.
+
+    Built once, before the port is bound, so a bad certificate is a configuration error (exit
+    2) rather than a server that listens and then fails; the early health responder and uvicorn
+    share it, so a client sees the same certificate before and after the handover. TLS 1.2 at
+    least, Python's default ciphers (uvicorn's own default cipher string would narrow TLS 1.2 to
+    the old CBC/SHA-1 suites).
+    """
+    if not config.ssl_certfile:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.set_alpn_protocols(["http/1.1"])
+    try:
+        context.load_cert_chain(config.ssl_certfile, config.ssl_keyfile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"--ssl-certfile/--ssl-keyfile cannot be loaded: {exc}") from None
+    return context
+
+
+def raise_open_file_limit(wanted: int) -> int:
+    """Raise the soft limit on open files towards `wanted` (up to the hard limit, as far as
+    the system allows); returns the soft limit in force afterwards."""
+    try:
+        import resource
+    except ImportError:  # not POSIX
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
+# Descriptors kept free beside client connections: model files, the engine, logs, the early
+# responder and the sockets it hands over.
+_RESERVED_FDS = 256
+
+
 def serve(config: ServerConfig, *, engine_class: str | None = None,
-          access_log: bool = True) -> int:
+          access_log: bool = True, tls: ssl.SSLContext | None = None) -> int:
     """Run the server until drained or failed; returns the process exit code."""
+    fd_limit = raise_open_file_limit(config.max_connections + _RESERVED_FDS)
+    if fd_limit < config.max_connections + _RESERVED_FDS:
+        capped = max(16, fd_limit - _RESERVED_FDS)
+        logger.warning("open-file limit is %d: serving at most %d connections instead of "
+                       "--max-connections %d", fd_limit, capped, config.max_connections)
+        config.max_connections = capped
     try:
         sock = bind_socket(config.host, config.port)
     except OSError as exc:
@@ -86,14 +135,14 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
 
         lifecycle = Lifecycle()
         try:
-            early = EarlyHealthResponder(sock, lifecycle, config.api_key)
+            early = EarlyHealthResponder(sock, lifecycle, config.api_key, tls=tls)
             early.start()
         except OSError as exc:  # e.g. out of descriptors: uvicorn will answer, just later
             logger.warning("early health responder not started (%s); /health waits for "
                            "uvicorn", exc)
             early = None
         return _serve_app(config, sock, lifecycle, early, held, engine_class=engine_class,
-                          access_log=access_log)
+                          access_log=access_log, tls=tls)
     except _ExitNow:
         logger.warning("signal again before serving: exiting without waiting")
         return 0
@@ -145,15 +194,13 @@ class HeldSignals:
 
 def _serve_app(config: ServerConfig, sock: socket.socket, lifecycle: Lifecycle,
                early: EarlyHealthResponder | None, held: HeldSignals, *,
-               engine_class: str | None, access_log: bool) -> int:
+               engine_class: str | None, access_log: bool, tls: ssl.SSLContext | None) -> int:
     """Import the HTTP stack, build the app and run uvicorn on `sock` until it exits."""
     host, port = sock.getsockname()[:2]
     # Heavy-ish imports only now that probes are answered (FastAPI, pydantic, uvicorn).
-    import uvicorn
-
     from server.api import create_app
     from server.http.state import DEFAULT_ENGINE_CLASS
-    from server.uvicorn_server import DrainingServer
+    from server.uvicorn_server import DrainingServer, uvicorn_config
 
     server: DrainingServer | None = None
 
@@ -164,16 +211,13 @@ def _serve_app(config: ServerConfig, sock: socket.socket, lifecycle: Lifecycle,
 
     app = create_app(config, engine_class=engine_class or DEFAULT_ENGINE_CLASS,
                      lifecycle=lifecycle, on_exit=on_exit)
-    uv_config = uvicorn.Config(
-        app, host=host, port=port, log_config=None, access_log=access_log,
-        timeout_graceful_shutdown=5, lifespan="on",
-        timeout_keep_alive=5,
-    )
+    uv_config, _ = uvicorn_config(app, config, host, port, access_log=access_log, tls=tls)
     server = DrainingServer(uv_config, state=app.state.graphserve,
                             drain_timeout=config.drain_timeout, held_signals=held.take,
                             early=early)
-    logger.info("graphserve %s listening on http://%s:%d", __version__,
-                f"[{host}]" if ":" in host else host, port)
+    logger.info("graphserve %s listening on %s://%s:%d", __version__,
+                "https" if tls is not None else "http", f"[{host}]" if ":" in host else host,
+                port)
     server.run(sockets=[sock])
     return server.exit_code
 

@@ -308,6 +308,12 @@ class FastTokenizer:
 
     # -- what the server calls ----------------------------------------------------------------
 
+    @property
+    def backend_tokenizer(self):
+        """The `tokenizers.Tokenizer` underneath (transformers' name for it), for read-only use:
+        the HTTP layer derives a bound on characters per token from it."""
+        return self._tok
+
     def __len__(self) -> int:
         """Vocabulary size including added tokens (as transformers' len(tokenizer))."""
         return self._tok.get_vocab_size(with_added_tokens=True)

@@ -1,4 +1,5 @@
-"""uvicorn's `Server` with graphserve's signal handling and socket handover.
+"""uvicorn's `Config` and `Server` as graphserve runs them: the guarded connection protocol,
+the shared TLS context, signal handling and the socket handover.
 
 Imported only after the early health responder is answering (uvicorn's import is part of what
 the responder covers). The first SIGTERM/SIGINT drains (`ServerState.drain`) and then exits 0;
@@ -12,15 +13,40 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 
+from server.config import ServerConfig
+from server.connection_guard import ConnectionLimits, ConnectionRegistry, guarded_protocol
 from server.early_health import EarlyHealthResponder
 from server.http.state import ServerState
 
 logger = logging.getLogger("graphserve.cli")
+
+
+def uvicorn_config(app: Any, config: ServerConfig, host: str, port: int, *,
+                   access_log: bool = True, tls: ssl.SSLContext | None = None,
+                   ) -> tuple[uvicorn.Config, ConnectionRegistry]:
+    """The uvicorn configuration for `app`, and the registry of its guarded connections."""
+    connections = ConnectionRegistry(ConnectionLimits(
+        max_connections=config.max_connections, header_timeout=config.header_timeout))
+    uv_config = uvicorn.Config(
+        app, host=host, port=port, log_config=None, access_log=access_log,
+        timeout_graceful_shutdown=5, lifespan="on",
+        timeout_keep_alive=config.keep_alive_timeout,
+        # The guarded httptools protocol: head deadline, head size, connection cap and
+        # lingering close (server/connection_guard.py). uvicorn's limit_concurrency is left
+        # off on purpose: it would answer health probes 503 under load.
+        http=guarded_protocol(connections), ws="none",
+    )
+    if tls is not None:
+        uv_config.load()
+        uv_config.ssl = tls  # the context the early responder used (launch.tls_context)
+    return uv_config, connections
 
 
 class DrainingServer(uvicorn.Server):

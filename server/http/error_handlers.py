@@ -32,7 +32,12 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return JSONBody(error_body(str(exc.detail), kind), status_code=exc.status_code,
+        message = str(exc.detail)
+        if exc.status_code == 400 and isinstance(exc.__cause__, ValueError):
+            # FastAPI's "There was an error parsing the body" hides why, e.g. Python's limit of
+            # 4300 digits for an integer: say it.
+            message = f"Malformed JSON body: {str(exc.__cause__).split(';')[0]}"
+        return JSONBody(error_body(message, kind), status_code=exc.status_code,
                         headers=exc.headers)
 
     @app.exception_handler(Exception)

@@ -107,3 +107,48 @@ def queue_full(detail: str) -> ApiError:
         type="rate_limit_error", code="queue_full",
         headers={"Retry-After": RETRY_AFTER_QUEUE_FULL},
     )
+
+
+# -- limits (docs/deployment.md, "Reliability") --------------------------------------------------
+
+
+def request_too_large(limit: int, size: int | None) -> ApiError:
+    """413: the body is larger than `--max-request-bytes` (`size` when declared up front)."""
+    got = f" ({size} bytes declared)" if size is not None else ""
+    return ApiError(
+        413, f"The request body is larger than this server's limit of {limit} bytes{got}; "
+        "send a shorter prompt (the limit is set with --max-request-bytes).",
+        code="request_too_large", headers={"Connection": "close"},
+    )
+
+
+def request_timeout(what: str, seconds: float) -> ApiError:
+    """408: the client did not send `what` within `seconds`."""
+    return ApiError(
+        408, f"The {what} did not arrive within {seconds:g} s.", code="request_timeout",
+        headers={"Connection": "close"},
+    )
+
+
+def server_busy(detail: str) -> ApiError:
+    """429 for capacity that is not the engine's queue: bodies in flight, connections."""
+    return ApiError(
+        429, f"The server is at capacity, retry later ({detail})", type="rate_limit_error",
+        code="server_busy", headers={"Retry-After": RETRY_AFTER_QUEUE_FULL, "Connection": "close"},
+    )
+
+
+_REASONS = {400: "Bad Request", 408: "Request Timeout", 413: "Content Too Large",
+            429: "Too Many Requests", 431: "Request Header Fields Too Large",
+            503: "Service Unavailable"}
+
+
+def raw_response(error: ApiError) -> bytes:
+    """`error` as a complete HTTP/1.1 response that closes the connection, for answers written
+    below the ASGI app (a request head that never completes, a connection over the cap)."""
+    payload = dumps(error.body())
+    headers = {"Content-Type": "application/json", "Content-Length": str(len(payload)),
+               **error.headers, "Connection": "close"}
+    head = [f"HTTP/1.1 {error.status} {_REASONS.get(error.status, '')}",
+            *(f"{name}: {value}" for name, value in headers.items())]
+    return ("\r\n".join(head) + "\r\n\r\n").encode("latin-1") + payload

@@ -9,7 +9,8 @@ from typing import Any
 
 from server.errors import InvalidRequestError
 from server.http.errors import ApiError
-from server.http.prompts import check_text, vocab_size
+from server.http.limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+from server.http.prompts import Room, check_room, check_text, vocab_size
 from server.http.schemas import ChatCompletionRequest, CompletionRequest, SamplingFields
 from server.request import SamplingParams
 
@@ -48,8 +49,13 @@ def refuse_unsupported(body: SamplingFields) -> None:
                    "supported.")
 
 
+def stop_strings(body: SamplingFields) -> list[str]:
+    return body.stop if isinstance(body.stop, list) else ([body.stop] if body.stop else [])
+
+
 def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
-    stop = body.stop if isinstance(body.stop, list) else ([body.stop] if body.stop else [])
+    stop = stop_strings(body)
+    check_stop_limits(stop, body.stop_token_ids or [])
     for s in stop:
         check_text(s, "stop")
     params = SamplingParams(
@@ -70,24 +76,27 @@ def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
 
 
 def max_tokens_for(requested: int | None, default: int | None, prompt_len: int, max_len: int,
-                param: str, prompt_param: str) -> int:
+                   param: str, prompt_param: str) -> int:
     """The generation budget: explicit values must fit the context; defaults are clipped to it."""
+    check_room(prompt_len, Room(max_len, requested, param, prompt_param))
     room = max_len - prompt_len
-    if room < 1:
-        raise ApiError(
-            400, f"The prompt is {prompt_len} tokens; this model's context is {max_len} tokens, "
-            "which leaves no room to generate.", param=prompt_param,
-            code="context_length_exceeded",
-        )
     if requested is None:
         return room if default is None else min(default, room)
-    if requested > room:
-        raise ApiError(
-            400, f"{param}={requested} plus the {prompt_len}-token prompt exceeds the model's "
-            f"{max_len}-token context (at most {room} new tokens fit).",
-            param=param, code="context_length_exceeded",
-        )
     return requested
+
+
+def check_stop_limits(stop: list[str], stop_token_ids: list[int]) -> None:
+    """Stop conditions cost the engine thread work on every generated token: bound them."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise ApiError(400, f"stop: at most {MAX_STOP_STRINGS} stop strings are supported, got "
+                       f"{len(stop)}", param="stop")
+    longest = max(stop, key=len, default="")
+    if len(longest) > MAX_STOP_STRING_CHARS:
+        raise ApiError(400, f"stop: a stop string may be at most {MAX_STOP_STRING_CHARS} "
+                       f"characters, got one of {len(longest)}", param="stop")
+    if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:
+        raise ApiError(400, f"stop_token_ids: at most {MAX_STOP_TOKEN_IDS} ids are supported, "
+                       f"got {len(stop_token_ids)}", param="stop_token_ids")
 
 
 def check_stop_ids(engine: Any, params: SamplingParams) -> None:

@@ -11,6 +11,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from server.http.limits import MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, MAX_STOP_TOKEN_IDS
+
 
 class _Strict(BaseModel):
     # strict: "5" is not an int and 1 is not a bool, as in OpenAI's API; unknown fields are
@@ -34,9 +36,12 @@ class SamplingFields(_Strict):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     top_k: int | None = Field(None, ge=-1, description="Extension: -1 or 0 disables top-k.")
     seed: int | None = Field(None, description="Same seed and request give the same tokens.")
-    stop: str | list[str] | None = Field(None, description="Up to any number of stop strings.")
+    stop: str | list[str] | None = Field(
+        None, description=f"Up to {MAX_STOP_STRINGS} stop strings of at most "
+        f"{MAX_STOP_STRING_CHARS} characters each."
+    )
     stop_token_ids: list[Annotated[int, Field(ge=0)]] | None = Field(
-        None, description="Extension: token ids that end generation."
+        None, description=f"Extension: up to {MAX_STOP_TOKEN_IDS} token ids that end generation."
     )
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence.")
     n: int = Field(1, ge=1, description="Only 1 is supported.")

@@ -29,6 +29,8 @@ from server.http.errors import (
     unauthorized,
 )
 from server.http.generation import Generation
+from server.http.limits import BODY_BUDGET_REQUESTS, default_max_request_bytes
+from server.http.workers import WorkerPool
 from server.metrics import ServerMetrics
 from server.request import SamplingParams
 
@@ -64,11 +66,36 @@ class ServerState:
         self._exit_handle: asyncio.TimerHandle | None = None
         self._was_ready = False
         self._api_key = config.api_key.encode() if config.api_key else None
+        # Prompt rendering and tokenisation run here, off the event loop (see http.workers).
+        self.prompt_workers = WorkerPool()
+        self.body_bytes_held = 0  # request-body bytes reserved by requests in progress
+
+    # ------------------------------------------------------------- limits
+    def max_request_bytes(self) -> int:
+        """The body limit now: the flag, else sized from the engine's context length."""
+        if self.config.max_request_bytes is not None:
+            return self.config.max_request_bytes
+        max_len = getattr(self.engine, "max_model_len", None) or self.config.engine.max_model_len
+        return default_max_request_bytes(max_len)
+
+    def reserve_body_bytes(self, n: int) -> bool:
+        """Take `n` bytes of the budget for request bodies in progress (a flood of maximal
+        bodies is refused instead of held in memory); False when it would overflow. A lone
+        request never overflows, whatever its size. Event loop only."""
+        budget = BODY_BUDGET_REQUESTS * self.max_request_bytes()
+        if self.body_bytes_held and self.body_bytes_held + n > budget:
+            return False
+        self.body_bytes_held += n
+        return True
+
+    def release_body_bytes(self, n: int) -> None:
+        self.body_bytes_held -= n
 
     # ------------------------------------------------------------- lifecycle
     async def startup(self) -> None:
         """Called from the app's lifespan: returns at once, the engine boots in the background."""
         loop = asyncio.get_running_loop()
+        self.prompt_workers = WorkerPool()  # anew: a lifespan may run again after a shutdown
         self.lifecycle.bind_loop(loop)
         self.lifecycle.add_listener(self._on_phase_change)
         self._boot_task = loop.create_task(self._boot(), name="graphserve-engine-boot")
@@ -124,6 +151,7 @@ class ServerState:
             self._exit_handle.cancel()
         for gen in list(self.inflight.values()):
             gen.abort("shutdown")
+        self.prompt_workers.close()
         engine, self.engine = self.engine, None
         if engine is None:
             return
