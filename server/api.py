@@ -30,9 +30,11 @@ from server.http.body_guard import BodyGuard
 from server.http.error_handlers import install_error_handlers
 from server.http.errors import ApiError
 from server.http.limits import MAX_NAME_CHARS
+from server.http.logprobs import TokenTexts
 from server.http.middleware import V1Middleware
 from server.http.openapi import STREAM_DOC, customize_openapi, error_docs
-from server.http.prompts import Room, conversation, encode_chat, encode_text, select_prompt
+from server.http.prompts import Room, conversation, encode_chat, encode_text, select_prompts
+from server.http.relay import Answer, GenerationGroup, collect_answer
 from server.http.responses import JSONBody
 from server.http.sampling_params import (
     COMPLETIONS_DEFAULT_MAX_TOKENS,
@@ -52,12 +54,8 @@ from server.http.schemas import (
     SamplingFields,
 )
 from server.http.state import DEFAULT_ENGINE_CLASS, ServerState
-from server.http.streaming import (
-    ClientGone,
-    EventStreamResponse,
-    collect_or_disconnect,
-    stream_events,
-)
+from server.http.streaming import ClientGone, EventStreamResponse
+from server.http.surface import plan_request
 from server.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 
 
@@ -158,16 +156,18 @@ def _add_v1_routes(app: FastAPI, state: ServerState) -> None:
 
 async def _generate(state: ServerState, request: Request, body: SamplingFields,
                     chat: bool) -> Response:
-    """Both generation endpoints: prompt -> params -> submit -> stream or collect.
+    """Both generation endpoints: prompts -> params -> submit -> stream or collect.
 
-    The checks that cost nothing come first; the prompt's rendering and tokenisation, whose
-    cost grows with its length, run on a prompt worker (`state.prompt_workers`) so the event
-    loop keeps serving meanwhile.
+    One engine request per prompt (batched completions), each generating the plan's choices;
+    `http.relay` answers for all of them. The checks that cost nothing come first; rendering
+    and tokenisation, whose cost grows with the text, run on a prompt worker
+    (`state.prompt_workers`) so the event loop keeps serving meanwhile.
     """
     engine = state.engine
     model = _check_model(engine, body.model)
     refuse_unsupported(body)
     check_stop_limits(stop_strings(body), body.stop_token_ids or [])
+    plan = plan_request(engine, body)
     max_len = engine.max_model_len
     if chat:
         if body.max_completion_tokens is not None:
@@ -176,42 +176,64 @@ async def _generate(state: ServerState, request: Request, body: SamplingFields,
             requested, param = body.max_tokens, "max_tokens"
         default, room = None, Room(max_len, requested, param, "messages")
         entries = conversation(body.messages)
-        prompt_ids = await state.prompt_workers.run(encode_chat, engine.tokenizer, entries, room)
+        prompts = [await state.prompt_workers.run(encode_chat, engine.tokenizer, entries, room,
+                                                  plan.tools)]
+        texts = [""]
     else:
         requested, param = body.max_tokens, "max_tokens"
         default, room = COMPLETIONS_DEFAULT_MAX_TOKENS, Room(max_len, requested, param, "prompt")
-        prompt = select_prompt(engine, body.prompt, room)
-        if isinstance(prompt, str):
-            prompt_ids = await state.prompt_workers.run(encode_text, engine.tokenizer, prompt,
+        prompts = []
+        for prompt in select_prompts(engine, body.prompt, room):
+            if isinstance(prompt, str):
+                prompt = await state.prompt_workers.run(encode_text, engine.tokenizer, prompt,
                                                         room)
-        else:
-            prompt_ids = prompt
-    max_tokens = max_tokens_for(requested, default, len(prompt_ids), max_len, param,
-                                room.prompt_param)
-    params = sampling_params(body, max_tokens)
-    check_stop_ids(engine, params)
+            prompts.append(prompt)
+        texts = _prompt_texts(engine, body.prompt, prompts) if plan.echo else [""] * len(prompts)
+    params = []
+    for ids in prompts:
+        max_tokens = max_tokens_for(requested, default, len(ids), max_len, param,
+                                    room.prompt_param)
+        params.append(sampling_params(body, max_tokens, **plan.engine_params))
+        check_stop_ids(engine, params[-1])
     request_id = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     arrival = request.scope.get("state", {}).get("arrival") or time.perf_counter()
-    gen = state.submit(request_id, prompt_ids, params, arrival)
+    gens = []
+    try:
+        for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            gens.append(state.submit(rid, ids, p, arrival))
+    except BaseException:
+        GenerationGroup(gens).close()  # the prompts already queued are aborted
+        raise
+    group = GenerationGroup(gens)
+    answer = Answer(group, plan, chat=chat, request_id=request_id, model=model,
+                    prompt_ids=prompts, prompt_texts=texts, texts=_token_texts(state))
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = stream_events(gen, chat, request_id, model, include_usage)
-        return EventStreamResponse(events, gen, request_id)
+        return EventStreamResponse(answer.events(include_usage), group, request_id)
     try:
-        text = await collect_or_disconnect(request.receive, gen)
+        result = await collect_answer(request.receive, answer)
     except ClientGone:
         return Response(status_code=499)
-    if chat:
-        obj = "chat.completion"
-        choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                  "logprobs": None, "finish_reason": gen.finish_reason}
-    else:
-        obj = "text_completion"
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
-    return JSONBody({
-        "id": request_id, "object": obj, "created": int(time.time()), "model": model,
-        "system_fingerprint": None, "choices": [choice], "usage": gen.usage(),
-    }, headers={"X-Request-Id": request_id})
+    return JSONBody(result, headers={"X-Request-Id": request_id})
+
+
+def _prompt_texts(engine: Any, prompt: Any, prompts: list[list[int]]) -> list[str]:
+    """What `echo` repeats: each prompt as the client sent it (token prompts decoded)."""
+    given = prompt if isinstance(prompt, list) and prompt and isinstance(
+        prompt[0], (str, list)) else [prompt]
+    return [p if isinstance(p, str) else engine.tokenizer.decode(ids, skip_special_tokens=True)
+            for p, ids in zip(given, prompts, strict=True)]
+
+
+def _token_texts(state: ServerState) -> TokenTexts:
+    """One token-text cache per engine tokenizer (logprob answers)."""
+    tokenizer = state.engine.tokenizer
+    cache = getattr(state, "_token_texts", None)
+    if cache is None or cache[0] is not tokenizer:
+        cache = (tokenizer, TokenTexts(tokenizer))
+        state._token_texts = cache
+    return cache[1]
 
 
 def _check_model(engine: Any, name: str | None) -> str:

@@ -93,12 +93,23 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--device", default=eng.device, choices=DEVICES,
                        help="auto = cuda if available, else cpu")
     model.add_argument("--loader", default=eng.loader, choices=LOADERS,
-                       help="auto = read safetensors and tokenizer.json directly, falling back to "
-                       "transformers when the checkpoint needs it; fast = never import "
-                       "transformers; transformers = always use its Auto classes")
+                       help="auto = read safetensors and tokenizer.json directly, taking the "
+                       "tokenizer from transformers when tokenizer.json cannot reproduce it; "
+                       "fast = never import transformers; transformers = always use its Auto "
+                       "classes")
     model.add_argument("--load-format", default=eng.load_format, choices=LOAD_FORMATS,
                        help="auto = the checkpoint's safetensors files; dummy = random weights of "
-                       "config.json's shapes, no weight file read (measuring big shapes)")
+                       "config.json's shapes, no weight file read (a directory with config.json "
+                       "and tokenizer files is enough)")
+    model.add_argument("--state-dir", default=None, metavar="PATH",
+                       help="where the capture plan (decode batch-size demand) and startup "
+                       "timings survive restarts (default: $XDG_CACHE_HOME/graphserve, else "
+                       "~/.cache/graphserve)")
+    model.add_argument("--no-state-dir", action="store_true",
+                       help="keep no state across restarts")
+    model.add_argument("--prefetch-threads", type=int, default=eng.prefetch_threads, metavar="N",
+                       help="threads pulling the checkpoint into the page cache while torch "
+                       "imports (0: none)")
     model.add_argument("--max-model-len", type=int, default=None, metavar="N",
                        help="context length (prompt + output) in tokens (default: the model's "
                        "limit; shrunk only if the whole KV pool is smaller)")
@@ -214,6 +225,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
     """Map parsed flags onto the config dataclasses and validate them (raises ConfigError)."""
     if args.enforce_eager and args.graph_capture not in (None, "off"):
         raise ConfigError(f"--enforce-eager conflicts with --graph-capture {args.graph_capture}")
+    if args.no_state_dir and args.state_dir is not None:
+        raise ConfigError("--no-state-dir conflicts with --state-dir")
     graph_capture = "off" if args.enforce_eager else (args.graph_capture or "lazy")
     sizes = None
     if args.cuda_graph_sizes is not None:
@@ -227,7 +240,6 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         device=args.device,
         loader=args.loader,
-        load_format=args.load_format,
         tensor_parallel_size=args.tensor_parallel_size,
         tp_timeout_s=args.tp_timeout,
         tp_allreduce=args.tp_allreduce,
@@ -246,6 +258,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         capture_min_interval_ms=args.capture_min_interval_ms,
         idle_debounce_ms=args.idle_debounce_ms,
         seed=args.seed,
+        load_format=args.load_format,
+        state_dir="" if args.no_state_dir else args.state_dir,
+        prefetch_threads=args.prefetch_threads,
     )
     max_request_bytes = None
     if args.max_request_bytes is not None:

@@ -17,7 +17,7 @@ DEVICES = ("auto", "cuda", "cpu")
 # transformers (fail instead); transformers: always use its Auto classes.
 LOADERS = ("auto", "fast", "transformers")
 # auto: the checkpoint's safetensors files; dummy: random weights of config.json's shapes, no
-# weight file read (for measuring shapes that are not on disk).
+# weight file read (config.json and tokenizer files are enough).
 LOAD_FORMATS = ("auto", "dummy")
 # How tensor-parallel ranks all-reduce: nccl everywhere, or torch's symmetric-memory one-shot
 # all-reduce (P2P loads over NVLink, no multicast) for decode-sized tensors, nccl for the rest.
@@ -89,7 +89,6 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
     loader: str = "auto"  # auto | fast | transformers (see LOADERS)
-    load_format: str = "auto"  # auto | dummy (see LOAD_FORMATS)
     tensor_parallel_size: int = 1  # processes (GPUs) the model is sharded over
     tp_timeout_s: float = 60.0  # longest wait for a tensor-parallel peer at any agreement
     tp_allreduce: str = "nccl"  # nccl | symm-mem (see TP_ALLREDUCE)
@@ -109,6 +108,12 @@ class EngineConfig:
     capture_min_interval_ms: float = 250.0  # spacing of captures while requests are running
     idle_debounce_ms: float = 20.0  # quiet time before idle capture starts
     seed: int = 0  # base seed for requests that give none
+    # -- startup (weights, state dir) --
+    load_format: str = "auto"  # auto | dummy (see LOAD_FORMATS)
+    # Capture plan + startup timings kept across restarts: None = server.state_dir's default
+    # ($XDG_CACHE_HOME/graphserve), "" = keep nothing.
+    state_dir: str | None = None
+    prefetch_threads: int = 4  # page-cache warmers during the torch import (0: none)
 
     def validate(self) -> None:
         """Raise ConfigError for values that can never work (checked before any heavy import)."""
@@ -147,6 +152,8 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.prefetch_threads < 0:
+            raise ConfigError(f"--prefetch-threads must be >= 0, got {self.prefetch_threads}")
         if self.max_queue < 0:
             raise ConfigError(f"--max-queue must be >= 0, got {self.max_queue}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:

@@ -21,8 +21,11 @@ _MAX_PENDING_TOKENS = 8
 class IncrementalDetokenizer:
     """Turns a request's generated tokens into text deltas and detects stop strings."""
 
-    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None):
+    def __init__(self, tokenizer, prompt_ids: list[int], stop: list[str] | None = None,
+                 skip_special_tokens: bool = True):
         self._tokenizer = tokenizer
+        # False for tool calls whose marker is a special token (Mistral's [TOOL_CALLS]).
+        self._skip_special = skip_special_tokens
         self._ids: list[int] = list(prompt_ids[-_CONTEXT_TOKENS:])
         self._prefix_offset = 0
         self._read_offset = len(self._ids)
@@ -33,7 +36,7 @@ class IncrementalDetokenizer:
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
-        return self._tokenizer.decode(ids, skip_special_tokens=True)
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip_special)
 
     def _decode_new(self) -> str:
         prefix = self._decode(self._ids[self._prefix_offset : self._read_offset])

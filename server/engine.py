@@ -16,7 +16,15 @@ device from step N's output, before the host reads step N's tokens and does the 
 bookkeeping (stop checks, detokenisation, delivery). The device never waits for that Python
 work; the price is one wasted row when a sequence stops on a token the host had not seen yet.
 
-A step that raises fails the requests it carried and the engine serves on. A
+Constrained rows (structured outputs, forced tool calls) need step N's token to build step
+N+1's grammar mask. Such a step is queued in two parts: its forward first (inputs still taken on
+the device), then the host reads step N, advances the matchers, fills the masks of the
+constrained rows and queues the draw. The device computes N+1's forward meanwhile, so the
+host's grammar work hides behind it instead of sitting between two device steps; the rest of
+step N's bookkeeping (detokenisation, delivery) follows as usual.
+
+A step that raises fails the requests it carried and the engine serves on (under tensor
+parallelism, after settling the token broadcast the other ranks wait for). A
 `FatalEngineError` (a tensor-parallel rank died or the ranks lost step) cannot be stepped past:
 every request fails, the other ranks are stopped, and the engine reports `failed`, after which
 the server exits non-zero.
@@ -37,6 +45,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
+from server import prefetch
 from server.block_manager import BlockManager
 from server.config import EngineConfig
 from server.engine_protocol import PhaseCallback, RequestStream, deliver
@@ -48,10 +57,12 @@ from server.errors import (
     StartupError,
 )
 from server.request import RequestOutput, SamplingParams
-from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler
+from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler, StepResult
+from server.structured.grammar import GrammarBackend, tokenizer_json
 
 if TYPE_CHECKING:
     from server.model_runner import ModelRunner, PendingStep
+    from server.state_dir import PlanKeeper
 
 log = logging.getLogger("graphserve.engine")
 
@@ -113,6 +124,9 @@ class AsyncEngine:
         launcher = None
         try:
             t_start = time.perf_counter()
+            # Torch-free: the checkpoint streams into the page cache while torch imports.
+            if self.config.load_format != "dummy" and self.config.prefetch_threads > 0:
+                prefetch.start(self.config.model, self.config.prefetch_threads)
             self._set_phase("loading_weights")
             if self.config.tensor_parallel_size > 1:
                 # Torch-free: the other ranks import torch and read their weights meanwhile.
@@ -126,12 +140,14 @@ class AsyncEngine:
         except Exception as exc:  # startup failure: report it, the server decides to exit
             if launcher is not None:
                 launcher.kill()
+            prefetch.discard()
             reason = str(exc) or type(exc).__name__
             expected = isinstance(exc, (StartupError, ValueError))
             log.error("engine startup failed: %s", reason, exc_info=not expected)
             self._set_phase("failed", reason)
             return
         plan = runner.kv_plan
+        state = self._open_state(runner)
         scheduler = Scheduler(
             max_num_seqs=runner.max_num_seqs,
             max_model_len=runner.max_model_len,
@@ -143,8 +159,12 @@ class AsyncEngine:
             block_manager=BlockManager(
                 plan.num_blocks, plan.block_size, self.config.enable_prefix_caching
             ),
+            # Its tokenizer is built on a thread of its own: readiness does not wait for it.
+            grammars=GrammarBackend(
+                tokenizer_json(runner.checkpoint.tokenizer), runner.vocab_size, runner.eos_ids
+            ),
         )
-        core = EngineCore(runner, scheduler)
+        core = EngineCore(runner, scheduler, state)
         self._core = core
         self.model_name = runner.checkpoint.name
         self.max_model_len = runner.max_model_len
@@ -175,6 +195,16 @@ class AsyncEngine:
         non-zero."""
         self._accepting = False
         self._set_phase("failed", reason)
+
+    def _open_state(self, runner: ModelRunner) -> PlanKeeper | None:
+        """The saved capture plan (`--state-dir`); a problem there never fails the start."""
+        from server.state_dir import open_plan_keeper
+
+        try:
+            return open_plan_keeper(self.config, runner)
+        except Exception:
+            log.exception("capture plan state unavailable; continuing without it")
+            return None
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Stop the engine thread; unfinished requests end with finish_reason 'abort'."""
@@ -208,7 +238,7 @@ class AsyncEngine:
                 f"the waiting queue is full ({self.config.max_queue} requests); retry later"
             )
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(64)
-        stream = RequestStream(request_id, asyncio.get_running_loop())
+        stream = RequestStream(request_id, asyncio.get_running_loop(), choices=params.n)
         self._streams[request_id] = stream
         self._commands.put(("add", NewRequest(request_id, list(prompt_ids), params, seed)))
         return stream
@@ -255,7 +285,9 @@ class AsyncEngine:
             if stream is None:
                 continue
             if out.finished:
-                self._streams.pop(out.request_id, None)
+                stream.open_choices -= 1  # engine thread only: see RequestStream
+                if stream.open_choices <= 0:
+                    self._streams.pop(out.request_id, None)
             items.append((stream, out))
         deliver(items)
 
@@ -290,9 +322,11 @@ class EngineCore:
     Engine thread only, except `counters` (plain ints, read by other threads).
     """
 
-    def __init__(self, runner: ModelRunner, scheduler: Scheduler):
+    def __init__(self, runner: ModelRunner, scheduler: Scheduler,
+                 state: PlanKeeper | None = None):
         self.runner = runner
         self.scheduler = scheduler
+        self.state = state  # saves the capture plan (file IO: only while idle, and at exit)
         self.step_errors = 0
         self._pending: PendingStep | None = None  # the step in flight
 
@@ -310,8 +344,12 @@ class EngineCore:
             if outputs:
                 deliver_outputs(outputs)
             self._offer_capture(commands)
+            if self.state is not None and not sched.busy and self._pending is None:
+                self.state.maybe_save(idle=True)
         sched.abort_all("engine shut down")
         deliver_outputs(sched.take_outputs())
+        if self.state is not None:
+            self.state.close()
 
     def fail_everything(self, commands: queue.SimpleQueue, deliver_outputs, reason: str) -> None:
         """After a fatal error: every request, queued ones included, ends with an error."""
@@ -324,7 +362,8 @@ class EngineCore:
                 break
             if cmd == "add":
                 sched.add(arg)
-        sched.fail(list(sched.by_id.values()), f"the engine failed: {reason}")
+        every = [seq for choices in sched.by_id.values() for seq in choices]
+        sched.fail(every, f"the engine failed: {reason}")
         deliver_outputs(sched.take_outputs())
 
     def _apply_commands(self, commands: queue.SimpleQueue, block: bool) -> bool:
@@ -364,16 +403,34 @@ class EngineCore:
         """
         prev, self._pending = self._pending, None
         step: ScheduledStep | None = None
+        sched, runner = self.scheduler, self.runner
         try:
-            step = self.scheduler.schedule()
+            step = sched.schedule()
+            read: StepResult | None = None
             if step is not None:
-                self._pending = self.runner.run_step(step, prev)
-                self.scheduler.launched(step)
+                sampled = step.sampled
+                if sched.has_constrained(sampled):
+                    launched = runner.launch(step, prev)
+                    if prev is not None:
+                        read = runner.read(prev)  # N+1's forward keeps the device busy
+                        sched.advance_grammars(prev.seqs, read.tokens)
+                    masks = sched.fill_masks(sampled, runner.mask_words)
+                    self._pending = runner.sample(launched, masks)
+                else:
+                    self._pending = runner.run_step(step, prev)
+                sched.launched(step)
             if prev is not None:
-                self.scheduler.complete(prev.seqs, self.runner.read(prev))
+                if read is None:
+                    read = runner.read(prev)
+                    sched.advance_grammars(prev.seqs, read.tokens)
+                sched.complete(prev.seqs, read)
         except FatalEngineError:
             raise
         except Exception as exc:
+            # A step whose draw was never queued still owes the other tensor-parallel ranks
+            # its token broadcast; settling it keeps their collectives paired (it raises
+            # FatalEngineError when it cannot).
+            runner.settle()
             self.step_errors += 1
             failed = list(prev.seqs) if prev is not None else []
             if step is not None:

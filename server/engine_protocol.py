@@ -26,13 +26,19 @@ class RequestStream:
 
     Owned by the event loop it was created on; producers on other threads hand outputs over
     with `deliver(streams_and_outputs)` (or `loop.call_soon_threadsafe(stream.put, out)`).
+
+    A request with `choices` > 1 (n) interleaves its choices' outputs (`RequestOutput.index`);
+    the stream ends after the last choice's finished output. `open_choices` is the producer's
+    own count of choices not finished yet (only the producer's thread touches it).
     """
 
-    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop):
+    def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, choices: int = 1):
         self.request_id = request_id
         self.loop = loop
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
+        self.open_choices = choices
+        self._unfinished = choices
 
     def put(self, out: RequestOutput) -> None:
         """Event-loop thread only."""
@@ -46,7 +52,9 @@ class RequestStream:
             raise StopAsyncIteration
         out = await self._queue.get()
         if out.finished:
-            self.finished = True
+            self._unfinished -= 1
+            if self._unfinished <= 0:
+                self.finished = True
         return out
 
 
@@ -93,7 +101,9 @@ class EngineProtocol(Protocol):
         self, request_id: str, prompt_ids: list[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         """Queue a request; raises InvalidRequestError, QueueFullError or EngineNotReadyError
-        (server.errors) before anything is queued. The stream ends after a finished output."""
+        (server.errors) before anything is queued. The stream carries the outputs of the
+        `params.n` choices (`RequestOutput.index`) and ends after the last choice's finished
+        output."""
 
     def abort(self, request_id: str) -> None:
         """Idempotent; the request ends with finish_reason "abort" if it had not finished."""

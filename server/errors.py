@@ -9,6 +9,8 @@ Torch-free and FastAPI-free: the HTTP layer imports this before the model stack 
 * `FatalEngineError` ends a running engine: something the engine cannot step past (a
   tensor-parallel rank died, or the ranks can no longer be kept in the same step). The engine
   fails every request and reports `failed`, and the server exits non-zero.
+* `GrammarError`: a schema or grammar that cannot be enforced (`server.structured`); the HTTP
+  layer answers 400 naming the parameter it came from, the engine fails only that request.
 """
 
 from __future__ import annotations
@@ -49,3 +51,7 @@ class FatalEngineError(RuntimeError):
     deadline or answers out of turn: the ranks' collectives would no longer pair up, so any
     further step could hang or mix up tensors. The message names the rank and what happened.
     """
+
+
+class GrammarError(ValueError):
+    """A JSON schema or grammar llguidance cannot compile; the message says why."""

@@ -40,7 +40,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -94,6 +94,7 @@ class _SizeRecord:
     replays: int = 0
     padded_tokens_wasted: int = 0
     demand: int = 0
+    wanted: int = 0  # decode steps whose exact size this is, whatever its state (saved plan)
     error: str | None = None
     captured_in: CapturePhase | None = None
 
@@ -106,6 +107,7 @@ class _SizeRecord:
             "replays": self.replays,
             "padded_tokens_wasted": self.padded_tokens_wasted,
             "demand": self.demand,
+            "wanted": self.wanted,
             "error": self.error,
             "captured_in": self.captured_in,
         }
@@ -196,6 +198,8 @@ class CapturePolicy:
         self._eager_steps = 0
 
         self._memory = GraphMemory(len(self._sizes))
+        self._saved_demand: dict[int, float] = {}  # earlier runs' (apply_saved_plan)
+        self._saved_info: dict[str, Any] | None = None
 
         # Dispatch tables indexed by batch size n (index 0 unused): `_exact_for[n]` is the
         # smallest configured size >= n, `_graph_for[n]` the smallest captured one (or None).
@@ -343,6 +347,7 @@ class CapturePolicy:
             self._captured_since_step = False
             exact = self._exact_for[n]
             graph = self._graph_for[n]
+            self._records[exact].wanted += 1
             if graph is None:
                 self._eager_steps += 1
                 dispatch = Dispatch(None, "eager", 0)
@@ -368,12 +373,14 @@ class CapturePolicy:
         """Between two engine steps: the size to capture now, or None.
 
         `running` and `waiting` are the scheduler's current counts. With work present (busy),
-        the answer is the pending size with the most demand (ties: the larger size), only if
-        no capture ran since the last `select`, at least `min_interval_s` has passed since the
-        previous capture ended, and the predicted capture time fits `capture_budget_s`; sizes
+        the answer is the pending size with the most demand (ties: the larger saved demand,
+        then the larger size), only if no capture ran since the last `select`, at least
+        `min_interval_s` has passed since the previous capture ended, and the predicted
+        capture time fits `capture_budget_s`; sizes
         no step has asked for wait for idle time. With no work for `idle_debounce_s`, the
         answer is the largest pending size; call again after each capture, checking for new
-        requests in between. Cheap once the policy is complete or off.
+        requests in between; with a saved plan (`apply_saved_plan`), the pending size the
+        previous runs wanted most comes first instead. Cheap once the policy is complete or off.
         """
         if self._done:
             return None
@@ -395,7 +402,7 @@ class CapturePolicy:
                     self._idle_since = now
                 if now - self._idle_since < self._idle_debounce_s:
                     return None
-                size = max(r.size for r in self._records.values() if r.state == "pending")
+                size = self._idle_order_locked()[0]
                 self._offer = (size, "idle")
                 return size
 
@@ -413,7 +420,8 @@ class CapturePolicy:
             wanted = [r for r in self._records.values() if r.state == "pending" and r.demand > 0]
             if not wanted:
                 return None
-            size = max(wanted, key=lambda r: (r.demand, r.size)).size
+            saved = self._saved_demand
+            size = max(wanted, key=lambda r: (r.demand, saved.get(r.size, 0.0), r.size)).size
             self._offer = (size, "busy")
             return size
 
@@ -534,6 +542,26 @@ class CapturePolicy:
         with self._lock:
             self._disable_locked(reason)
 
+    # --------------------------------------------------------------------- saved plan
+    def apply_saved_plan(self, demand: Mapping[int, float], info: Mapping | None = None) -> None:
+        """Order idle captures by earlier runs' demand per size, most wanted first, the largest
+        always first (pure: `server.state_dir` reads the file). Unconfigured sizes are ignored;
+        `info` (source, status) is reported as `snapshot()["saved_plan"]`."""
+        with self._lock:
+            self._saved_demand = {s: float(d) for s, d in demand.items()
+                                  if s in self._records and d > 0}
+            self._saved_info = dict(info or {})
+
+    def demand_histogram(self) -> dict[int, int]:
+        """This run's decode steps per exact size (sizes no step wanted left out)."""
+        with self._lock:
+            return {s: r.wanted for s, r in self._records.items() if r.wanted}
+
+    def _idle_order_locked(self, states: tuple[str, ...] = ("pending",)) -> list[int]:
+        saved = self._saved_demand
+        sizes = [r.size for r in self._records.values() if r.state in states]
+        return sorted(sizes, key=lambda s: (s != self._largest, -saved.get(s, 0.0), -s))
+
     # ------------------------------------------------------------------------ memory
 
     def set_memory(self, budget_bytes: int | None, kv_cache_bytes: int, weights_bytes: int) -> None:
@@ -587,6 +615,11 @@ class CapturePolicy:
                     "idle_debounce_ms": self._idle_debounce_s * 1e3,
                 },
                 "memory": self._memory.snapshot(),
+                "saved_plan": None if self._saved_info is None else {
+                    **self._saved_info,
+                    "demand": {str(s): d for s, d in sorted(self._saved_demand.items())},
+                    "idle_order": self._idle_order_locked(("pending", "capturing", "captured")),
+                },
                 "timings": {
                     "startup_capture_s": self._startup_capture_s,
                     "ready_after_s": self._since(self._created_at, self._ready_at),

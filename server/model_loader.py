@@ -1,14 +1,27 @@
 """Load a local HuggingFace checkpoint (config, safetensors weights, tokenizer) without network.
 
 Two loaders build the same `server.model.DecoderModel`. The fast one reads config.json
-(`server.hf_config`), the safetensors files (`server.weights`) and tokenizer.json
-(`server.tokenizer`) directly and never imports transformers, whose import alone takes most of
-a small model's time to ready. The transformers loader (Auto classes) handles whatever the fast
-one declines, such as sentencepiece-only tokenizers or model-specific tokenizer classes.
+(`server.hf_config`), the safetensors files (`server.weight_pipeline`: parallel reads through
+pinned staging into the final device tensors) and tokenizer.json (`server.tokenizer`) directly
+and never imports transformers, whose import alone takes most of a small model's time to ready.
+
+When the fast tokenizer declines a checkpoint (`--loader auto`: sentencepiece-only tokenizers,
+model-specific tokenizer classes, ...), only the tokenizer comes from transformers'
+AutoTokenizer: config.json was already read exactly (`hf_config` reproduces transformers'
+defaults, tested) and the weights are the same safetensors bytes, so they still go through the
+pipeline instead of `from_pretrained` (safe_open tensor by tensor, 4.3 GB/s on the H200 box).
+`--loader transformers` keeps transformers' whole path (AutoConfig, AutoTokenizer,
+`from_pretrained`): it is the independent reference the fast path is tested against, so it
+shares none of the fast path's code; only the page-cache prefetch (`server.prefetch`), which
+changes no byte, helps it.
+
 `load_format="dummy"` replaces the weight files by random tensors (`weights.DummyWeights`), so a
-directory with config.json and tokenizer files suffices. Under tensor parallelism each rank
-builds only its shard (`shard=TPShard(rank, world)`); the workers, which need no tokenizer,
-load through `load_shard`.
+directory with config.json and tokenizer files suffices.
+
+Under tensor parallelism each rank builds only its shard (`shard=TPShard(rank, world)`), and
+the pipeline reads only that rank's slice of each sharded tensor
+(`server.distributed.sharding.planned_slice`); the workers, which need no tokenizer, load
+through `load_shard`.
 
 Everything that can be wrong with a model directory is reported as a
 `ModelLoadError` whose message names the path and the problem, because it ends up on
@@ -24,6 +37,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from server import prefetch
 from server.config import LOAD_FORMATS, LOADERS
 from server.errors import ModelLoadError
 
@@ -51,9 +65,11 @@ class LoadedCheckpoint:
     api_tokenizer: object  # a separate instance for the event-loop thread (tokenisation)
     eos_token_ids: frozenset[int]
     weight_bytes: int
-    loader: str  # "fast" or "transformers"
+    loader: str  # "fast", or "transformers" when transformers loaded the tokenizer (or all)
     fallback_reason: str | None = None  # why transformers loaded it, if it did
     import_s: float = 0.0  # time spent importing transformers inside the load (fallback only)
+    weights: str = "pipeline"  # "pipeline", "transformers" (from_pretrained) or "dummy"
+    load_stats: dict | None = None  # weight pipeline / prefetch counters, for logs and benches
 
 
 def force_offline() -> None:
@@ -161,9 +177,10 @@ def load_checkpoint(
     """Load config, tokenizers and weights of `model` onto `device`; raise ModelLoadError.
 
     `loader`: "fast" reads the files directly (no transformers import), "transformers" uses
-    its Auto classes, "auto" takes the fast path unless the checkpoint needs transformers (the
-    reason is logged at INFO). The model is built from the weights either way. `load_format`:
+    its Auto classes for everything, "auto" takes the fast path and uses transformers only for
+    a tokenizer the fast one cannot reproduce (the reason is logged at INFO). `load_format`:
     "auto" reads the safetensors files, "dummy" draws random weights of the config's shapes.
+    A `server.prefetch` warmer started on this thread for the same directory is taken over.
     `shard` (`server.distributed.sharding.TPShard`): build only that rank's slice.
     """
     if loader not in LOADERS:
@@ -173,11 +190,21 @@ def load_checkpoint(
                          f"{load_format!r}")
     force_offline()
     path = resolve_model_path(model)
-    _check_directory(path, load_format)
-    name = _served_name(model, path, served_name)
-    if loader == "transformers":
-        return _load_with_transformers(path, name, device, dtype, "--loader transformers",
-                                       load_format, shard)
+    warmer = prefetch.claim(path)
+    try:
+        _check_directory(path, load_format)
+        name = _served_name(model, path, served_name)
+        if loader == "transformers":
+            return _load_with_transformers(path, name, device, dtype, "--loader transformers",
+                                           load_format, shard)
+        return _load_fast(path, name, device, dtype, loader, load_format, warmer, shard)
+    finally:
+        if warmer is not None:
+            warmer.stop()
+
+
+def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load_format: str,
+               warmer, shard=None) -> LoadedCheckpoint:
     from server.hf_config import ConfigReadError, generation_eos_ids, load_config
     from server.tokenizer import FastTokenizer, TokenizerDeclined, TokenizerLoadError
 
@@ -186,23 +213,35 @@ def load_checkpoint(
     except ConfigReadError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     check_config(config, path)
+
+    from server.weights import DummyWeights, unused_tensors
+
+    torch_dtype = resolve_dtype(dtype, device)
+    fallback = None
+    import_s = 0.0
+    # The weight source starts reading before the tokenizer loads, so the two overlap.
+    weights = _open_weights(path, config, device, torch_dtype, load_format, warmer, shard)
     try:
-        tokenizer, api_tokenizer = FastTokenizer.load(path, config.model_type, copies=2)
-    except TokenizerLoadError as exc:
-        raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
-    except TokenizerDeclined as exc:
-        if loader == "fast":
-            raise ModelLoadError(
-                f"{path}: --loader fast cannot reproduce this tokenizer ({exc}); "
-                "use --loader auto or transformers"
-            ) from exc
-        log.info("loading %s with transformers: %s", path, exc)
-        return _load_with_transformers(path, name, device, dtype, str(exc), load_format, shard)
-
-    from server.weights import unused_tensors
-
-    model_obj, weights = _build_model(path, config, device, dtype, load_format, shard)
-    unused = unused_tensors(weights, config)
+        try:
+            tokenizer, api_tokenizer = FastTokenizer.load(path, config.model_type, copies=2)
+        except TokenizerLoadError as exc:
+            raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
+        except TokenizerDeclined as exc:
+            if loader == "fast":
+                raise ModelLoadError(
+                    f"{path}: --loader fast cannot reproduce this tokenizer ({exc}); "
+                    "use --loader auto or transformers"
+                ) from exc
+            log.info("loading %s's tokenizer with transformers (weights and config.json still "
+                     "read directly): %s", path, exc)
+            fallback = str(exc)
+            tokenizer, api_tokenizer, import_s = _transformers_tokenizers(path)
+        model_obj = _build(path, config, weights, shard)
+        unused = unused_tensors(weights, config)
+        stats = _weight_stats(weights, warmer)
+    finally:
+        weights.close()
+    _release_cached(device)
     if unused:
         # transformers warns about unexpected keys too; they may mean a mislabelled checkpoint.
         log.warning(
@@ -212,7 +251,10 @@ def load_checkpoint(
             config.model_type,
             ", ".join(sorted(unused)[:5]) + (", ..." if len(unused) > 5 else ""),
         )
-    log.info("loaded %s without transformers (safetensors + tokenizer.json)", path)
+    source = "dummy" if isinstance(weights, DummyWeights) else "pipeline"
+    log.info("loaded %s without transformers%s (%s weights%s)", path,
+             "" if fallback is None else " except for the tokenizer", source,
+             _describe(stats))
     return LoadedCheckpoint(
         path=path,
         name=name,
@@ -222,7 +264,11 @@ def load_checkpoint(
         api_tokenizer=api_tokenizer,
         eos_token_ids=_eos_ids(config, tokenizer, generation_eos_ids(path)),
         weight_bytes=model_obj.weight_bytes,
-        loader="fast",
+        loader="fast" if fallback is None else "transformers",
+        fallback_reason=fallback,
+        import_s=import_s,
+        weights=source,
+        load_stats=stats,
     )
 
 
@@ -243,35 +289,103 @@ def load_shard(model_path: str, device: str, dtype: str, load_format: str, shard
     except ConfigReadError as exc:
         raise ModelLoadError(f"{path}: {exc}") from exc
     check_config(config, path)
-    model_obj, _ = _build_model(path, config, device, dtype, load_format, shard)
+    torch_dtype = resolve_dtype(dtype, device)
+    weights = _open_weights(path, config, device, torch_dtype, load_format, None, shard)
+    try:
+        model_obj = _build(path, config, weights, shard)
+    finally:
+        weights.close()
+    _release_cached(device)
     return model_obj, config
 
 
-def _build_model(path: Path, config, device: str, dtype: str, load_format: str, shard):
-    """The DecoderModel from the files (or dummy draws); returns it and the closed source."""
+def _build(path: Path, config, weights, shard):
     import torch
 
     from server.model import DecoderModel
-    from server.weights import DummyWeights, SafetensorsWeights
 
-    torch_dtype = resolve_dtype(dtype, device)
-    if load_format == "dummy":
-        weights = DummyWeights(device, torch_dtype)
-    else:
-        weights = SafetensorsWeights(path, device, torch_dtype)
     try:
-        return DecoderModel(config, weights, shard=shard), weights
+        return DecoderModel(config, weights, shard=shard)
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
-    finally:
-        weights.close()
+
+
+def _release_cached(device: str) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        # The fused layers' parts (and the pipeline's window) sit freed in the caching
+        # allocator; the KV cache planner counts reserved memory as used, so give them back.
+        torch.cuda.empty_cache()
+
+
+def _open_weights(path: Path, config, device: str, torch_dtype, load_format: str, warmer,
+                  shard=None):
+    """The weight source: dummy draws, or the pipeline reading only `shard`'s slices."""
+    import torch
+
+    from server.weights import DummyWeights
+
+    if load_format == "dummy":
+        return DummyWeights(device, torch_dtype)
+    from server.distributed.sharding import planned_slice
+    from server.weight_pipeline import PipelinedWeights
+
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    parts = None
+    if shard is not None and shard.world > 1:
+        def parts(name: str, shape: tuple[int, ...]):
+            return planned_slice(shard, name, shape)
+    try:
+        return PipelinedWeights(path, device, torch_dtype,
+                                exclude={"lm_head.weight"} if tied else (), prefetcher=warmer,
+                                parts=parts)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
+
+
+def _weight_stats(weights, warmer) -> dict | None:
+    stats = getattr(weights, "stats", None)
+    if stats is None:
+        return None
+    out = dict(vars(stats))
+    if warmer is not None:
+        out["prefetch"] = dict(vars(warmer.stats))
+    return out
+
+
+def _describe(stats: dict | None) -> str:
+    if not stats:
+        return ""
+    text = (f", {stats['threads']} readers, {stats['bytes_read'] / 1e9:.2f} GB read, "
+            f"{stats['wait_s']:.2f} s waited")
+    pre = stats.get("prefetch")
+    if pre and pre.get("planned_bytes"):
+        text += (f"; page cache at engine start: {pre['resident_bytes'] / 1e9:.2f} of "
+                 f"{pre['planned_bytes'] / 1e9:.2f} GB, the prefetch pulled "
+                 f"{pre['read_bytes'] / 1e9:.2f} GB more")
+    return text
+
+
+def _transformers_tokenizers(path: Path):
+    """Two AutoTokenizer instances (engine thread, event loop) and transformers' import time."""
+    t0 = time.perf_counter()
+    from transformers import AutoTokenizer
+
+    import_s = time.perf_counter() - t0
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        api_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
+    return tokenizer, api_tokenizer, import_s
 
 
 def _load_with_transformers(path: Path, name: str, device: str, dtype: str, why: str,
                             load_format: str = "auto", shard=None):
     t0 = time.perf_counter()
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
     import_s = time.perf_counter() - t0
     from server.model import DecoderModel
@@ -282,32 +396,16 @@ def _load_with_transformers(path: Path, name: str, device: str, dtype: str, why:
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ModelLoadError(f"{path}: config.json cannot be read: {exc}") from exc
     check_config(config, path)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        api_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
+    tokenizer, api_tokenizer, tok_import_s = _transformers_tokenizers(path)
+    import_s += tok_import_s
 
     torch_dtype = resolve_dtype(dtype, device)
-    # With accelerate installed, transformers writes weights straight into device memory;
-    # without it, load on the CPU and move (slower, twice the host memory, but it works).
-    direct = device != "cpu" and importlib.util.find_spec("accelerate") is not None
     try:
         if load_format == "dummy":
             weights = DummyWeights(device, torch_dtype)
         else:
-            hf_model = AutoModelForCausalLM.from_pretrained(
-                path,
-                dtype=torch_dtype,
-                local_files_only=True,
-                **({"device_map": device} if direct else {}),
-            )
-            if device != "cpu" and not direct:
-                hf_model.to(device)
-            weights = StateDictWeights(hf_model.state_dict(), f"{path} (transformers)")
-            # Only the state dict holds the tensors now (transformers models hold no reference
-            # cycles, so no gc pass is needed), and fusing frees each part as it goes.
-            del hf_model
+            weights = StateDictWeights(_hf_state_dict(path, device, torch_dtype),
+                                       f"{path} (transformers)")
         model_obj = DecoderModel(config, weights, shard=shard)
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
@@ -331,4 +429,25 @@ def _load_with_transformers(path: Path, name: str, device: str, dtype: str, why:
         loader="transformers",
         fallback_reason=why,
         import_s=import_s,
+        weights="dummy" if load_format == "dummy" else "transformers",
     )
+
+
+def _hf_state_dict(path: Path, device: str, torch_dtype) -> dict:
+    """transformers' own load of the weights (the reference path; see the module docstring)."""
+    from transformers import AutoModelForCausalLM
+
+    # With accelerate installed, transformers writes weights straight into device memory;
+    # without it, load on the CPU and move (slower, twice the host memory, but it works).
+    direct = device != "cpu" and importlib.util.find_spec("accelerate") is not None
+    hf_model = AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch_dtype,
+        local_files_only=True,
+        **({"device_map": device} if direct else {}),
+    )
+    if device != "cpu" and not direct:
+        hf_model.to(device)
+    # Only the state dict holds the tensors once the model is gone (transformers models hold
+    # no reference cycles, so no gc pass is needed), and fusing frees each part as it goes.
+    return hf_model.state_dict()

@@ -16,18 +16,33 @@ on the device from step N's samples, host inputs staged through pinned memory, n
 copy) and returns a `PendingStep`; `read` waits for that step's tokens later, after the host has
 done step N's bookkeeping.
 
+A step is queued in two parts, `launch` (the forward: graph replay or mixed step) and `sample`
+(logits processing and the draw, `server.logits_processors`). `run_step` does both at once;
+the engine splits them when the step has constrained rows: their grammar masks need step N's
+tokens, which the host reads while step N+1's forward is already queued, so the device stays
+busy while the host advances the matchers and fills the masks.
+
+Logprobs and prompt logprobs are computed on the device with the draw and copied back with the
+tokens; a mixed step keeps the logits of every prompt position of the sequences that want
+prompt logprobs (`StepPlan.logit_rows` lists them after the sampled rows).
+
 Block table sync: each admitted sequence owns one row of the device block table; before a step,
-only the entries a sequence gained since the last sync are written (one small scatter per step).
+only the entries a sequence gained since the last sync are written (one small scatter per step,
+planned by `server.step_plan.StepPlanner`).
 
 Tensor parallelism (`--tensor-parallel-size N`): this process is rank 0. It starts ranks
 1..N-1 (`server.distributed.launcher`), each loading its shard, and keeps them in lockstep: the
 KV pool is the smallest any rank fits, every step's plan is sent to all ranks before rank 0
 runs it, every warm-up and capture is an order in the same stream, and each capture ends in an
 agreement (all ranks captured, or the size is failed everywhere). Rank 0 alone schedules,
-samples and decides; its sampled tokens go to the workers by a broadcast at the end of each
-step. A failure after a step was sent (a worker gone, a collective that raised) cannot be
-stepped past, since the ranks' collectives would no longer pair up: it raises
-`FatalEngineError` and the engine fails.
+samples and decides: the logits processors, logprobs and grammar masks run on rank 0's full
+logits (the LM head's slices are all-gathered), and its sampled tokens go to the workers by a
+broadcast at the end of each sampling step (`sample`). A failure in the forward after a step
+was sent, or in a collective (a worker gone), cannot be stepped past, since the ranks'
+collectives would no longer pair up: it raises `FatalEngineError` and the engine fails. A
+failure between `launch` and the broadcast on rank 0's host side (a logits processor, a
+grammar) is settled instead (`settle`: the workers get a broadcast of zeros they never read)
+and only that step's requests fail.
 
 Thread ownership: engine thread only. `load` reports its phases through `set_phase`; the
 launcher's watch threads report a dead worker through it too (`failed`).
@@ -53,11 +68,12 @@ from server.engine_protocol import PhaseCallback
 from server.errors import FatalEngineError, StartupError
 from server.graph_warmup import CapturePolicy
 from server.kv_cache import KVPlan, agree, plan_kv_cache
+from server.logits_processors import PenaltyState, process_and_sample, prompt_logprobs
 from server.model_loader import load_checkpoint
-from server.sampling import SamplingBatch, sample
-from server.scheduler import ScheduledStep, Sequence
+from server.request import TokenLogprob
+from server.scheduler import ScheduledStep, Sequence, StepResult
 from server.step_executor import StepExecutor
-from server.step_plan import StepPlan
+from server.step_plan import StepPlan, StepPlanner
 
 log = logging.getLogger("graphserve.engine")
 
@@ -75,13 +91,24 @@ def share_cpu_threads(world: int) -> None:
 
 
 @dataclass
+class Launched:
+    """A step whose forward is queued and whose draw is not (`ModelRunner.launch`)."""
+
+    sampled: list[Sequence]  # rows of `logits`, in order; prompt rows follow
+    logits: torch.Tensor | None
+    prompt_rows: list[tuple[Sequence, int]]  # (sequence, position of the target token)
+    prompt_targets: list[int]
+
+
+@dataclass
 class PendingStep:
     """A step launched on the device whose sampled tokens the host has not read yet."""
 
     seqs: list[Sequence]  # the sequences it samples for, in row order
     tokens: torch.Tensor  # int64 [n] on the device: the next step reads its inputs from here
-    host: torch.Tensor  # int64 [n] host copy, valid once `ready` has fired
-    ready: torch.cuda.Event | None  # recorded after the copy (None on CPU: already valid)
+    host: dict[str, torch.Tensor]  # host copies ("tokens", logprobs...), valid once `ready`
+    ready: torch.cuda.Event | None  # recorded after the copies (None on CPU: already valid)
+    prompt_rows: list[tuple[Sequence, int]]
 
 
 class ModelRunner:
@@ -106,6 +133,7 @@ class ModelRunner:
         self._rank_devices: list[dict] = []
         self._rank_captures: dict[int, list[dict]] = {}  # size -> each rank's CaptureResult
         self._stopped_tp: TPLauncher | None = None
+        self._owed = 0  # tokens a launched step owes the workers' broadcast (see `settle`)
 
     # -- startup ----------------------------------------------------------------------------
 
@@ -194,8 +222,7 @@ class ModelRunner:
         self.block_tables = self.executor.block_tables
         self.graphs = self.executor.graphs
         self.scratch_row = self.graphs.scratch_row
-        self._row_owner = [-1] * self.max_num_seqs  # admission number of the row's sequence
-        self._row_synced = [0] * self.max_num_seqs  # table entries already on the device
+        self.penalties = PenaltyState(self.max_num_seqs, self.vocab_size, self.device)
         triton = ops.use_triton(cuda)
         self.timings["kv_cache_s"] = time.perf_counter() - t0
         log.info(
@@ -217,6 +244,8 @@ class ModelRunner:
         self.policy = CapturePolicy.from_config(cfg, self.max_num_seqs, disabled_reason=disabled)
         if plan.budget_bytes is not None:
             self.policy.set_memory(plan.budget_bytes, plan.kv_bytes, self.checkpoint.weight_bytes)
+        self.planner = StepPlanner(self.max_num_seqs,
+                                   lambda n: self.policy.select(n).size or 0)  # fmt: skip
         self._startup_graphs(cuda or emulate)
         self.policy.mark_ready()
         self.timings["graphs_s"] = time.perf_counter() - t0
@@ -312,50 +341,116 @@ class ModelRunner:
             rows=[row] * (n + 1), num_decode=1, num_sampled=0, logit_rows=[0, n],
             seq_rows=[row], cu_seqlens=[0, n], k_lens=[n], max_q_len=n,
         )  # fmt: skip
-        self._launch(plan, None, [])
+        self._execute(plan, None)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
     # -- steps ------------------------------------------------------------------------------
 
-    def run_step(self, step: ScheduledStep, prev: PendingStep | None) -> PendingStep | None:
-        """Queue `step` on the device; nothing here waits for it. None if it samples nothing
-        (prompt chunks that complete no prompt).
+    def run_step(self, step: ScheduledStep, prev: PendingStep | None,
+                 masks=None) -> PendingStep | None:
+        """Queue `step` on the device (forward and draw); nothing here waits for it. None if
+        it computes nothing the host reads (prompt chunks that complete no prompt)."""
+        return self.sample(self.launch(step, prev), masks)
+
+    def launch(self, step: ScheduledStep, prev: PendingStep | None) -> Launched:
+        """Queue the step's forward on every rank; nothing here waits for it.
 
         A decode row whose input token is still in flight takes it from `prev.tokens` on the
         device; every other token comes from the host.
         """
-        plan = self._plan(step, prev)
-        sampled = step.sampled
-        tokens = self._launch(plan, prev.tokens if prev is not None else None, sampled)
-        if tokens is None:
-            return None
-        if self.device.type != "cuda":
-            return PendingStep(sampled, tokens, tokens, None)
-        host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-        host.copy_(tokens, non_blocking=True)
-        ready = torch.cuda.Event()
-        ready.record()
-        return PendingStep(sampled, tokens, host, ready)
+        if prev is not None and not prev.seqs:
+            prev = None  # a step that sampled nothing (prompt logprobs only) carries no tokens
+        planned = self.planner.plan(step, prev.seqs if prev is not None else None)
+        for seq in planned.new_rows:
+            if seq.params.penalized:  # nothing is in flight for it: the host's view is whole
+                self.penalties.init_row(seq.row, seq.prompt_ids, seq.output_ids)
+        logits = self._execute(planned.plan, prev.tokens if prev is not None else None)
+        return Launched(step.sampled, logits, planned.prompt_rows, planned.prompt_targets)
 
-    def _launch(self, plan: StepPlan, prev_tokens, seqs: list[Sequence]) -> torch.Tensor | None:
-        """Run `plan` on every rank; rank 0 samples `seqs` and broadcasts the tokens."""
+    def _execute(self, plan: StepPlan, prev_tokens) -> torch.Tensor | None:
+        """Run `plan`'s forward on every rank; returns rank 0's full logits."""
         if self.tp is None:
-            logits = self.executor.execute(plan, prev_tokens)
-            return self._sample(logits, seqs) if plan.num_sampled else None
+            return self.executor.execute(plan, prev_tokens)
         self.tp.send(Kind.STEP, plan.encode())
         try:
             logits = self.executor.execute(plan, prev_tokens)
-            if not plan.num_sampled:
-                return None
-            return self.comm.broadcast_from_rank0(self._sample(logits, seqs))
         except Exception as exc:
-            # A collective that raised usually means a peer died: name that, not the symptom.
-            cause = self._peer_failure(wait_s=2.0)
-            raise FatalEngineError(cause or (
-                "a tensor-parallel step failed on rank 0 after the other ranks had started it "
-                f"(their collectives can no longer pair up): {type(exc).__name__}: {exc}"
-            )) from exc
+            raise self._fatal(exc) from exc
+        self._owed = plan.num_sampled  # the workers now wait for these tokens (`sample`)
+        return logits
+
+    def sample(self, launched: Launched, masks=None) -> PendingStep | None:
+        """Queue the draw (and logprobs) of a launched step, the token broadcast to the other
+        ranks, and the copies back to the host. `masks`: grammar bitmasks of the sampled rows
+        (numpy int32), or None."""
+        sampled = launched.sampled
+        if not sampled and not launched.prompt_rows:
+            return None
+        out: dict[str, torch.Tensor] = {}
+        tokens = torch.empty(0, dtype=torch.int64, device=self.device)
+        if sampled:
+            result = process_and_sample(
+                launched.logits[: len(sampled)],
+                [s.params for s in sampled],
+                [s.row for s in sampled],
+                [s.key for s in sampled],
+                [s.num_sampled for s in sampled],
+                self.penalties,
+                self.eos_ids,
+                masks,
+            )
+            tokens = result.tokens
+            if self._owed:
+                self._broadcast(tokens)
+            out["tokens"] = tokens
+            if result.logprobs is not None:
+                out["lp"] = result.logprobs
+            if result.top_ids is not None:
+                out["top_ids"], out["top_lp"] = result.top_ids, result.top_logprobs
+        if launched.prompt_rows:
+            k = max(seq.params.prompt_logprobs or 0 for seq, _ in launched.prompt_rows)
+            chosen, top_ids, top_lp = prompt_logprobs(
+                launched.logits[len(sampled):], launched.prompt_targets, k
+            )
+            out["p_lp"] = chosen
+            if top_ids is not None:
+                out["p_top_ids"], out["p_top_lp"] = top_ids, top_lp
+        if self.device.type != "cuda":
+            return PendingStep(sampled, tokens, out, None, launched.prompt_rows)
+        host = {}
+        for name, t in out.items():
+            host[name] = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            host[name].copy_(t, non_blocking=True)
+        ready = torch.cuda.Event()
+        ready.record()
+        return PendingStep(sampled, tokens, host, ready, launched.prompt_rows)
+
+    def _broadcast(self, tokens: torch.Tensor) -> None:
+        """Rank 0's sampled tokens to the workers (the next step's carried inputs there)."""
+        self._owed = 0
+        try:
+            self.comm.broadcast_from_rank0(tokens)
+        except Exception as exc:
+            raise self._fatal(exc) from exc
+
+    def settle(self) -> None:
+        """After a step failed on the host between `launch` and its broadcast: send the
+        workers the broadcast they wait for (zeros, which no later step reads: the engine
+        drops the failed step), so every rank's collectives still pair up. Nothing to do in
+        one process or when nothing is owed; raises FatalEngineError if the broadcast fails."""
+        if self._owed and self.tp is not None:
+            self._broadcast(torch.zeros(self._owed, dtype=torch.int64, device=self.device))
+        self._owed = 0
+
+    def _fatal(self, exc: Exception) -> FatalEngineError:
+        """A failure after the other ranks started a step: their collectives can no longer
+        pair up. A collective that raised usually means a peer died: name that."""
+        cause = self._peer_failure(wait_s=2.0)
+        return FatalEngineError(cause or (
+            "a tensor-parallel step failed on rank 0 after the other ranks had started it "
+            f"(their collectives can no longer pair up): {type(exc).__name__}: {exc}"
+        ))
 
     def _peer_failure(self, wait_s: float) -> str | None:
         """The launcher's account of a dead worker, waiting up to `wait_s` for its watcher."""
@@ -364,73 +459,37 @@ class ModelRunner:
             time.sleep(0.01)
         return self.tp.failure
 
-    def _plan(self, step: ScheduledStep, prev: PendingStep | None) -> StepPlan:
-        """The step as plain integers (host work only: nothing is sent or launched yet)."""
-        table = self._table_edits(step)
-        prev_row = {id(s): i for i, s in enumerate(prev.seqs)} if prev is not None else {}
-        ids, src, positions, rows = [], [], [], []
-        for s in step.decode:
-            pos = s.num_computed
-            known = pos < len(s.tokens)
-            ids.append(s.tokens[pos] if known else 0)
-            src.append(-1 if known else prev_row[id(s)])
-            positions.append(pos)
-            rows.append(s.row)
-        nd = len(ids)
-        if not step.prefill:
-            dispatch = self.policy.select(nd)
-            return StepPlan(ids, src, positions, rows, num_decode=nd, num_sampled=nd,
-                            graph=dispatch.size or 0, **table)  # fmt: skip
-        seq_rows, cu, k_lens, logit_rows = [], [0], [], list(range(nd))
-        for item in step.prefill:
-            seq = item.seq
-            ids.extend(seq.tokens[item.start : item.start + item.length])
-            src.extend([-1] * item.length)
-            positions.extend(range(item.start, item.start + item.length))
-            rows.extend([seq.row] * item.length)
-            seq_rows.append(seq.row)
-            cu.append(cu[-1] + item.length)
-            k_lens.append(item.start + item.length)
-            if item.completes:
-                logit_rows.append(nd + cu[-1] - 1)
-        return StepPlan(
-            ids, src, positions, rows, num_decode=nd, num_sampled=len(logit_rows),
-            logit_rows=logit_rows, seq_rows=seq_rows, cu_seqlens=cu, k_lens=k_lens,
-            max_q_len=max(item.length for item in step.prefill), **table,
-        )  # fmt: skip
-
-    def _table_edits(self, step: ScheduledStep) -> dict[str, list[int]]:
-        """The block-table entries the step's sequences gained since they were last synced."""
-        r_idx, c_idx, values = [], [], []
-        for seq in step.decode + [item.seq for item in step.prefill]:
-            row = seq.row
-            if self._row_owner[row] != seq.admitted:  # a new occupant: write its whole row
-                self._row_owner[row] = seq.admitted
-                self._row_synced[row] = 0
-            done, n = self._row_synced[row], len(seq.blocks)
-            if n > done:
-                r_idx.extend([row] * (n - done))
-                c_idx.extend(range(done, n))
-                values.extend(seq.blocks[done:n])
-                self._row_synced[row] = n
-        return {"table_rows": r_idx, "table_cols": c_idx, "table_values": values}
-
-    def read(self, step: PendingStep) -> list[int]:
-        """The step's sampled tokens (blocks until the device has produced them)."""
+    def read(self, step: PendingStep) -> StepResult:
+        """What the step computed for the host (blocks until the device has produced it)."""
         if step.ready is not None:
             step.ready.synchronize()  # releases the GIL while the device finishes
-        return step.host.tolist()
+        host = step.host
+        tokens = host["tokens"].tolist() if "tokens" in host else []
+        result = StepResult(tokens)
+        if "lp" in host:
+            result.logprobs = _entries(
+                [s.params.logprobs for s in step.seqs], tokens, host["lp"].tolist(),
+                host["top_ids"].tolist() if "top_ids" in host else None,
+                host["top_lp"].tolist() if "top_lp" in host else None,
+            )
+        if step.prompt_rows:
+            entries = _entries(
+                [seq.params.prompt_logprobs for seq, _ in step.prompt_rows],
+                [seq.prompt_ids[pos] for seq, pos in step.prompt_rows],
+                host["p_lp"].tolist(),
+                host["p_top_ids"].tolist() if "p_top_ids" in host else None,
+                host["p_top_lp"].tolist() if "p_top_lp" in host else None,
+            )
+            result.prompt = [
+                (seq, pos, entry) for (seq, pos), entry in zip(step.prompt_rows, entries,
+                                                               strict=True)
+            ]
+        return result
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """One token per row, on the device (no host sync)."""
-        batch = SamplingBatch(
-            temperatures=[s.params.temperature for s in seqs],
-            top_ps=[s.params.top_p for s in seqs],
-            top_ks=[s.params.top_k for s in seqs],
-            keys=[s.key for s in seqs],
-            steps=[s.num_sampled for s in seqs],
-        )
-        return sample(logits, batch)
+    @property
+    def mask_words(self) -> int:
+        """Width of a grammar bitmask row (int32 words) for this vocabulary."""
+        return (self.vocab_size + 31) // 32
 
     # -- graphs -----------------------------------------------------------------------------
 
@@ -547,3 +606,15 @@ class ModelRunner:
                 "pool_bytes": max((res["pool_bytes"] for res in done.values()), default=0),
             })  # fmt: skip
         return {"world_size": self.world, "failure": tp.failure if tp else None, "ranks": ranks}
+
+
+def _entries(ks, tokens, lps, top_ids, top_lps) -> list[TokenLogprob | None]:
+    """Host lists -> one TokenLogprob per row (None where the row asked for no logprobs)."""
+    out: list[TokenLogprob | None] = []
+    for i, k in enumerate(ks):
+        if k is None:
+            out.append(None)
+            continue
+        top = list(zip(top_ids[i][:k], top_lps[i][:k], strict=True)) if k and top_ids else []
+        out.append(TokenLogprob(tokens[i], lps[i], top))
+    return out

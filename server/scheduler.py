@@ -27,6 +27,17 @@ flight", sampled on the device and not yet read. `Sequence.in_flight` counts tho
 that the in-flight token surely ends (length limits) is left out of the next step, and a token
 computed for a sequence that finished meanwhile is dropped and counted.
 
+A request asking for `n` choices becomes `n` sequences (`Sequence.index`). The first is
+admitted alone; the others wait until its prompt is prefilled (its full blocks committed to
+the prefix cache), then hit the cache and recompute at most one partial block each: one
+prefill for all choices.
+
+Constrained sequences (a grammar, `server.structured.grammar`) carry a matcher. The engine
+advances it with each token right after reading the step (`advance_grammars`), before it fills
+the next step's masks (`fill_masks`): the matcher has always consumed exactly the tokens read.
+A constrained sequence ends only where its grammar accepts (EOS is allowed only there) or at
+its token budget ("length").
+
 Thread ownership: everything here runs on the engine thread, except `Admission`, which the
 event loop's `add_request` enters and the engine thread leaves.
 """
@@ -40,8 +51,12 @@ from dataclasses import dataclass, field
 
 from server.block_manager import BlockManager
 from server.detokenizer import IncrementalDetokenizer
-from server.request import RequestOutput, SamplingParams
-from server.seeds import seed_to_key
+from server.request import RequestOutput, SamplingParams, TokenLogprob
+from server.seeds import choice_key
+
+# Prompt chunks of a sequence that wants prompt logprobs: every position's logits are kept,
+# so the chunk bounds that memory (256 x 128k vocabulary x 4 bytes = 128 MB).
+PROMPT_LOGPROBS_CHUNK = 256
 
 
 class Admission:
@@ -85,9 +100,16 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    key: int  # sampling noise key derived from the seed
+    key: int  # sampling noise key derived from the seed and the choice index
     detok: IncrementalDetokenizer
     max_len: int  # prompt + completion may not exceed this
+    index: int = 0  # choice index within the request
+    grammar: object | None = None  # SequenceGrammar of a constrained sequence
+    followers: list = field(default_factory=list)  # choices waiting for this one's prefill
+    cumulative_logprob: float = 0.0
+    prompt_lps: list | None = None  # prompt logprobs by position (prompt_logprobs requests)
+    prompt_lps_sent: bool = False
+    counts_admission: bool = True  # the request's one entry in `Admission` (choice 0)
     row: int = -1  # block-table row while admitted
     blocks: list[int] = field(default_factory=list)  # KV blocks, in position order
     fill_target: int = 0  # tokens to have in the cache before decoding (set at admission)
@@ -132,6 +154,20 @@ class PrefillItem:
 
 
 @dataclass
+class StepResult:
+    """What the host reads back from a launched step (`ModelRunner.read`).
+
+    `tokens[i]` and `logprobs[i]` belong to the step's i-th sampled sequence (`logprobs` None
+    when no row asked for them); `prompt` holds (sequence, position, entry) for each prompt
+    position whose logprob the step computed.
+    """
+
+    tokens: list[int]
+    logprobs: list[TokenLogprob | None] | None = None
+    prompt: list[tuple[Sequence, int, TokenLogprob]] = field(default_factory=list)
+
+
+@dataclass
 class ScheduledStep:
     """One step's work: decode rows first, then prompt chunks."""
 
@@ -167,6 +203,7 @@ class Scheduler:
         tokenizer,
         admission: Admission,
         block_manager: BlockManager,
+        grammars=None,
     ):
         self.max_num_seqs = max_num_seqs
         self.max_model_len = max_model_len
@@ -175,13 +212,14 @@ class Scheduler:
         self.decode_prefill_tokens = decode_prefill_tokens or self.max_batched_tokens
         self.eos_ids = eos_ids
         self.blocks = block_manager
+        self.grammars = grammars  # GrammarBackend (None: grammars are refused)
         self._tokenizer = tokenizer  # the engine thread's own instance (detokenisation)
         self._admission = admission
         self._admissions = itertools.count()
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.prefilling: list[Sequence] = []
         self.running: list[Sequence] = []
-        self.by_id: dict[str, Sequence] = {}
+        self.by_id: dict[str, list[Sequence]] = {}  # request id -> its unfinished choices
         self.free_rows = list(range(max_num_seqs - 1, -1, -1))
         self.outputs: list[RequestOutput] = []
         self.steps = {"decode": 0, "mixed": 0}
@@ -196,34 +234,59 @@ class Scheduler:
         return bool(self.waiting or self.prefilling or self.running)
 
     def add(self, req: NewRequest) -> None:
-        if req.request_id in self.by_id:  # a stale id reused after abort raced: refuse it
+        def refuse(error: str) -> None:
             self._admission.leave()
-            self.outputs.append(
-                RequestOutput(
-                    req.request_id, finished=True, finish_reason="error",
-                    error="duplicate request id",
-                )
+            self.outputs.extend(
+                RequestOutput(req.request_id, finished=True, finish_reason="error",
+                              error=error, index=j)
+                for j in range(req.params.n)
             )
+
+        if req.request_id in self.by_id:  # a stale id reused after abort raced: refuse it
+            refuse("duplicate request id")
             return
-        seq = Sequence(
-            request_id=req.request_id,
-            prompt_ids=req.prompt_ids,
-            params=req.params,
-            key=seed_to_key(req.seed),
-            detok=IncrementalDetokenizer(self._tokenizer, req.prompt_ids, req.params.stop),
-            max_len=self.max_model_len,
-        )
-        self.by_id[seq.request_id] = seq
-        self.waiting.append(seq)
+        p = req.params
+        seqs = []
+        for j in range(p.n):
+            grammar = None
+            if p.grammar is not None:
+                try:
+                    if self.grammars is None:
+                        raise ValueError("this engine has no grammar support")
+                    grammar = self.grammars.matcher(p.grammar)
+                except ValueError as exc:  # GrammarError: reported, the engine serves on
+                    refuse(f"grammar: {exc}")
+                    return
+            seqs.append(Sequence(
+                request_id=req.request_id,
+                prompt_ids=req.prompt_ids,
+                params=p,
+                key=choice_key(req.seed, j),
+                detok=IncrementalDetokenizer(
+                    self._tokenizer, req.prompt_ids, p.stop, p.skip_special_tokens
+                ),
+                max_len=self.max_model_len,
+                index=j,
+                counts_admission=j == 0,
+                grammar=grammar,
+                prompt_lps=[None] * len(req.prompt_ids) if p.prompt_logprobs is not None
+                else None,
+            ))
+        self.by_id[req.request_id] = list(seqs)
+        leader = seqs[0]
+        if self.blocks.enable_prefix_caching:
+            leader.followers = seqs[1:]
+            self.waiting.append(leader)
+        else:
+            self.waiting.extend(seqs)
 
     def abort(self, request_id: str, reason: str = "abort", error: str | None = None) -> None:
-        seq = self.by_id.get(request_id)
-        if seq is not None:
+        for seq in list(self.by_id.get(request_id, ())):
             self.finish(seq, reason, error=error)
 
     def abort_all(self, why: str) -> None:
-        for seq in list(self.by_id.values()):
-            self.abort(seq.request_id, "abort", error=why)
+        for request_id in list(self.by_id):
+            self.abort(request_id, "abort", error=why)
 
     def fail(self, seqs: list[Sequence], error: str) -> None:
         """A step serving `seqs` raised: end them with finish_reason "error"."""
@@ -258,6 +321,8 @@ class Scheduler:
             if budget <= 0:
                 break
             take = min(seq.fill_target - seq.num_computed, budget)
+            if seq.prompt_lps is not None:
+                take = min(take, PROMPT_LOGPROBS_CHUNK)
             if take > 0:
                 prefill.append(PrefillItem(seq, seq.num_computed, take))
                 budget -= take
@@ -290,12 +355,16 @@ class Scheduler:
             if seq.in_flight:
                 return
             target = len(seq.tokens)
-            alloc = self.blocks.allocate_prompt(seq.tokens, max_cached_tokens=target - 1)
+            # Prompt logprobs need every prompt position's logits: no cache hits until all
+            # of them have been computed once.
+            cacheable = target - 1 if seq.prompt_lps is None or seq.prompt_lps_sent else 0
+            alloc = self.blocks.allocate_prompt(seq.tokens, max_cached_tokens=cacheable)
             if alloc is None:
                 return  # the pool is full: wait for running sequences to finish
             self.waiting.popleft()
             if seq.admitted < 0:
-                self._admission.leave()
+                if seq.counts_admission:
+                    self._admission.leave()
                 seq.cached_tokens = alloc.num_cached_tokens
             seq.admitted = next(self._admissions)
             seq.blocks = alloc.block_table
@@ -316,7 +385,14 @@ class Scheduler:
                 group.remove(seq)
         seq.num_computed = 0
         seq.fill_target = 0
-        self.waiting.appendleft(seq)
+        self.waiting.appendleft(seq)  # choices held for its prefill stay held: it comes first
+
+    def _release_followers(self, seq: Sequence) -> None:
+        """The choices held for `seq`'s prefill join the front of the queue, in order."""
+        followers, seq.followers = seq.followers, []
+        for follower in reversed(followers):
+            if not follower.finished:
+                self.waiting.appendleft(follower)
 
     def _release(self, seq: Sequence) -> None:
         if seq.blocks:
@@ -343,17 +419,52 @@ class Scheduler:
                 self.prefilling.remove(seq)
                 self.running.append(seq)
                 seq.in_flight += 1
+                # Its full prompt blocks are committed: the other choices now hit them.
+                self._release_followers(seq)
 
-    def complete(self, seqs: list[Sequence], tokens: list[int]) -> None:
-        """The tokens a launched step sampled for `seqs` (its `sampled` list), now read."""
-        for seq, token in zip(seqs, tokens, strict=True):
+    def complete(self, seqs: list[Sequence], result: StepResult) -> None:
+        """What a launched step computed for `seqs` (its `sampled` list), now read."""
+        for seq, pos, entry in result.prompt:
+            if seq.prompt_lps is not None and not seq.prompt_lps_sent:
+                seq.prompt_lps[pos] = entry
+        lps = result.logprobs or [None] * len(seqs)
+        for seq, token, lp in zip(seqs, result.tokens, lps, strict=True):
             seq.in_flight -= 1
             if seq.finished:
                 self.discarded_tokens += 1
+            elif seq.params.max_tokens == 0:  # scoring only: the prompt logprobs were the point
+                self.finish(seq, "length")
             else:
-                self.append_token(seq, token)
+                self.append_token(seq, token, lp)
                 if not seq.finished and seq.row >= 0:
                     self._commit(seq)
+
+    # -- grammars (see the module docstring for the order of calls) ---------------------------
+
+    def has_constrained(self, seqs: list[Sequence]) -> bool:
+        return any(s.grammar is not None for s in seqs)
+
+    def advance_grammars(self, seqs: list[Sequence], tokens: list[int]) -> None:
+        """Feed the tokens just read to the matchers of the constrained sequences among `seqs`
+        (a step's sampled list). Called once per step, before `fill_masks` of the next."""
+        for seq, token in zip(seqs, tokens, strict=True):
+            if seq.grammar is not None and not seq.finished and not seq.grammar.consume(token):
+                self.finish(seq, "error", error="internal error: the grammar rejected a token "
+                            f"it had allowed ({seq.grammar.error})")
+
+    def fill_masks(self, seqs: list[Sequence], words: int):
+        """The token bitmasks of a step's sampled rows (numpy int32 `[len(seqs), words]`):
+        each constrained row's grammar, every other row all ones. None if none is
+        constrained."""
+        import numpy as np
+
+        if not self.has_constrained(seqs):
+            return None
+        masks = np.full((len(seqs), words), -1, dtype=np.int32)
+        for i, seq in enumerate(seqs):
+            if seq.grammar is not None and not seq.finished:
+                seq.grammar.fill(masks, i)
+        return masks
 
     def _commit(self, seq: Sequence) -> None:
         """Full blocks whose tokens are all known and computed join the prefix cache (checked
@@ -366,22 +477,27 @@ class Scheduler:
 
     # -- per-token bookkeeping --------------------------------------------------------------
 
-    def append_token(self, seq: Sequence, token: int) -> None:
+    def append_token(self, seq: Sequence, token: int, lp: TokenLogprob | None = None) -> None:
         seq.output_ids.append(token)
         seq.tokens.append(token)
         self.tokens["generated"] += 1
+        if lp is not None:
+            seq.cumulative_logprob += lp.logprob
         p = seq.params
-        if token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_ids):
-            self.finish(seq, "stop", new_token=token)
+        # A constrained sequence can sample EOS only where its grammar accepts: it ends there
+        # even with ignore_eos (the grammar allows nothing else).
+        eos = token in self.eos_ids and (not p.ignore_eos or seq.grammar is not None)
+        if token in p.stop_token_ids or eos:
+            self.finish(seq, "stop", new_token=token, lp=lp)
             return
         text = seq.detok.add_token(token)
         if seq.detok.stopped:
-            self.finish(seq, "stop", new_token=token, text=text)
+            self.finish(seq, "stop", new_token=token, text=text, lp=lp)
         elif (
             len(seq.output_ids) >= p.max_tokens
             or len(seq.prompt_ids) + len(seq.output_ids) >= seq.max_len
         ):
-            self.finish(seq, "length", new_token=token, text=text)
+            self.finish(seq, "length", new_token=token, text=text, lp=lp)
         else:
             self.outputs.append(
                 RequestOutput(
@@ -390,8 +506,19 @@ class Scheduler:
                     token_ids=[token],
                     prompt_tokens=len(seq.prompt_ids),
                     completion_tokens=len(seq.output_ids),
+                    index=seq.index,
+                    logprobs=None if p.logprobs is None else [lp],
+                    prompt_logprobs=self._take_prompt_logprobs(seq),
                 )
             )
+
+    @staticmethod
+    def _take_prompt_logprobs(seq: Sequence) -> list | None:
+        """The prompt logprobs, with the choice's first output only."""
+        if seq.prompt_lps is None or seq.prompt_lps_sent:
+            return None
+        seq.prompt_lps_sent = True
+        return seq.prompt_lps
 
     def finish(
         self,
@@ -400,21 +527,29 @@ class Scheduler:
         new_token: int | None = None,
         text: str = "",
         error: str | None = None,
+        lp: TokenLogprob | None = None,
     ) -> None:
         """End `seq`: free its blocks and row, emit its last output. A token still in flight
         for it is dropped when it arrives."""
         seq.finished = True
+        self._release_followers(seq)
         if reason in ("stop", "length"):
             text += seq.detok.flush()
         if seq in self.waiting:
             self.waiting.remove(seq)
-            if seq.admitted < 0:
+            if seq.admitted < 0 and seq.counts_admission:
                 self._admission.leave()
         for group in (self.prefilling, self.running):
             if seq in group:
                 group.remove(seq)
         self._release(seq)
-        self.by_id.pop(seq.request_id, None)
+        choices = self.by_id.get(seq.request_id)
+        if choices is not None and seq in choices:
+            choices.remove(seq)
+            if not choices:
+                del self.by_id[seq.request_id]
+        p = seq.params
+        ok = reason in ("stop", "length")
         self.outputs.append(
             RequestOutput(
                 seq.request_id,
@@ -426,6 +561,10 @@ class Scheduler:
                 completion_tokens=len(seq.output_ids),
                 cached_tokens=seq.cached_tokens,
                 error=error,
+                index=seq.index,
+                logprobs=None if p.logprobs is None or new_token is None else [lp],
+                prompt_logprobs=self._take_prompt_logprobs(seq) if ok else None,
+                cumulative_logprob=seq.cumulative_logprob if p.logprobs is not None else None,
             )
         )
 

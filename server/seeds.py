@@ -26,3 +26,13 @@ def seed_to_key(seed: int) -> int:
     for part in (seed & MASK32, seed >> 32):
         key = fmix32(key ^ part ^ 0x9E3779B9)
     return key
+
+
+def choice_key(seed: int, index: int) -> int:
+    """The noise key of choice `index` of a request seeded `seed`: choice 0 draws exactly what
+    a single-choice request would, the others from keys mixed with their index, so each
+    choice's tokens depend only on (seed, index), never on what else is batched."""
+    key = seed_to_key(seed)
+    if index == 0:
+        return key
+    return fmix32(key ^ fmix32((index * 0x9E3779B1) & MASK32))

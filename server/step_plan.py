@@ -1,10 +1,10 @@
 """One engine step's inputs as plain integers: what every rank needs to run it, and its bytes.
 
-The model runner turns a `ScheduledStep` (sequences, blocks) into a `StepPlan` on rank 0 and
-runs it (`server.step_executor`). Under tensor parallelism the same plan is sent to every other
-rank (`server.distributed`) and run there too, so all ranks write the same KV positions, replay
-the same graph size and issue the same collectives in the same order: the plan is the only
-thing that decides what a rank does in a step.
+The model runner turns a `ScheduledStep` (sequences, blocks) into a `StepPlan` on rank 0
+(`StepPlanner`) and runs it (`server.step_executor`). Under tensor parallelism the same plan
+is sent to every other rank (`server.distributed`) and run there too, so all ranks write the
+same KV positions, replay the same graph size and issue the same collectives in the same
+order: the plan is the only thing that decides what a rank does in a step.
 
 Torch-free: a plan is built, encoded and decoded without the model stack (the encoding is a
 fixed header of counts followed by one int64 array, decoded in microseconds).
@@ -14,7 +14,12 @@ from __future__ import annotations
 
 import struct
 from array import array
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from server.scheduler import ScheduledStep, Sequence
 
 _HEADER = struct.Struct("<8q")
 
@@ -30,8 +35,12 @@ class StepPlan:
 
     Invariants: `ids`, `src`, `positions`, `rows` have one entry per token; a decode-only step
     (`seq_rows` empty) computes logits for every row and replays graph `graph` (0: eager); a
-    mixed step computes logits for `logit_rows` only. `num_sampled` rows get a token (0 for
-    warm-up steps, which compute logits but sample nothing).
+    mixed step computes logits for `logit_rows` only. The first `num_sampled` logits rows get a
+    token (0 for warm-up steps, which compute logits but sample nothing, and for steps that
+    only compute prompt logprobs); the logit rows after them are prompt positions whose
+    logprobs rank 0 reads (prompt logprobs), sampled by no one. Every rank computes the same
+    logits rows (the LM head's gather is a collective); the tokens rank 0 samples reach the
+    other ranks by a broadcast of `num_sampled` ids.
     """
 
     ids: list[int]
@@ -95,3 +104,100 @@ class StepPlan:
             graph=graph, logit_rows=logit_rows, seq_rows=seq_rows, cu_seqlens=cu, k_lens=k_lens,
             max_q_len=max_q, table_rows=tr, table_cols=tc, table_values=tv,
         )  # fmt: skip
+
+
+@dataclass
+class PlannedStep:
+    """A `StepPlan` and what rank 0 alone needs to read the step back."""
+
+    plan: StepPlan
+    # Logits rows after the sampled ones: (sequence, prompt position of the target token),
+    # and the target token ids, for prompt logprobs.
+    prompt_rows: list[tuple[Sequence, int]] = field(default_factory=list)
+    prompt_targets: list[int] = field(default_factory=list)
+    # Sequences that took their block-table row with this step (the plan writes the whole row).
+    new_rows: list[Sequence] = field(default_factory=list)
+
+
+class StepPlanner:
+    """Rank 0's translation of scheduler steps into plans (host work only: nothing is sent or
+    launched here).
+
+    Keeps, per block-table row, which admitted sequence owns it and how many of its entries
+    the device has, so a plan carries only the entries a sequence gained since (one small
+    scatter per step). `select_graph(n)`: the captured batch size a decode-only step of `n`
+    rows replays (0: eager), the capture policy's decision.
+
+    Thread ownership: the engine thread.
+    """
+
+    def __init__(self, max_num_seqs: int, select_graph: Callable[[int], int]):
+        self._select_graph = select_graph
+        self._row_owner = [-1] * max_num_seqs  # admission number of the row's sequence
+        self._row_synced = [0] * max_num_seqs  # table entries already on the device
+
+    def plan(self, step: ScheduledStep, prev_seqs: list[Sequence] | None) -> PlannedStep:
+        """`step` as a plan. A decode row whose input token is still in flight (sampled by the
+        previous step, listed in `prev_seqs`, not read yet) takes it from that step's tokens
+        on the device (`src`)."""
+        table, new_rows = self._table_edits(step)
+        prev_row = {id(s): i for i, s in enumerate(prev_seqs or ())}
+        ids, src, positions, rows = [], [], [], []
+        for s in step.decode:
+            pos = s.num_computed
+            known = pos < len(s.tokens)
+            ids.append(s.tokens[pos] if known else 0)
+            src.append(-1 if known else prev_row[id(s)])
+            positions.append(pos)
+            rows.append(s.row)
+        nd = len(ids)
+        if not step.prefill:
+            plan = StepPlan(ids, src, positions, rows, num_decode=nd, num_sampled=nd,
+                            graph=self._select_graph(nd), **table)  # fmt: skip
+            return PlannedStep(plan, new_rows=new_rows)
+        seq_rows, cu, k_lens, logit_rows = [], [0], [], list(range(nd))
+        prompt_rows: list[tuple[Sequence, int]] = []
+        targets: list[int] = []
+        extra: list[int] = []  # prompt positions whose logits are kept, after the sampled rows
+        for item in step.prefill:
+            seq = item.seq
+            ids.extend(seq.tokens[item.start : item.start + item.length])
+            src.extend([-1] * item.length)
+            positions.extend(range(item.start, item.start + item.length))
+            rows.extend([seq.row] * item.length)
+            seq_rows.append(seq.row)
+            cu.append(cu[-1] + item.length)
+            k_lens.append(item.start + item.length)
+            if item.completes:
+                logit_rows.append(nd + cu[-1] - 1)
+            if seq.prompt_lps is not None and not seq.prompt_lps_sent:
+                # Position p's logits give the logprob of prompt token p + 1.
+                last = min(item.start + item.length, len(seq.prompt_ids) - 1)
+                for p in range(item.start, last):
+                    extra.append(nd + cu[-2] + p - item.start)
+                    prompt_rows.append((seq, p + 1))
+                    targets.append(seq.prompt_ids[p + 1])
+        plan = StepPlan(
+            ids, src, positions, rows, num_decode=nd, num_sampled=len(logit_rows),
+            logit_rows=logit_rows + extra, seq_rows=seq_rows, cu_seqlens=cu, k_lens=k_lens,
+            max_q_len=max(item.length for item in step.prefill), **table,
+        )  # fmt: skip
+        return PlannedStep(plan, prompt_rows, targets, new_rows)
+
+    def _table_edits(self, step: ScheduledStep) -> tuple[dict[str, list[int]], list[Sequence]]:
+        """The block-table entries the step's sequences gained since they were last synced,
+        and the sequences new to their row."""
+        r_idx, c_idx, values, new_rows = [], [], [], []
+        for seq in step.decode + [item.seq for item in step.prefill]:
+            row = seq.row
+            if self._row_owner[row] != seq.admitted:  # a new occupant: write its whole row
+                self._row_owner[row] = seq.admitted
+                self._row_synced[row] = 0
+                new_rows.append(seq)
+            done, n = self._row_synced[row], len(seq.blocks)
+            if n > done:
+                r_idx.extend([row] * (n - done))
+                c_idx.extend(range(done, n))
+                values.extend(seq.blocks[done:n])
+                self._row_synced[row] = n
+        return {"table_rows": r_idx, "table_cols": c_idx, "table_values": values}, new_rows

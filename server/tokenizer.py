@@ -321,6 +321,14 @@ class FastTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
+    def to_json(self) -> str:
+        """The tokenizers-library JSON of this tokenizer (grammar engines build from it)."""
+        return self._tok.to_str()
+
+    def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:
+        """Vocabulary strings of `ids` (byte-level BPE: bytes mapped to printable characters)."""
+        return [self._tok.id_to_token(i) for i in ids]
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         if isinstance(ids, int):
             ids = [ids]

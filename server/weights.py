@@ -1,24 +1,27 @@
-"""Named checkpoint tensors for `DecoderModel`, from safetensors files or a transformers model.
+"""Named checkpoint tensors for `DecoderModel`: the weight sources and their shared interface.
 
-Both loaders hand the model the same interface: `take(name, shape)` returns the tensor called
+Every source hands the model the same interface: `take(name, shape)` returns the tensor called
 `name` (HF naming, e.g. `model.layers.0.self_attn.q_proj.weight`) on the target device in the
 target dtype, checks its shape, and forgets it, so a tensor the model fuses (q/k/v, gate/up) is
-freed as soon as the fused copy exists and peak memory stays near one copy of the weights.
+freed as soon as the fused copy exists and peak memory stays near one copy of the weights;
+`names()` lists what was not taken (reported as unused), `close()` releases the source.
 
-`SafetensorsWeights` reads `model.safetensors` or the shards listed in
-`model.safetensors.index.json` with the `safetensors` package, straight onto the device
-(no host staging copy on CUDA). `StateDictWeights` wraps `hf_model.state_dict()`.
-`DummyWeights` draws random tensors for `--load-format dummy` (no file read).
+* `server.weight_pipeline.PipelinedWeights`: the fast loader's source, parallel reads through
+  pinned staging into the final tensors.
+* `SafetensorsWeights`: the `safetensors` package's `safe_open`, tensor by tensor straight onto
+  the device (4.3 GB/s on the H200 box). Kept as the independent reference the pipeline is
+  tested against, and as the baseline of `bench/load_speed.py`.
+* `StateDictWeights`: `hf_model.state_dict()` of the transformers loader.
+* `DummyWeights`: random tensors for `--load-format dummy`, no file read.
 
-A source may also offer `take_part(name, shape, dim, start, stop)`: the slice
-`[start, stop)` along `dim` of the tensor of full shape `shape`, reading only that slice.
-Tensor-parallel ranks load their shard through it (`server.distributed.sharding.take_sharded`
-falls back to `take` and a copy of the slice for sources without it).
+A source may also offer `take_part(name, shape, dim, start, stop)`: the slice `[start, stop)`
+along `dim` of the tensor of full shape `shape`, reading only that slice. Tensor-parallel ranks
+load their shard through it (`server.distributed.sharding.take_sharded` falls back to `take`
+and a copy of the slice for sources without it).
 """
 
 from __future__ import annotations
 
-import json
 import zlib
 from collections.abc import Iterable
 from pathlib import Path
@@ -26,9 +29,7 @@ from pathlib import Path
 import torch
 
 from server.errors import ModelLoadError
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
+from server.safetensors_index import checkpoint_files
 
 
 class StateDictWeights:
@@ -51,6 +52,9 @@ class StateDictWeights:
         _check_shape(tensor, name, shape, self._origin)
         return tensor
 
+    def close(self) -> None:
+        self._tensors.clear()
+
 
 class SafetensorsWeights:
     """Tensors read lazily from a checkpoint's safetensors file(s) onto `device` as `dtype`."""
@@ -65,7 +69,7 @@ class SafetensorsWeights:
         self._device = device
         self._dtype = dtype
         self._dir = model_dir
-        files = self._files(model_dir)
+        files = checkpoint_files(model_dir)
         self._handles = {}
         self._where: dict[str, str] = {}  # tensor name -> file name
         for file in files:
@@ -80,23 +84,6 @@ class SafetensorsWeights:
             self._handles[file] = handle
             for key in keys:
                 self._where.setdefault(key, file)
-
-    @staticmethod
-    def _files(model_dir: Path) -> list[str]:
-        index = model_dir / INDEX_FILE
-        if index.is_file():
-            try:
-                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-                files = sorted(set(weight_map.values()))
-            except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-                raise ModelLoadError(f"{index}: malformed shard index: {exc}") from exc
-            missing = [f for f in files if not (model_dir / f).is_file()]
-            if missing:
-                raise ModelLoadError(f"{index}: shard file(s) {', '.join(missing)} not found")
-            return files
-        if (model_dir / SINGLE_FILE).is_file():
-            return [SINGLE_FILE]
-        raise ModelLoadError(f"{model_dir}: neither {SINGLE_FILE} nor {INDEX_FILE} found")
 
     def has(self, name: str) -> bool:
         return name in self._where

@@ -472,20 +472,21 @@ async def test_httpx_client_timeout_is_a_disconnect_for_non_streaming_requests()
 
 
 @pytest.mark.parametrize("chat", [False, True])
+@pytest.mark.parametrize("index", [0, 3])
 @pytest.mark.parametrize(
     "text", ["", " hello", 'quote " and \\ backslash', "é 漢字 🙂", "\n\t\x00"]
 )
-def test_streamed_token_chunks_are_byte_identical_to_full_rendering(chat, text):
+def test_streamed_token_chunks_are_byte_identical_to_full_rendering(chat, index, text):
     from server.http.errors import dumps as _dumps
-    from server.http.streaming import _sse_text_template
+    from server.http.relay import text_template
     from server.http.streaming import sse as _sse
 
     base = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
             "system_fingerprint": None, "usage": None}
-    prefix, suffix = _sse_text_template(base, chat)
+    prefix, suffix = text_template(base, index, chat)
     if chat:
-        choice = {"index": 0, "delta": {"content": text}, "logprobs": None,
+        choice = {"index": index, "delta": {"content": text}, "logprobs": None,
                   "finish_reason": None}
     else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": None}
+        choice = {"index": index, "text": text, "logprobs": None, "finish_reason": None}
     assert prefix + _dumps(text) + suffix == _sse({**base, "choices": [choice]})

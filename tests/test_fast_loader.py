@@ -21,11 +21,12 @@ import torch
 from server.errors import ModelLoadError
 from server.hf_config import ModelConfig, load_config
 from server.hf_config import sliding_window as _sliding_window
-from server.model import StepBatch, rope_tables
+from server.model import rope_tables
 from server.model_loader import load_checkpoint
 from server.tokenizer import FastTokenizer, TokenizerDeclined
 from server.weights import SafetensorsWeights
 from tests.helpers import REPO
+from tests.helpers.model_steps import prompt_logits
 from tests.helpers.tiny_models import (
     TOKENIZER_STYLES,
     build_checkpoint,
@@ -210,22 +211,6 @@ def _tensors(model) -> dict[str, torch.Tensor]:
     return out
 
 
-def _prefill_logits(model, ids: list[int]) -> torch.Tensor:
-    from server.kv_cache import allocate_kv_cache
-
-    n = len(ids)
-    kv = allocate_kv_cache(model.shape, 1 + -(-n // 16), 16, torch.float32, "cpu")
-    table = torch.arange(1, kv[0][0].shape[0], dtype=torch.int32)[None]  # block 0: scratch
-    batch = StepBatch(
-        input_ids=torch.tensor(ids), positions=torch.arange(n),
-        rows=torch.zeros(n, dtype=torch.long),
-        logit_rows=torch.tensor([n - 1]), num_decode=0, seq_rows=torch.tensor([0]),
-        cu_seqlens_q=torch.tensor([0, n], dtype=torch.int32),
-        k_lens=torch.tensor([n], dtype=torch.int32), max_q_len=n,
-    )
-    return model.forward(batch, kv, table)
-
-
 def test_fast_weights_are_bit_identical_to_transformers(weight_case):
     fast = _fast_model(weight_case)
     ref = load_checkpoint(str(weight_case), "cpu", "float32", loader="transformers")
@@ -240,7 +225,7 @@ def test_fast_weights_are_bit_identical_to_transformers(weight_case):
             assert torch.equal(tensor, theirs[key]), key
     gen = torch.Generator().manual_seed(0)
     ids = torch.randint(2, fast.shape.vocab_size, (23,), generator=gen).tolist()
-    assert torch.equal(_prefill_logits(fast, ids), _prefill_logits(ref.model, ids))
+    assert torch.equal(prompt_logits(fast, ids), prompt_logits(ref.model, ids))
     assert fast.weight_bytes == ref.weight_bytes
     if ref.config.tie_word_embeddings:
         assert fast.lm_head.data_ptr() == fast.embed.data_ptr()
@@ -268,7 +253,7 @@ def test_end_to_end_fast_load_matches_transformers_on_the_default_model():
         ckpt.model.init_rope(64)
     ids = fast.tokenizer.encode("The engine thread owns every torch call.")
     assert ids == ref.tokenizer.encode("The engine thread owns every torch call.")
-    assert torch.equal(_prefill_logits(fast.model, ids), _prefill_logits(ref.model, ids))
+    assert torch.equal(prompt_logits(fast.model, ids), prompt_logits(ref.model, ids))
 
 
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])

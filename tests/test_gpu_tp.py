@@ -103,3 +103,43 @@ def test_symmetric_memory_all_reduce_gives_the_same_tokens(model_dir):
     symm, report = outputs(model_dir, graph_capture="eager", tensor_parallel_size=2,
                            tp_allreduce="symm-mem")  # fmt: skip
     assert symm == nccl and report["traffic"]["eager_steps"] == 0
+
+
+def test_two_gpus_match_one_gpu_on_the_openai_surface(model_dir):
+    """Rank 0's logits processors on the all-gathered logits: logprobs and prompt logprobs
+    (extra logit rows in mixed steps), penalties and logit_bias, and a grammar-constrained row
+    (its steps split into forward and draw around the broadcast), greedy so that bf16 rounding
+    between one and two GPUs cannot pick a different token."""
+    from server.structured.grammar import json_schema_grammar
+
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"enum": ["x", "y"]}},
+              "required": ["a", "b"], "additionalProperties": False}  # fmt: skip
+    params = [
+        SamplingParams(temperature=0.0, max_tokens=16, logprobs=3, prompt_logprobs=2),
+        SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, repetition_penalty=1.2,
+                       frequency_penalty=0.5, presence_penalty=0.3, logit_bias={7: 3.0}),
+        SamplingParams(temperature=0.0, max_tokens=40, grammar=json_schema_grammar(schema)),
+    ]  # fmt: skip
+
+    async def run(engine):
+        async def one(prompt, p):
+            outs = [o async for o in engine.generate(f"g{next(_ids)}", prompt, p)]
+            lps = [lp.logprob for o in outs for lp in (o.logprobs or [])]
+            plps = next((o.prompt_logprobs for o in outs if o.prompt_logprobs), None)
+            return ([t for o in outs for t in o.token_ids], lps,
+                    [e.logprob for e in plps[1:]] if plps else None)
+
+        return await asyncio.gather(*(one(q, p) for q, p in zip(prompts(3, seed=9), params,
+                                                                 strict=True)))
+
+    results = []
+    for world in (1, 2):
+        engine = start(model_dir, graph_capture="eager", tensor_parallel_size=world)
+        try:
+            results.append(asyncio.run(run(engine)))
+        finally:
+            engine.shutdown()
+    for (t1, lp1, p1), (t2, lp2, p2) in zip(*results, strict=True):
+        assert t1 == t2
+        assert lp2 == pytest.approx(lp1, abs=0.05)
+        assert (p1 is None and p2 is None) or p2 == pytest.approx(p1, abs=0.05)

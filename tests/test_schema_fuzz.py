@@ -102,11 +102,11 @@ def test_schema_validation_catches_a_malformed_stream_chunk(api_schema, monkeypa
     # The SSE event schema must really bite: a chunk with the wrong `object` is reported.
     if os.environ.get("GRAPHSERVE_FUZZ_REAL"):
         pytest.skip("patches the in-process app")
-    import server.http.streaming as streaming
+    import server.http.relay as relay  # the answers' SSE events are rendered there
 
     _wait_ready(api_schema)
-    real = streaming.sse
-    monkeypatch.setattr(streaming, "sse", lambda obj: real({**obj, "object": "bogus"}))
+    real = relay.sse
+    monkeypatch.setattr(relay, "sse", lambda obj: real({**obj, "object": "bogus"}))
     case = api_schema["/v1/chat/completions"]["POST"].Case(
         body={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "stream": True},
         media_type="application/json",

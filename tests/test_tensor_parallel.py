@@ -3,8 +3,13 @@
 * the sharded forward (two ranks in threads) computes the one-process logits, for every
   architecture and for the sharding corner cases (biases after the reduction, tied and padded
   vocabularies);
+* each rank's weight pipeline reads only its slices of the checkpoint (no re-read, no tensor
+  read whole that the rank takes a slice of), giving the tensors a whole read would;
 * the engine at `--tensor-parallel-size 2` (a real worker process) gives the one-process greedy
-  tokens for every supported architecture;
+  tokens for every supported architecture, with the decode-prefill cap splitting prompts over
+  mixed steps too, and the one-process output for the OpenAI surface (n, penalties, logit_bias,
+  min_tokens, logprobs and prompt logprobs, grammar-constrained rows); a host-side failure
+  between a step's forward and its draw fails only that step's requests, the ranks stay in step;
 * lazy capture under traffic (CPU-emulated graphs) is agreed by every rank: a capture that
   fails on a worker fails that size everywhere, no decode step runs without a graph;
 * failures end in `failed` within a deadline, never a hang: a worker that cannot load, an
@@ -226,6 +231,40 @@ def test_two_shards_compute_the_one_process_logits(tmp_path, case):
             assert torch.equal(sharded.argmax(-1), reference.argmax(-1))
 
 
+@pytest.mark.parametrize("case", sorted(SHARD_CASES))
+def test_each_rank_pipeline_reads_only_its_slices(tmp_path, case):
+    from server.distributed.sharding import TPShard, planned_slice
+    from server.hf_config import load_config
+    from server.model import DecoderModel
+    from server.safetensors_index import load_plan, read_checkpoint
+    from server.weight_pipeline import PipelinedWeights
+    from server.weights import SafetensorsWeights
+
+    arch, overrides = SHARD_CASES[case]
+    path = build_checkpoint(tmp_path / case, arch, **overrides)
+    config = load_config(path)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    read = 0
+    for r in range(2):
+        shard = TPShard(r, 2)
+        # Small pieces: the strided slices (o_proj, down) span several pieces of several runs.
+        weights = PipelinedWeights(path, "cpu", torch.float32, chunk_bytes=4096, exclude=tied,
+                                   parts=lambda n, s, shard=shard: planned_slice(shard, n, s))
+        try:
+            got = DecoderModel(config, weights, 64, shard)
+        finally:
+            weights.close()
+        assert weights.stats.part_misses == 0
+        read += weights.stats.bytes_read
+        ref = DecoderModel(config, SafetensorsWeights(path, "cpu", torch.float32), 64, shard)
+        for a, b in zip(got._tensors(), ref._tensors(), strict=True):
+            assert a.is_contiguous() and torch.equal(a, b)
+    # Together the ranks read each sharded tensor once and each replicated one twice.
+    plan = load_plan(read_checkpoint(path), frozenset(tied))
+    assert read == sum(e.nbytes * (2 if planned_slice(TPShard(0, 2), e.name, e.shape) is None
+                                   else 1) for e in plan)  # fmt: skip
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"tensor_parallel_size": 4},
      "--tensor-parallel-size 4 does not divide the model's 2 KV heads"),
@@ -291,6 +330,139 @@ def test_two_ranks_give_the_one_process_greedy_tokens(checkpoints, arch):
     finally:
         engine.shutdown()
     assert [w["returncode"] for w in launcher.describe()] == [0]  # stopped in order
+
+
+async def _staggered(engine) -> list[list[int]]:
+    """A long decode first; the other prompts arrive once it is decoding, so they are
+    prefilled beside its decode row, a few tokens per mixed step."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    stream = engine.generate(f"tp-{next(_ids)}", PROMPTS[0], params)
+    first = await stream.__anext__()
+    later = asyncio.gather(*(
+        _collect(engine, p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True))
+        for p, n in zip(PROMPTS[1:], MAX_TOKENS[1:], strict=True)
+    ))  # fmt: skip
+    tokens = first.token_ids + [t async for out in stream for t in out.token_ids]
+    return [tokens] + [[t for out in outs for t in out.token_ids] for outs in await later]
+
+
+def test_two_ranks_match_one_process_with_the_decode_prefill_cap(checkpoints):
+    """`--decode-prefill-tokens 4`: prompts trickle in over many mixed steps beside a running
+    decode row (carried on the device), on both ranks alike."""
+    path, _ = checkpoints("qwen3")
+    results = []
+    for world in (1, 2):
+        engine = _start(path, tensor_parallel_size=world, decode_prefill_tokens=4)
+        try:
+            results.append(asyncio.run(_staggered(engine)))
+            steps = engine._core.scheduler.steps
+        finally:
+            engine.shutdown()
+        assert steps["mixed"] >= 10
+    assert results[0] == results[1]
+    assert [len(t) for t in results[0]] == [24, *MAX_TOKENS[1:]]
+
+
+SURFACE_SCHEMA = {
+    "type": "object",
+    "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                   "b": {"enum": ["x", "y"]}},
+    "required": ["a", "b"], "additionalProperties": False,
+}  # fmt: skip
+
+
+def _surface_params() -> list[SamplingParams]:
+    from server.structured.grammar import json_schema_grammar
+
+    return [
+        SamplingParams(n=2, temperature=0.9, seed=11, max_tokens=8, ignore_eos=True),
+        SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True, repetition_penalty=1.3,
+                       frequency_penalty=0.5, presence_penalty=0.4,
+                       logit_bias={17: 5.0, 23: -100.0}),
+        SamplingParams(temperature=0.0, max_tokens=6, logprobs=3, prompt_logprobs=2,
+                       min_tokens=4),
+        SamplingParams(temperature=0.7, seed=5, max_tokens=40,
+                       grammar=json_schema_grammar(SURFACE_SCHEMA)),
+    ]  # fmt: skip
+
+
+async def _surface(engine) -> list[dict]:
+    """Every choice's tokens, finish reason and logprobs, for requests that use the whole
+    sampling surface at once (the constrained row splits its steps into forward and draw)."""
+
+    async def one(prompt, params):
+        choices: dict[int, dict] = {}
+        async for out in engine.generate(f"tp-{next(_ids)}", prompt, params):
+            c = choices.setdefault(out.index, {"tokens": [], "lps": [], "prompt": None})
+            c["tokens"] += out.token_ids
+            c["lps"] += [(lp.logprob, lp.top) for lp in out.logprobs or []]
+            if out.prompt_logprobs is not None:
+                c["prompt"] = [None if e is None else (e.logprob, e.top)
+                               for e in out.prompt_logprobs]
+            if out.finished:
+                c["reason"] = out.finish_reason
+        return choices
+
+    prompts = [PROMPTS[0], PROMPTS[1], PROMPTS[1][:20], PROMPTS[2]]
+    return await asyncio.gather(*(one(p, sp) for p, sp in
+                                  zip(prompts, _surface_params(), strict=True)))  # fmt: skip
+
+
+def _same_logprobs(a, b) -> None:
+    assert (a is None) == (b is None)
+    for x, y in zip(a or [], b or [], strict=True):
+        assert (x is None) == (y is None)
+        if x is not None:
+            assert x[0] == pytest.approx(y[0], abs=1e-4)
+            assert [t for t, _ in x[1]] == [t for t, _ in y[1]]
+
+
+def test_two_ranks_match_one_process_on_the_openai_surface(checkpoints):
+    path, _ = checkpoints("llama")
+    runs = []
+    for world in (1, 2):
+        engine = _start(path, tensor_parallel_size=world)
+        try:
+            runs.append(asyncio.run(_surface(engine)))
+        finally:
+            engine.shutdown()
+    one, two = runs
+    assert [sorted(r) for r in one] == [[0, 1], [0], [0], [0]]
+    assert one[3][0]["reason"] in ("stop", "length") and one[2][0]["prompt"][0] is None
+    for ra, rb in zip(one, two, strict=True):
+        for j in ra:
+            a, b = ra[j], rb[j]
+            assert a["tokens"] == b["tokens"] and a["reason"] == b["reason"]
+            _same_logprobs(a["lps"], b["lps"])
+            _same_logprobs(a["prompt"], b["prompt"])
+
+
+def test_a_host_failure_between_forward_and_draw_keeps_the_ranks_in_step(checkpoints,
+                                                                          monkeypatch):
+    """The draw raises on rank 0 after the worker ran the step's forward: the worker still
+    gets the step's token broadcast (`ModelRunner.settle`), only that step's requests fail,
+    and the next requests get the one-process tokens."""
+    import server.model_runner as model_runner
+
+    path, expected = checkpoints("llama")
+    engine = _start(path, tensor_parallel_size=2)
+    real = model_runner.process_and_sample
+    calls = itertools.count()
+
+    def flaky(*args, **kwargs):
+        if next(calls) == 3:
+            raise RuntimeError("injected draw failure")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(model_runner, "process_and_sample", flaky)
+    try:
+        params = SamplingParams(max_tokens=10, temperature=0.0, ignore_eos=True)
+        outs = asyncio.run(_collect(engine, PROMPTS[0], params))
+        assert outs[-1].finish_reason == "error" and "injected draw failure" in outs[-1].error
+        assert engine.phase == "ready" and engine._core.step_errors == 1
+        assert asyncio.run(_greedy(engine)) == expected
+    finally:
+        engine.shutdown()
 
 
 def test_lazy_capture_under_traffic_is_agreed_by_every_rank(checkpoints, monkeypatch):

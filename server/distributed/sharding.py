@@ -8,8 +8,10 @@ lookup masks ids outside the rank's rows and all-reduces, the LM head's slices a
 Norms are replicated; biases follow their matrix's rows, and a bias added after a reduction
 (o_proj, down) is held by rank 0 only, so it is added once.
 
-Each rank reads only its slice when the weight source can (`take_part`, safetensors slices);
-otherwise the whole tensor is taken and the slice copied out, one tensor at a time.
+Each rank reads only its slice when the weight source can (`take_part`: the weight pipeline,
+told each tensor's slice up front by `planned_slice`, or safetensors' own slices); otherwise
+(dummy draws, a transformers state dict) the whole tensor is taken and the slice copied out,
+one tensor at a time.
 
 Torch-free at import (tensors come in and go out): rank 0 checks that a model splits before it
 has imported torch (`check_divisible`), while the workers start.
@@ -63,6 +65,49 @@ def check_divisible(config, world: int) -> None:
         raise StartupError(f"{flag} does not divide the model's {heads} attention heads")
     if inter % world:
         raise StartupError(f"{flag} does not divide the model's intermediate size {inter}")
+
+
+# The layer tensors split by output rows (dim 0) and by input columns (dim 1), as
+# `server.model.DecoderModel._take_layer` takes them; everything else is replicated.
+_ROW_PARALLEL = frozenset(
+    f"{part}.{kind}"
+    for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.gate_proj",
+                 "mlp.up_proj")
+    for kind in ("weight", "bias")
+)
+_COL_PARALLEL = frozenset({"self_attn.o_proj.weight", "mlp.down_proj.weight"})
+_VOCAB_PARALLEL = frozenset({"model.embed_tokens.weight", "lm_head.weight"})
+
+
+def planned_slice(shard: TPShard, name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """`(dim, start, stop)` of tensor `name` (full shape `shape`) that `shard` takes, or None
+    when it takes the whole tensor (one rank, norms, biases added after a reduction).
+
+    The same split `DecoderModel` asks for through `take_sharded`, known before the model is
+    built, so a weight source can read just these bytes ahead of the takes
+    (`server.weight_pipeline.PipelinedWeights(parts=...)`); a mismatch costs a re-read, never
+    a wrong tensor (tests check there is none).
+    """
+    if shard.world == 1 or not shape:
+        return None
+    if name in _VOCAB_PARALLEL:
+        start, stop, _ = shard.vocab_rows(shape[0])
+        dim = 0
+    else:
+        prefix, _, suffix = name.partition(".layers.")
+        _, _, suffix = suffix.partition(".")
+        if prefix != "model" or not suffix:
+            return None
+        if suffix in _ROW_PARALLEL:
+            dim = 0
+        elif suffix in _COL_PARALLEL and len(shape) == 2:
+            dim = 1
+        else:
+            return None
+        start, stop = shard.part(shape[dim])
+    if start == 0 and stop == shape[dim]:
+        return None
+    return dim, start, stop
 
 
 def take_sharded(weights, name: str, shape: tuple[int, ...], dim: int, start: int, stop: int):

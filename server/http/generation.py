@@ -19,6 +19,8 @@ logger = logging.getLogger("graphserve.api")
 class Generation:
     """One admitted request: relays the engine stream, records metrics, aborts when abandoned.
 
+    The stream carries `choices` interleaved choices (n); the request is finished when all
+    are. `finish_reason` is the last choice's, `finish_reasons` each choice's.
     Event-loop thread only. `on_close(request_id)` is called once the HTTP exchange is over.
     """
 
@@ -32,8 +34,11 @@ class Generation:
         engine: EngineProtocol,
         metrics: ServerMetrics,
         on_close: Callable[[str], None],
+        choices: int = 1,
     ):
         self.request_id = request_id
+        self._open_choices = choices
+        self.finish_reasons: dict[int, str] = {}
         self.prompt_tokens = len(prompt_ids)
         self.completion_tokens = 0
         self.cached_tokens = 0
@@ -50,27 +55,36 @@ class Generation:
     async def outputs(self) -> AsyncIterator[RequestOutput]:
         """The engine's increments; ends after the one with `finished=True`."""
         metrics = self._metrics
-        last_token_at: float | None = None
+        last_token_at: dict[int, float] = {}  # per choice: choices interleave in one stream
         async for out in self._stream:
             n = len(out.token_ids)
             if n:
                 now = time.perf_counter()
-                if last_token_at is None:
-                    metrics.ttft.observe(now - self._arrival)
+                last = last_token_at.get(out.index)
+                if last is None:
+                    if not last_token_at:
+                        metrics.ttft.observe(now - self._arrival)
                 else:
-                    per_token = (now - last_token_at) / n
+                    per_token = (now - last) / n
                     for _ in range(n):
                         metrics.itl.observe(per_token)
-                last_token_at = now
+                last_token_at[out.index] = now
                 self.completion_tokens += n
                 metrics.generation_tokens.inc(n)
             if out.finished:
-                self.completion_tokens = max(self.completion_tokens, out.completion_tokens or 0)
-                self.cached_tokens = out.cached_tokens
+                if out.index == 0:  # choices past the first reuse its prefill: count it once
+                    self.cached_tokens = out.cached_tokens
                 self.finish_reason = out.finish_reason or "stop"
-                self.error = out.error
-                self.finished = True
-                metrics.duration.observe(time.perf_counter() - self._arrival)
+                self.finish_reasons[out.index] = self.finish_reason
+                if out.finish_reason in ("error", "abort") and self.error is None:
+                    self.error = out.error
+                self._open_choices -= 1
+                if self._open_choices <= 0:
+                    self.finished = True
+                    if len(self.finish_reasons) == 1:
+                        self.completion_tokens = max(self.completion_tokens,
+                                                     out.completion_tokens or 0)
+                    metrics.duration.observe(time.perf_counter() - self._arrival)
             yield out
             if self.finished:
                 return
@@ -78,7 +92,7 @@ class Generation:
             # The contract says the last increment is finished; a stream that just stops is an
             # engine fault, reported like one rather than passed off as a normal end.
             self.finished = True
-            self.finish_reason = "error"
+            self.finish_reason = self.finish_reasons[-1] = "error"
             self.error = "the engine ended the request's stream without a final output"
             logger.error("request %s: %s", self.request_id, self.error)
             yield RequestOutput(self.request_id, finished=True, finish_reason="error",
@@ -113,10 +127,11 @@ class Generation:
 
     def failure(self) -> ApiError | None:
         """The error to answer with if the request ended badly (engine fault or abort)."""
-        if self.finish_reason == "error":
+        reasons = set(self.finish_reasons.values()) or {self.finish_reason}
+        if "error" in reasons:
             return ApiError(500, f"generation failed: {self.error or 'engine error'}",
                             type="server_error", code="engine_error")
-        if self.finish_reason == "abort":
+        if "abort" in reasons:
             if self.abort_cause == "drain":
                 return ApiError(503, "request aborted: the server is shutting down",
                                 type="service_unavailable_error", code="draining",

@@ -1,8 +1,9 @@
 """Client prompts to token ids: text checks, the early context check, tokenisation and
 chat-template rendering.
 
-Split by cost and thread. The cheap parts run on the event loop: picking the one prompt out of
-a batch, token-id prompts (length first, then the vocabulary), building the conversation.
+Split by cost and thread. The cheap parts run on the event loop: splitting a batch of prompts,
+token-id prompts (length first, then the vocabulary), building the conversation (tool calls and
+tool results included).
 The parts whose cost grows with the text run on a prompt worker (`server.http.workers`):
 `encode_text` and `encode_chat`. Both first refuse a text that provably cannot fit the context
 (`server.http.token_bounds`), so an oversized prompt costs a length check, not a tokenisation.
@@ -12,6 +13,7 @@ pool. Every problem a client can cause is an `ApiError` 400 naming the parameter
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -86,15 +88,21 @@ def vocab_size(engine: Any) -> int | None:
 
 
 # -------------------------------------------------------------------------- completions
-def select_prompt(engine: Any, prompt: Any, room: Room | None = None) -> str | list[int]:
-    """Event loop: the request's one prompt, as text (to encode) or as checked token ids."""
+MAX_PROMPTS = 128  # prompts of one batched /v1/completions request
+
+
+def select_prompts(engine: Any, prompt: Any, room: Room | None = None) -> list[str | list[int]]:
+    """Event loop: the request's prompts (one, or a batch: a list of strings or of token lists),
+    each as text (to encode) or as checked token ids."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise ApiError(
-                400, f"Batched prompts are not supported ({len(prompt)} prompts given); "
-                "send one request per prompt.", param="prompt", code="batch_not_supported",
-            )
-        prompt = prompt[0]
+        if len(prompt) > MAX_PROMPTS:
+            raise ApiError(400, f"At most {MAX_PROMPTS} prompts per request ({len(prompt)} "
+                           "given).", param="prompt")
+        return [_select_one(engine, p, room) for p in prompt]
+    return [_select_one(engine, prompt, room)]
+
+
+def _select_one(engine: Any, prompt: Any, room: Room | None) -> str | list[int]:
     if isinstance(prompt, str):
         return prompt
     if not prompt:
@@ -124,16 +132,18 @@ def encode_text(tokenizer: Any, text: str, room: Room | None = None) -> list[int
 
 
 def completion_prompt(engine: Any, prompt: Any, room: Room | None = None) -> list[int]:
-    """`select_prompt` then `encode_text`, on the calling thread."""
-    selected = select_prompt(engine, prompt, room)
+    """One prompt through `select_prompts` then `encode_text`, on the calling thread."""
+    (selected,) = select_prompts(engine, prompt, room)
     if isinstance(selected, str):
         return encode_text(engine.tokenizer, selected, room)
     return selected
 
 
 # -------------------------------------------------------------------------- chat
-def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Event loop: the messages as the dicts a chat template takes, checked."""
+def conversation(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Event loop: the messages as the dicts a chat template takes, checked: assistant
+    `tool_calls` with their arguments parsed (templates render them with `tojson`), `tool`
+    messages with their `tool_call_id`."""
     entries = []
     for i, msg in enumerate(messages):
         if isinstance(msg.content, list):
@@ -151,15 +161,44 @@ def conversation(messages: list[ChatMessage]) -> list[dict[str, str]]:
         if msg.name is not None:
             check_text(msg.name, f"messages.{i}.name")
             entry["name"] = msg.name
+        if msg.tool_calls:
+            if msg.role != "assistant":
+                raise ApiError(400, f"messages.{i}.tool_calls is only allowed on assistant "
+                               "messages", param=f"messages.{i}.tool_calls")
+            entry["tool_calls"] = [
+                {"id": c.id, "type": "function",
+                 "function": {"name": c.function.name,
+                              "arguments": _arguments(c.function.arguments, i)}}
+                for c in msg.tool_calls
+            ]
+        if msg.role == "tool":
+            if msg.tool_call_id is None:
+                raise ApiError(400, f"messages.{i}.tool_call_id is required for role 'tool'",
+                               param=f"messages.{i}.tool_call_id")
+            entry["tool_call_id"] = msg.tool_call_id
         entries.append(entry)
     return entries
 
 
-def encode_chat(tokenizer: Any, entries: list[dict[str, str]],
-                room: Room | None = None) -> list[int]:
-    """Prompt worker: render the chat template, refuse what cannot fit, tokenise."""
+def _arguments(text: str, i: int) -> Any:
+    """A call's arguments as templates expect them: most render a mapping with `tojson`
+    (HF's convention), the others accept the JSON text, so parse it."""
     try:
-        text = tokenizer.apply_chat_template(entries, add_generation_prompt=True, tokenize=False)
+        return json.loads(text)
+    except ValueError:
+        raise ApiError(400, f"messages.{i}.tool_calls: arguments are not valid JSON",
+                       param=f"messages.{i}.tool_calls") from None
+
+
+def encode_chat(tokenizer: Any, entries: list[dict[str, Any]], room: Room | None = None,
+                tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """Prompt worker: render the chat template (with `tools` when given), refuse what cannot
+    fit, tokenise."""
+    kwargs = {"tools": tools} if tools else {}
+    try:
+        text = tokenizer.apply_chat_template(
+            entries, add_generation_prompt=True, tokenize=False, **kwargs
+        )
     except Exception as exc:
         # Templates reject conversations they cannot render (e.g. roles not alternating).
         logger.info("chat template rejected the conversation: %s", exc)
@@ -172,6 +211,7 @@ def encode_chat(tokenizer: Any, entries: list[dict[str, str]],
     return _encode(tokenizer, text, add_special_tokens=False)
 
 
-def chat_prompt(engine: Any, messages: list[ChatMessage], room: Room | None = None) -> list[int]:
+def chat_prompt(engine: Any, messages: list[ChatMessage], room: Room | None = None,
+                tools: list[dict[str, Any]] | None = None) -> list[int]:
     """`conversation` then `encode_chat`, on the calling thread."""
-    return encode_chat(engine.tokenizer, conversation(messages), room)
+    return encode_chat(engine.tokenizer, conversation(messages), room, tools)

@@ -21,39 +21,33 @@ def refuse_unsupported(body: SamplingFields) -> None:
     def refuse(param: str, message: str) -> None:
         raise ApiError(400, message, param=param, code="unsupported_parameter")
 
-    if body.n != 1:
-        refuse("n", "n > 1 is not supported: send one request per choice.")
-    for name in ("presence_penalty", "frequency_penalty"):
-        if getattr(body, name) not in (None, 0.0):
-            refuse(name, f"{name} is not supported (only 0).")
-    if body.logit_bias:
-        refuse("logit_bias", "logit_bias is not supported.")
     if body.stream_options is not None and not body.stream:
         refuse("stream_options", "stream_options is only allowed when stream is true.")
     if isinstance(body, CompletionRequest):
-        if body.echo:
-            refuse("echo", "echo is not supported.")
         if body.suffix:
             refuse("suffix", "suffix is not supported.")
-        if body.best_of not in (None, 1):
-            refuse("best_of", "best_of > 1 is not supported.")
-        if body.logprobs is not None:
-            refuse("logprobs", "logprobs are not supported.")
+        if body.best_of is not None:
+            if body.best_of < body.n:
+                raise ApiError(400, f"best_of ({body.best_of}) must be >= n ({body.n}).",
+                               param="best_of")
+            if body.stream and body.best_of > body.n:
+                raise ApiError(400, "best_of > n cannot be streamed (the best choices are "
+                               "known only at the end).", param="best_of")
+        if body.max_tokens == 0 and not body.echo:
+            raise ApiError(400, "max_tokens must be >= 1 (0 only with echo: scoring the "
+                           "prompt).", param="max_tokens")
     if isinstance(body, ChatCompletionRequest):
-        if body.logprobs or body.top_logprobs:
-            refuse("logprobs", "logprobs are not supported.")
-        if body.tools:
-            refuse("tools", "tools are not supported.")
-        if body.response_format not in (None, {"type": "text"}):
-            refuse("response_format", "response_format other than {'type': 'text'} is not "
-                   "supported.")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true.", param="top_logprobs")
 
 
 def stop_strings(body: SamplingFields) -> list[str]:
     return body.stop if isinstance(body.stop, list) else ([body.stop] if body.stop else [])
 
 
-def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
+def sampling_params(body: SamplingFields, max_tokens: int, **extra: Any) -> SamplingParams:
+    """The engine's settings for `body`; `extra` (from `http.surface`) sets n, logprobs,
+    grammars and the like."""
     stop = stop_strings(body)
     check_stop_limits(stop, body.stop_token_ids or [])
     for s in stop:
@@ -67,6 +61,7 @@ def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
         stop=stop,
         stop_token_ids=list(body.stop_token_ids or []),
         ignore_eos=body.ignore_eos,
+        **extra,
     )
     try:
         params.validate()
@@ -77,7 +72,15 @@ def sampling_params(body: SamplingFields, max_tokens: int) -> SamplingParams:
 
 def max_tokens_for(requested: int | None, default: int | None, prompt_len: int, max_len: int,
                    param: str, prompt_param: str) -> int:
-    """The generation budget: explicit values must fit the context; defaults are clipped to it."""
+    """The generation budget: explicit values must fit the context; defaults are clipped to it.
+    0 (scoring the prompt with echo, refused before this point otherwise) needs only the prompt
+    to fit."""
+    if requested == 0:
+        if prompt_len > max_len:
+            raise ApiError(400, f"The prompt is {prompt_len} tokens; this model's context is "
+                           f"{max_len} tokens.", param=prompt_param,
+                           code="context_length_exceeded")
+        return 0
     check_room(prompt_len, Room(max_len, requested, param, prompt_param))
     room = max_len - prompt_len
     if requested is None:

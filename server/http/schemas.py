@@ -44,12 +44,24 @@ class SamplingFields(_Strict):
         None, description=f"Extension: up to {MAX_STOP_TOKEN_IDS} token ids that end generation."
     )
     ignore_eos: bool = Field(False, description="Extension: keep generating past end-of-sequence.")
-    n: int = Field(1, ge=1, description="Only 1 is supported.")
-    user: str | None = None
-    # Accepted so that clients sending their defaults keep working; other values are refused.
-    presence_penalty: float | None = Field(None, description="Only 0 is supported.")
-    frequency_penalty: float | None = Field(None, description="Only 0 is supported.")
-    logit_bias: dict[str, float] | None = Field(None, description="Not supported (empty only).")
+    n: int = Field(1, ge=1, le=128, description="Choices per prompt (one shared prefill).")
+    user: str | None = Field(None, description="Accepted; not used for generation.")
+    presence_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Subtracted once from every token generated so far."
+    )
+    frequency_penalty: float | None = Field(
+        None, ge=-2.0, le=2.0, description="Subtracted per occurrence in the output so far."
+    )
+    repetition_penalty: float | None = Field(
+        None, gt=0.0, le=100.0, description="Extension (HF's definition); 1 is off."
+    )
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias added to its logit, clamped to "
+        "[-100, 100]."
+    )
+    min_tokens: int | None = Field(
+        None, ge=0, description="Extension: EOS and stop tokens are impossible before this many."
+    )
 
 
 class CompletionRequest(SamplingFields):
@@ -62,13 +74,19 @@ class CompletionRequest(SamplingFields):
     ]})
 
     prompt: str | list[int] | list[str] | list[list[int]] = Field(
-        description="A string or a list of token ids (one prompt per request)."
+        description="A string, a list of token ids, or a list of either (batched prompts: "
+        "choice i*n+j is choice j of prompt i)."
     )
-    max_tokens: int | None = Field(None, ge=1, description="Default 16 (OpenAI's legacy default).")
-    echo: bool = Field(False, description="Not supported.")
+    max_tokens: int | None = Field(
+        None, ge=0, description="Default 16 (OpenAI's legacy default); 0 only with echo."
+    )
+    echo: bool = Field(False, description="Return the prompt before the completion.")
     suffix: str | None = Field(None, description="Not supported.")
-    best_of: int | None = Field(None, ge=1, description="Only 1 is supported.")
-    logprobs: int | None = Field(None, ge=0, description="Not supported.")
+    best_of: int | None = Field(
+        None, ge=1, le=128, description="Generate this many, return the n with the highest "
+        "cumulative logprob (not streamed)."
+    )
+    logprobs: int | None = Field(None, ge=0, le=20, description="Top alternatives per token.")
 
 
 class TextContentPart(_Strict):
@@ -76,10 +94,56 @@ class TextContentPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str = Field(description="JSON text of the arguments.")
+
+
+class ToolCallIn(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[TextContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = Field(None, description="Assistant messages only.")
+    tool_call_id: str | None = Field(None, description="Tool messages: the call answered.")
+
+
+class FunctionDef(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = Field(None, description="JSON schema of the arguments.")
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
@@ -97,17 +161,25 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(
         None, ge=1, description="Default: all the context the prompt leaves."
     )
-    logprobs: bool | None = Field(None, description="Not supported.")
-    top_logprobs: int | None = Field(None, ge=0, description="Not supported.")
-    tools: list[dict[str, Any]] | None = Field(None, description="Not supported.")
-    response_format: dict[str, Any] | None = Field(None, description="Only {'type': 'text'}.")
+    logprobs: bool | None = Field(None, description="Return each token's logprob.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="Alternatives per token (needs logprobs: true)."
+    )
+    tools: list[Tool] | None = Field(None, description="Functions the model may call.")
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = Field(
+        None, description="Default: auto with tools, none without."
+    )
+    parallel_tool_calls: bool | None = Field(None, description="Default true.")
+    response_format: ResponseFormat | None = Field(
+        None, description="text, json_object or json_schema (grammar-enforced)."
+    )
 
 
 
 
 # -- answers -----------------------------------------------------------------------------------
 
-FinishReason = Literal["stop", "length"]
+FinishReason = Literal["stop", "length", "tool_calls"]
 
 
 class ErrorDetail(BaseModel):
@@ -142,11 +214,56 @@ class _Envelope(BaseModel):
     system_fingerprint: str | None = None
 
 
+class CompletionLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
     finish_reason: FinishReason | None
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class TokenLogprobOut(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprobOut] | None
+    refusal: list[TokenLogprobOut] | None = None
+
+
+class FunctionCallOut(BaseModel):
+    name: str
+    arguments: str
+
+
+class ToolCallOut(BaseModel):
+    id: str
+    type: Literal["function"]
+    function: FunctionCallOut
+
+
+class FunctionCallDelta(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallDelta(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: FunctionCallDelta | None = None
 
 
 class CompletionResponse(_Envelope):
@@ -157,12 +274,13 @@ class CompletionResponse(_Envelope):
 class AssistantMessage(BaseModel):
     role: Literal["assistant"]
     content: str | None
+    tool_calls: list[ToolCallOut] | None = None
 
 
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -182,12 +300,13 @@ class CompletionChunk(_Envelope):
 class ChatDelta(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[ToolCallDelta] | None = None
 
 
 class ChatStreamChoice(BaseModel):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
     finish_reason: FinishReason | None
 
 
@@ -212,4 +331,5 @@ class ModelList(BaseModel):
 
 
 REQUEST_MODELS = (CompletionRequest, ChatCompletionRequest, ChatMessage, TextContentPart,
-                  StreamOptions)
+                  StreamOptions, ToolCallIn, FunctionCall, Tool, FunctionDef, NamedToolChoice,
+                  NamedFunction, ResponseFormat, JsonSchemaFormat)

@@ -222,7 +222,7 @@ class ServerState:
                            type="service_unavailable_error", code="engine_not_ready",
                            headers={"Retry-After": RETRY_AFTER_UNAVAILABLE}) from None
         gen = Generation(request_id, prompt_ids, stream, arrival, engine=self.engine,
-                         metrics=self.metrics, on_close=self.release)
+                         metrics=self.metrics, on_close=self.release, choices=params.n)
         self.inflight[request_id] = gen
         self._idle.clear()
         self.metrics.prompt_tokens.inc(len(prompt_ids))

@@ -11,11 +11,20 @@ The "model" is byte-level: token ids 0..255 are bytes, 256 is BOS, 257 is EOS. I
 phrase over and over. Markers in the prompt script the rest:
   `[eos:N]`    emit EOS after N tokens (finish_reason "stop" unless ignore_eos)
   `[fault:N]`  fail the request after N tokens (finish_reason "error")
+  `[say:TEXT]` write TEXT (then the phrase) instead of the phrase
+
+The rest of the protocol is honoured the way the real engine does, with fake numbers: `n`
+choices (choice j writes the phrase from its j-th byte), logprobs and prompt logprobs (token t
+at output position i has logprob -(i + 1) / 8, its alternatives t+1, t+2, ... one lower each),
+`max_tokens` 0 for prompt scoring, and grammars through the real llguidance matcher over this
+byte vocabulary (at each step the first allowed of EOS, `"`, `}`, `]`, the scripted byte, the
+lowest allowed byte), so structured outputs and forced tool calls are valid documents.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import threading
@@ -28,7 +37,8 @@ from server.config import EngineConfig, default_capture_sizes
 from server.detokenizer import IncrementalDetokenizer
 from server.engine_protocol import PhaseCallback, RequestStream, deliver
 from server.errors import EngineNotReadyError, InvalidRequestError, QueueFullError
-from server.request import RequestOutput, SamplingParams
+from server.request import RequestOutput, SamplingParams, TokenLogprob
+from server.structured.grammar import GrammarBackend, GrammarError
 
 BOS = 256
 EOS = 257
@@ -42,10 +52,25 @@ FAKE_ENGINE_CLASS = "tests.helpers.fake_engine:FakeEngine"
 
 
 class FakeTokenizer:
-    """Byte-level tokenizer with the slice of the HF tokenizer API the server uses."""
+    """Byte-level tokenizer with the slice of the HF tokenizer API the server uses; its chat
+    template renders tools the Hermes way (`<tool_call>`)."""
 
     bos_token_id = BOS
     eos_token_id = EOS
+    chat_template = "{# fake: renders tools, calls as <tool_call> JSON blocks #}"
+
+    def to_json(self) -> str:
+        """This vocabulary as a tokenizers-library JSON (what grammar engines load)."""
+        from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+
+        alphabet = pre_tokenizers.ByteLevel.alphabet()
+        # GPT-2's byte -> character map, in byte order: id b is byte b.
+        chars = sorted(alphabet, key=_byte_of)
+        tok = Tokenizer(models.BPE(vocab={c: i for i, c in enumerate(chars)}, merges=[]))
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        tok.add_special_tokens([AddedToken("<s>", special=True), AddedToken("</s>", special=True)])
+        return tok.to_str()
 
     def __len__(self) -> int:
         return VOCAB
@@ -64,15 +89,33 @@ class FakeTokenizer:
         return data.decode("utf-8", errors="replace")
 
     def apply_chat_template(self, conversation, add_generation_prompt=False, tokenize=True,
-                            **kwargs):
+                            tools=None, **kwargs):
         # Real templates raise on conversations they cannot render; mimic one such rule.
         for i, msg in enumerate(conversation):
             if msg["role"] == "system" and i != 0:
                 raise ValueError("System message must be at the beginning.")
-        text = "<s>" + "".join(f"<|{m['role']}|>{m['content']}\n" for m in conversation)
+        text = "<s>"
+        if tools:
+            text += "<|tools|>" + json.dumps(tools) + "\n"
+        for m in conversation:
+            calls = "".join(f"<tool_call>{json.dumps(c['function'])}</tool_call>"
+                            for c in m.get("tool_calls") or [])
+            text += f"<|{m['role']}|>{m['content']}{calls}\n"
         if add_generation_prompt:
             text += "<|assistant|>"
         return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+def _byte_of(ch: str) -> int:
+    """GPT-2's byte-level character -> its byte."""
+    code = ord(ch)
+    printable = (ord("!") <= code <= ord("~") or ord("¡") <= code <= ord("¬")
+                 or ord("®") <= code <= ord("ÿ"))
+    if printable:
+        return code
+    others = [b for b in range(256) if not (ord("!") <= b <= ord("~") or ord("¡") <= b <= ord("¬")
+                                            or ord("®") <= b <= ord("ÿ"))]
+    return others[code - 256]
 
 
 @dataclass
@@ -84,8 +127,17 @@ class _Request:
     detok: IncrementalDetokenizer
     eos_after: int | None
     fault_after: int | None
+    script: bytes = b""
+    index: int = 0
+    grammar: Any = None
     generated: list[int] = field(default_factory=list)
+    cumulative: float = 0.0
+    prompt_sent: bool = False
     aborted: bool = False
+
+    @property
+    def key(self) -> str:
+        return f"{self.request_id}#{self.index}"
 
 
 class FakeEngine:
@@ -169,6 +221,7 @@ class FakeEngine:
         if not self._phase("loading_weights"):
             return
         self.tokenizer = FakeTokenizer()
+        self._grammars = GrammarBackend(self.tokenizer.to_json(), VOCAB, {EOS})
         if not self._phase("allocating_kv_cache"):
             return
         largest = self._sizes[-1]
@@ -197,21 +250,32 @@ class FakeEngine:
         text = self.tokenizer.decode(prompt_ids)
         eos = re.search(r"\[eos:(\d+)\]", text)
         fault = re.search(r"\[fault:(\d+)\]", text)
-        req = _Request(
-            request_id, list(prompt_ids), params,
-            RequestStream(request_id, asyncio.get_running_loop()),
-            IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop),
-            int(eos.group(1)) if eos else None, int(fault.group(1)) if fault else None,
-        )
+        say = re.search(r"\[say:([^\]]*)\]", text)
+        stream = RequestStream(request_id, asyncio.get_running_loop(), choices=params.n)
+        reqs = []
+        for j in range(params.n):
+            grammar = None
+            if params.grammar is not None:
+                try:
+                    grammar = self._grammars.matcher(params.grammar)
+                except GrammarError as exc:
+                    raise InvalidRequestError(f"grammar: {exc}", "grammar") from None
+            reqs.append(_Request(
+                request_id, list(prompt_ids), params, stream,
+                IncrementalDetokenizer(self.tokenizer, prompt_ids, params.stop,
+                                       params.skip_special_tokens),
+                int(eos.group(1)) if eos else None, int(fault.group(1)) if fault else None,
+                script=say.group(1).encode() if say else b"", index=j, grammar=grammar,
+            ))
         with self._lock:
             # Like the real engine: a request waits (and counts against max_queue) from
             # submission until the engine thread gives it a slot.
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
-            self._waiting.append(req)
+            self._waiting.extend(reqs)
             self.submitted.append((request_id, list(prompt_ids), params))
             self._lock.notify_all()
-        return req.stream
+        return stream
 
     def stop_accepting(self) -> None:
         self._ready = False
@@ -268,11 +332,33 @@ class FakeEngine:
     def _emit(self, req: _Request, out: RequestOutput) -> None:
         deliver([(req.stream, out)])  # drops it if the request's loop is closed
 
-    def _finish(self, req: _Request, reason: str, text: str = "", ids=(), error=None) -> None:
+    def _finish(self, req: _Request, reason: str, text: str = "", ids=(), error=None,
+                lps=None) -> None:
+        p = req.params
         self._emit(req, RequestOutput(
             req.request_id, text=text, token_ids=list(ids), finished=True, finish_reason=reason,
             prompt_tokens=len(req.prompt_ids), completion_tokens=len(req.generated), error=error,
+            index=req.index, logprobs=lps,
+            prompt_logprobs=self._prompt_logprobs(req) if reason in ("stop", "length") else None,
+            cumulative_logprob=req.cumulative if p.logprobs is not None else None,
         ))
+
+    @staticmethod
+    def _prompt_logprobs(req: _Request) -> list | None:
+        k = req.params.prompt_logprobs
+        if k is None or req.prompt_sent:
+            return None
+        req.prompt_sent = True  # with the choice's first output only
+        return [None] + [
+            TokenLogprob(t, -0.25, [((t + d) % 256, -0.25 - d) for d in range(k)])
+            for t in req.prompt_ids[1:]
+        ]
+
+    @staticmethod
+    def _logprob(req: _Request, token: int) -> TokenLogprob:
+        lp = -(len(req.generated)) / 8
+        k = req.params.logprobs or 0
+        return TokenLogprob(token, lp, [((token + d) % 256, lp - d) for d in range(k)])
 
     def _loop(self) -> None:
         while True:
@@ -286,23 +372,22 @@ class FakeEngine:
                     self._waiting.clear()
                     return
                 for rid in self._abort_ids:
-                    req = self._running.pop(rid, None)
-                    if req is None:
-                        req = next((r for r in self._waiting if r.request_id == rid), None)
-                        if req is not None:
-                            self._waiting.remove(req)
-                    if req is not None:
+                    for req in [r for r in self._running.values() if r.request_id == rid]:
+                        del self._running[req.key]
+                        self._finish(req, "abort")
+                    for req in [r for r in self._waiting if r.request_id == rid]:
+                        self._waiting.remove(req)
                         self._finish(req, "abort")
                 self._abort_ids.clear()
                 while self._waiting and len(self._running) < self.max_num_seqs:
                     req = self._waiting.popleft()
-                    self._running[req.request_id] = req
+                    self._running[req.key] = req
                 batch = list(self._running.values())
                 self._count_step(len(batch))
             for req in batch:
                 if self._step(req):
                     with self._lock:
-                        self._running.pop(req.request_id, None)
+                        self._running.pop(req.key, None)
             if self.token_delay:
                 time.sleep(self.token_delay)
 
@@ -326,25 +411,51 @@ class FakeEngine:
         if req.fault_after is not None and n >= req.fault_after:
             self._finish(req, "error", error="fake engine fault")
             return True
+        if p.max_tokens == 0:
+            self._finish(req, "length")
+            return True
         if req.eos_after is not None and n >= req.eos_after and not p.ignore_eos:
             token = EOS
+        elif n < len(req.script):
+            token = req.script[n]
         else:
-            token = PHRASE[n % len(PHRASE)]
+            token = PHRASE[(n - len(req.script) + req.index) % len(PHRASE)]
+        if req.grammar is not None:
+            token = self._constrained(req, token)
+        lp = self._logprob(req, token) if p.logprobs is not None else None
         req.generated.append(token)
+        if lp is not None:
+            req.cumulative += lp.logprob
+        lps = None if lp is None else [lp]
         if token == EOS or token in p.stop_token_ids:
-            self._finish(req, "stop", req.detok.flush(), [token])
+            self._finish(req, "stop", req.detok.flush(), [token], lps=lps)
             return True
         text = req.detok.add_token(token)
         if req.detok.stopped:
-            self._finish(req, "stop", text, [token])
+            self._finish(req, "stop", text, [token], lps=lps)
             return True
         if len(req.generated) >= p.max_tokens:
-            self._finish(req, "length", text + req.detok.flush(), [token])
+            self._finish(req, "length", text + req.detok.flush(), [token], lps=lps)
             return True
         self._emit(req, RequestOutput(req.request_id, text=text, token_ids=[token],
                                       prompt_tokens=len(req.prompt_ids),
-                                      completion_tokens=len(req.generated)))
+                                      completion_tokens=len(req.generated), index=req.index,
+                                      logprobs=lps,
+                                      prompt_logprobs=self._prompt_logprobs(req)))
         return False
+
+    @staticmethod
+    def _constrained(req: _Request, wanted: int) -> int:
+        """The grammar's choice (see the module docstring), consumed by the matcher."""
+        import numpy as np
+
+        mask = np.zeros((1, (VOCAB + 31) // 32), dtype=np.int32)
+        req.grammar.fill(mask, 0)
+        allowed = [t for t in range(VOCAB) if mask[0, t // 32] >> (t % 32) & 1]
+        token = next((t for t in (EOS, ord('"'), ord("}"), ord("]"), wanted) if t in allowed),
+                     allowed[0])
+        req.grammar.consume(token)
+        return token
 
 
 def env_engine(config: EngineConfig, on_phase: PhaseCallback | None = None) -> FakeEngine:
