@@ -204,7 +204,8 @@ def main() -> None:
     greedy = SamplingBatch([0.0], [1.0], [0], [0], [0])
 
     def engine_step():
-        logits = graphs.run([5], [args.context - 1], [0])
+        # size=1: replay the batch-1 graph, as the policy dispatches a step of one row.
+        logits = graphs.run([5], [args.context - 1], [0], size=1)
         sample(logits, greedy).tolist()
 
     for _ in range(5):

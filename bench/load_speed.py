@@ -348,7 +348,9 @@ def _from_memory_class(memory: dict[Path, Any]):
     class FromMemory(PipelinedWeights):
         def _read(self, piece, dest):
             dst = ctypes.addressof(ctypes.c_char.from_buffer(dest))
-            ctypes.memmove(dst, addrs[piece.slot.entry.path] + piece.offset, piece.length)
+            src = addrs[piece.slot.entry.path] + piece.offset
+            for i in range(piece.runs):  # one run unless a tensor-parallel slice is planned
+                ctypes.memmove(dst + i * piece.length, src + i * piece.stride, piece.length)
 
     return FromMemory
 

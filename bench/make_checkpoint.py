@@ -1,16 +1,20 @@
 """Write a random-weight Llama-3 architecture checkpoint (bf16 safetensors + tokenizer) to disk.
 
 Benchmarks load it through the server's real loading path, so weight loading is measured, not
-skipped. Shapes follow Llama 3.2 1B and Llama 3.1 8B; weights are N(0, 0.02) from a fixed seed.
-The tokenizer is the embedded default model's (its ids are a subset of the 128k vocab).
+skipped. Shapes follow Llama 3.2 1B, Llama 3.1 8B and 70B; weights are N(0, 0.02) from a fixed
+seed. The tokenizer is the embedded default model's (its ids are a subset of the 128k vocab).
+`--config-only` writes config.json and the tokenizer but no weights: a directory for
+`graphserve serve --load-format dummy` (70B shapes without 141 GB on disk).
 
     python -m bench.make_checkpoint --shape 8b --out /tmp/llama-8b
+    python -m bench.make_checkpoint --shape 70b --config-only --out /tmp/llama-70b
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +26,9 @@ SHAPES = {
     "8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                num_attention_heads=32, num_key_value_heads=8, head_dim=128,
                tie_word_embeddings=False),
+    "70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+                tie_word_embeddings=False),
 }  # fmt: skip
 COMMON = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=128256,
@@ -84,6 +91,8 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--device", default="cuda" if _cuda() else "cpu", help="where to draw weights")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--config-only", action="store_true",
+                    help="config.json and tokenizer only (for --load-format dummy)")
     args = ap.parse_args()
 
     import torch
@@ -107,6 +116,11 @@ def main() -> None:
     (out / "generation_config.json").write_text(
         json.dumps({"bos_token_id": cfg["bos_token_id"], "eos_token_id": cfg["eos_token_id"]})
     )
+    if args.config_only:
+        params = sum(math.prod(shape) for _, shape in tensor_shapes(cfg))
+        print(f"wrote {args.shape} config and tokenizer ({params / 1e9:.2f} B parameters, no "
+              f"weights) to {out} in {time.perf_counter() - t0:.1f} s")
+        return
 
     g = torch.Generator(device=args.device).manual_seed(args.seed)
     shard, shard_bytes, shards, index = {}, 0, [], {}

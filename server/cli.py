@@ -20,6 +20,7 @@ from server.config import (
     GRAPH_CAPTURE_MODES,
     LOAD_FORMATS,
     LOADERS,
+    TP_ALLREDUCE,
     ConfigError,
     EngineConfig,
     ServerConfig,
@@ -139,6 +140,19 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     sched.add_argument("--gpu-memory-utilization", type=float, default=eng.gpu_memory_utilization,
                        metavar="FRACTION", help="share of GPU memory the server may use")
 
+    par = p.add_argument_group("tensor parallelism")
+    par.add_argument("--tensor-parallel-size", "-tp", type=int, default=eng.tensor_parallel_size,
+                     metavar="N",
+                     help="shard the model over N GPUs of this host, one process each (this "
+                     "one is rank 0); N must divide the model's KV heads")
+    par.add_argument("--tp-timeout", type=float, default=eng.tp_timeout_s, metavar="SECONDS",
+                     help="longest wait for a peer rank at any agreement (load: 10x this); a "
+                     "peer that misses it fails the server instead of hanging it")
+
+    par.add_argument("--tp-allreduce", default=eng.tp_allreduce, choices=TP_ALLREDUCE,
+                     help="nccl; symm-mem (experimental, CUDA): torch's symmetric-memory one-shot "
+                     "all-reduce over NVLink for decode-sized tensors, nccl for the rest")
+
     graphs = p.add_argument_group("CUDA graphs")
     graphs.add_argument("--graph-capture", default=None, choices=GRAPH_CAPTURE_MODES,
                         help="lazy: capture the largest size before ready, the rest while "
@@ -226,6 +240,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         device=args.device,
         loader=args.loader,
+        tensor_parallel_size=args.tensor_parallel_size,
+        tp_timeout_s=args.tp_timeout,
+        tp_allreduce=args.tp_allreduce,
         max_model_len=args.max_model_len,
         max_num_seqs=args.max_num_seqs,
         max_queue=args.max_queue,

@@ -19,6 +19,9 @@ LOADERS = ("auto", "fast", "transformers")
 # auto: the checkpoint's safetensors files; dummy: random weights of config.json's shapes, no
 # weight file read (config.json and tokenizer files are enough).
 LOAD_FORMATS = ("auto", "dummy")
+# How tensor-parallel ranks all-reduce: nccl everywhere, or torch's symmetric-memory one-shot
+# all-reduce (P2P loads over NVLink, no multicast) for decode-sized tensors, nccl for the rest.
+TP_ALLREDUCE = ("nccl", "symm-mem")
 
 
 class ConfigError(ValueError):
@@ -87,6 +90,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto: bfloat16 on CUDA, float32 on CPU
     device: str = "auto"  # auto: cuda if available, else cpu
     loader: str = "auto"  # auto | fast | transformers (see LOADERS)
+    tensor_parallel_size: int = 1  # processes (GPUs) the model is sharded over
+    tp_timeout_s: float = 60.0  # longest wait for a tensor-parallel peer at any agreement
+    tp_allreduce: str = "nccl"  # nccl | symm-mem (see TP_ALLREDUCE)
     max_model_len: int | None = None  # None: the model's limit, shrunk to fit the KV budget
     max_num_seqs: int | None = None  # None: 64 on CUDA, 8 on CPU
     max_queue: int = 1024  # waiting requests beyond this are rejected (HTTP 429)
@@ -122,6 +128,17 @@ class EngineConfig:
             raise ConfigError(
                 f"--load-format must be one of {', '.join(LOAD_FORMATS)}, got {self.load_format!r}"
             )
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(
+                f"--tensor-parallel-size must be >= 1, got {self.tensor_parallel_size}"
+            )
+        if self.tp_allreduce not in TP_ALLREDUCE:
+            raise ConfigError(
+                f"--tp-allreduce must be one of {', '.join(TP_ALLREDUCE)}, "
+                f"got {self.tp_allreduce!r}"
+            )
+        if not self.tp_timeout_s > 0:
+            raise ConfigError(f"--tp-timeout must be > 0 seconds, got {self.tp_timeout_s}")
         if self.graph_capture not in GRAPH_CAPTURE_MODES:
             raise ConfigError(
                 f"--graph-capture must be one of {', '.join(GRAPH_CAPTURE_MODES)}, "

@@ -23,6 +23,12 @@ constrained rows and queues the draw. The device computes N+1's forward meanwhil
 host's grammar work hides behind it instead of sitting between two device steps; the rest of
 step N's bookkeeping (detokenisation, delivery) follows as usual.
 
+A step that raises fails the requests it carried and the engine serves on (under tensor
+parallelism, after settling the token broadcast the other ranks wait for). A
+`FatalEngineError` (a tensor-parallel rank died or the ranks lost step) cannot be stepped past:
+every request fails, the other ranks are stopped, and the engine reports `failed`, after which
+the server exits non-zero.
+
 This module imports no torch: `AsyncEngine` is built cheaply on any thread, and the model
 runner (which imports torch) is imported on the engine thread, inside the "loading_weights"
 phase it belongs to.
@@ -45,6 +51,7 @@ from server.config import EngineConfig
 from server.engine_protocol import PhaseCallback, RequestStream, deliver
 from server.errors import (
     EngineNotReadyError,
+    FatalEngineError,
     InvalidRequestError,
     QueueFullError,
     StartupError,
@@ -114,17 +121,25 @@ class AsyncEngine:
                 log.exception("phase callback failed")
 
     def _thread_main(self) -> None:
+        launcher = None
         try:
             t_start = time.perf_counter()
             # Torch-free: the checkpoint streams into the page cache while torch imports.
             if self.config.load_format != "dummy" and self.config.prefetch_threads > 0:
                 prefetch.start(self.config.model, self.config.prefetch_threads)
             self._set_phase("loading_weights")
+            if self.config.tensor_parallel_size > 1:
+                # Torch-free: the other ranks import torch and read their weights meanwhile.
+                from server.distributed.launcher import start_workers
+
+                launcher = start_workers(self.config, on_failure=self._on_worker_failure)
             from server.model_runner import ModelRunner  # torch: part of loading, see above
 
-            runner = ModelRunner(self.config, self._set_phase)
+            runner = ModelRunner(self.config, self._set_phase, launcher)
             runner.load(t_start)
         except Exception as exc:  # startup failure: report it, the server decides to exit
+            if launcher is not None:
+                launcher.kill()
             prefetch.discard()
             reason = str(exc) or type(exc).__name__
             expected = isinstance(exc, (StartupError, ValueError))
@@ -158,7 +173,28 @@ class AsyncEngine:
         self._accepting = True
         self.ready.set()
         self._set_phase("ready")
-        core.serve(self._commands, self._deliver)
+        try:
+            core.serve(self._commands, self._deliver)
+        except FatalEngineError as exc:
+            self._accepting = False
+            reason = str(exc)
+            log.error("engine failed: %s", reason)
+            core.fail_everything(self._commands, self._deliver, reason)
+            runner.close(kill=True)
+            self._set_phase("failed", reason)
+            return
+        except BaseException:
+            runner.close(kill=True)
+            raise
+        runner.close()
+
+    def _on_worker_failure(self, reason: str) -> None:
+        """A tensor-parallel worker exited on its own (a launcher watch thread calls this):
+        the group is broken for good. Report `failed` now, whatever the engine thread is doing;
+        its next message or collective to the dead rank raises, and the server exits
+        non-zero."""
+        self._accepting = False
+        self._set_phase("failed", reason)
 
     def _open_state(self, runner: ModelRunner) -> PlanKeeper | None:
         """The saved capture plan (`--state-dir`); a problem there never fails the start."""
@@ -295,6 +331,8 @@ class EngineCore:
         self._pending: PendingStep | None = None  # the step in flight
 
     def serve(self, commands: queue.SimpleQueue, deliver_outputs) -> None:
+        """Run until a shutdown command; raises FatalEngineError when the engine cannot go on
+        (the caller then calls `fail_everything`)."""
         sched = self.scheduler
         while True:
             busy = sched.busy or self._pending is not None
@@ -312,6 +350,21 @@ class EngineCore:
         deliver_outputs(sched.take_outputs())
         if self.state is not None:
             self.state.close()
+
+    def fail_everything(self, commands: queue.SimpleQueue, deliver_outputs, reason: str) -> None:
+        """After a fatal error: every request, queued ones included, ends with an error."""
+        self._pending = None
+        sched = self.scheduler
+        while True:
+            try:
+                cmd, arg = commands.get_nowait()
+            except queue.Empty:
+                break
+            if cmd == "add":
+                sched.add(arg)
+        every = [seq for choices in sched.by_id.values() for seq in choices]
+        sched.fail(every, f"the engine failed: {reason}")
+        deliver_outputs(sched.take_outputs())
 
     def _apply_commands(self, commands: queue.SimpleQueue, block: bool) -> bool:
         """Apply queued commands; block briefly when idle. Returns False on shutdown."""
@@ -346,7 +399,7 @@ class EngineCore:
         length) are left out of step N+1.
 
         If anything raises, the requests of both steps fail (their tokens are lost) and the
-        engine serves on with the rest.
+        engine serves on with the rest; a FatalEngineError propagates instead.
         """
         prev, self._pending = self._pending, None
         step: ScheduledStep | None = None
@@ -371,7 +424,13 @@ class EngineCore:
                     read = runner.read(prev)
                     sched.advance_grammars(prev.seqs, read.tokens)
                 sched.complete(prev.seqs, read)
+        except FatalEngineError:
+            raise
         except Exception as exc:
+            # A step whose draw was never queued still owes the other tensor-parallel ranks
+            # its token broadcast; settling it keeps their collectives paired (it raises
+            # FatalEngineError when it cannot).
+            runner.settle()
             self.step_errors += 1
             failed = list(prev.seqs) if prev is not None else []
             if step is not None:

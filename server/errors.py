@@ -6,6 +6,9 @@ Torch-free and FastAPI-free: the HTTP layer imports this before the model stack 
   anything is queued; the HTTP layer maps them to 400 / 429 / 503.
 * Startup errors (`StartupError`, `ModelLoadError`) end the engine's startup; their message is
   shown on `/health/ready` and in the pod log, so it names what an operator has to change.
+* `FatalEngineError` ends a running engine: something the engine cannot step past (a
+  tensor-parallel rank died, or the ranks can no longer be kept in the same step). The engine
+  fails every request and reports `failed`, and the server exits non-zero.
 * `GrammarError`: a schema or grammar that cannot be enforced (`server.structured`); the HTTP
   layer answers 400 naming the parameter it came from, the engine fails only that request.
 """
@@ -39,6 +42,15 @@ class StartupError(RuntimeError):
 
 class ModelLoadError(StartupError):
     """The model directory cannot be served; the message names the path and the problem."""
+
+
+class FatalEngineError(RuntimeError):
+    """The engine cannot go on serving; unlike a failing step, nothing is retried.
+
+    Raised on the engine thread, e.g. when a tensor-parallel peer dies, misses an agreement's
+    deadline or answers out of turn: the ranks' collectives would no longer pair up, so any
+    further step could hang or mix up tensors. The message names the rank and what happened.
+    """
 
 
 class GrammarError(ValueError):

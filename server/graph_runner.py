@@ -1,11 +1,19 @@
 """CUDA graphs of the decode step: capture, replay, and the static buffers they read.
 
-Sits beside the model runner: `server.model_runner.ModelRunner` calls `run` for every decode
-step and `capture` when the capture policy (`server.graph_warmup.CapturePolicy`) says so; this
-module does the torch side of that protocol (`begin` / `succeeded` / `failed`).
+Sits beside the model runner: `server.step_executor.StepExecutor` calls `run` for every
+decode-only step with the batch size to replay (decided on rank 0 by the capture policy,
+`server.graph_warmup.CapturePolicy`), and `capture` when the policy says so. This module holds
+no policy: it captures what it is told and reports a `CaptureResult`, so the same code runs on
+rank 0 and on tensor-parallel workers, which only follow rank 0's decisions.
 
-Engine thread only: graphs are captured and replayed on the thread that runs every other CUDA
-call, so a capture never races another thread's kernel launch.
+Engine thread (or a worker's main thread) only: graphs are captured and replayed on the thread
+that runs every other CUDA call, so a capture never races another thread's kernel launch.
+Under tensor parallelism torch's NCCL watchdog thread polls CUDA events meanwhile; captures
+then use the "thread_local" error mode, which leaves other threads' calls alone.
+
+Test seam: `emulate=True` (on CPU, `GRAPHSERVE_EMULATE_GRAPHS=1`) makes a "graph" of size s the
+eager step at width s (padding rows on the scratch row), so CI exercises capture scheduling,
+padded dispatch and the ranks' capture agreement without a GPU.
 """
 
 from __future__ import annotations
@@ -14,13 +22,37 @@ import contextlib
 import gc
 import logging
 import time
+from dataclasses import dataclass
 
 import torch
 
 from server import ops
-from server.graph_warmup import CapturePolicy
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CaptureResult:
+    """What one capture on one rank did: `ok`, how long the thread stalled, the graph pool's
+    size after it, and the first line of the error when it failed."""
+
+    size: int
+    ok: bool
+    seconds: float
+    pool_bytes: int
+    error: str | None = None
+
+    def to_json(self) -> dict:
+        return {"size": self.size, "ok": self.ok, "seconds": self.seconds,
+                "pool_bytes": self.pool_bytes, "error": self.error}  # fmt: skip
+
+
+class _EmulatedGraph:
+    """A CPU stand-in for a captured graph (test seam): replaying it runs the step eagerly at
+    the captured width, as a real replay computes the padded rows too."""
+
+    def __init__(self, size: int):
+        self.size = size
 
 
 class DecodeGraphRunner:
@@ -33,7 +65,8 @@ class DecodeGraphRunner:
 
     All methods run on the engine thread. Captures use `capture_begin`/`capture_end` directly
     rather than `torch.cuda.graph(...)`, whose entry empties the allocator's cache (device and
-    pinned host): mid-serving that would force fresh cudaMallocs into the next steps.
+    pinned host): mid-serving that would force fresh cudaMallocs into the next steps. The
+    caller captures the largest size first (the pool is sized by it) and never a size twice.
     """
 
     def __init__(
@@ -41,65 +74,49 @@ class DecodeGraphRunner:
         model,
         kv_cache,
         block_tables,
-        policy: CapturePolicy,
         max_num_seqs: int,
         scratch_row: int,
+        *,
+        emulate: bool = False,
+        capture_error_mode: str = "global",
     ):
         self.model = model
         self.kv_cache = kv_cache
         self.block_tables = block_tables  # static: the graphs read it in place
-        self.policy = policy
         self.max_n = max_num_seqs
         self.scratch_row = scratch_row
         self.device = model.device
         self.cuda = self.device.type == "cuda"
+        self.emulate = emulate and not self.cuda
+        self._error_mode = capture_error_mode
+        self.vocab = model.shape.vocab_size
         # Rows: token ids, positions, block-table rows (what the graphs read; padding rows and
         # warm-up runs use the scratch row, whose blocks are all the scratch block 0), and, for
         # `run`, the row of the previous step's output each token comes from (-1: the id in
         # row 0 is already right).
         self.inputs = torch.zeros(4, self.max_n, dtype=torch.int64, device=self.device)
+        # Under tensor parallelism the width is the padded vocabulary the ranks' slices gather
+        # into; `run` returns the real vocabulary's columns.
         self.logits = torch.empty(
-            self.max_n, model.shape.vocab_size, dtype=model.dtype, device=self.device
+            self.max_n, model.logits_width, dtype=model.dtype, device=self.device
         )
         self.graphs: dict[int, object] = {}
         self._failed_graphs: list[object] = []  # never freed: see capture()
         self._pool = None
         self._stream = torch.cuda.Stream() if self.cuda else None
-        self._reserved_before = 0
+        self._reserved_before: int | None = None
         # Tests inject faults here: called inside a capture with the size being captured.
         self.fault_injector = None
 
-    # -- startup ----------------------------------------------------------------------------
+    # -- warm-up ----------------------------------------------------------------------------
 
-    def startup(self) -> None:
-        """Warm up, then capture the policy's startup sizes (lazy: the largest only)."""
-        if not self.cuda:
-            self._warm(self.max_n)  # still exercise the step once, so the first request is fast
-            return
-        plan = self.policy.startup_plan()
-        # Eager runs at the largest size on the capture stream first: cuBLAS creates its
-        # workspace and Triton compiles its kernels outside any graph pool.
-        for n in sorted({self.max_n, 1}, reverse=True):
-            self._warm(n)
-        torch.cuda.synchronize()
-        self._reserved_before = torch.cuda.memory_reserved()
-        if not plan:
-            return
-        if len(plan) > 1:
-            # One collection before a bulk, not per graph. Lazy startup captures a single
-            # graph: a full collection of the torch + transformers heap (~0.2 s measured on
-            # the H100 box) would only delay readiness.
-            gc.collect()
-        gc.freeze()
-        try:
-            for size in plan:
-                if not self.policy.active:  # the largest failed: the policy is off, serve eagerly
-                    break
-                self.capture(size, bulk=True)
-        finally:
-            gc.unfreeze()
+    def warm(self, n: int) -> None:
+        """Run the step of `n` padding rows eagerly on the capture stream.
 
-    def _warm(self, n: int) -> None:
+        Before the first capture, at the largest size and at 1: cuBLAS creates its workspace
+        and Triton compiles its kernels outside any graph pool (captures then skip per-size
+        warm-up runs). On CPU it still exercises the step once, so the first request is fast.
+        """
         self._fill_padding()
         ctx = torch.cuda.stream(self._stream) if self.cuda else contextlib.nullcontext()
         with ctx:
@@ -124,21 +141,51 @@ class DecodeGraphRunner:
 
     # -- capture ----------------------------------------------------------------------------
 
-    def capture(self, size: int, bulk: bool = False) -> bool:
-        """Capture the graph for `size`; report to the policy.
+    def capture(self, size: int, bulk: bool = False) -> CaptureResult:
+        """Capture the graph for `size`; errors never escape, they make a failed result.
 
-        Capture errors never escape (they mark the size failed); only a broken protocol with
-        the policy (e.g. capturing a size twice) raises, as a bug would.
-
+        `bulk`: the caller has frozen the garbage collector around several captures.
         A failed capture may leave its graph holding blocks of the shared pool; freeing it (or
         any graph of the pool) and capturing again into that pool trips an allocator assert,
-        so failed graphs are kept alive and never retried.
+        so failed graphs are kept alive, and the caller never retries a size.
         """
-        self.policy.begin(size)
+        if size in self.graphs or not 1 <= size <= self.max_n:
+            raise ValueError(f"cannot capture batch size {size}: captured already or out of "
+                             f"1..{self.max_n}")
+        if not (self.cuda or self.emulate):
+            raise RuntimeError("CUDA graphs need a CUDA device")
         if not bulk:
             gc.freeze()  # no GC pass (and no tensor frees from __del__) during the capture
-        graph = torch.cuda.CUDAGraph()
         t0 = time.perf_counter()
+        try:
+            if self.emulate:
+                graph = self._capture_emulated(size)
+            else:
+                graph = self._capture_cuda(size)
+        except Exception as exc:  # OOM, CUDA error, injected fault
+            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+            logger.warning("graph capture for batch size %d failed: %s", size, reason)
+            return CaptureResult(size, False, time.perf_counter() - t0, self.pool_bytes(), reason)
+        finally:
+            if not bulk:
+                gc.unfreeze()
+        seconds = time.perf_counter() - t0
+        self.graphs[size] = graph
+        pool_bytes = self.pool_bytes()
+        logger.info(
+            "captured decode graph for batch size %d in %.1f ms (graph pool %.1f MiB)",
+            size,
+            seconds * 1e3,
+            pool_bytes / 2**20,
+        )
+        return CaptureResult(size, True, seconds, pool_bytes)
+
+    def _capture_cuda(self, size: int):
+        if self._reserved_before is None:
+            # Warm-ups are done by now: what the allocator holds beyond this is graph pool.
+            torch.cuda.synchronize()
+            self._reserved_before = torch.cuda.memory_reserved()
+        graph = torch.cuda.CUDAGraph()
         try:
             # No per-size warm-up run: startup already ran the step eagerly on this stream, so
             # cuBLAS has its workspace and Triton its kernels (compiled once for every batch
@@ -146,7 +193,7 @@ class DecodeGraphRunner:
             self._fill_padding()
             torch.cuda.synchronize()
             with torch.cuda.stream(self._stream):
-                graph.capture_begin(pool=self._pool)
+                graph.capture_begin(pool=self._pool, capture_error_mode=self._error_mode)
                 try:
                     if self.fault_injector is not None:
                         self.fault_injector(size)
@@ -154,29 +201,24 @@ class DecodeGraphRunner:
                 finally:
                     graph.capture_end()
             torch.cuda.synchronize()
-        except Exception as exc:  # OOM, CUDA error, injected fault
+        except Exception:
             self._failed_graphs.append(graph)
             self._recover_from_failed_capture()
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            logger.warning("graph capture for batch size %d failed: %s", size, reason)
-            self.policy.failed(size, reason)
-            return False
-        finally:
-            if not bulk:
-                gc.unfreeze()
-        seconds = time.perf_counter() - t0
+            raise
         if self._pool is None:
             self._pool = graph.pool()
-        self.graphs[size] = graph
-        pool_bytes = max(0, torch.cuda.memory_reserved() - self._reserved_before)
-        self.policy.succeeded(size, seconds, pool_bytes)
-        logger.info(
-            "captured decode graph for batch size %d in %.1f ms (graph pool %.1f MiB)",
-            size,
-            seconds * 1e3,
-            pool_bytes / 2**20,
-        )
-        return True
+        return graph
+
+    def _capture_emulated(self, size: int) -> _EmulatedGraph:
+        if self.fault_injector is not None:
+            self.fault_injector(size)
+        return _EmulatedGraph(size)
+
+    def pool_bytes(self) -> int:
+        """Device memory the graphs hold beyond what the warm-ups left reserved."""
+        if not self.cuda or self._reserved_before is None:
+            return 0
+        return max(0, torch.cuda.memory_reserved() - self._reserved_before)
 
     def _recover_from_failed_capture(self) -> None:
         """Check the capture stream left capture mode and the device is still healthy.
@@ -201,17 +243,21 @@ class DecodeGraphRunner:
         rows: list[int],
         prev_tokens=None,
         prev_rows: list[int] | None = None,
+        size: int | None = None,
     ):
         """Decode one token for each row; returns the logits view `[n, vocab]`.
 
-        Without a host sync, a row's input token may come from the device: where `prev_rows[i]`
-        is >= 0, row i reads `prev_tokens[prev_rows[i]]` (the previous step's sampled tokens,
-        which the host has not seen yet) instead of `ids[i]`. Nothing here waits for the device.
+        `size`: the captured batch size to replay, padding the rows beyond n onto the scratch
+        row (None: run eagerly at n). Without a host sync, a row's input token may come from
+        the device: where `prev_rows[i]` is >= 0, row i reads `prev_tokens[prev_rows[i]]` (the
+        previous step's sampled tokens, which the host has not seen yet) instead of `ids[i]`.
+        Nothing here waits for the device.
         """
         n = len(ids)
-        dispatch = self.policy.select(n)
-        graph = self.graphs.get(dispatch.size) if dispatch.size is not None else None
-        width = dispatch.size if graph is not None else n
+        graph = self.graphs.get(size) if size is not None else None
+        if size is not None and graph is None:
+            raise ValueError(f"no graph captured for batch size {size} on this rank")
+        width = size if graph is not None else n
         pad = width - n
         src = prev_rows if prev_tokens is not None and prev_rows is not None else [-1] * n
         # A fresh pinned tensor per step from torch's caching host allocator, which reuses a
@@ -232,17 +278,13 @@ class DecodeGraphRunner:
             ids_dev, src_dev = self.inputs[0, :n], self.inputs[3, :n]
             carried = prev_tokens.index_select(0, src_dev.clamp(min=0))
             ids_dev.copy_(torch.where(src_dev >= 0, carried, ids_dev))
-        if graph is not None:
+        if isinstance(graph, _EmulatedGraph):
+            self._decode_static(graph.size)
+        elif graph is not None:
             graph.replay()
         else:
             self._decode_static(n)
-        return self.logits[:n]
-
-    def describe(self) -> str:
-        snap = self.policy.snapshot()
-        cov = snap.get("coverage", {})
-        captured, total = cov.get("captured", 0), cov.get("total", 0)
-        return f"mode={snap.get('mode')}, captured {captured}/{total} sizes"
+        return self.logits[:n, : self.vocab]
 
     def device_info(self) -> dict:
         info = {"type": self.device.type, "torch": torch.__version__}
@@ -250,4 +292,6 @@ class DecodeGraphRunner:
             info["name"] = torch.cuda.get_device_name(self.device)
             info["total_memory_bytes"] = torch.cuda.get_device_properties(self.device).total_memory
         info["kernels"] = "triton" if ops.triton_enabled() else "torch"
+        if self.emulate:
+            info["graphs"] = "emulated on CPU (test seam)"
         return info

@@ -141,7 +141,8 @@ class Lifecycle:
         suffix = f": {detail}" if detail else ""
         if phase == FAILED:
             logger.error(
-                "startup failed in phase %s after %.2fs (%.2fs since start)%s",
+                "%s in phase %s after %.2fs (%.2fs since start)%s",
+                "failed" if prev.phase in (READY, DRAINING) else "startup failed",
                 prev.phase, took, since, suffix,
             )
         else:

@@ -33,10 +33,6 @@ class KVPlan:
     budget_bytes: int | None  # total GPU memory the server may hold (None on CPU)
     note: str
 
-    @property
-    def max_blocks_per_seq(self) -> int:
-        return -(-self.max_model_len // self.block_size)
-
 
 def plan_kv_cache(
     cfg: EngineConfig,
@@ -46,8 +42,10 @@ def plan_kv_cache(
     max_num_seqs: int,
     max_batched_tokens: int,
     weight_bytes: int,
+    tp_world: int = 1,
 ) -> KVPlan:
-    """Choose max_model_len and the block count.
+    """Choose max_model_len and the block count (for one rank of `tp_world`: its KV heads,
+    its slice of the activations, its own GPU's memory).
 
     Context: `--max-model-len`, else the model's limit (its sliding window if it has one);
     on CPU capped at `DEVICE_DEFAULTS["cpu"].max_model_len`. Blocks: `--num-kv-blocks`, else
@@ -58,7 +56,8 @@ def plan_kv_cache(
     bs = cfg.block_size
     dim = head_dim(hf_config)
     itemsize = torch.empty((), dtype=dtype).element_size()
-    per_token = 2 * hf_config.num_hidden_layers * hf_config.num_key_value_heads * dim * itemsize
+    kv_heads = hf_config.num_key_value_heads // tp_world
+    per_token = 2 * hf_config.num_hidden_layers * kv_heads * dim * itemsize
     per_block = bs * per_token
     limit = hf_config.max_position_embeddings
     window = sliding_window(hf_config)
@@ -78,8 +77,8 @@ def plan_kv_cache(
     free, total = torch.cuda.mem_get_info()
     budget = int(total * cfg.gpu_memory_utilization)
     in_use = torch.cuda.memory_reserved()
-    h, inter = hf_config.hidden_size, hf_config.intermediate_size
-    qkv = (hf_config.num_attention_heads + 2 * hf_config.num_key_value_heads) * dim
+    h, inter = hf_config.hidden_size, hf_config.intermediate_size // tp_world
+    qkv = (hf_config.num_attention_heads // tp_world + 2 * kv_heads) * dim
     vocab = hf_config.vocab_size
     # Peak transient memory outside the KV cache: a step's activations (x2 for the allocator's
     # slack), decode logits plus sampling temporaries (~40 B per logit), a margin.
@@ -107,6 +106,22 @@ def plan_kv_cache(
     plan = KVPlan(max_len, fit, bs, fit * per_block, budget,
                   f"{fit - 1} blocks of {bs} tokens fill the {budget / gib:.1f} GiB budget")
     return _fit(plan, cfg)
+
+
+def agree(plan: KVPlan, num_blocks: int, cfg: EngineConfig) -> KVPlan:
+    """Rank 0's plan cut down to `num_blocks` (the fewest any rank's memory holds), so every
+    rank allocates the same pool and block tables mean the same on all of them."""
+    if num_blocks >= plan.num_blocks:
+        return plan
+    if num_blocks < 2:
+        raise StartupError(
+            "no room for a KV cache on one of the tensor-parallel ranks; raise "
+            "--gpu-memory-utilization or lower --max-num-batched-tokens"
+        )
+    per_block = plan.kv_bytes // plan.num_blocks
+    note = f"{plan.note}; {num_blocks - 1} blocks, what the fullest rank holds"
+    return _fit(KVPlan(plan.max_model_len, num_blocks, plan.block_size, num_blocks * per_block,
+                       plan.budget_bytes, note), cfg)
 
 
 def _fit(plan: KVPlan, cfg: EngineConfig) -> KVPlan:

@@ -33,6 +33,11 @@ if TYPE_CHECKING:
 logger = logging.getLogger("graphserve.cli")
 
 EXIT_STARTUP_FAILURE = 1
+# After the server asked itself to exit (a failed engine), the longest the orderly way out may
+# take: uvicorn's graceful shutdown (5 s) and the engine's bounded shutdown (15 s) fit well
+# inside. Past it the process ends anyway: a thread wedged in a device call (a collective
+# whose peer died) must not keep a failed server alive, holding its GPUs.
+EXIT_WATCHDOG_S = 60.0
 
 
 def bind_socket(host: str, port: int) -> socket.socket:
@@ -202,6 +207,7 @@ def _serve_app(config: ServerConfig, sock: socket.socket, lifecycle: Lifecycle,
     def on_exit(code: int) -> None:
         if server is not None:
             server.request_exit(code)
+        _start_exit_watchdog(code, EXIT_WATCHDOG_S)
 
     app = create_app(config, engine_class=engine_class or DEFAULT_ENGINE_CLASS,
                      lifecycle=lifecycle, on_exit=on_exit)
@@ -214,3 +220,17 @@ def _serve_app(config: ServerConfig, sock: socket.socket, lifecycle: Lifecycle,
                 port)
     server.run(sockets=[sock])
     return server.exit_code
+
+
+def _start_exit_watchdog(code: int, seconds: float) -> None:
+    """End the process with `code` if it is still alive `seconds` from now (daemon thread:
+    a normal exit before then cancels nothing and waits for nothing)."""
+
+    def expire() -> None:
+        logger.error("still running %.0f s after exiting was requested; exiting now", seconds)
+        logging.shutdown()
+        os._exit(code)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True
+    timer.start()

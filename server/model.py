@@ -7,6 +7,12 @@ gate/up projections are fused into single matrices (one GEMM each instead of thr
 the unfused parts are freed layer by layer. Arithmetic follows the HF modules op for op (see
 `server.ops`), so greedy output matches HF's own forward.
 
+Under tensor parallelism (`shard=TPShard(rank, world)`) the model holds one rank's slice of
+every weight (`server.distributed.sharding`: whole heads, an intermediate slice, a vocabulary
+slice) and, once `attach_comm` gave it the group's collectives, all-reduces after o_proj and
+down and after the embedding lookup, and gathers the LM head's slices into full logits. Every
+rank runs the same forward on the same inputs; only the weights differ.
+
 The KV cache is paged (`server.kv_cache`): per layer a `(k, v)` pair of
 `[blocks, block_size, Hkv, D]` tensors, a sequence's tokens found through its row of the block
 table. Two entry points:
@@ -25,13 +31,18 @@ import torch
 import torch.nn.functional as F
 
 from server import ops
+from server.distributed.sharding import TPShard, pad_rows, take_sharded
 from server.hf_config import head_dim as config_head_dim
 from server.hf_config import sliding_window
 
 
 @dataclass
 class ModelShape:
-    """The dimensions the engine sizes buffers and the KV cache from."""
+    """The dimensions the engine sizes buffers and the KV cache from.
+
+    Heads and the intermediate size are this rank's (the whole model's divided by
+    `tp_world`); `vocab_size` is the whole vocabulary, which sampling sees.
+    """
 
     num_layers: int
     hidden_size: int
@@ -42,6 +53,7 @@ class ModelShape:
     vocab_size: int
     max_position_embeddings: int
     sliding_window: int | None
+    tp_world: int = 1
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -179,38 +191,59 @@ class DecoderModel:
     before the forward; passing `max_model_len` to the constructor does it right away.
     """
 
-    def __init__(self, config, weights, max_model_len: int | None = None):
+    def __init__(
+        self, config, weights, max_model_len: int | None = None, shard: TPShard | None = None
+    ):
+        shard = shard or TPShard()
+        world = shard.world
         head_dim = config_head_dim(config)
         hidden, inter = config.hidden_size, config.intermediate_size
         n_heads, n_kv = config.num_attention_heads, config.num_key_value_heads
         vocab = config.vocab_size
         self.config = config
+        self.shard = shard
         self.shape = ModelShape(
             num_layers=config.num_hidden_layers,
             hidden_size=hidden,
-            num_heads=n_heads,
-            num_kv_heads=n_kv,
+            num_heads=n_heads // world,
+            num_kv_heads=n_kv // world,
             head_dim=head_dim,
-            intermediate_size=inter,
+            intermediate_size=inter // world,
             vocab_size=vocab,
             max_position_embeddings=config.max_position_embeddings,
             sliding_window=sliding_window(config),
+            tp_world=world,
         )
         self.eps = config.rms_norm_eps
         self.scale = head_dim**-0.5
-        self.embed = weights.take("model.embed_tokens.weight", (vocab, hidden))
-        self.dtype = self.embed.dtype
-        self.device = self.embed.device
-        self.layers = [
-            self._take_layer(config, weights, i, head_dim) for i in range(config.num_hidden_layers)
-        ]
-        self.final_norm = weights.take("model.norm.weight", (hidden,))
-        if getattr(config, "tie_word_embeddings", False):
-            # One storage for both ends, as transformers ties them (a lm_head.weight in the
-            # file is ignored there too).
-            self.lm_head = self.embed
-        else:
-            self.lm_head = weights.take("lm_head.weight", (vocab, hidden))
+        self.comm = None  # the tensor-parallel collectives (`attach_comm`); None: one process
+        # This rank's vocabulary rows [vocab_start, vocab_start + rows), zero-padded to `rows`
+        # on the last rank so every rank's logits slice has the same width.
+        self.vocab_start, stop, rows = shard.vocab_rows(vocab)
+        self.logits_width = rows * world
+        with torch.no_grad():
+            self.embed = pad_rows(
+                take_sharded(weights, "model.embed_tokens.weight", (vocab, hidden), 0,
+                             self.vocab_start, stop),
+                rows,
+            )  # fmt: skip
+            self.dtype = self.embed.dtype
+            self.device = self.embed.device
+            self.layers = [
+                self._take_layer(config, weights, i, head_dim, shard)
+                for i in range(config.num_hidden_layers)
+            ]
+            self.final_norm = weights.take("model.norm.weight", (hidden,))
+            if getattr(config, "tie_word_embeddings", False):
+                # One storage for both ends, as transformers ties them (a lm_head.weight in
+                # the file is ignored there too).
+                self.lm_head = self.embed
+            else:
+                self.lm_head = pad_rows(
+                    take_sharded(weights, "lm_head.weight", (vocab, hidden), 0,
+                                 self.vocab_start, stop),
+                    rows,
+                )  # fmt: skip
         self.weight_bytes = sum(
             t.numel() * t.element_size() for t in {id(t): t for t in self._tensors()}.values()
         )
@@ -218,6 +251,13 @@ class DecoderModel:
         self.max_model_len = 0
         if max_model_len is not None:
             self.init_rope(max_model_len)
+
+    def attach_comm(self, comm) -> None:
+        """Give a sharded model its group's collectives (`server.distributed.comm.TPComm`)
+        before its first forward; the forward issues them in the same order on every rank."""
+        if self.shard.world == 1:
+            raise ValueError("a model that is not sharded has no collectives to attach")
+        self.comm = comm
 
     def init_rope(self, max_model_len: int) -> None:
         """cos/sin tables for every position below `max_model_len` (one gather per step)."""
@@ -230,7 +270,7 @@ class DecoderModel:
             yield from (t for t in vars(w).values() if t is not None)
 
     @staticmethod
-    def _take_layer(config, weights, i: int, head_dim: int) -> LayerWeights:
+    def _take_layer(config, weights, i: int, head_dim: int, shard: TPShard) -> LayerWeights:
         hidden, inter = config.hidden_size, config.intermediate_size
         q_out = config.num_attention_heads * head_dim
         kv_out = config.num_key_value_heads * head_dim
@@ -246,38 +286,48 @@ class DecoderModel:
         def take(name, shape):
             return weights.take(p + name, shape)
 
-        def take_fused(names_shapes):
-            return _fuse([take(n, s) for n, s in names_shapes])
+        def rows(name, shape):
+            """This rank's output rows (its heads, its intermediate slice): dim 0."""
+            return take_sharded(weights, p + name, shape, 0, *shard.part(shape[0]))
+
+        def cols(name, shape):
+            """This rank's input columns of a row-parallel matrix: dim 1."""
+            return take_sharded(weights, p + name, shape, 1, *shard.part(shape[1]))
+
+        def after_reduce(name, shape):
+            """A bias added after the all-reduce: rank 0 adds it, once."""
+            bias = take(name, shape)
+            return bias if shard.rank == 0 else None
 
         qkv = (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out))
-        with torch.no_grad():
-            qkv_w = take_fused([(f"self_attn.{n}.weight", (o, hidden)) for n, o in qkv])
-            qkv_b = (
-                take_fused([(f"self_attn.{n}.bias", (o,)) for n, o in qkv]) if qkv_bias else None
-            )
-            has_qk_norm = model_type == "qwen3"
-            gate_up = take_fused(
-                [("mlp.gate_proj.weight", (inter, hidden)), ("mlp.up_proj.weight", (inter, hidden))]
-            )
-            gate_up_b = (
-                take_fused([("mlp.gate_proj.bias", (inter,)), ("mlp.up_proj.bias", (inter,))])
-                if mlp_bias
-                else None
-            )
-            return LayerWeights(
-                input_norm=take("input_layernorm.weight", (hidden,)),
-                qkv=qkv_w,
-                qkv_bias=qkv_b,
-                q_norm=take("self_attn.q_norm.weight", (head_dim,)) if has_qk_norm else None,
-                k_norm=take("self_attn.k_norm.weight", (head_dim,)) if has_qk_norm else None,
-                o_proj=take("self_attn.o_proj.weight", (hidden, q_out)),
-                o_bias=take("self_attn.o_proj.bias", (hidden,)) if o_bias else None,
-                post_norm=take("post_attention_layernorm.weight", (hidden,)),
-                gate_up=gate_up,
-                gate_up_bias=gate_up_b,
-                down=take("mlp.down_proj.weight", (hidden, inter)),
-                down_bias=take("mlp.down_proj.bias", (hidden,)) if mlp_bias else None,
-            )
+        # Each part is sliced on its own, then fused: the fused matrix holds this rank's q heads,
+        # then its k heads, then its v heads, the layout the forward splits.
+        qkv_w = _fuse([rows(f"self_attn.{n}.weight", (o, hidden)) for n, o in qkv])
+        qkv_b = _fuse([rows(f"self_attn.{n}.bias", (o,)) for n, o in qkv]) if qkv_bias else None
+        has_qk_norm = model_type == "qwen3"
+        gate_up = _fuse([
+            rows("mlp.gate_proj.weight", (inter, hidden)),
+            rows("mlp.up_proj.weight", (inter, hidden)),
+        ])
+        gate_up_b = (
+            _fuse([rows("mlp.gate_proj.bias", (inter,)), rows("mlp.up_proj.bias", (inter,))])
+            if mlp_bias
+            else None
+        )
+        return LayerWeights(
+            input_norm=take("input_layernorm.weight", (hidden,)),
+            qkv=qkv_w,
+            qkv_bias=qkv_b,
+            q_norm=take("self_attn.q_norm.weight", (head_dim,)) if has_qk_norm else None,
+            k_norm=take("self_attn.k_norm.weight", (head_dim,)) if has_qk_norm else None,
+            o_proj=cols("self_attn.o_proj.weight", (hidden, q_out)),
+            o_bias=after_reduce("self_attn.o_proj.bias", (hidden,)) if o_bias else None,
+            post_norm=take("post_attention_layernorm.weight", (hidden,)),
+            gate_up=gate_up,
+            gate_up_bias=gate_up_b,
+            down=cols("mlp.down_proj.weight", (hidden, inter)),
+            down_bias=after_reduce("mlp.down_proj.bias", (hidden,)) if mlp_bias else None,
+        )
 
     # -- the forward -------------------------------------------------------------------------
 
@@ -294,11 +344,36 @@ class DecoderModel:
             k = ops.rms_norm(k, w.k_norm, self.eps)
         return q, k, v
 
+    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum the ranks' partial results (in place); the identity in one process."""
+        return x if self.comm is None else self.comm.all_reduce(x)
+
+    def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        if self.comm is None:
+            return F.embedding(input_ids, self.embed)
+        # Vocabulary-parallel: ids outside this rank's rows look up row 0 and are zeroed, so
+        # the all-reduce sums exactly one real row per token (x + 0 is exact in any dtype).
+        local = input_ids - self.vocab_start
+        outside = (local < 0) | (local >= self.embed.shape[0])
+        h = F.embedding(local.clamp(0, self.embed.shape[0] - 1), self.embed)
+        return self.comm.all_reduce(h.masked_fill_(outside[:, None], 0))
+
+    def _lm_head(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits `[T, logits_width]` (every rank's slice side by side) into `out` or a new
+        tensor; the columns past `vocab_size` are padding."""
+        if self.comm is None:
+            return torch.matmul(x, self.lm_head.t(), out=out)
+        if out is None:
+            out = torch.empty(x.shape[0], self.logits_width, dtype=x.dtype, device=x.device)
+        if x.shape[0]:  # every rank sees the same row count, so all skip an empty gather
+            self.comm.gather_logits(torch.matmul(x, self.lm_head.t()), out)
+        return out
+
     def _forward(self, input_ids, positions, rows, kv_cache, block_tables, attend):
         """Run all layers; `attend(k_cache, v_cache, q_rot)` computes attention for the rows."""
         cos = self.cos[positions]
         sin = self.sin[positions]
-        h = F.embedding(input_ids, self.embed)
+        h = self._embed(input_ids)
         residual = h
         x = ops.rms_norm(h, self.layers[0].input_norm, self.eps)
         n_layers = len(self.layers)
@@ -309,10 +384,10 @@ class DecoderModel:
                 q, k, v, cos, sin, k_cache, v_cache, block_tables, rows, positions
             )
             attn = attend(k_cache, v_cache, q).reshape(q.shape[0], -1)
-            attn = F.linear(attn, w.o_proj, w.o_bias)
+            attn = self._reduce(F.linear(attn, w.o_proj, w.o_bias))
             x, residual = ops.add_rms_norm(attn, residual, w.post_norm, self.eps)
             mlp = ops.silu_and_mul(F.linear(x, w.gate_up, w.gate_up_bias))
-            mlp = F.linear(mlp, w.down, w.down_bias)
+            mlp = self._reduce(F.linear(mlp, w.down, w.down_bias))
             next_norm = self.layers[i + 1].input_norm if i + 1 < n_layers else self.final_norm
             x, residual = ops.add_rms_norm(mlp, residual, next_norm, self.eps)
         return x  # final-normed hidden states
@@ -322,8 +397,10 @@ class DecoderModel:
         """One token per row: token `input_ids[r]` at `positions[r]` of the sequence in
         block-table row `rows[r]`.
 
-        Writes logits `[N, vocab]` into `logits_out` (a caller-owned buffer, so a captured graph
-        leaves no per-size output in the graph pool). Capturable: shapes only, no host sync.
+        Writes logits `[N, logits_width]` into `logits_out` (a caller-owned buffer, so a
+        captured graph leaves no per-size output in the graph pool; columns past `vocab_size`
+        are padding). Capturable: shapes only, no host sync; under tensor parallelism the
+        collectives are captured too.
         """
         seq_lens = positions + 1
 
@@ -333,7 +410,7 @@ class DecoderModel:
             )
 
         x = self._forward(input_ids, positions, rows, kv_cache, block_tables, attend)
-        torch.matmul(x, self.lm_head.t(), out=logits_out)
+        self._lm_head(x, logits_out)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv_cache, block_tables) -> torch.Tensor:
@@ -368,4 +445,4 @@ class DecoderModel:
         x = self._forward(
             batch.input_ids, batch.positions, batch.rows, kv_cache, block_tables, attend
         )
-        return torch.matmul(x[batch.logit_rows], self.lm_head.t())
+        return self._lm_head(x[batch.logit_rows])[:, : self.shape.vocab_size]

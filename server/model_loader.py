@@ -18,6 +18,11 @@ changes no byte, helps it.
 `load_format="dummy"` replaces the weight files by random tensors (`weights.DummyWeights`), so a
 directory with config.json and tokenizer files suffices.
 
+Under tensor parallelism each rank builds only its shard (`shard=TPShard(rank, world)`), and
+the pipeline reads only that rank's slice of each sharded tensor
+(`server.distributed.sharding.planned_slice`); the workers, which need no tokenizer, load
+through `load_shard`.
+
 Everything that can be wrong with a model directory is reported as a
 `ModelLoadError` whose message names the path and the problem, because it ends up on
 `/health/ready` and in the pod log where an operator has to act on it.
@@ -167,6 +172,7 @@ def load_checkpoint(
     served_name: str | None = None,
     loader: str = "auto",
     load_format: str = "auto",
+    shard=None,
 ) -> LoadedCheckpoint:
     """Load config, tokenizers and weights of `model` onto `device`; raise ModelLoadError.
 
@@ -175,6 +181,7 @@ def load_checkpoint(
     a tokenizer the fast one cannot reproduce (the reason is logged at INFO). `load_format`:
     "auto" reads the safetensors files, "dummy" draws random weights of the config's shapes.
     A `server.prefetch` warmer started on this thread for the same directory is taken over.
+    `shard` (`server.distributed.sharding.TPShard`): build only that rank's slice.
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
@@ -189,15 +196,15 @@ def load_checkpoint(
         name = _served_name(model, path, served_name)
         if loader == "transformers":
             return _load_with_transformers(path, name, device, dtype, "--loader transformers",
-                                           load_format)
-        return _load_fast(path, name, device, dtype, loader, load_format, warmer)
+                                           load_format, shard)
+        return _load_fast(path, name, device, dtype, loader, load_format, warmer, shard)
     finally:
         if warmer is not None:
             warmer.stop()
 
 
 def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load_format: str,
-               warmer) -> LoadedCheckpoint:
+               warmer, shard=None) -> LoadedCheckpoint:
     from server.hf_config import ConfigReadError, generation_eos_ids, load_config
     from server.tokenizer import FastTokenizer, TokenizerDeclined, TokenizerLoadError
 
@@ -207,16 +214,13 @@ def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load
         raise ModelLoadError(f"{path}: {exc}") from exc
     check_config(config, path)
 
-    import torch
-
-    from server.model import DecoderModel
     from server.weights import DummyWeights, unused_tensors
 
     torch_dtype = resolve_dtype(dtype, device)
     fallback = None
     import_s = 0.0
     # The weight source starts reading before the tokenizer loads, so the two overlap.
-    weights = _open_weights(path, config, device, torch_dtype, load_format, warmer)
+    weights = _open_weights(path, config, device, torch_dtype, load_format, warmer, shard)
     try:
         try:
             tokenizer, api_tokenizer = FastTokenizer.load(path, config.model_type, copies=2)
@@ -232,18 +236,12 @@ def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load
                      "read directly): %s", path, exc)
             fallback = str(exc)
             tokenizer, api_tokenizer, import_s = _transformers_tokenizers(path)
-        try:
-            model_obj = DecoderModel(config, weights)
-        except torch.OutOfMemoryError as exc:
-            raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
+        model_obj = _build(path, config, weights, shard)
         unused = unused_tensors(weights, config)
         stats = _weight_stats(weights, warmer)
     finally:
         weights.close()
-    if torch.device(device).type == "cuda":
-        # The fused layers' parts (and the pipeline's window) sit freed in the caching
-        # allocator; the KV cache planner counts reserved memory as used, so give them back.
-        torch.cuda.empty_cache()
+    _release_cached(device)
     if unused:
         # transformers warns about unexpected keys too; they may mean a mislabelled checkpoint.
         log.warning(
@@ -274,19 +272,74 @@ def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load
     )
 
 
-def _open_weights(path: Path, config, device: str, torch_dtype, load_format: str, warmer):
+def load_shard(model_path: str, device: str, dtype: str, load_format: str, shard):
+    """A tensor-parallel worker's load: config.json and this rank's slice of the weights.
+
+    No tokenizer (rank 0 owns text), no transformers import: the weights are the same
+    safetensors bytes (or the same dummy draws) whichever loader rank 0's tokenizer needed.
+    Returns `(DecoderModel, config)`; raises ModelLoadError.
+    """
+    from server.hf_config import ConfigReadError, load_config
+
+    force_offline()
+    path = resolve_model_path(model_path)
+    _check_directory(path, load_format)
+    try:
+        config = load_config(path)
+    except ConfigReadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    check_config(config, path)
+    torch_dtype = resolve_dtype(dtype, device)
+    weights = _open_weights(path, config, device, torch_dtype, load_format, None, shard)
+    try:
+        model_obj = _build(path, config, weights, shard)
+    finally:
+        weights.close()
+    _release_cached(device)
+    return model_obj, config
+
+
+def _build(path: Path, config, weights, shard):
+    import torch
+
+    from server.model import DecoderModel
+
+    try:
+        return DecoderModel(config, weights, shard=shard)
+    except torch.OutOfMemoryError as exc:
+        raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
+
+
+def _release_cached(device: str) -> None:
+    import torch
+
+    if torch.device(device).type == "cuda":
+        # The fused layers' parts (and the pipeline's window) sit freed in the caching
+        # allocator; the KV cache planner counts reserved memory as used, so give them back.
+        torch.cuda.empty_cache()
+
+
+def _open_weights(path: Path, config, device: str, torch_dtype, load_format: str, warmer,
+                  shard=None):
+    """The weight source: dummy draws, or the pipeline reading only `shard`'s slices."""
     import torch
 
     from server.weights import DummyWeights
 
     if load_format == "dummy":
         return DummyWeights(device, torch_dtype)
+    from server.distributed.sharding import planned_slice
     from server.weight_pipeline import PipelinedWeights
 
     tied = bool(getattr(config, "tie_word_embeddings", False))
+    parts = None
+    if shard is not None and shard.world > 1:
+        def parts(name: str, shape: tuple[int, ...]):
+            return planned_slice(shard, name, shape)
     try:
         return PipelinedWeights(path, device, torch_dtype,
-                                exclude={"lm_head.weight"} if tied else (), prefetcher=warmer)
+                                exclude={"lm_head.weight"} if tied else (), prefetcher=warmer,
+                                parts=parts)
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
 
@@ -329,7 +382,7 @@ def _transformers_tokenizers(path: Path):
 
 
 def _load_with_transformers(path: Path, name: str, device: str, dtype: str, why: str,
-                            load_format: str = "auto"):
+                            load_format: str = "auto", shard=None):
     t0 = time.perf_counter()
     import torch
     from transformers import AutoConfig, GenerationConfig
@@ -353,7 +406,7 @@ def _load_with_transformers(path: Path, name: str, device: str, dtype: str, why:
         else:
             weights = StateDictWeights(_hf_state_dict(path, device, torch_dtype),
                                        f"{path} (transformers)")
-        model_obj = DecoderModel(config, weights)
+        model_obj = DecoderModel(config, weights, shard=shard)
     except torch.OutOfMemoryError as exc:
         raise ModelLoadError(f"{path}: out of GPU memory while loading weights: {exc}") from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

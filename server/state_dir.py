@@ -286,6 +286,8 @@ def open_plan_keeper(config, runner) -> PlanKeeper | None:
         "torch": getattr(torch_mod, "__version__", None),
         "graphserve": __version__,
         "device": runner.graphs.device_info().get("name"),
+        # Every rank captures the same sizes, but what a capture costs depends on the group.
+        "tensor_parallel_size": config.tensor_parallel_size,
     }
 
     def run_info() -> dict:

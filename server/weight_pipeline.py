@@ -19,6 +19,16 @@ keeps a window of tensors in flight, in the order `DecoderModel` takes them:
   events (no host sync), views the bytes as the checkpoint dtype and converts to the target
   dtype on the device if they differ (the raw copy is freed right after).
 
+Tensor-parallel slices (`take_part`, `parts=`): a rank reads only its slice of a sharded tensor.
+`parts(name, shape)` names the slice each tensor will be asked for
+(`server.distributed.sharding.planned_slice`), so the window schedules the slice's bytes, not
+the tensor's: a slice along dim 0 (q/k/v, gate/up, vocabulary rows) is one contiguous byte
+range; a slice along dim 1 (o_proj, down) is strided, one run per row, and a piece then covers
+as many whole runs as fit in `chunk_bytes`, read run by run into consecutive bytes of the
+staging buffer and copied to the device in one copy. Either way the destination holds the dense
+slice. A take that does not match what was scheduled is still right: the slice is cut from the
+whole tensor on the device, or the tensor is read again (`stats.part_misses` counts both).
+
 Memory: device peak = the weights taken so far (fused) + the window + one tensor being
 converted; DecoderModel frees each layer's q/k/v and gate/up parts once fused, and since every
 layer has the same part sizes, the caching allocator hands the freed blocks to the next
@@ -41,10 +51,11 @@ from __future__ import annotations
 
 import collections
 import ctypes
+import math
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,10 +92,13 @@ class _ShortRead(OSError):
 class _Slot:
     """One scheduled tensor: its destination bytes and the state of its pieces (under `_cv`)."""
 
-    __slots__ = ("entry", "index", "raw", "host_view", "left", "events", "error", "alloc_event")
+    __slots__ = ("entry", "index", "raw", "host_view", "left", "events", "error", "alloc_event",
+                 "part")
 
-    def __init__(self, entry: TensorEntry, index: int, raw: torch.Tensor, pieces: int):
+    def __init__(self, entry: TensorEntry, index: int, raw: torch.Tensor, pieces: int,
+                 part: tuple[int, int, int] | None = None):
         self.entry = entry
+        self.part = part  # the (dim, start, stop) slice `raw` holds; None: the whole tensor
         self.index = index  # position in the load plan (-1: taken out of plan order)
         self.raw = raw  # uint8 [nbytes] on the device: the final tensor's storage
         self.host_view = _host_view(raw) if raw.device.type == "cpu" else None
@@ -96,10 +110,19 @@ class _Slot:
 
 @dataclass(frozen=True)
 class _Piece:
+    """`runs` runs of `length` bytes at file offsets `offset + i * stride`, read into
+    consecutive bytes of the destination from `dest` on (one run: a plain byte range)."""
+
     slot: _Slot
     offset: int  # in the file
-    length: int
+    length: int  # bytes per run
     dest: int  # byte offset in the destination
+    runs: int = 1
+    stride: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return self.runs * self.length
 
 
 class _Staging:
@@ -122,6 +145,7 @@ class PipelineStats:
     staging_alloc_s: float = 0.0
     bytes_read: int = 0
     wait_s: float = 0.0  # engine thread blocked in take() waiting for reads
+    part_misses: int = 0  # takes that did not match the slice scheduled for them (`parts`)
 
 
 class PipelinedWeights:
@@ -130,6 +154,8 @@ class PipelinedWeights:
     `exclude`: names the model will not take although it could (a tied `lm_head.weight`), so
     they are not read ahead. `prefetcher`: a `server.prefetch.PageCacheWarmer` for the same
     directory, told which tensors the readers have taken over and stopped at `close()`.
+    `parts(name, shape)`: the `(dim, start, stop)` slice `take_part` will ask for, or None for
+    the whole tensor (a tensor-parallel rank's shard; see the module docstring).
     """
 
     def __init__(
@@ -143,6 +169,7 @@ class PipelinedWeights:
         window_bytes: int | None = None,
         exclude: Iterable[str] = (),
         prefetcher=None,
+        parts: Callable[[str, tuple[int, ...]], tuple[int, int, int] | None] | None = None,
     ):
         target = torch.device(device)
         if target.type == "cuda" and target.index is None:
@@ -158,9 +185,16 @@ class PipelinedWeights:
         self._files = sorted({e.file for e in self._entries.values()})
         self._plan = load_plan(self._entries, frozenset(exclude))
         self._plan_index = {e.name: i for i, e in enumerate(self._plan)}
+        self._parts: dict[str, tuple[int, int, int]] = {}
+        if parts is not None:
+            for e in self._plan:
+                part = parts(e.name, e.shape)
+                if part is not None and e.dtype in DTYPES:
+                    self._parts[e.name] = part
         threads = threads or default_threads(target.type)
         # Two layers ahead keeps every reader busy while the model fuses the layer before.
-        layer = sum(e.nbytes for e in self._plan if e.name.startswith("model.layers.0."))
+        layer = sum(self._read_bytes(e) for e in self._plan
+                    if e.name.startswith("model.layers.0."))
         window = window_bytes if window_bytes is not None else max(MIN_WINDOW_BYTES, 2 * layer)
         self.stats = PipelineStats(threads, chunk_bytes, window)
         self._chunk = chunk_bytes
@@ -200,6 +234,19 @@ class PipelinedWeights:
 
     def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """The tensor `name` as `dtype` on the device, checked against `shape`; forgotten here."""
+        return self._take(name, shape, None)
+
+    def take_part(self, name: str, shape: tuple[int, ...], dim: int, start: int, stop: int
+                  ) -> torch.Tensor:
+        """Indices `[start, stop)` along `dim` of the tensor `name` of full shape `shape`, dense,
+        as `dtype` on the device; reads only those bytes when `parts` planned this slice (or
+        the tensor was not scheduled yet). Forgotten here like `take`."""
+        if not (0 <= dim < len(shape) and 0 <= start <= stop <= shape[dim]):
+            raise ValueError(f"slice [{start}, {stop}) of dim {dim} is outside shape {shape}")
+        return self._take(name, shape, (dim, start, stop))
+
+    def _take(self, name: str, shape: tuple[int, ...], part: tuple[int, int, int] | None
+              ) -> torch.Tensor:
         entry = self._entries.get(name)
         if entry is None or name in self._taken:
             raise ModelLoadError(
@@ -217,8 +264,15 @@ class PipelinedWeights:
             shown = f"torch.{torch_name}" if torch_name else entry.dtype
             raise ModelLoadError(f"{origin}: tensor {name!r} has dtype {shown}, not float")
         slot = self._slots.get(name)
+        index = self._plan_index.get(name, -1)
+        if slot is not None and slot.part != part and slot.part is not None:
+            # Scheduled as another slice: read what is asked for instead (after its copies).
+            self.stats.part_misses += 1
+            self._wait(slot)
+            del self._slots[name]
+            slot = None
         if slot is None:  # not in the plan (or not reached): read it now, ahead of the queue
-            slot = self._schedule([(self._plan_index.get(name, -1), entry)], urgent=True)[0]
+            slot = self._schedule([(index, entry)], urgent=True, part=part)[0]
         if slot.index >= 0:
             self._cursor = max(self._cursor, slot.index)
         self._top_up()
@@ -231,7 +285,14 @@ class PipelinedWeights:
             stream = torch.cuda.current_stream(self._device)
             for event in slot.events:
                 stream.wait_event(event)
-        tensor = slot.raw.view(getattr(torch, torch_name)).view(entry.shape)
+        tensor = slot.raw.view(getattr(torch, torch_name)).view(_sliced(entry.shape, slot.part))
+        if slot.part != part:  # the whole tensor was read: cut the slice out on the device
+            self.stats.part_misses += 1
+            dim, start, stop = part
+            # A copy in any case, so the whole tensor's bytes are freed on return.
+            return tensor.narrow(dim, start, stop - start).to(
+                self._dtype, copy=True, memory_format=torch.contiguous_format
+            )
         if tensor.dtype != self._dtype:
             tensor = tensor.to(self._dtype)  # on the device: the raw bytes are freed after
         return tensor
@@ -261,7 +322,12 @@ class PipelinedWeights:
     # -- scheduling (engine thread) -------------------------------------------------------------
 
     def _ahead_bytes(self) -> int:
-        return sum(s.entry.nbytes for s in self._slots.values() if s.index > self._cursor)
+        return sum(s.raw.numel() for s in self._slots.values() if s.index > self._cursor)
+
+    def _read_bytes(self, entry: TensorEntry) -> int:
+        """Bytes the plan reads of `entry`: its planned slice, or all of it."""
+        shape = _sliced(entry.shape, self._parts.get(entry.name))
+        return math.prod(shape) * DTYPES[entry.dtype][0] if entry.dtype in DTYPES else entry.nbytes
 
     def _top_up(self) -> None:
         """Schedule plan tensors until `window_bytes` are queued beyond the latest take."""
@@ -271,22 +337,25 @@ class PipelinedWeights:
             entry = self._plan[self._next]
             if entry.name not in self._slots and entry.name not in self._taken:
                 batch.append((self._next, entry))
-                ahead += entry.nbytes
+                ahead += self._read_bytes(entry)
             self._next += 1
         if batch:
             self._schedule(batch)
 
-    def _schedule(self, batch: list[tuple[int, TensorEntry]], urgent: bool = False
-                  ) -> list[_Slot]:
+    def _schedule(self, batch: list[tuple[int, TensorEntry]], urgent: bool = False,
+                  part: tuple[int, int, int] | None | bool = False) -> list[_Slot]:
+        """Allocate and queue `batch`; each tensor's planned slice (`part=False`), or `part`."""
         slots, pieces = [], []
         for index, entry in batch:
-            raw = torch.empty(entry.nbytes, dtype=torch.uint8, device=self._device)
-            n = -(-entry.nbytes // self._chunk)
-            slot = _Slot(entry, index, raw, n)
-            for k in range(n):
-                off = k * self._chunk
-                pieces.append(_Piece(slot, entry.start + off,
-                                     min(self._chunk, entry.nbytes - off), off))
+            want = self._parts.get(entry.name) if part is False else part
+            if want is not None and entry.dtype not in DTYPES:
+                want = None  # no element size to slice by: take() reports the dtype
+            runs = _runs(entry, want)
+            total = sum(r[1] * r[2] for r in runs)
+            raw = torch.empty(total, dtype=torch.uint8, device=self._device)
+            mine = list(_pieces(runs, self._chunk))
+            slot = _Slot(entry, index, raw, len(mine), want)
+            pieces.extend(_Piece(slot, *p) for p in mine)
             slots.append(slot)
             self._slots[entry.name] = slot
         if self._cuda:
@@ -342,7 +411,7 @@ class PipelinedWeights:
                         event = self._copy_through(piece, stream, bufs[turn % 2])
                         turn += 1
                     else:
-                        dest = piece.slot.host_view[piece.dest : piece.dest + piece.length]
+                        dest = piece.slot.host_view[piece.dest : piece.dest + piece.nbytes]
                         self._read(piece, dest)
                 except BaseException as exc:  # reported by take(); never kills the reader
                     error = exc
@@ -354,7 +423,7 @@ class PipelinedWeights:
                 if error is not None and slot.error is None:
                     slot.error = error
                 if not failed and error is None:
-                    self.stats.bytes_read += piece.length
+                    self.stats.bytes_read += piece.nbytes
                 if slot.left == 0:
                     self._cv.notify_all()
         if isinstance(stream, torch.cuda.Stream):
@@ -377,12 +446,13 @@ class PipelinedWeights:
     def _copy_through(self, piece: _Piece, stream, buf: _Staging):
         if buf.event is not None:
             buf.event.synchronize()  # its previous copy must have left the buffer
-        self._read(piece, buf.view[: piece.length])
+        n = piece.nbytes
+        self._read(piece, buf.view[:n])
         slot = piece.slot
         with torch.cuda.stream(stream):
             stream.wait_event(slot.alloc_event)
-            dest = slot.raw[piece.dest : piece.dest + piece.length]
-            dest.copy_(buf.tensor[: piece.length], non_blocking=True)
+            dest = slot.raw[piece.dest : piece.dest + n]
+            dest.copy_(buf.tensor[:n], non_blocking=True)
             event = torch.cuda.Event()
             event.record(stream)
         buf.event = event
@@ -390,15 +460,63 @@ class PipelinedWeights:
 
     def _read(self, piece: _Piece, dest: memoryview) -> None:
         fd = self._fds[piece.slot.entry.path]
-        done = 0
-        while done < piece.length:
-            n = os.preadv(fd, [dest[done:]], piece.offset + done)
-            if n <= 0:
-                raise _ShortRead(
-                    f"file ended at byte {piece.offset + done}, before the tensor's end "
-                    f"({piece.slot.entry.end})"
-                )
-            done += n
+        length = piece.length
+        for i in range(piece.runs):
+            at = piece.offset + i * piece.stride
+            out = dest[i * length : (i + 1) * length]
+            done = 0
+            while done < length:
+                n = os.preadv(fd, [out[done:]], at + done)
+                if n <= 0:
+                    raise _ShortRead(
+                        f"file ended at byte {at + done}, before the tensor's end "
+                        f"({piece.slot.entry.end})"
+                    )
+                done += n
+
+
+def _sliced(shape: tuple[int, ...], part: tuple[int, int, int] | None) -> tuple[int, ...]:
+    if part is None:
+        return tuple(shape)
+    dim, start, stop = part
+    return tuple(stop - start if d == dim else n for d, n in enumerate(shape))
+
+
+def _runs(entry: TensorEntry, part: tuple[int, int, int] | None) -> list[tuple[int, int, int, int]]:
+    """The file bytes of `entry`'s slice `part` (None: all of it) in destination order, as
+    `(offset, run_bytes, runs, stride)` groups: `runs` runs of `run_bytes` bytes, `stride`
+    apart in the file."""
+    if part is None:
+        return [(entry.start, entry.nbytes, 1, 0)]
+    dim, start, stop = part
+    inner = math.prod(entry.shape[dim + 1 :]) * DTYPES[entry.dtype][0]  # bytes per index of dim
+    outer = math.prod(entry.shape[:dim])
+    run = (stop - start) * inner
+    if run == 0 or outer == 0:
+        return []
+    stride = entry.shape[dim] * inner
+    if outer == 1 or run == stride:  # contiguous: one range
+        return [(entry.start + start * inner, run * outer, 1, 0)]
+    return [(entry.start + start * inner, run, outer, stride)]
+
+
+def _pieces(runs, chunk: int):
+    """`runs` cut into pieces of at most `chunk` bytes (whole runs where one fits), as
+    `_Piece` fields after the slot: (offset, length, dest, runs, stride)."""
+    dest = 0
+    for offset, length, count, stride in runs:
+        if length > chunk or count == 1:  # each run on its own, cut into chunks
+            for i in range(count):
+                base = offset + i * stride
+                for off in range(0, length, chunk):
+                    yield base + off, min(chunk, length - off), dest, 1, 0
+                    dest += min(chunk, length - off)
+            continue
+        per = chunk // length
+        for first in range(0, count, per):
+            k = min(per, count - first)
+            yield offset + first * stride, length, dest, k, stride
+            dest += k * length
 
 
 def _host_view(tensor: torch.Tensor) -> memoryview:

@@ -13,6 +13,11 @@ freed as soon as the fused copy exists and peak memory stays near one copy of th
   tested against, and as the baseline of `bench/load_speed.py`.
 * `StateDictWeights`: `hf_model.state_dict()` of the transformers loader.
 * `DummyWeights`: random tensors for `--load-format dummy`, no file read.
+
+A source may also offer `take_part(name, shape, dim, start, stop)`: the slice `[start, stop)`
+along `dim` of the tensor of full shape `shape`, reading only that slice. Tensor-parallel ranks
+load their shard through it (`server.distributed.sharding.take_sharded` falls back to `take`
+and a copy of the slice for sources without it).
 """
 
 from __future__ import annotations
@@ -86,13 +91,18 @@ class SafetensorsWeights:
     def names(self) -> Iterable[str]:
         return list(self._where)
 
-    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+    def _consume(self, name: str) -> str:
+        """The file holding `name`, which is forgotten from now on (ModelLoadError if none)."""
         file = self._where.pop(name, None)
         if file is None:
             raise ModelLoadError(
                 f"{self._dir}: tensor {name!r} is missing from "
                 f"{', '.join(sorted(self._handles)) or 'the safetensors files'}"
             )
+        return file
+
+    def take(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        file = self._consume(name)
         origin = str(self._dir / file)
         try:
             tensor = self._handles[file].get_tensor(name)
@@ -105,6 +115,34 @@ class SafetensorsWeights:
             raise ModelLoadError(f"{origin}: tensor {name!r} has dtype {tensor.dtype}, not float")
         return tensor.to(self._dtype)
 
+    def take_part(
+        self, name: str, shape: tuple[int, ...], dim: int, start: int, stop: int
+    ) -> torch.Tensor:
+        """Rows (`dim` 0) or columns (`dim` 1) `[start, stop)` of the tensor `name` of full
+        shape `shape`, read without the rest of it; consumed like `take`."""
+        file = self._consume(name)
+        origin = str(self._dir / file)
+        try:
+            part = self._handles[file].get_slice(name)
+            full = tuple(part.get_shape())
+            if full != tuple(shape):
+                raise ModelLoadError(
+                    f"{origin}: tensor {name!r} has shape {list(full)}, expected {list(shape)} "
+                    "from config.json"
+                )
+            index = tuple(slice(start, stop) if d == dim else slice(None) for d in range(len(full)))
+            tensor = part[index]
+        except ModelLoadError:
+            raise
+        except torch.OutOfMemoryError as exc:
+            raise ModelLoadError(f"{origin}: out of GPU memory loading {name}: {exc}") from exc
+        except Exception as exc:  # safetensors raises its own types for truncated data
+            raise ModelLoadError(f"{origin}: cannot read tensor {name!r}: {exc}") from exc
+        if not tensor.is_floating_point():
+            raise ModelLoadError(f"{origin}: tensor {name!r} has dtype {tensor.dtype}, not float")
+        # A column slice comes back as a strided view; the model wants dense matrices.
+        return tensor.to(device=self._device, dtype=self._dtype).contiguous()
+
     def close(self) -> None:
         self._handles.clear()
 
@@ -115,9 +153,10 @@ class DummyWeights:
     Nothing is read: large shapes can be served and measured from a directory holding only
     config.json and tokenizer files. Each tensor is drawn on the target device from its own
     generator, seeded from `seed` and the tensor's name, so the values do not depend on the
-    order of the takes (nor on which other tensors a model variant takes). Matrices and
-    embeddings are N(0, `std`) (0.02, as HF initialises Llama), norm weights 1 and biases 0:
-    with RMSNorm before every projection, activations stay O(1) through any depth.
+    order of the takes (nor on which other tensors a model variant takes), and a
+    tensor-parallel rank's slice of a tensor is the same slice of what one process draws.
+    Matrices and embeddings are N(0, `std`) (0.02, as HF initialises Llama), norm weights 1
+    and biases 0: with RMSNorm before every projection, activations stay O(1) through any depth.
     """
 
     def __init__(self, device: str | torch.device, dtype: torch.dtype, seed: int = 0,

@@ -36,6 +36,11 @@ TORCH_FREE = (
     "server.prefetch",
     "server.state_dir",
     "server.default_model",
+    "server.step_plan",
+    "server.distributed.protocol",
+    "server.distributed.launcher",
+    "server.distributed.worker",
+    "server.distributed.sharding",
     "server.health",
     "server.metrics",
     "server.http.errors",
@@ -81,6 +86,8 @@ TORCH_MODULES = (
     "server.logits_processors",
     "server.weights",
     "server.weight_pipeline",
+    "server.step_executor",
+    "server.distributed.comm",
 )
 
 

@@ -278,6 +278,7 @@ def test_engine_glue_fingerprints_the_setup(tmp_path):
     assert fp["capture_sizes"] == SIZES and fp["max_num_seqs"] == 32
     assert fp["device"] == "NVIDIA H200" and fp["dtype"] == "torch.bfloat16"
     assert fp["config_sha256"] and fp["graph_capture"] == "lazy"
+    assert fp["tensor_parallel_size"] == 1
     assert runner.policy.snapshot()["saved_plan"]["status"] == "missing"
     runner.policy.select(5)
     assert keeper.close()

@@ -347,6 +347,86 @@ def test_startup_modules_import_no_torch():
     assert out.stdout.strip() == ""
 
 
+# -- slices (tensor-parallel shards) --------------------------------------------------------------
+
+
+def _some_slice(name: str, shape: tuple[int, ...]) -> tuple[int, int, int] | None:
+    """A slice of every matrix and vector: rows for some, columns (strided) for the others."""
+    if len(shape) == 2 and ("o_proj" in name or "down_proj" in name or "embed" in name):
+        return 1, 3, shape[1] - 5
+    return (0, 1, shape[0] - 2) if shape[0] > 3 else None
+
+
+def _slices(path: Path, device: str, dtype, **kwargs) -> tuple[dict, dict, PipelinedWeights]:
+    entries = read_checkpoint(path)
+    ref = SafetensorsWeights(path, "cpu", dtype)
+    parts = {n: _some_slice(n, e.shape) for n, e in entries.items()}
+    want = {n: ref.take_part(n, e.shape, *parts[n]) if parts[n] else ref.take(n, e.shape)
+            for n, e in entries.items()}  # fmt: skip
+    w = PipelinedWeights(path, device, dtype, parts=lambda n, shape: parts[n], **kwargs)
+    try:
+        got = {n: w.take_part(n, e.shape, *parts[n]) if parts[n] else w.take(n, e.shape)
+               for n, e in sorted(entries.items(), key=lambda kv: load_order_key(kv[0]))}
+    finally:
+        w.close()
+    return got, want, w
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("chunk,threads", [(4096, 1), (4096, 3), (1 << 20, 2)])
+def test_planned_slices_read_only_their_bytes(checkpoint, dtype, chunk, threads):
+    """Row slices are one range, column slices one run per row (many runs per piece): the
+    bytes of the slice, no more, whatever the chunking and the number of readers."""
+    got, want, w = _slices(checkpoint, "cpu", dtype, threads=threads, chunk_bytes=chunk,
+                           window_bytes=16 * 1024)
+    for name in want:
+        assert got[name].is_contiguous() and _same_bits(got[name], want[name]), name
+    assert w.stats.part_misses == 0
+    assert w.stats.bytes_read == sum(t.numel() * 4 for t in want.values() if t.numel())
+    assert not _reader_threads()
+
+
+def test_runs_longer_than_a_chunk_are_cut_into_pieces():
+    from server.safetensors_index import TensorEntry
+    from server.weight_pipeline import _pieces, _runs
+
+    entry = TensorEntry("w", Path("f"), "F32", (3, 10), 100, 100 + 120)
+    runs = _runs(entry, (1, 2, 9))  # 7 floats of each of 3 rows: 28-byte runs, 40 apart
+    assert runs == [(108, 28, 3, 40)]
+    assert list(_pieces(runs, 64)) == [(108, 28, 0, 2, 40), (188, 28, 56, 1, 40)]
+    assert list(_pieces(runs, 16)) == [
+        (108, 16, 0, 1, 0), (124, 12, 16, 1, 0), (148, 16, 28, 1, 0), (164, 12, 44, 1, 0),
+        (188, 16, 56, 1, 0), (204, 12, 72, 1, 0),
+    ]  # fmt: skip
+    assert _runs(entry, (0, 1, 3)) == [(140, 80, 1, 0)]  # whole rows: one range
+    assert _runs(entry, (1, 4, 4)) == []
+
+
+def test_a_take_unlike_the_planned_slice_is_still_right(tmp_path):
+    path = build_checkpoint(tmp_path / "m", "llama", seed=3)
+    entries = read_checkpoint(path)
+    ref = SafetensorsWeights(path, "cpu", torch.float32)
+    q, down = "model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"
+    want_q, want_down = ref.take(q, entries[q].shape), ref.take(down, entries[down].shape)
+    # q planned as a row slice but taken whole; down planned whole but taken as a column
+    # slice; up planned as one slice and taken as another.
+    up = "model.layers.0.mlp.up_proj.weight"
+    want_up = ref.take_part(up, entries[up].shape, 0, 10, 20)
+    parts = {q: (0, 0, 8), up: (0, 0, 10)}
+    w = PipelinedWeights(path, "cpu", torch.float32, parts=lambda n, s: parts.get(n),
+                         chunk_bytes=4096)
+    try:
+        assert torch.equal(w.take(q, entries[q].shape), want_q)
+        got = w.take_part(down, entries[down].shape, 1, 4, 9)
+        assert got.is_contiguous() and torch.equal(got, want_down[:, 4:9])
+        assert torch.equal(w.take_part(up, entries[up].shape, 0, 10, 20), want_up)
+        with pytest.raises(ValueError, match="outside shape"):
+            w.take_part("model.norm.weight", entries["model.norm.weight"].shape, 0, 2, 99)
+    finally:
+        w.close()
+    assert w.stats.part_misses == 3
+
+
 # -- CUDA -----------------------------------------------------------------------------------------
 
 
@@ -365,6 +445,18 @@ def test_cuda_pipeline_is_bit_identical(checkpoint, dtype):
     torch.cuda.synchronize()
     for name in got:
         assert got[name].is_cuda and _same_bits(got[name], want[name]), name
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_planned_slices_are_bit_identical(checkpoint, dtype):
+    """Strided column slices through pinned staging and the readers' streams."""
+    got, want, w = _slices(checkpoint, "cuda", dtype, threads=3, chunk_bytes=4096,
+                           window_bytes=16 * 1024)
+    torch.cuda.synchronize()
+    assert w.stats.part_misses == 0
+    for name in want:
+        assert got[name].is_cuda and _same_bits(got[name].cpu(), want[name]), name
 
 
 @pytest.mark.parametrize("prefetch_threads", [3, 0])

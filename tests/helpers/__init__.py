@@ -9,7 +9,9 @@ other):
 * `api_cases`: route paths, message lists and the bad-request table the in-process and
   end-to-end API tests both run;
 * `tiny_models`: tiny random checkpoints (and tokenizers) of each supported architecture;
-* `imports`: what importing a module pulls in (a fresh interpreter, or its source).
+* `imports`: what importing a module pulls in (a fresh interpreter, or its source);
+* `k8s`: Kubernetes manifests against the API schema, argv options, the CLI's flags;
+* `fake_tp_worker`: a protocol-speaking stand-in for a tensor-parallel worker process.
 """
 
 from __future__ import annotations

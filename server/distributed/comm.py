@@ -1,0 +1,146 @@
+"""The collectives of a tensor-parallel group, over `torch.distributed` (NCCL or gloo).
+
+`TPComm` is all the sharded forward needs: an in-place all-reduce (after o_proj and down, and
+after the vocabulary-parallel embedding lookup), the LM head's slices gathered into full logits,
+and the broadcast of rank 0's sampled tokens to the workers, which need them as the next step's
+carried inputs. Each call issues one collective on the calling thread's current stream and
+returns without a host sync on CUDA (`Work.wait()` only orders the streams), so the same calls
+run eagerly and inside a captured CUDA graph.
+
+Every rank must issue the same collectives in the same order: the forward does, because every
+rank runs the same step plan (`server.step_plan`); the token broadcast follows each step that
+samples. Ordering across ranks is the caller's invariant, not checked here.
+
+All-reduce: NCCL by default. `enable_symm_mem` (`--tp-allreduce symm-mem`, CUDA) switches the
+tensors of up to `rows` rows (decode steps) to torch's symmetric-memory one-shot all-reduce:
+each rank copies its tensor into a buffer every peer maps, the ranks meet at a device-side
+barrier, and each sums the peers' buffers straight over NVLink (no multicast): one kernel
+instead of NCCL's launch, proxy and protocol machinery, which is what a decode step's 2L+1
+all-reduces of a few KiB each are made of. Larger tensors (prompt chunks) stay on NCCL.
+
+Logits: all-gather (every rank gets every slice, one NCCL collective, capturable) rather than a
+gather to rank 0: on one host the bytes rank 0 receives are the same, and `bench/tp.py`
+measures both inside CUDA graphs (`logits_gather` in its JSON) to keep that choice honest.
+"""
+
+from __future__ import annotations
+
+import datetime
+
+import torch
+import torch.distributed as dist
+
+from server.distributed.launcher import apply_env_defaults
+
+
+class TPComm:
+    """One group's collectives; `group` is a `torch.distributed` process group object.
+
+    Thread ownership: the engine thread (rank 0) or the worker's main thread; one caller.
+    """
+
+    def __init__(self, group, rank: int, world: int):
+        self.group = group
+        self.rank = rank
+        self.world = world
+        self._broadcast_opts = dist.BroadcastOptions()
+        self._broadcast_opts.rootRank = 0
+        self._symm: torch.Tensor | None = None  # the symmetric buffer, once enabled
+        self._one_shot = None
+
+    def enable_symm_mem(self, rows: int, hidden: int, dtype, device) -> None:
+        """Route all-reduces of `[<= rows, hidden]` tensors through a symmetric buffer.
+
+        Collective (the buffer's rendezvous): every rank calls it at the same point.
+        """
+        import torch.distributed._symmetric_memory as symm
+
+        name = self.group.group_name
+        symm.enable_symm_mem_for_group(name)
+        buffer = symm.empty(rows, hidden, dtype=dtype, device=device)
+        symm.rendezvous(buffer, name)
+        self._symm_group = name
+        self._one_shot = torch.ops.symm_mem.one_shot_all_reduce_copy_out
+        self._symm = buffer
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """Sum `x` over the ranks, in place; returns `x`."""
+        buf = self._symm
+        if buf is not None and x.dim() == 2 and x.shape[0] <= buf.shape[0] and (
+            x.shape[1] == buf.shape[1]
+        ):
+            # In place is safe: each thread copies its elements of x into the shared buffer
+            # before the device-side barrier and writes the same elements' sums after it.
+            self._one_shot(buf[: x.shape[0]], x, "sum", self._symm_group, x)
+            return x
+        self.group.allreduce([x]).wait()
+        return x
+
+    def gather_logits(self, local: torch.Tensor, out: torch.Tensor) -> None:
+        """`local` `[n, rows]` (this rank's vocabulary slice) -> `out` `[n, world * rows]`,
+        every rank's slice in rank order."""
+        n, rows = local.shape
+        gathered = torch.empty(self.world * n, rows, dtype=local.dtype, device=local.device)
+        self.group._allgather_base(gathered, local).wait()
+        # The gather is rank-major ([world, n, rows]); logits are row-major per token.
+        out.view(n, self.world, rows).copy_(gathered.view(self.world, n, rows).transpose(0, 1))
+
+    def broadcast_from_rank0(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Rank 0's `tensor` into every rank's `tensor` (same shape and dtype everywhere)."""
+        self.group.broadcast([tensor], self._broadcast_opts).wait()
+        return tensor
+
+
+def create_store(world: int, timeout_s: float):
+    """Rank 0's TCP rendezvous store on a free loopback port (read `.port` to hand it on).
+
+    Created before the workers are told where it is, so no port is picked and then lost to
+    another process in between.
+    """
+    return dist.TCPStore(
+        "127.0.0.1", 0, world, True, timeout=datetime.timedelta(seconds=timeout_s),
+        wait_for_workers=False,
+    )  # fmt: skip
+
+
+def init_group(
+    rank: int, world: int, device: torch.device, timeout_s: float, *, store=None, port: int = 0
+) -> TPComm:
+    """Join the group: rank 0 passes the store it created, workers the store's port.
+
+    Blocks until every rank has joined (gloo connects all pairs; NCCL initialises its
+    communicator eagerly through `device_id`), or raises after `timeout_s`. The same timeout
+    then bounds every collective on gloo; on NCCL the watchdog aborts a collective that runs
+    longer (and takes the process down), which a peer's death can cause.
+    """
+    apply_env_defaults()  # before the process's first NCCL call (see launcher.NCCL_ENV_DEFAULTS)
+    timeout = datetime.timedelta(seconds=timeout_s)
+    if store is None:
+        store = dist.TCPStore("127.0.0.1", port, world, False, timeout=timeout)
+    cuda = device.type == "cuda"
+    if cuda and device.index is None:  # NCCL's eager init wants the exact device
+        device = torch.device("cuda", torch.cuda.current_device())
+    dist.init_process_group(
+        "nccl" if cuda else "gloo", store=store, rank=rank, world_size=world, timeout=timeout,
+        device_id=device if cuda else None,
+    )  # fmt: skip
+    return TPComm(dist.group.WORLD, rank, world)
+
+
+def destroy_group(abort: bool = False) -> None:
+    """Leave the group.
+
+    Orderly (`abort=False`): every rank calls this after its last collective; NCCL's teardown
+    is itself collective (it flushes, then frees), so a rank that never calls it can hang the
+    others' call: callers bound it. `abort`: a peer is gone; the group is aborted locally,
+    waiting for nothing (gloo's orderly teardown, too, waits for its threads blocked on the
+    dead peer), where this torch offers it.
+    """
+    if not dist.is_initialized():
+        return
+    abort_group = getattr(dist.distributed_c10d, "_abort_process_group", None)
+    if abort and abort_group is not None:
+        abort_group()
+    elif not abort or dist.get_backend() != "nccl":
+        dist.destroy_process_group()
+    # else: a broken NCCL group without a local abort is left to the process's exit
