@@ -204,8 +204,16 @@ def _runner(model_dir, sizes, mode="eager", block_size=16):
         v.normal_()
     table = _scattered_table(max_n, width, num_blocks, seed=0)
     policy = CapturePolicy(sizes, mode)
-    runner = DecodeGraphRunner(model, kv, table, policy, max_n, scratch_row=max_n)
-    runner.startup()
+    runner = DecodeGraphRunner(model, kv, table, max_n, scratch_row=max_n)
+    # As ModelRunner does: warm at the largest size and at 1, then capture the policy's plan.
+    for n in sorted({max_n, 1}, reverse=True):
+        runner.warm(n)
+    torch.cuda.synchronize()
+    for size in policy.startup_plan():
+        policy.begin(size)
+        result = runner.capture(size, bulk=True)
+        assert result.ok, result.error
+        policy.succeeded(size, result.seconds, result.pool_bytes)
     policy.mark_ready()
     return runner, policy
 
@@ -219,7 +227,7 @@ def test_graph_replay_equals_eager_for_every_size(gpu_model_dir):
         ids = torch.randint(2, 400, (n,), generator=g).tolist()
         positions = torch.randint(0, RUNNER_MAX_LEN, (n,), generator=g).tolist()
         rows = torch.randperm(32, generator=g)[:n].tolist()  # distinct rows: distinct blocks
-        graph_logits = runner.run(ids, positions, rows).clone()
+        graph_logits = runner.run(ids, positions, rows, size=policy.select(n).size).clone()
         runner.inputs[0, :n] = torch.tensor(ids)
         runner.inputs[1, :n] = torch.tensor(positions)
         runner.inputs[2, :n] = torch.tensor(rows)
