@@ -13,9 +13,8 @@ import time
 import pytest
 import torch
 
-from server.config import EngineConfig
-from server.engine import AsyncEngine
 from server.request import RequestOutput, SamplingParams
+from tests.helpers.gpu_engine import mixed_prompts, run_batch, start
 from tests.helpers.tiny_models import build_checkpoint
 
 pytestmark = pytest.mark.gpu
@@ -40,35 +39,6 @@ def separated_model_dir(tmp_path_factory):
     """Larger weights: logits with wide top-2 gaps, so parity tests compare scheduling paths,
     not which side of a bf16 near-tie a differently shaped GEMM happens to round to."""
     return build_checkpoint(tmp_path_factory.mktemp("gpu-llama-wide"), "llama", seed=7, **GPU_SHAPE)
-
-
-def start(model_dir, **overrides) -> AsyncEngine:
-    kwargs = dict(model=str(model_dir), device="cuda", max_num_seqs=16, max_model_len=512,
-                  cuda_graph_sizes=[1, 2, 4, 8, 16])  # fmt: skip
-    kwargs.update(overrides)
-    engine = AsyncEngine(EngineConfig(**kwargs))
-    engine.start()
-    assert engine.ready.wait(300), f"engine not ready: {engine.phase} {engine.error}"
-    return engine
-
-
-async def run_batch(engine, prompts, max_tokens=24) -> list[list[int]]:
-    async def one(p):
-        toks = []
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        async for out in engine.generate(f"g{next(_ids)}", p, params):
-            toks += out.token_ids
-        return toks
-
-    return await asyncio.gather(*(one(p) for p in prompts))
-
-
-def mixed_prompts(n=11, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        torch.randint(2, 400, (int(length),), generator=g).tolist()
-        for length in torch.randint(3, 90, (n,), generator=g)
-    ]
 
 
 # -- correctness vs HF in bf16 -----------------------------------------------------------------
@@ -156,21 +126,21 @@ def test_model_logits_match_hf_in_bf16(gpu_model_dir):
     def cuda(values, dtype=torch.int64):
         return torch.tensor(values, dtype=dtype, device="cuda")
 
-    for start, length in ((0, 25), (25, 15)):  # chunk edges inside blocks
+    for first, length in ((0, 25), (25, 15)):  # chunk edges inside blocks
         batch = StepBatch(
-            input_ids=cuda(ids[start : start + length]),
-            positions=torch.arange(start, start + length, device="cuda"),
+            input_ids=cuda(ids[first : first + length]),
+            positions=torch.arange(first, first + length, device="cuda"),
             rows=torch.full((length,), row, dtype=torch.int64, device="cuda"),
             logit_rows=cuda([length - 1]),
             num_decode=0,
             seq_rows=cuda([row]),
             cu_seqlens_q=cuda([0, length], torch.int32),
-            k_lens=cuda([start + length], torch.int32),
+            k_lens=cuda([first + length], torch.int32),
             max_q_len=length,
         )
         logits = model.forward(batch, kv, table)
         assert logits.shape == (1, 400)
-        check(logits[0], start + length - 1)
+        check(logits[0], first + length - 1)
     out = torch.empty(2, 400, dtype=torch.bfloat16, device="cuda")
     for t in range(40, 60):
         model.decode(cuda([ids[t], 0]), cuda([t, 0]), cuda([row, scratch]), kv, table, out)

@@ -14,9 +14,9 @@ import itertools
 import pytest
 import torch
 
-from server.config import EngineConfig
-from server.engine import AsyncEngine
 from server.request import SamplingParams
+from tests.helpers.gpu_engine import mixed_prompts as prompts
+from tests.helpers.gpu_engine import run_batch, start
 from tests.helpers.tiny_models import build_checkpoint
 
 pytestmark = [
@@ -38,31 +38,6 @@ SHAPE = dict(
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("gpu-tp"), "llama", seed=7, **SHAPE)
-
-
-def start(model_dir, **overrides) -> AsyncEngine:
-    kwargs = dict(model=str(model_dir), device="cuda", max_num_seqs=16, max_model_len=512,
-                  cuda_graph_sizes=[1, 2, 4, 8, 16])  # fmt: skip
-    kwargs.update(overrides)
-    engine = AsyncEngine(EngineConfig(**kwargs))
-    engine.start()
-    assert engine.ready.wait(300), f"engine not ready: {engine.phase} {engine.error}"
-    return engine
-
-
-async def run_batch(engine, prompts, max_tokens=24) -> list[list[int]]:
-    async def one(p):
-        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-        return [t async for out in engine.generate(f"g{next(_ids)}", p, params)
-                for t in out.token_ids]  # fmt: skip
-
-    return await asyncio.gather(*(one(p) for p in prompts))
-
-
-def prompts(n=11, seed=5):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.randint(2, 400, (int(length),), generator=g).tolist()
-            for length in torch.randint(3, 90, (n,), generator=g)]  # fmt: skip
 
 
 def outputs(model_dir, **overrides):

@@ -1,0 +1,43 @@
+"""Engines on the GPU for the `gpu`-marked tests: start one, run a greedy batch, make prompts."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+import torch
+
+from server.config import EngineConfig
+from server.engine import AsyncEngine
+from server.request import SamplingParams
+
+_ids = itertools.count()
+
+
+def start(model_dir, **overrides) -> AsyncEngine:
+    """A CUDA engine on `model_dir` (16 rows, 512 tokens, sizes 1..16), ready or failing."""
+    kwargs = dict(model=str(model_dir), device="cuda", max_num_seqs=16, max_model_len=512,
+                  cuda_graph_sizes=[1, 2, 4, 8, 16])  # fmt: skip
+    kwargs.update(overrides)
+    engine = AsyncEngine(EngineConfig(**kwargs))
+    engine.start()
+    assert engine.ready.wait(300), f"engine not ready: {engine.phase} {engine.error}"
+    return engine
+
+
+async def run_batch(engine, prompts, max_tokens=24) -> list[list[int]]:
+    """Greedy tokens of every prompt, all submitted at once."""
+
+    async def one(p):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        return [t async for out in engine.generate(f"g{next(_ids)}", p, params)
+                for t in out.token_ids]  # fmt: skip
+
+    return await asyncio.gather(*(one(p) for p in prompts))
+
+
+def mixed_prompts(n=11, seed=5) -> list[list[int]]:
+    """`n` prompts of 3..89 token ids in 2..399 (a seeded mix of lengths)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(2, 400, (int(length),), generator=g).tolist()
+            for length in torch.randint(3, 90, (n,), generator=g)]  # fmt: skip
