@@ -39,101 +39,31 @@ module) and the fp32 -> bf16 output conversion truncates: under 1 ulp, inside th
 
 from __future__ import annotations
 
-import contextlib
-import functools
-import os
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from server import ops, triton_attention  # noqa: E402  (after the importorskip)
+from tests.helpers import triton_testing  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-_CPU_SKIP = (
-    None
-    if INTERPRET
-    else "CPU runs need Triton's interpreter: set TRITON_INTERPRET=1 in the environment"
+INTERPRET, _CUDA_SKIP, DEVICES, DTYPES = (
+    triton_testing.INTERPRET, triton_testing.CUDA_SKIP, triton_testing.DEVICES,
+    triton_testing.DTYPES,
 )
-_CUDA_SKIP = (
-    "TRITON_INTERPRET=1 runs kernels in the interpreter, not compiled on the GPU"
-    if INTERPRET
-    else None
-)
-DEVICES = [
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))],
-        id="cuda",
-    ),
-    pytest.param(
-        "cpu", marks=pytest.mark.skipif(_CPU_SKIP is not None, reason=str(_CPU_SKIP)), id="interp"
-    ),
-]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-gpu_only = [pytest.mark.gpu, pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))]
-
-
-@functools.cache
-def _interpreter_loops_work() -> bool:
-    """Whether this triton + numpy pair can run a loop whose bound is a tensor in the interpreter.
-
-    Triton < 3.7's interpreter turns a one-element array into an int with `int(array)`, which
-    numpy >= 2.4 rejects; both kernels loop over cached positions up to a loaded length.
-    """
-    import triton.language as tl
-
-    @triton.jit
-    def _probe(n_ptr, out_ptr):
-        n = tl.load(n_ptr)
-        acc = 0
-        for _ in range(0, n):
-            acc += 1
-        tl.store(out_ptr, acc)
-
-    n = torch.tensor([3], dtype=torch.int32)
-    out = torch.zeros(1, dtype=torch.int32)
-    try:
-        _probe[(1,)](n, out)
-    except Exception:  # the interpreter's own error type differs between versions
-        return False
-    return int(out[0]) == 3
+gpu_only = triton_testing.GPU_ONLY
+torch_reference, _gen = triton_testing.torch_reference, triton_testing.gen
 
 
 @pytest.fixture
 def interpreter_loops():
-    if INTERPRET and not _interpreter_loops_work():
-        pytest.skip(
-            "this triton's interpreter cannot run loops with tensor bounds under this numpy "
-            "(fixed in triton 3.7); compiled GPU runs are unaffected"
-        )
+    triton_testing.skip_without_interpreter_loops()
 
 
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every buffer the kernels allocate starts as NaN, so an element left unwritten shows."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_attention, "_empty", nan_empty)
-
-
-@contextlib.contextmanager
-def torch_reference():
-    """Make `server.ops` run its torch path on every device for the duration."""
-    enabled = ops.triton_enabled()
-    ops.use_triton(False)
-    try:
-        yield
-    finally:
-        ops.use_triton(enabled)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    triton_testing.poison(monkeypatch, triton_attention)
 
 
 def _cdiv(a: int, b: int) -> int:

@@ -29,41 +29,19 @@ layer launches them beside these kernels.
 
 from __future__ import annotations
 
-import contextlib
-import os
-
 import pytest
 import torch
 
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from server import ops, triton_ops  # noqa: E402  (after the importorskip)
+from tests.helpers import triton_testing  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-_CPU_SKIP = (
-    None
-    if INTERPRET
-    else ("CPU runs need Triton's interpreter: set TRITON_INTERPRET=1 in the environment")
+INTERPRET, _CUDA_SKIP, DEVICES, DTYPES = (
+    triton_testing.INTERPRET, triton_testing.CUDA_SKIP, triton_testing.DEVICES,
+    triton_testing.DTYPES,
 )
-_CUDA_SKIP = (
-    "TRITON_INTERPRET=1 runs kernels in the interpreter, not compiled on the GPU"
-    if INTERPRET
-    else None
-)
-
-DEVICES = [
-    pytest.param(
-        "cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))],
-        id="cuda",
-    ),
-    pytest.param(
-        "cpu", marks=pytest.mark.skipif(_CPU_SKIP is not None, reason=str(_CPU_SKIP)), id="interp"
-    ),
-]
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+torch_reference, _gen = triton_testing.torch_reference, triton_testing.gen
 # A normalised value or silu(gate) whose fp32 value sits at a rounding midpoint may round to
 # the other neighbour (1 ulp of it, up to 2 ulps of the product it scales) and the product's
 # own rounding adds one more.
@@ -74,26 +52,7 @@ SILU_ULPS = 3
 @pytest.fixture(autouse=True)
 def poison_outputs(monkeypatch):
     """Every buffer the kernels allocate starts as NaN, so an element left unwritten shows."""
-
-    def nan_empty(shape, dtype, device):
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
-
-    monkeypatch.setattr(triton_ops, "_empty", nan_empty)
-
-
-@contextlib.contextmanager
-def torch_reference():
-    """Make `server.ops` run its torch path on every device for the duration."""
-    enabled = ops.triton_enabled()
-    ops.use_triton(False)
-    try:
-        yield
-    finally:
-        ops.use_triton(enabled)
-
-
-def _gen(seed: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+    triton_testing.poison(monkeypatch, triton_ops)
 
 
 def _randn(*shape, dtype, device, gen, scale=1.0) -> torch.Tensor:
