@@ -28,7 +28,7 @@ from server.health import Lifecycle
 from server.launch import bind_socket, tls_context
 from server.uvicorn_server import uvicorn_config
 from tests.helpers.fake_engine import FAKE_ENGINE, FakeEngine
-from tests.helpers.server_process import ServerProcess
+from tests.helpers.server_process import ServerProcess, slow_fastapi_env
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: t\r\n\r\n"
 
@@ -339,18 +339,6 @@ def test_bad_limit_and_tls_flags_are_config_errors(certificate, tmp_path, capsys
 
 
 # ------------------------------------------------------------------ the CLI, end to end
-SLOW_FASTAPI = """
-import importlib.abc, os, sys, time
-
-class _SlowFastapi(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "fastapi":
-            sys.meta_path.remove(self)
-            time.sleep(float(os.environ["SLOW_FASTAPI_S"]))
-        return None
-
-sys.meta_path.insert(0, _SlowFastapi())
-"""
 
 
 @pytest.mark.slow
@@ -358,8 +346,7 @@ def test_https_from_the_first_probe_through_the_handover(certificate, tmp_path):
     """`import fastapi` delayed 2 s: the early responder answers HTTPS, then uvicorn does,
     with the same certificate."""
     certfile, keyfile = certificate
-    (tmp_path / "sitecustomize.py").write_text(SLOW_FASTAPI)
-    env = {"PYTHONPATH": str(tmp_path), "SLOW_FASTAPI_S": "2"}
+    env = slow_fastapi_env(tmp_path, 2)
     with ServerProcess("--engine-class", FAKE_ENGINE, "--ssl-certfile", certfile,
                        "--ssl-keyfile", keyfile, env=env) as srv, \
             httpx.Client(verify=trust(certfile), timeout=5) as client:

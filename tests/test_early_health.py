@@ -22,7 +22,7 @@ from server.early_health import EarlyHealthResponder
 from server.health import DRAINING, FAILED, STARTING, Lifecycle
 from server.launch import bind_socket
 from tests.helpers.fake_engine import FAKE_ENGINE_CLASS
-from tests.helpers.server_process import ServerProcess
+from tests.helpers.server_process import ServerProcess, slow_fastapi_env
 
 KEY = "sekrit"
 VOLATILE = ("uptime_s", "phase_elapsed_s", "at_s")  # timings: equal shape, different values
@@ -301,24 +301,11 @@ def test_stop_before_start_closes_only_the_duplicate():
 
 
 # ---------------------------------------------------------------- the CLI, imports slowed down
-SLOW_FASTAPI = """
-import importlib.abc, os, sys, time
-
-class _SlowFastapi(importlib.abc.MetaPathFinder):
-    def find_spec(self, name, path=None, target=None):
-        if name == "fastapi":
-            sys.meta_path.remove(self)
-            time.sleep(float(os.environ["SLOW_FASTAPI_S"]))
-        return None
-
-sys.meta_path.insert(0, _SlowFastapi())
-"""
 
 
 def slow_fastapi_server(tmp_path, delay: float, *args: str) -> ServerProcess:
     """The CLI with `import fastapi` taking `delay` extra seconds (sitecustomize shim)."""
-    (tmp_path / "sitecustomize.py").write_text(SLOW_FASTAPI)
-    env = {"PYTHONPATH": str(tmp_path), "SLOW_FASTAPI_S": str(delay)}
+    env = slow_fastapi_env(tmp_path, delay)
     return ServerProcess(
         "--engine-class", FAKE_ENGINE_CLASS, "--log-level", "debug", *args, env=env
     )

@@ -114,3 +114,23 @@ def sse_events(lines) -> list:
             payload = line[len("data: "):]
             out.append(payload if payload == "[DONE]" else json.loads(payload))
     return out
+
+_SLOW_FASTAPI = """
+import importlib.abc, os, sys, time
+
+class _SlowFastapi(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "fastapi":
+            sys.meta_path.remove(self)
+            time.sleep(float(os.environ["SLOW_FASTAPI_S"]))
+        return None
+
+sys.meta_path.insert(0, _SlowFastapi())
+"""
+
+
+def slow_fastapi_env(tmp_path, delay: float) -> dict[str, str]:
+    """Environment for a server process whose `import fastapi` takes `delay` extra seconds:
+    a `sitecustomize` shim written into `tmp_path`, put on the child's path."""
+    (tmp_path / "sitecustomize.py").write_text(_SLOW_FASTAPI)
+    return {"PYTHONPATH": str(tmp_path), "SLOW_FASTAPI_S": str(delay)}
