@@ -181,12 +181,14 @@ class AsyncEngine:
             log.error("engine failed: %s", reason)
             core.fail_everything(self._commands, self._deliver, reason)
             runner.close(kill=True)
+            runner.release()
             self._set_phase("failed", reason)
             return
         except BaseException:
             runner.close(kill=True)
             raise
         runner.close()
+        runner.release()
 
     def _on_worker_failure(self, reason: str) -> None:
         """A tensor-parallel worker exited on its own (a launcher watch thread calls this):

@@ -214,6 +214,14 @@ class DecodeGraphRunner:
             self.fault_injector(size)
         return _EmulatedGraph(size)
 
+    def release(self) -> None:
+        """Drop the captured graphs, their pool and the static buffers (engine shutdown).
+        Failed graphs stay referenced: see `capture`."""
+        self.graphs.clear()
+        self._pool = None
+        self.model = self.kv_cache = self.block_tables = None
+        self.inputs = self.logits = None
+
     def pool_bytes(self) -> int:
         """Device memory the graphs hold beyond what the warm-ups left reserved."""
         if not self.cuda or self._reserved_before is None:

@@ -93,8 +93,8 @@ def plan_kv_cache(
         if cfg.num_kv_blocks > fit:
             raise StartupError(
                 f"--num-kv-blocks {cfg.num_kv_blocks} needs "
-                f"{cfg.num_kv_blocks * per_block / gib:.1f} GiB but only "
-                f"{max(available, 0) / gib:.1f} GiB is available"
+                f"{_size(cfg.num_kv_blocks * per_block)} but only "
+                f"{_size(max(available, 0))} is available"
             )
         fit = cfg.num_kv_blocks
     if fit < 2:
@@ -106,6 +106,11 @@ def plan_kv_cache(
     plan = KVPlan(max_len, fit, bs, fit * per_block, budget,
                   f"{fit - 1} blocks of {bs} tokens fill the {budget / gib:.1f} GiB budget")
     return _fit(plan, cfg)
+
+
+def _size(n: int) -> str:
+    """Bytes for a message: GiB with two decimals, MiB below one GiB (tiny pools read 0.0 GiB)."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def agree(plan: KVPlan, num_blocks: int, cfg: EngineConfig) -> KVPlan:

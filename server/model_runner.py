@@ -77,8 +77,11 @@ from server.step_plan import StepPlan, StepPlanner
 
 log = logging.getLogger("graphserve.engine")
 
-# A mixed step at startup compiles the prefill kernels before the server reports ready.
-_WARMUP_PROMPT_TOKENS = 32
+# Mixed steps at startup compile the prefill kernels before the server reports ready: one
+# chunk at most `triton_attention.SHORT_CHUNK` tokens (the per-query-head kernel a prefix hit
+# runs) and one above it (the GQA-packed kernel of long prompts). With only the short one, the
+# first long prompt after ready paid the other kernel's JIT in its time to first token.
+WARMUP_PROMPT_CHUNKS = (32, 128)
 # Test seam: on CPU, "capture" graphs that replay the eager step (graph_runner's docstring).
 EMULATE_GRAPHS_ENV = "GRAPHSERVE_EMULATE_GRAPHS"
 
@@ -333,15 +336,19 @@ class ModelRunner:
         self.graphs.warm(n)
 
     def _warm_mixed_step(self) -> None:
-        """Run one mixed step on the scratch row so its kernels (the varlen prefill attention
-        among them) compile now, not in the first request's time to first token."""
-        n, row = _WARMUP_PROMPT_TOKENS, self.scratch_row
-        plan = StepPlan(
-            ids=[0] * (n + 1), src=[-1] * (n + 1), positions=[n, *range(n)],
-            rows=[row] * (n + 1), num_decode=1, num_sampled=0, logit_rows=[0, n],
-            seq_rows=[row], cu_seqlens=[0, n], k_lens=[n], max_q_len=n,
-        )  # fmt: skip
-        self._execute(plan, None)
+        """Run mixed steps on the scratch row (one decode row and a prompt chunk of each
+        `WARMUP_PROMPT_CHUNKS` size that fits the context) so their kernels (both varlen
+        prefill attentions among them) compile now, not in a request's time to first token."""
+        row = self.scratch_row
+        for n in WARMUP_PROMPT_CHUNKS:
+            # The scratch row's table is max_model_len wide; a step holds the token budget.
+            n = min(n, self.max_model_len - 1, self.max_batched_tokens)
+            plan = StepPlan(
+                ids=[0] * (n + 1), src=[-1] * (n + 1), positions=[n, *range(n)],
+                rows=[row] * (n + 1), num_decode=1, num_sampled=0, logit_rows=[0, n],
+                seq_rows=[row], cu_seqlens=[0, n], k_lens=[n], max_q_len=n,
+            )  # fmt: skip
+            self._execute(plan, None)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
 
@@ -551,6 +558,18 @@ class ModelRunner:
             if leave.is_alive():
                 log.warning("leaving the tensor-parallel group did not finish in 10 s")
         tp.join()
+
+    def release(self) -> None:
+        """Give the device memory back (engine thread, after `close`): weights, KV pool, graphs
+        and staging buffers. Without it a second engine in the same process (the GPU tests, an
+        in-process restart) finds the first one's pool still reserved and cannot size its own.
+        Reports still work afterwards: they read plans and policy state, not tensors."""
+        if self.device.type != "cuda":
+            return
+        self.graphs.release()
+        self.executor = self.model = self.kv_cache = self.block_tables = self.penalties = None
+        gc.collect()
+        torch.cuda.empty_cache()
 
     # -- introspection ----------------------------------------------------------------------
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import torch
 
@@ -15,13 +16,24 @@ _ids = itertools.count()
 
 
 def start(model_dir, **overrides) -> AsyncEngine:
-    """A CUDA engine on `model_dir` (16 rows, 512 tokens, sizes 1..16), ready or failing."""
+    """A CUDA engine on `model_dir` (16 rows, 512 tokens, sizes 1..16), ready; a startup
+    failure fails the test at once with the engine's reason (`ready` is never set then).
+
+    The KV pool holds every row at full length (`num_kv_blocks`) rather than filling the GPU:
+    tests then start in a second, and run beside other processes on the same device.
+    """
     kwargs = dict(model=str(model_dir), device="cuda", max_num_seqs=16, max_model_len=512,
                   cuda_graph_sizes=[1, 2, 4, 8, 16])  # fmt: skip
     kwargs.update(overrides)
+    if "num_kv_blocks" not in kwargs:
+        block = kwargs.get("block_size", 16)
+        kwargs["num_kv_blocks"] = 1 + kwargs["max_num_seqs"] * -(-kwargs["max_model_len"] // block)
     engine = AsyncEngine(EngineConfig(**kwargs))
     engine.start()
-    assert engine.ready.wait(300), f"engine not ready: {engine.phase} {engine.error}"
+    deadline = time.monotonic() + 300
+    while not engine.ready.wait(0.05):
+        assert engine.phase != "failed", f"engine failed to start: {engine.error}"
+        assert time.monotonic() < deadline, f"engine not ready after 300 s: {engine.phase}"
     return engine
 
 
