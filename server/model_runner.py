@@ -53,7 +53,6 @@ from __future__ import annotations
 import gc
 import logging
 import os
-import threading
 import time
 from dataclasses import dataclass
 
@@ -548,14 +547,9 @@ class ModelRunner:
             tp.shutdown()  # the workers leave the group as rank 0 does, below
         if self.comm is not None:
             self.comm = None
-            from server.distributed.comm import destroy_group
+            from server.distributed.comm import leave_group
 
-            # Bounded: a teardown that waits on a peer must not hang the shutdown.
-            leave = threading.Thread(target=destroy_group, args=(broken,),
-                                     name="graphserve-tp-destroy", daemon=True)  # fmt: skip
-            leave.start()
-            leave.join(10.0)
-            if leave.is_alive():
+            if not leave_group(broken, wait_s=10.0):
                 log.warning("leaving the tensor-parallel group did not finish in 10 s")
         tp.join()
 

@@ -26,6 +26,7 @@ measures both inside CUDA graphs (`logits_gather` in its JSON) to keep that choi
 from __future__ import annotations
 
 import datetime
+import threading
 
 import torch
 import torch.distributed as dist
@@ -114,6 +115,7 @@ def init_group(
     longer (and takes the process down), which a peer's death can cause.
     """
     apply_env_defaults()  # before the process's first NCCL call (see launcher.NCCL_ENV_DEFAULTS)
+    _wait_for_previous_group(timeout_s)
     timeout = datetime.timedelta(seconds=timeout_s)
     if store is None:
         store = dist.TCPStore("127.0.0.1", port, world, False, timeout=timeout)
@@ -125,6 +127,35 @@ def init_group(
         device_id=device if cuda else None,
     )  # fmt: skip
     return TPComm(dist.group.WORLD, rank, world)
+
+
+# The teardown thread `leave_group` started last (rank 0), while it may still run.
+_leaving: threading.Thread | None = None
+
+
+def leave_group(abort: bool, wait_s: float = 10.0) -> bool:
+    """`destroy_group` on a thread of its own, waited for at most `wait_s` (a teardown that
+    waits on a peer must not hang a shutdown). False if it is still running then: a later
+    `init_group` in this process waits for it before forming a new group."""
+    global _leaving
+    thread = threading.Thread(target=destroy_group, args=(abort,),
+                              name="graphserve-tp-destroy", daemon=True)  # fmt: skip
+    _leaving = thread
+    thread.start()
+    thread.join(wait_s)
+    return not thread.is_alive()
+
+
+def _wait_for_previous_group(timeout_s: float) -> None:
+    """A second engine in one process (tests; an in-process restart) can only form its group
+    once the first one's has gone: NCCL's orderly teardown took 10-20 s on the H200 pair."""
+    if _leaving is not None:
+        _leaving.join(timeout_s)
+    if dist.is_initialized():
+        raise RuntimeError(
+            "this process's previous tensor-parallel group has not shut down yet "
+            f"(waited {timeout_s:.0f} s)"
+        )
 
 
 def destroy_group(abort: bool = False) -> None:
