@@ -582,10 +582,8 @@ class CapturePolicy:
             records = [self._records[s] for s in self._sizes]
             captured = sum(r.state == "captured" for r in records)
             steps = self._exact_steps + self._padded_steps + self._eager_steps
-            pending = sorted(
-                (r for r in records if r.state == "pending"),
-                key=lambda r: (-r.demand, -r.size),
-            )
+            pending = sorted((r for r in records if r.state == "pending"),
+                             key=lambda r: (-r.demand, -r.size))  # fmt: skip
             predicted = self._predict_locked()
             return {
                 "mode": self.mode,
@@ -595,11 +593,8 @@ class CapturePolicy:
                 "complete": self._complete,
                 "capturing": self._capturing,
                 "sizes": [r.to_json() for r in records],
-                "coverage": {
-                    "captured": captured,
-                    "total": len(records),
-                    "ratio": captured / len(records),
-                },
+                "coverage": {"captured": captured, "total": len(records),
+                             "ratio": captured / len(records)},  # fmt: skip
                 "traffic": {
                     "exact_steps": self._exact_steps,
                     "padded_steps": self._padded_steps,
@@ -639,11 +634,8 @@ class CapturePolicy:
     def _expect_capturing(self, size: int, event: str) -> _SizeRecord:
         record = self._record(size)
         if self._capturing != size:
-            current = (
-                "no capture is in progress"
-                if self._capturing is None
-                else f"the capture in progress is size {self._capturing}"
-            )
+            current = ("no capture is in progress" if self._capturing is None
+                       else f"the capture in progress is size {self._capturing}")  # fmt: skip
             raise CaptureStateError(f"{event}({size}) without begin({size}): {current}")
         return record
 
@@ -672,20 +664,16 @@ class CapturePolicy:
         self._graph_for = table
 
     def _check_complete_locked(self) -> None:
-        if self._complete or any(
-            r.state in ("pending", "capturing") for r in self._records.values()
-        ):
+        if self._complete or any(r.state in ("pending", "capturing")
+                                 for r in self._records.values()):  # fmt: skip
             return
         self._complete = True
         self._done = True
         self._complete_at = self._clock()
         failed = [r.size for r in self._records.values() if r.state == "failed"]
-        logger.info(
-            "CUDA graph capture complete: %d/%d sizes captured%s",
-            len(self._records) - len(failed),
-            len(self._records),
-            f", failed: {failed}" if failed else "",
-        )
+        logger.info("CUDA graph capture complete: %d/%d sizes captured%s",
+                    len(self._records) - len(failed), len(self._records),
+                    f", failed: {failed}" if failed else "")  # fmt: skip
 
     def _disable_locked(self, reason: str) -> None:
         if self._off_reason is not None:
@@ -698,10 +686,8 @@ class CapturePolicy:
 
     def _update_memory_locked(self) -> None:
         records = self._records.values()
-        self._memory.update(
-            captured=sum(r.state == "captured" for r in records),
-            usable=sum(r.state != "failed" for r in records),
-        )
+        self._memory.update(captured=sum(r.state == "captured" for r in records),
+                            usable=sum(r.state != "failed" for r in records))  # fmt: skip
 
     @staticmethod
     def _since(start: float | None, end: float | None) -> float | None:
