@@ -20,6 +20,14 @@ Targets (medians): /health <= 1 s; ready(lazy) <= ready(off) + 0.5 s; time to fu
 idle under lazy, counted from ready, <= 1.1x eager's capture time (its graph phase beyond off's,
 from the servers' own startup_timings_s).
 
+Caches (`--caches`): `shared` leaves the environment's Triton/CUDA/XDG caches as they are;
+`fresh` gives every launch empty ones in a temporary directory, as a container scaled from zero
+has (`TRITON_CACHE_DIR`, `XDG_CACHE_HOME` (the state dir too), `CUDA_CACHE_PATH`,
+`TORCHINDUCTOR_CACHE_DIR`); `--seed-triton-cache DIR` fills each fresh Triton cache with a copy
+of DIR first (kernels compiled ahead, as an image would ship them). `--page-cache cold` evicts
+the checkpoint's files from the page cache before every launch (`posix_fadvise(DONTNEED)`, no
+root needed; the bytes still resident afterwards are in the server's own load log line).
+
 Wall time: warm-up + runs x 3 policies x 2 size lists launches; with the 8B checkpoint each takes
 roughly weights-load + capture + a few seconds, so `--runs 2` keeps it well inside 10 minutes.
 `--time-budget-s` stops launching (output marked truncated) rather than overrun.
@@ -31,6 +39,9 @@ roughly weights-load + capture + a few seconds, so `--runs 2` keeps it well insi
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -98,13 +109,58 @@ def variant_args(args: argparse.Namespace, variant: str) -> list[str]:
     return out
 
 
+def fresh_caches(root: Path, seed_triton: str | None) -> dict[str, str]:
+    """Empty compiler and state caches under `root` (a container scaled from zero), the Triton
+    one seeded from `seed_triton` when given. Returns the environment that points at them."""
+    env = {
+        "TRITON_CACHE_DIR": str(root / "triton"),
+        "XDG_CACHE_HOME": str(root / "xdg"),
+        "CUDA_CACHE_PATH": str(root / "nv"),
+        "TORCHINDUCTOR_CACHE_DIR": str(root / "inductor"),
+    }
+    for path in env.values():
+        Path(path).mkdir(parents=True, exist_ok=True)
+    if seed_triton:
+        shutil.copytree(seed_triton, env["TRITON_CACHE_DIR"], dirs_exist_ok=True)
+    return env
+
+
+def evict_page_cache(model_dir: str | None) -> dict[str, Any]:
+    """Drop the checkpoint's files from the page cache (clean pages: no root needed)."""
+    files = sorted(Path(model_dir).glob("*.safetensors")) if model_dir else []
+    done, failed = 0, []
+    for path in files:
+        try:
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+            done += path.stat().st_size
+        except OSError as exc:
+            failed.append(f"{path.name}: {exc}")
+    return {"files": len(files), "bytes": done, "errors": failed}
+
+
 def measure_launch(
     args: argparse.Namespace, server_args: list[str], mode: str, log_path: Path
 ) -> dict[str, Any]:
     """Start one server, poll it to readiness and (if capturing) full coverage, stop it."""
+    with tempfile.TemporaryDirectory(prefix="graphserve-fresh-") as tmp:
+        env = fresh_caches(Path(tmp), args.seed_triton_cache) if args.caches == "fresh" else {}
+        evicted = evict_page_cache(args.model) if args.page_cache == "cold" else None
+        run = _measure(args, server_args, mode, log_path, env)
+    run["caches"] = args.caches + (" (seeded Triton cache)" if args.seed_triton_cache else "")
+    run["page_cache"] = args.page_cache
+    run["evicted"] = evicted
+    return run
+
+
+def _measure(args: argparse.Namespace, server_args: list[str], mode: str, log_path: Path,
+             env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     import httpx
 
-    server = ServerProcess([*server_args, "--graph-capture", mode], log_path=log_path)
+    server = ServerProcess([*server_args, "--graph-capture", mode], log_path=log_path, env=env)
     run: dict[str, Any] = {
         "mode": mode,
         "health_s": None,
@@ -337,6 +393,14 @@ def main() -> None:
         help="stop launching when the next launch would end past this (output is still "
         "written, marked truncated); leaves room for writing the checkpoint in the same call",
     )
+    ap.add_argument("--caches", choices=("shared", "fresh"), default="shared",
+                    help="fresh: empty Triton/CUDA/XDG caches per launch (a new container)")
+    ap.add_argument("--seed-triton-cache", default=None, metavar="DIR",
+                    help="with --caches fresh: copy DIR into each launch's Triton cache first")
+    ap.add_argument("--page-cache", choices=("warm", "cold"), default="warm",
+                    help="cold: evict the checkpoint from the page cache before each launch")
+    ap.add_argument("--ready-target-s", type=float, default=None,
+                    help="also check exec -> ready (lazy median) against this many seconds")
     ap.add_argument("--log-dir", default=None, help="server logs (default: next to --out)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument(
@@ -359,6 +423,8 @@ def main() -> None:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if args.runs < 1:
         ap.error("--runs must be >= 1")
+    if args.seed_triton_cache and args.caches != "fresh":
+        ap.error("--seed-triton-cache needs --caches fresh")
     log_dir = Path(
         args.log_dir
         or (Path(args.out).parent / "logs" if args.out else Path("/tmp/graphserve-bench-logs"))
@@ -420,6 +486,13 @@ def main() -> None:
         summary = {m: summarize_runs(r) for m, r in result["variants"][v]["runs"].items() if r}
         result["variants"][v]["summary"] = summary
         result["targets"] += evaluate(v, summary)
+        lazy = summary.get("lazy")
+        if args.ready_target_s is not None and lazy is not None:
+            name = (f"[{v}] exec -> ready (lazy, caches {args.caches}, page cache "
+                    f"{args.page_cache}), s")  # fmt: skip
+            result["targets"].append(
+                target(name, lazy["ready_s"]["median"], args.ready_target_s)
+            )
     result["wall_s"] = time.perf_counter() - t_start
     write_json(args.out, result)
 

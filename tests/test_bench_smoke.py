@@ -14,11 +14,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
 from bench import common
-from bench.cold_start import vllm_like_sizes
+from bench.cold_start import evict_page_cache, fresh_caches, vllm_like_sizes
 from bench.serve import itl_pair, parse_args, sharegpt_requests
 from tests.helpers import REPO
 
@@ -306,3 +307,23 @@ def test_openai_overheads_smoke(smoke_runs):
     assert scenarios["constrained"]["plain_tpot_ms"] is None
     _check_targets(data["targets"], 4)
     _check_verdict_lines(text, 4)
+
+
+def test_cold_start_fresh_caches_are_empty_or_seeded_per_launch(tmp_path):
+    seed = tmp_path / "seed"
+    (seed / "abc").mkdir(parents=True)
+    (seed / "abc" / "kernel.cubin").write_bytes(b"x" * 10)
+    env = fresh_caches(tmp_path / "launch1", None)
+    assert set(env) == {"TRITON_CACHE_DIR", "XDG_CACHE_HOME", "CUDA_CACHE_PATH",
+                        "TORCHINDUCTOR_CACHE_DIR"}  # fmt: skip
+    assert all(Path(p).is_dir() and not any(Path(p).iterdir()) for p in env.values())
+    seeded = fresh_caches(tmp_path / "launch2", str(seed))
+    assert (Path(seeded["TRITON_CACHE_DIR"]) / "abc" / "kernel.cubin").read_bytes() == b"x" * 10
+    assert not any(Path(seeded["XDG_CACHE_HOME"]).iterdir())
+
+
+def test_cold_start_evicts_the_checkpoint_from_the_page_cache(tmp_path):
+    (tmp_path / "model-00001.safetensors").write_bytes(b"\0" * 4096)
+    (tmp_path / "config.json").write_text("{}")
+    assert evict_page_cache(str(tmp_path)) == {"files": 1, "bytes": 4096, "errors": []}
+    assert evict_page_cache(None) == {"files": 0, "bytes": 0, "errors": []}
