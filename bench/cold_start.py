@@ -23,8 +23,9 @@ from the servers' own startup_timings_s).
 Caches (`--caches`): `shared` leaves the environment's Triton/CUDA/XDG caches as they are;
 `fresh` gives every launch empty ones in a temporary directory, as a container scaled from zero
 has (`TRITON_CACHE_DIR`, `XDG_CACHE_HOME` (the state dir too), `CUDA_CACHE_PATH`,
-`TORCHINDUCTOR_CACHE_DIR`); `--seed-triton-cache DIR` fills each fresh Triton cache with a copy
-of DIR first (kernels compiled ahead, as an image would ship them). `--page-cache cold` evicts
+`TORCHINDUCTOR_CACHE_DIR`); `--kernel-cache DIR` passes the server kernels compiled ahead
+(`graphserve precompile-kernels`, as the image ships them), which it copies into its fresh
+Triton cache at startup. `--page-cache cold` evicts
 the checkpoint's files from the page cache before every launch (`posix_fadvise(DONTNEED)`, no
 root needed; the bytes still resident afterwards are in the server's own load log line).
 
@@ -40,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -109,9 +109,9 @@ def variant_args(args: argparse.Namespace, variant: str) -> list[str]:
     return out
 
 
-def fresh_caches(root: Path, seed_triton: str | None) -> dict[str, str]:
-    """Empty compiler and state caches under `root` (a container scaled from zero), the Triton
-    one seeded from `seed_triton` when given. Returns the environment that points at them."""
+def fresh_caches(root: Path) -> dict[str, str]:
+    """Empty compiler and state caches under `root` (a container scaled from zero). Returns the
+    environment that points at them."""
     env = {
         "TRITON_CACHE_DIR": str(root / "triton"),
         "XDG_CACHE_HOME": str(root / "xdg"),
@@ -120,8 +120,6 @@ def fresh_caches(root: Path, seed_triton: str | None) -> dict[str, str]:
     }
     for path in env.values():
         Path(path).mkdir(parents=True, exist_ok=True)
-    if seed_triton:
-        shutil.copytree(seed_triton, env["TRITON_CACHE_DIR"], dirs_exist_ok=True)
     return env
 
 
@@ -147,10 +145,10 @@ def measure_launch(
 ) -> dict[str, Any]:
     """Start one server, poll it to readiness and (if capturing) full coverage, stop it."""
     with tempfile.TemporaryDirectory(prefix="graphserve-fresh-") as tmp:
-        env = fresh_caches(Path(tmp), args.seed_triton_cache) if args.caches == "fresh" else {}
+        env = fresh_caches(Path(tmp)) if args.caches == "fresh" else {}
         evicted = evict_page_cache(args.model) if args.page_cache == "cold" else None
         run = _measure(args, server_args, mode, log_path, env)
-    run["caches"] = args.caches + (" (seeded Triton cache)" if args.seed_triton_cache else "")
+    run["caches"] = args.caches + (" + kernels compiled ahead" if args.kernel_cache else "")
     run["page_cache"] = args.page_cache
     run["evicted"] = evicted
     return run
@@ -395,8 +393,8 @@ def main() -> None:
     )
     ap.add_argument("--caches", choices=("shared", "fresh"), default="shared",
                     help="fresh: empty Triton/CUDA/XDG caches per launch (a new container)")
-    ap.add_argument("--seed-triton-cache", default=None, metavar="DIR",
-                    help="with --caches fresh: copy DIR into each launch's Triton cache first")
+    ap.add_argument("--kernel-cache", default=None, metavar="DIR",
+                    help="serve --kernel-cache DIR: kernels compiled ahead")
     ap.add_argument("--page-cache", choices=("warm", "cold"), default="warm",
                     help="cold: evict the checkpoint from the page cache before each launch")
     ap.add_argument("--ready-target-s", type=float, default=None,
@@ -423,8 +421,8 @@ def main() -> None:
             ap.error(f"unknown variant {v!r}; choose from {', '.join(VARIANTS)}")
     if args.runs < 1:
         ap.error("--runs must be >= 1")
-    if args.seed_triton_cache and args.caches != "fresh":
-        ap.error("--seed-triton-cache needs --caches fresh")
+    if args.kernel_cache:
+        args.server_arg.append(f"--kernel-cache={args.kernel_cache}")
     log_dir = Path(
         args.log_dir
         or (Path(args.out).parent / "logs" if args.out else Path("/tmp/graphserve-bench-logs"))

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import threading
+from pathlib import Path
 
 from server import __version__
 from server.config import (
@@ -32,7 +33,7 @@ from server.logging_setup import LOG_LEVELS, setup_logging
 logger = logging.getLogger("graphserve.cli")
 
 EXIT_CONFIG_ERROR = 2
-_SUBCOMMANDS = ("serve",)
+_SUBCOMMANDS = ("serve", "precompile-kernels")
 
 
 def _graph_sizes(text: str) -> list[int]:
@@ -74,6 +75,27 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     add_serve_arguments(serve)
+    pre = sub.add_parser(
+        "precompile-kernels",
+        help="compile the Triton kernels ahead, without a GPU (image build)",
+        description="Compile the kernels a server of the given model shapes JIT-compiles at "
+        "startup, for a GPU architecture, on a machine without a GPU; `serve --kernel-cache "
+        "DIR` (or $GRAPHSERVE_KERNEL_CACHE) then starts without compiling. Run it with the "
+        "Python and triton the server runs with: Triton's cache keys include both.",
+        formatter_class=_HelpFormatter,
+    )
+    pre.add_argument("--out", required=True, metavar="DIR", help="directory to fill")
+    pre.add_argument("--preset", action="append", default=[], metavar="NAME",
+                     help="a built-in model shape (repeat): llama-3.2-1b, llama-3.2-3b, "
+                     "llama-3.1-8b, llama-3.1-70b")
+    pre.add_argument("--model", action="append", default=[], metavar="DIR",
+                     help="a checkpoint directory whose config.json gives a shape (repeat)")
+    pre.add_argument("--arch", type=int, default=90,
+                     help="CUDA compute capability x 10 (90: H100/H200)")
+    pre.add_argument("--block-size", type=int, default=EngineConfig.block_size,
+                     help="KV-cache block size the servers will use")
+    pre.add_argument("--no-launchers", action="store_true",
+                     help="skip the gcc-built launcher stubs (then built at first launch)")
     return parser
 
 
@@ -110,6 +132,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--prefetch-threads", type=int, default=eng.prefetch_threads, metavar="N",
                        help="threads pulling the checkpoint into the page cache while torch "
                        "imports (0: none)")
+    model.add_argument("--kernel-cache", default=None, metavar="DIR",
+                       help="Triton kernels compiled ahead (`graphserve precompile-kernels`), "
+                       "copied into TRITON_CACHE_DIR at startup so nothing is JIT-compiled "
+                       "(default: $GRAPHSERVE_KERNEL_CACHE; the image sets it)")
     model.add_argument("--max-model-len", type=int, default=None, metavar="N",
                        help="context length (prompt + output) in tokens (default: the model's "
                        "limit; shrunk only if the whole KV pool is smaller)")
@@ -261,6 +287,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         load_format=args.load_format,
         state_dir="" if args.no_state_dir else args.state_dir,
         prefetch_threads=args.prefetch_threads,
+        kernel_cache=args.kernel_cache,
     )
     max_request_bytes = None
     if args.max_request_bytes is not None:
@@ -304,6 +331,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `graphserve` and `python -m server`; returns the exit code."""
     args = parse_args(argv)
+    if args.command == "precompile-kernels":
+        return precompile_kernels(args)
     try:
         config = config_from_args(args)
         tls = tls_context(config)
@@ -325,3 +354,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.flush()
         os._exit(code)
     return code
+
+
+def precompile_kernels(args: argparse.Namespace) -> int:
+    """`graphserve precompile-kernels`: see server.kernel_precompile."""
+    from server.kernel_precompile import precompile, shapes_from  # torch + triton: not for serve
+
+    try:
+        shapes = shapes_from(args.preset, args.model)
+        manifest = precompile(shapes, Path(args.out), arch=args.arch, block_size=args.block_size,
+                              launchers=not args.no_launchers)  # fmt: skip
+    except (ValueError, OSError) as exc:
+        print(f"graphserve: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG_ERROR
+    print(f"{len(manifest['kernels'])} kernels and {manifest['launchers']} launcher stubs for "
+          f"{', '.join(manifest['shapes'])} ({manifest['target']}, python "
+          f"{manifest['runtime']['python']}, triton {manifest['triton']}) in "
+          f"{manifest['seconds']:.1f} s -> {args.out}")  # fmt: skip
+    return 0

@@ -115,6 +115,8 @@ class EngineConfig:
     # ($XDG_CACHE_HOME/graphserve), "" = keep nothing.
     state_dir: str | None = None
     prefetch_threads: int = 4  # page-cache warmers during the torch import (0: none)
+    # Kernels compiled ahead (server.kernel_cache); None: $GRAPHSERVE_KERNEL_CACHE, if set.
+    kernel_cache: str | None = None
 
     def validate(self) -> None:
         """Raise ConfigError for values that can never work (checked before any heavy import)."""

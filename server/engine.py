@@ -56,6 +56,7 @@ from server.errors import (
     QueueFullError,
     StartupError,
 )
+from server.kernel_cache import seed_from_config
 from server.request import RequestOutput, SamplingParams
 from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler, StepResult
 from server.structured.grammar import GrammarBackend, tokenizer_json
@@ -124,6 +125,8 @@ class AsyncEngine:
         launcher = None
         try:
             t_start = time.perf_counter()
+            # Torch-free, before any Triton lookup (the workers' too): shipped kernels first.
+            seed_from_config(self.config.kernel_cache)
             # Torch-free: the checkpoint streams into the page cache while torch imports.
             if self.config.load_format != "dummy" and self.config.prefetch_threads > 0:
                 prefetch.start(self.config.model, self.config.prefetch_threads)

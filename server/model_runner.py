@@ -81,6 +81,22 @@ log = logging.getLogger("graphserve.engine")
 # runs) and one above it (the GQA-packed kernel of long prompts). With only the short one, the
 # first long prompt after ready paid the other kernel's JIT in its time to first token.
 WARMUP_PROMPT_CHUNKS = (32, 128)
+def warmup_plans(scratch_row: int, max_model_len: int, max_batched_tokens: int) -> list[StepPlan]:
+    """The mixed steps startup runs on the scratch row: one decode row and a prompt chunk of
+    each `WARMUP_PROMPT_CHUNKS` size (capped by the context and the step budget). Also what
+    `server.kernel_precompile` drives to compile the same kernel variants ahead."""
+    plans = []
+    for n in WARMUP_PROMPT_CHUNKS:
+        # The scratch row's table is max_model_len wide; a step holds the token budget.
+        n = min(n, max_model_len - 1, max_batched_tokens)
+        plans.append(StepPlan(
+            ids=[0] * (n + 1), src=[-1] * (n + 1), positions=[n, *range(n)],
+            rows=[scratch_row] * (n + 1), num_decode=1, num_sampled=0, logit_rows=[0, n],
+            seq_rows=[scratch_row], cu_seqlens=[0, n], k_lens=[n], max_q_len=n,
+        ))  # fmt: skip
+    return plans
+
+
 # Test seam: on CPU, "capture" graphs that replay the eager step (graph_runner's docstring).
 EMULATE_GRAPHS_ENV = "GRAPHSERVE_EMULATE_GRAPHS"
 
@@ -335,18 +351,9 @@ class ModelRunner:
         self.graphs.warm(n)
 
     def _warm_mixed_step(self) -> None:
-        """Run mixed steps on the scratch row (one decode row and a prompt chunk of each
-        `WARMUP_PROMPT_CHUNKS` size that fits the context) so their kernels (both varlen
-        prefill attentions among them) compile now, not in a request's time to first token."""
-        row = self.scratch_row
-        for n in WARMUP_PROMPT_CHUNKS:
-            # The scratch row's table is max_model_len wide; a step holds the token budget.
-            n = min(n, self.max_model_len - 1, self.max_batched_tokens)
-            plan = StepPlan(
-                ids=[0] * (n + 1), src=[-1] * (n + 1), positions=[n, *range(n)],
-                rows=[row] * (n + 1), num_decode=1, num_sampled=0, logit_rows=[0, n],
-                seq_rows=[row], cu_seqlens=[0, n], k_lens=[n], max_q_len=n,
-            )  # fmt: skip
+        """Run the `warmup_plans` mixed steps so their kernels (both varlen prefill attentions
+        among them) compile now, not in a request's time to first token."""
+        for plan in warmup_plans(self.scratch_row, self.max_model_len, self.max_batched_tokens):
             self._execute(plan, None)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
