@@ -113,6 +113,9 @@ def _compile_only(arch: int, compiled: list):
               "prefill_attention": triton_attention.prefill_attention}  # fmt: skip
     saved = {name: getattr(ops, name) for name in routed}
     lm_head = model.DecoderModel._lm_head
+    # Restored as it was, not with reset_active(): that would build the real driver (and its
+    # gcc-compiled utilities) now, into the cache being filled.
+    previous_driver = driver._active
     driver.set_active(_TargetDriver(GPUTarget("cuda", arch, 32)))
     JITFunction.run = compile_only
     model.DecoderModel._lm_head = no_lm_head
@@ -125,10 +128,7 @@ def _compile_only(arch: int, compiled: list):
             setattr(ops, name, fn)
         model.DecoderModel._lm_head = lm_head
         JITFunction.run = run
-        try:
-            driver.reset_active()
-        except RuntimeError:  # no GPU driver on this machine: leave none active, as before
-            driver._active = None
+        driver._active = previous_driver
 
 
 def drive_startup(raw: dict, block_size: int = 16, max_num_seqs: int = 64,
