@@ -94,6 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="CUDA compute capability x 10 (90: H100/H200)")
     pre.add_argument("--block-size", type=int, default=EngineConfig.block_size,
                      help="KV-cache block size the servers will use")
+    pre.add_argument("--tensor-parallel-size", type=int, action="append", default=None,
+                     metavar="N", help="also the per-rank kernels of N-way tensor parallelism "
+                     "(repeat; default: 1 only)")
     pre.add_argument("--no-launchers", action="store_true",
                      help="skip the gcc-built launcher stubs (then built at first launch)")
     return parser
@@ -362,8 +365,10 @@ def precompile_kernels(args: argparse.Namespace) -> int:
 
     try:
         shapes = shapes_from(args.preset, args.model)
-        manifest = precompile(shapes, Path(args.out), arch=args.arch, block_size=args.block_size,
-                              launchers=not args.no_launchers)  # fmt: skip
+        tp_sizes = tuple(args.tensor_parallel_size or [1])
+        manifest = precompile(shapes, Path(args.out), arch=args.arch,
+                              block_size=args.block_size, launchers=not args.no_launchers,
+                              tensor_parallel_sizes=tp_sizes)  # fmt: skip
     except (ValueError, OSError) as exc:
         print(f"graphserve: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR

@@ -132,20 +132,27 @@ def _compile_only(arch: int, compiled: list):
 
 
 def drive_startup(raw: dict, block_size: int = 16, max_num_seqs: int = 64,
-                  max_batched_tokens: int = 2048, device: str = "cpu") -> None:
+                  max_batched_tokens: int = 2048, device: str = "cpu",
+                  tensor_parallel_size: int = 1) -> None:  # fmt: skip
     """The startup warm-ups of a server of this shape, for each table width (on "cuda": real
-    launches, which is how the GPU test checks a seeded cache serves them all)."""
+    launches, which is how the GPU test checks a seeded cache serves them all). Under tensor
+    parallelism every rank runs the same kernels on its head and column slices: rank 0's
+    shard stands for all (no collectives here: compiling needs none)."""
+    from server.distributed.sharding import TPShard
     from server.hf_config import ModelConfig
     from server.model import DecoderModel
     from server.model_runner import warmup_plans
     from server.step_executor import StepExecutor
 
     config = ModelConfig(dict(raw, num_hidden_layers=1))
+    shard = TPShard(0, tensor_parallel_size)
     for width in TABLE_WIDTHS:
         max_model_len = width * block_size
-        model = DecoderModel(config, _EmptyWeights(torch.bfloat16, device), max_model_len)
+        weights = _EmptyWeights(torch.bfloat16, device)
+        model = DecoderModel(config, weights, max_model_len, shard=shard)
         executor = StepExecutor.build(model, 8, block_size, max_model_len, max_num_seqs,
-                                      emulate=False, tensor_parallel=False)  # fmt: skip
+                                      emulate=False,
+                                      tensor_parallel=tensor_parallel_size > 1)  # fmt: skip
         for plan in warmup_plans(executor.graphs.scratch_row, max_model_len, max_batched_tokens):
             executor.execute(plan, None)
         for n in sorted({max_num_seqs, 1}, reverse=True):
@@ -203,9 +210,10 @@ def _build_launchers(kernels: list) -> int:
 
 
 def precompile(shapes: dict[str, dict], out: Path, *, arch: int = 90, block_size: int = 16,
-               max_num_seqs: int = 64, max_batched_tokens: int = 2048,
-               launchers: bool = True) -> dict:  # fmt: skip
-    """Compile every startup kernel variant of each shape into `out`; returns the manifest."""
+               max_num_seqs: int = 64, max_batched_tokens: int = 2048, launchers: bool = True,
+               tensor_parallel_sizes: tuple[int, ...] = (1,)) -> dict:  # fmt: skip
+    """Compile every startup kernel variant of each shape (at each tensor-parallel size whose
+    ranks split its KV heads) into `out`; returns the manifest."""
     out = out.resolve()
     out.mkdir(parents=True, exist_ok=True)
     previous = os.environ.get("TRITON_CACHE_DIR")
@@ -215,7 +223,11 @@ def precompile(shapes: dict[str, dict], out: Path, *, arch: int = 90, block_size
     try:
         with _compile_only(arch, compiled):
             for raw in shapes.values():
-                drive_startup(raw, block_size, max_num_seqs, max_batched_tokens)
+                kv_heads = raw.get("num_key_value_heads") or raw["num_attention_heads"]
+                for tp in tensor_parallel_sizes:
+                    if kv_heads % tp == 0:
+                        drive_startup(raw, block_size, max_num_seqs, max_batched_tokens,
+                                      tensor_parallel_size=tp)  # fmt: skip
         n_launchers = _build_launchers(compiled) if launchers else 0
     finally:
         if previous is None:
@@ -231,6 +243,7 @@ def precompile(shapes: dict[str, dict], out: Path, *, arch: int = 90, block_size
         "target": f"cuda:{arch}",
         "shapes": sorted(shapes),
         "block_size": block_size,
+        "tensor_parallel_sizes": list(tensor_parallel_sizes),
         "kernels": [{"name": name, "hash": h} for name, h in kernels],
         "launchers": n_launchers,
         "seconds": round(time.perf_counter() - t0, 2),

@@ -139,6 +139,21 @@ def test_precompile_builds_every_startup_kernel_and_a_rerun_compiles_nothing(tmp
     assert again["kernels"] == manifest["kernels"]
 
 
+def test_precompile_covers_tensor_parallel_ranks_whose_heads_split(tmp_path):
+    """Rank-shaped kernels (a quarter of the heads and of the MLP per rank here: head counts
+    no longer divisible by 16 and a smaller MLP block make other variants) land beside the
+    one-GPU ones; a size that does not split the KV heads is left out, not an error."""
+    _nvidia_triton()
+    from server.kernel_precompile import precompile
+
+    wide = dict(TINY, num_attention_heads=16, num_key_value_heads=4)
+    one = precompile({"wide": wide}, tmp_path / "one", launchers=False)
+    both = precompile({"wide": wide}, tmp_path / "both", launchers=False,
+                      tensor_parallel_sizes=(1, 4, 3))  # fmt: skip
+    assert {k["name"] for k in both["kernels"]} == KERNELS
+    assert {k["hash"] for k in one["kernels"]} < {k["hash"] for k in both["kernels"]}
+
+
 _CUDA_WARMUP = """
 import json, sys
 from server import ops
