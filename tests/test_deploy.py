@@ -467,6 +467,28 @@ def test_model_path_and_offline_mode(image):
     assert model and model.startswith("/models/")
 
 
+def test_image_ships_kernels_compiled_ahead_for_known_shapes(image):
+    """The build precompiles the Triton kernels (no GPU there) into the directory the server
+    is pointed at, for preset names that exist, after the package is installed and as root
+    (the directory is then readable by the server's user), and outside the emptyDir cache."""
+    from server.kernel_cache import KERNEL_CACHE_ENV
+    from server.kernel_precompile import PRESETS
+
+    env = image.env()
+    shipped = env.get(KERNEL_CACHE_ENV)
+    assert shipped and not shipped.startswith(env["XDG_CACHE_HOME"])
+    (run,) = [i for i in image.all("RUN") if "graphserve precompile-kernels" in i.args]
+    assert f"--out {shipped}" in run.args and "chmod -R a+rX" in run.args
+    install = [i.line for i in image.all("RUN") if "pip install /src/graphserve" in i.args]
+    assert install and install[0] < run.line < image.last("USER").line
+    presets = {}
+    for arg in image.all("ARG"):
+        name, _, value = arg.args.partition("=")
+        presets[name] = value.strip('"').split()
+    assert presets["KERNEL_PRESETS"] and set(presets["KERNEL_PRESETS"]) <= set(PRESETS)
+    assert all(n.isdigit() for n in presets["KERNEL_TP_SIZES"])
+
+
 # --------------------------------------------------------------------------- Kubernetes schema
 
 @pytest.fixture(scope="module")
