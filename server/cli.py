@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
     pre.add_argument("--out", required=True, metavar="DIR", help="directory to fill")
     pre.add_argument("--preset", action="append", default=[], metavar="NAME",
                      help="a built-in model shape (repeat): llama-3.2-1b, llama-3.2-3b, "
-                     "llama-3.1-8b, llama-3.1-70b")
+                     "llama-3.1-8b, llama-3.1-70b, qwen2.5-7b, qwen3-8b")
     pre.add_argument("--model", action="append", default=[], metavar="DIR",
                      help="a checkpoint directory whose config.json gives a shape (repeat)")
     pre.add_argument("--arch", type=int, default=90,

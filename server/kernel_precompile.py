@@ -53,6 +53,16 @@ PRESETS: dict[str, dict] = {
                          num_attention_heads=32, num_key_value_heads=8, head_dim=128),
     "llama-3.1-70b": dict(_LLAMA, hidden_size=8192, intermediate_size=28672,
                           num_attention_heads=64, num_key_value_heads=8, head_dim=128),
+    # A group of 7 query heads per KV head: the per-head prefill kernel for every chunk.
+    "qwen2.5-7b": dict(model_type="qwen2", architectures=["Qwen2ForCausalLM"],
+                       vocab_size=152064, hidden_size=3584, intermediate_size=18944,
+                       num_attention_heads=28, num_key_value_heads=4, rms_norm_eps=1e-6,
+                       max_position_embeddings=32768, rope_theta=1000000.0),
+    # Per-head RMSNorms of q and k (another rms_norm variant).
+    "qwen3-8b": dict(model_type="qwen3", architectures=["Qwen3ForCausalLM"],
+                     vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+                     num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+                     rms_norm_eps=1e-6, max_position_embeddings=40960, rope_theta=1000000.0),
 }  # fmt: skip
 TABLE_WIDTHS = (256, 255)  # block-table columns: one multiple of 16, one not
 

@@ -253,3 +253,19 @@ def test_startup_failure_is_readable_then_exits_1():
         assert srv.client.get("/health").status_code == 503
         assert srv.wait_exit(timeout=15) == 1
         assert "/no/such/model" in srv.log  # the reason is logged for humans too
+
+
+def test_precompile_kernels_help_names_every_preset(capsys):
+    from server.kernel_precompile import PRESETS
+
+    with pytest.raises(SystemExit):
+        main(["precompile-kernels", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert all(name in text for name in PRESETS)
+
+
+def test_precompile_kernels_refuses_unknown_presets_and_no_shape(capsys, tmp_path):
+    assert main(["precompile-kernels", "--out", str(tmp_path), "--preset", "gpt-5"]) == 2
+    assert "unknown preset 'gpt-5'" in capsys.readouterr().err
+    assert main(["precompile-kernels", "--out", str(tmp_path)]) == 2
+    assert "at least one --preset or --model" in capsys.readouterr().err
