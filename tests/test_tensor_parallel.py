@@ -567,3 +567,33 @@ def _running(pid: int) -> bool:
             return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
     except FileNotFoundError:
         return False
+
+
+def test_a_new_group_waits_for_the_previous_groups_teardown(monkeypatch):
+    """NCCL's orderly teardown took 10-20 s on the H200 pair, past the 10 s a shutdown waits:
+    a second engine in the process must wait for it rather than fail with "default process
+    group initialized twice", and a teardown that never ends is an error, not a hang."""
+    from server.distributed import comm
+
+    up = {"group": True}
+    monkeypatch.setattr(comm.dist, "is_initialized", lambda: up["group"])
+    finish = threading.Event()
+
+    def slow_destroy(abort=False):
+        finish.wait(5)
+        up["group"] = False
+
+    monkeypatch.setattr(comm, "destroy_group", slow_destroy)
+    assert comm.leave_group(False, wait_s=0.05) is False  # still tearing down
+    threading.Timer(0.2, finish.set).start()
+    t0 = time.monotonic()
+    comm._wait_for_previous_group(5.0)
+    assert not up["group"] and 0.1 < time.monotonic() - t0 < 4
+
+    up["group"] = True
+    stuck = threading.Event()
+    monkeypatch.setattr(comm, "destroy_group", lambda abort=False: stuck.wait(5))
+    assert comm.leave_group(False, wait_s=0.01) is False
+    with pytest.raises(RuntimeError, match="has not shut down yet"):
+        comm._wait_for_previous_group(0.1)
+    stuck.set()
