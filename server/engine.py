@@ -56,7 +56,7 @@ from server.errors import (
     QueueFullError,
     StartupError,
 )
-from server.kernel_cache import seed_from_config
+from server.kernel_cache import start_seeding
 from server.request import RequestOutput, SamplingParams
 from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler, StepResult
 from server.structured.grammar import GrammarBackend, tokenizer_json
@@ -125,8 +125,9 @@ class AsyncEngine:
         launcher = None
         try:
             t_start = time.perf_counter()
-            # Torch-free, before any Triton lookup (the workers' too): shipped kernels first.
-            seed_from_config(self.config.kernel_cache)
+            # Torch-free, beside the torch import; joined before any Triton lookup (the
+            # workers' come later still: they warm up when rank 0 tells them to).
+            seeding = start_seeding(self.config.kernel_cache)
             # Torch-free: the checkpoint streams into the page cache while torch imports.
             if self.config.load_format != "dummy" and self.config.prefetch_threads > 0:
                 prefetch.start(self.config.model, self.config.prefetch_threads)
@@ -139,6 +140,8 @@ class AsyncEngine:
             from server.model_runner import ModelRunner  # torch: part of loading, see above
 
             runner = ModelRunner(self.config, self._set_phase, launcher)
+            if seeding is not None:
+                seeding.join()
             runner.load(t_start)
         except Exception as exc:  # startup failure: report it, the server decides to exit
             if launcher is not None:

@@ -12,9 +12,9 @@ cache (any variant that was not shipped) and the Kubernetes manifests mount the 
 Why rewrite on copy: Triton 3.x records each kernel's files by *absolute* path in the entry's
 `__grp__*.json` and treats an entry whose files are not at those paths as a miss.
 
-Stdlib only, no torch or triton import: it runs on the engine thread before either is needed,
-and a few MiB copy in milliseconds. Every failure is logged and ignored: Triton then compiles
-what it lacks, as before.
+Stdlib only, no torch or triton import: it runs beside the engine thread's `import torch` and
+is joined before Triton's first lookup. Every failure is logged and ignored: Triton then
+compiles what it lacks, as before.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from importlib import metadata
@@ -107,6 +108,18 @@ def _point_groups_at(staging: Path, final: Path) -> None:
 
 def _skip(t0: float, reason: str, copied: int = 0, present: int = 0) -> SeedResult:
     return SeedResult(copied, present, time.perf_counter() - t0, reason)
+
+
+def start_seeding(shipped: str | None) -> threading.Thread | None:
+    """`seed_from_config` on a thread of its own (None when nothing is configured): copying
+    tens of MiB costs from milliseconds to most of a second depending on the disk, and the
+    engine thread has `import torch` to do meanwhile. Join it before Triton's first lookup."""
+    if not (shipped or os.environ.get(KERNEL_CACHE_ENV)):
+        return None
+    thread = threading.Thread(target=seed_from_config, args=(shipped,),
+                              name="graphserve-kernel-seed", daemon=True)  # fmt: skip
+    thread.start()
+    return thread
 
 
 def seed_from_config(shipped: str | None) -> SeedResult | None:

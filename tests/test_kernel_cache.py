@@ -89,6 +89,35 @@ def test_startup_hook_reads_the_flag_or_the_environment_and_never_raises(
     assert "not used: RuntimeError: disk on fire" in caplog.text
 
 
+def test_seeding_runs_beside_the_torch_import(tmp_path, monkeypatch):
+    shipped = _shipped(tmp_path / "shipped")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv(kernel_cache.KERNEL_CACHE_ENV, raising=False)
+    assert kernel_cache.start_seeding(None) is None
+    thread = kernel_cache.start_seeding(str(shipped))
+    thread.join(10)
+    assert not thread.is_alive() and (tmp_path / "cache" / "AAAA").is_dir()
+
+
+def test_the_engine_seeds_before_it_loads(tmp_path, monkeypatch):
+    from server.config import EngineConfig
+    from server.engine import AsyncEngine
+    from tests.helpers.tiny_models import build_checkpoint
+
+    shipped = _shipped(tmp_path / "shipped")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "cache"))
+    model = build_checkpoint(tmp_path / "model", "llama", seed=1)
+    engine = AsyncEngine(EngineConfig(model=str(model), device="cpu", max_num_seqs=2,
+                                      max_model_len=64, state_dir="",
+                                      kernel_cache=str(shipped)))  # fmt: skip
+    engine.start()
+    try:
+        assert engine.ready.wait(120), engine.error
+        assert sorted(p.name for p in (tmp_path / "cache").iterdir()) == ["AAAA", "BBBB", "CCCC"]
+    finally:
+        engine.shutdown()
+
+
 def test_default_cache_dir_is_tritons(monkeypatch, tmp_path):
     monkeypatch.delenv("TRITON_CACHE_DIR", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
