@@ -72,6 +72,7 @@ METRICS = (
     "graphs_s",
     "load_total_s",
     "capture_sum_s",
+    "first_token_after_ready_s",
 )
 
 
@@ -154,6 +155,19 @@ def measure_launch(
     return run
 
 
+def first_request(client, server: ServerProcess, run: dict[str, Any], tokens: int) -> None:
+    """The first completion right after ready: a `tokens`-token prompt (ids, no tokenizer
+    needed), one output token. Records exec -> its answer and how long after ready that was."""
+    prompt = [3 + (7 * i) % 97 for i in range(tokens)]
+    r = client.post(f"{server.url}/v1/completions", timeout=120.0,
+                    json={"prompt": prompt, "max_tokens": 1, "temperature": 0.0})  # fmt: skip
+    done = server.since_start()
+    if r.status_code != 200:
+        raise BenchError(f"first request answered {r.status_code}: {r.text[:300]}")
+    run["first_token_s"] = done
+    run["first_token_after_ready_s"] = done - run["ready_s"]
+
+
 def _measure(args: argparse.Namespace, server_args: list[str], mode: str, log_path: Path,
              env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
     import httpx
@@ -210,6 +224,8 @@ def _measure(args: argparse.Namespace, server_args: list[str], mode: str, log_pa
                             run["observed_phases"].setdefault(phase, round(seen, 4))
                             if r.status_code == 200:
                                 run["ready_s"] = seen
+                                if args.first_request_tokens:
+                                    first_request(client, server, run, args.first_request_tokens)
                         r = client.get(f"{server.url}/health/graphs")
                         seen = server.since_start()
                         if r.status_code == 200:
@@ -397,6 +413,9 @@ def main() -> None:
                     help="serve --kernel-cache DIR: kernels compiled ahead")
     ap.add_argument("--page-cache", choices=("warm", "cold"), default="warm",
                     help="cold: evict the checkpoint from the page cache before each launch")
+    ap.add_argument("--first-request-tokens", type=int, default=0, metavar="N",
+                    help="right after ready, time one completion of an N-token prompt "
+                    "(target: its answer within 0.1 s of ready)")
     ap.add_argument("--ready-target-s", type=float, default=None,
                     help="also check exec -> ready (lazy median) against this many seconds")
     ap.add_argument("--log-dir", default=None, help="server logs (default: next to --out)")
@@ -491,6 +510,10 @@ def main() -> None:
             result["targets"].append(
                 target(name, lazy["ready_s"]["median"], args.ready_target_s)
             )
+        if args.first_request_tokens and lazy is not None:
+            result["targets"].append(target(
+                f"[{v}] first {args.first_request_tokens}-token completion after ready (lazy), s",
+                lazy["first_token_after_ready_s"]["median"], 0.1))  # fmt: skip
     result["wall_s"] = time.perf_counter() - t_start
     write_json(args.out, result)
 
@@ -516,6 +539,7 @@ def main() -> None:
         "graphs",
         "total",
         "capt sum",
+        "1st tok",
         "ready, all runs",
     )
     rows = []
@@ -529,7 +553,7 @@ def main() -> None:
             )
     print(
         "medians in seconds from exec (cov-ready: full coverage minus ready; capt sum: sum of "
-        "per-size capture times)"
+        "per-size capture times; 1st tok: first completion's answer minus ready)"
     )
     print_table(header, rows)
     if result["truncated"]:

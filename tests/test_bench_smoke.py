@@ -45,6 +45,8 @@ def smoke_runs(tmp_path_factory):
         ]
         if name not in ("peers", "openai_overheads"):
             cmd += ["--log-dir", str(out_dir / "logs")]
+        if name == "cold_start":
+            cmd += ["--first-request-tokens", "16"]
         procs[name] = (
             subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
             log,
@@ -111,11 +113,16 @@ def test_cold_start_smoke(smoke_runs):
         assert run["weights_s"] > 0 and run["load_total_s"] >= run["weights_s"]
         summary = variant["summary"][mode]
         assert summary["ready_s"]["values"] == [run["ready_s"]]
-    _check_targets(data["targets"], 4)
+        # The first completion right after ready was answered, and timed from ready.
+        assert run["first_token_s"] == pytest.approx(
+            run["ready_s"] + run["first_token_after_ready_s"])
+        assert 0 < run["first_token_after_ready_s"] < 30
+    _check_targets(data["targets"], 5)
     assert "graph phase" in data["targets"][2]["target"]
     assert data["targets"][3]["passed"] is None  # lazy coverage: n/a without CUDA
+    assert "first 16-token completion after ready" in data["targets"][4]["target"]
     assert "policy" in text
-    _check_verdict_lines(text, 4)
+    _check_verdict_lines(text, 5)
 
 
 @pytest.mark.slow
