@@ -35,6 +35,7 @@ TORCH_FREE = (
     "server.safetensors_index",
     "server.prefetch",
     "server.state_dir",
+    "server.kernel_cache",
     "server.default_model",
     "server.step_plan",
     "server.distributed.protocol",
@@ -88,6 +89,7 @@ TORCH_MODULES = (
     "server.weight_pipeline",
     "server.step_executor",
     "server.distributed.comm",
+    "server.kernel_precompile",
 )
 
 
