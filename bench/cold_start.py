@@ -28,6 +28,8 @@ has (`TRITON_CACHE_DIR`, `XDG_CACHE_HOME` (the state dir too), `CUDA_CACHE_PATH`
 Triton cache at startup. `--page-cache cold` evicts
 the checkpoint's files from the page cache before every launch (`posix_fadvise(DONTNEED)`, no
 root needed; the bytes still resident afterwards are in the server's own load log line).
+`--first-request-tokens N` sends one completion of an N-token prompt right after ready and
+records exec -> its answer (target: within 0.1 s of ready).
 
 Wall time: warm-up + runs x 3 policies x 2 size lists launches; with the 8B checkpoint each takes
 roughly weights-load + capture + a few seconds, so `--runs 2` keeps it well inside 10 minutes.
