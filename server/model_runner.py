@@ -81,6 +81,8 @@ log = logging.getLogger("graphserve.engine")
 # runs) and one above it (the GQA-packed kernel of long prompts). With only the short one, the
 # first long prompt after ready paid the other kernel's JIT in its time to first token.
 WARMUP_PROMPT_CHUNKS = (32, 128)
+
+
 def warmup_plans(scratch_row: int, max_model_len: int, max_batched_tokens: int) -> list[StepPlan]:
     """The mixed steps startup runs on the scratch row: one decode row and a prompt chunk of
     each `WARMUP_PROMPT_CHUNKS` size (capped by the context and the step budget). Also what
