@@ -223,3 +223,23 @@ def _config_dir(tmp_path: Path) -> Path:
     d.mkdir()
     (d / "config.json").write_text(json.dumps(TINY))
     return d
+
+
+@pytest.mark.gpu
+def test_kernel_warmup_bench_compiles_nothing_once_seeded(tmp_path):
+    """`bench.kernel_warmup` end to end on the GPU: its own verdicts must all pass."""
+    import subprocess
+    import sys
+
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    _nvidia_triton()
+    out = tmp_path / "warmup.json"
+    subprocess.run([sys.executable, "-m", "bench.kernel_warmup", "--model",
+                    str(_config_dir(tmp_path)), "--out", str(out)], check=True,
+                   cwd=Path(__file__).resolve().parents[1], timeout=900)  # fmt: skip
+    data = json.loads(out.read_text())
+    assert data["cases"]["empty cache"]["compiled"] > 0
+    assert [t["passed"] for t in data["targets"][:2]] == [True, True], data["targets"]
