@@ -41,6 +41,14 @@ def parse_byte_size(text: str) -> int:
     return int(float(number) * _UNITS[(unit or "")[:1].lower()])
 
 
+def format_bytes(n: int) -> str:
+    """1048576 -> '1 MiB', 1536 -> '1.5 KiB', 100 -> '100 bytes' (for messages)."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.4g} {unit}"
+    return f"{n} bytes"
+
+
 def default_capture_sizes(max_num_seqs: int) -> list[int]:
     """`[1, 2, 4, 8, 16, 24, ..., max_num_seqs]`: powers of two up to 8, then steps of 8.
 

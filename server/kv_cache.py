@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server.config import DEVICE_DEFAULTS, EngineConfig
+from server.config import DEVICE_DEFAULTS, EngineConfig, format_bytes
 from server.errors import StartupError
 from server.hf_config import head_dim, sliding_window
 from server.model import ModelShape
@@ -93,8 +93,8 @@ def plan_kv_cache(
         if cfg.num_kv_blocks > fit:
             raise StartupError(
                 f"--num-kv-blocks {cfg.num_kv_blocks} needs "
-                f"{_size(cfg.num_kv_blocks * per_block)} but only "
-                f"{_size(max(available, 0))} is available"
+                f"{format_bytes(cfg.num_kv_blocks * per_block)} but only "
+                f"{format_bytes(max(available, 0))} is available"
             )
         fit = cfg.num_kv_blocks
     if fit < 2:
@@ -106,11 +106,6 @@ def plan_kv_cache(
     plan = KVPlan(max_len, fit, bs, fit * per_block, budget,
                   f"{fit - 1} blocks of {bs} tokens fill the {budget / gib:.1f} GiB budget")
     return _fit(plan, cfg)
-
-
-def _size(n: int) -> str:
-    """Bytes for a message: GiB with two decimals, MiB below one GiB (tiny pools read 0.0 GiB)."""
-    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
 def agree(plan: KVPlan, num_blocks: int, cfg: EngineConfig) -> KVPlan:

@@ -27,13 +27,14 @@ import logging
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from server.config import format_bytes
 from server.http.errors import (
     ApiError,
     request_timeout,
     request_too_large,
     server_busy,
 )
-from server.http.limits import MAX_JSON_DEPTH, format_bytes, json_depth_over, utf8_error
+from server.http.limits import MAX_JSON_DEPTH, json_depth_over, utf8_error
 from server.http.responses import error_response
 from server.http.state import ServerState
 

@@ -48,14 +48,6 @@ def default_max_request_bytes(max_model_len: int | None) -> int:
     return max(MIN_DEFAULT_REQUEST_BYTES, per_context)
 
 
-def format_bytes(n: int) -> str:
-    """1048576 -> '1 MiB', 1536 -> '1.5 KiB', 100 -> '100 bytes' (for messages)."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", MiB), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.4g} {unit}"
-    return f"{n} bytes"
-
-
 # ------------------------------------------------------------------------- raw-body checks
 def utf8_error(body: bytes) -> str | None:
     """Why `body` is not UTF-8 (RFC 8259 requires it of JSON), or None when it is."""
