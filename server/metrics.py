@@ -87,6 +87,18 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
+def _by_label(family, source: dict[str, Any], labels: tuple[str, ...], key: str):
+    """`family` (one label) with a sample per label whose `source[key.format(label)]` is a
+    number; None when none is, so a scrape never shows a family without samples."""
+    found = False
+    for label in labels:
+        value = _number(source.get(key.format(label)))
+        if value is not None:
+            family.add_metric([label], value)
+            found = True
+    return family if found else None
+
+
 class EngineCollector(Collector):
     """Reads lifecycle, `engine.stats()` and `engine.graph_report()` when Prometheus scrapes."""
 
@@ -156,33 +168,21 @@ class EngineCollector(Collector):
                 c = CounterMetricFamily(name, doc)
                 c.add_metric([], value)
                 yield c
-        steps = CounterMetricFamily(
+        steps = _by_label(CounterMetricFamily(
             "graphserve_steps",
             "Engine steps by kind: decode (decode rows only, on a CUDA graph once ready) or mixed "
             "(prompt chunks with or without decode rows, eager).",
             labels=["kind"],
-        )
-        found = False
-        for kind in ("decode", "mixed"):
-            value = _number(stats.get(f"{kind}_steps"))
-            if value is not None:
-                steps.add_metric([kind], value)
-                found = True
-        if found:
+        ), stats, ("decode", "mixed"), "{}_steps")  # fmt: skip
+        if steps is not None:
             yield steps
-        blocks = GaugeMetricFamily(
+        blocks = _by_label(GaugeMetricFamily(
             "graphserve_kv_blocks",
             "KV-cache blocks by state: used (held by sequences), free (allocatable now, cached "
             "ones included) and cached (free but still holding a reusable prefix).",
             labels=["state"],
-        )
-        found = False
-        for state in ("used", "free", "cached"):
-            value = _number(stats.get(f"kv_blocks_{state}"))
-            if value is not None:
-                blocks.add_metric([state], value)
-                found = True
-        if found:
+        ), stats, ("used", "free", "cached"), "kv_blocks_{}")  # fmt: skip
+        if blocks is not None:
             yield blocks
         queried = _number(stats.get("prefix_query_tokens"))
         hit = _number(stats.get("prefix_hit_tokens"))
@@ -245,18 +245,12 @@ class EngineCollector(Collector):
 
         traffic = report.get("traffic")
         if isinstance(traffic, dict):
-            steps = CounterMetricFamily(
+            steps = _by_label(CounterMetricFamily(
                 "graphserve_decode_steps",
                 "Decode steps by how they ran: exact graph, padded into a larger graph, or eager.",
                 labels=["kind"],
-            )
-            found = False
-            for kind in ("exact", "padded", "eager"):
-                value = _number(traffic.get(f"{kind}_steps"))
-                if value is not None:
-                    steps.add_metric([kind], value)
-                    found = True
-            if found:
+            ), traffic, ("exact", "padded", "eager"), "{}_steps")  # fmt: skip
+            if steps is not None:
                 yield steps
 
         sizes = report.get("sizes")
