@@ -14,17 +14,12 @@ import pytest
 import torch
 
 from server.request import RequestOutput, SamplingParams
-from tests.helpers.gpu_engine import mixed_prompts, run_batch, start
+from tests.helpers.gpu_engine import GPU_SHAPE, mixed_prompts, run_batch, start
 from tests.helpers.tiny_models import build_checkpoint
 
 pytestmark = pytest.mark.gpu
 
 _ids = itertools.count()
-# A model big enough to run real kernels (head_dim 64, GQA 4) yet quick to build.
-GPU_SHAPE = dict(
-    hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-    num_key_value_heads=2, max_position_embeddings=1024, vocab_size=400,
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -15,8 +15,8 @@ import pytest
 import torch
 
 from server.request import SamplingParams
+from tests.helpers.gpu_engine import GPU_SHAPE, run_batch, start
 from tests.helpers.gpu_engine import mixed_prompts as prompts
-from tests.helpers.gpu_engine import run_batch, start
 from tests.helpers.tiny_models import build_checkpoint
 
 pytestmark = [
@@ -32,15 +32,11 @@ _ids = itertools.count()
 # 8B shapes); these tests compare the protocol and the graphs, not bf16 rounding. The bf16 TP
 # path runs in bench/tp.py.
 DTYPE = "float32"
-SHAPE = dict(
-    hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
-    num_key_value_heads=2, max_position_embeddings=1024, vocab_size=400,
-)  # fmt: skip
 
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    return build_checkpoint(tmp_path_factory.mktemp("gpu-tp"), "llama", seed=7, **SHAPE)
+    return build_checkpoint(tmp_path_factory.mktemp("gpu-tp"), "llama", seed=7, **GPU_SHAPE)
 
 
 def outputs(model_dir, **overrides):

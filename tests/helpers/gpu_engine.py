@@ -13,6 +13,12 @@ from server.engine import AsyncEngine
 from server.request import SamplingParams
 
 _ids = itertools.count()
+# A model big enough to run real kernels (head_dim 64, GQA 4, splits over 2 ranks) yet quick
+# to build: the checkpoint shape of the GPU tests.
+GPU_SHAPE = dict(
+    hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+    num_key_value_heads=2, max_position_embeddings=1024, vocab_size=400,
+)  # fmt: skip
 
 
 def start(model_dir, **overrides) -> AsyncEngine:
