@@ -59,6 +59,13 @@ json.dump({"warmups_s": time.perf_counter() - t0, "compile_calls": len(compiles)
 """
 
 
+def child_env() -> dict[str, str]:
+    """This environment, with the repository importable by child processes."""
+    repo = str(Path(__file__).resolve().parents[1])
+    return dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [repo, os.environ.get("PYTHONPATH")])))  # fmt: skip
+
+
 def run_case(raw: dict, cache: Path, seed: Path | None, env: dict[str, str]) -> dict[str, Any]:
     """One fresh process: seed (or not) `cache`, then the warm-ups on CUDA against it."""
     from server.kernel_cache import seed_triton_cache
@@ -92,9 +99,7 @@ def main() -> None:
     (label, raw), *rest = shapes.items()
     if rest:
         ap.error("name one --preset or --model")
-    repo = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [repo, os.environ.get("PYTHONPATH")])))  # fmt: skip
+    env = child_env()
     result: dict[str, Any] = {"script": "kernel_warmup", "shape": label, "args": vars(args),
                               "environment": environment(), "cases": {}}  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="graphserve-kernel-warmup-") as tmp:

@@ -183,20 +183,11 @@ def test_precompile_covers_tensor_parallel_ranks_whose_heads_split(tmp_path):
     assert {k["hash"] for k in one["kernels"]} < {k["hash"] for k in both["kernels"]}
 
 
-_CUDA_WARMUP = """
-import json, sys
-from server import ops
-from server.kernel_precompile import drive_startup
-assert ops.use_triton(True)
-drive_startup(json.loads(sys.argv[1]), device="cuda")
-"""
-
-
 @pytest.mark.gpu
 def test_seeded_cache_serves_a_real_warm_up_without_compiling(tmp_path):
     """Compiled in a process that sees no GPU, seeded into an empty cache, then the same
-    warm-ups launched for real on CUDA in a fresh process: no new cache entry (a compile or a
-    launcher build would add one)."""
+    warm-ups launched for real on CUDA in a fresh process (`bench.kernel_warmup`'s case): no
+    new cache entry (a compile or a launcher build would add one)."""
     import subprocess
     import sys
 
@@ -205,16 +196,16 @@ def test_seeded_cache_serves_a_real_warm_up_without_compiling(tmp_path):
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     _nvidia_triton()
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [
-        str(Path(__file__).resolve().parents[1]), os.environ.get("PYTHONPATH")])))  # fmt: skip
+    from bench.kernel_warmup import child_env, run_case
+
+    env = child_env()
     shipped, cache = tmp_path / "shipped", tmp_path / "cache"
     subprocess.run([sys.executable, "-m", "server", "precompile-kernels", "--model",
                     str(_config_dir(tmp_path)), "--out", str(shipped)], check=True,
                    env=dict(env, CUDA_VISIBLE_DEVICES=""), timeout=600)  # fmt: skip
     assert seed_triton_cache(shipped, cache).copied > 0
     before = sorted(p.name for p in cache.iterdir())
-    subprocess.run([sys.executable, "-c", _CUDA_WARMUP, json.dumps(TINY)], check=True,
-                   env=dict(env, TRITON_CACHE_DIR=str(cache)), timeout=600)  # fmt: skip
+    run_case(TINY, cache, None, env)
     assert sorted(p.name for p in cache.iterdir()) == before
 
 
