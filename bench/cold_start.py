@@ -42,7 +42,6 @@ roughly weights-load + capture + a few seconds, so `--runs 2` keeps it well insi
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -52,6 +51,7 @@ from bench.common import (
     BenchError,
     ServerProcess,
     coverage_complete,
+    drop_from_page_cache,
     environment,
     fmt,
     median,
@@ -132,11 +132,7 @@ def evict_page_cache(model_dir: str | None) -> dict[str, Any]:
     done, failed = 0, []
     for path in files:
         try:
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
+            drop_from_page_cache(path)
             done += path.stat().st_size
         except OSError as exc:
             failed.append(f"{path.name}: {exc}")

@@ -209,6 +209,17 @@ def traffic_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, An
 
 
 # ============================================================================ statistics
+def drop_from_page_cache(path: str | os.PathLike[str]) -> None:
+    """Evict a file's pages from the page cache (no root needed). Flushed first: the dirty
+    pages of a file just written (a checkpoint made in the same run) cannot be dropped."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
 def percentile(values: Sequence[float], q: float) -> float | None:
     """The q-th percentile (0..100), linear interpolation between order statistics."""
     if not values:

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import REPO_ROOT as REPO
-from bench.common import environment, fmt, print_table, write_json
+from bench.common import drop_from_page_cache, environment, fmt, print_table, write_json
 
 GB = 1e9
 MIB = 2**20
@@ -147,12 +147,7 @@ def evict(ckpt: Path) -> bool:
     from server.prefetch import _residency
 
     for f in _files(ckpt):
-        fd = os.open(f, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # dirty pages (a checkpoint just written) cannot be dropped
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+        drop_from_page_cache(f)
     vec = [_residency(f) for f in _files(ckpt)]
     return all(v is not None for v in vec) and sum(sum(v) for v in vec) < 0.05 * sum(
         len(v) for v in vec)
