@@ -118,6 +118,18 @@ def _eos_ids(config, tokenizer, generation_eos) -> frozenset[int]:
     return frozenset(int(i) for i in ids)
 
 
+def read_config(path: Path):
+    """config.json (`server.hf_config`, no transformers) checked by `check_config`."""
+    from server.hf_config import ConfigReadError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigReadError as exc:
+        raise ModelLoadError(f"{path}: {exc}") from exc
+    check_config(config, path)
+    return config
+
+
 def check_config(config, path: Path) -> None:
     """Reject architectures and options the decoder forward does not implement."""
     model_type = getattr(config, "model_type", None)
@@ -205,14 +217,10 @@ def load_checkpoint(
 
 def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load_format: str,
                warmer, shard=None) -> LoadedCheckpoint:
-    from server.hf_config import ConfigReadError, generation_eos_ids, load_config
+    from server.hf_config import generation_eos_ids
     from server.tokenizer import FastTokenizer, TokenizerDeclined, TokenizerLoadError
 
-    try:
-        config = load_config(path)
-    except ConfigReadError as exc:
-        raise ModelLoadError(f"{path}: {exc}") from exc
-    check_config(config, path)
+    config = read_config(path)
 
     from server.weights import DummyWeights, unused_tensors
 
@@ -279,16 +287,10 @@ def load_shard(model_path: str, device: str, dtype: str, load_format: str, shard
     safetensors bytes (or the same dummy draws) whichever loader rank 0's tokenizer needed.
     Returns `(DecoderModel, config)`; raises ModelLoadError.
     """
-    from server.hf_config import ConfigReadError, load_config
-
     force_offline()
     path = resolve_model_path(model_path)
     _check_directory(path, load_format)
-    try:
-        config = load_config(path)
-    except ConfigReadError as exc:
-        raise ModelLoadError(f"{path}: {exc}") from exc
-    check_config(config, path)
+    config = read_config(path)
     torch_dtype = resolve_dtype(dtype, device)
     weights = _open_weights(path, config, device, torch_dtype, load_format, None, shard)
     try:
