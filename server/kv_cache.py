@@ -71,7 +71,7 @@ def plan_kv_cache(
     gib = 2**30
     if device.type != "cuda":
         max_len = cfg.max_model_len or min(limit, DEVICE_DEFAULTS["cpu"].max_model_len)
-        blocks = cfg.num_kv_blocks or 1 + max_num_seqs * -(-max_len // bs)
+        blocks = cfg.num_kv_blocks or full_pool_blocks(max_num_seqs, max_len, bs)
         return _fit(KVPlan(max_len, blocks, bs, blocks * per_block, None, "CPU"), cfg)
 
     free, total = torch.cuda.mem_get_info()
@@ -106,6 +106,11 @@ def plan_kv_cache(
     plan = KVPlan(max_len, fit, bs, fit * per_block, budget,
                   f"{fit - 1} blocks of {bs} tokens fill the {budget / gib:.1f} GiB budget")
     return _fit(plan, cfg)
+
+
+def full_pool_blocks(rows: int, max_model_len: int, block_size: int) -> int:
+    """Blocks for `rows` sequences all at full length, plus the scratch block 0."""
+    return 1 + rows * -(-max_model_len // block_size)
 
 
 def agree(plan: KVPlan, num_blocks: int, cfg: EngineConfig) -> KVPlan:

@@ -10,6 +10,7 @@ import torch
 
 from server.config import EngineConfig
 from server.engine import AsyncEngine
+from server.kv_cache import full_pool_blocks
 from server.request import SamplingParams
 
 _ids = itertools.count()
@@ -32,8 +33,9 @@ def start(model_dir, **overrides) -> AsyncEngine:
                   cuda_graph_sizes=[1, 2, 4, 8, 16])  # fmt: skip
     kwargs.update(overrides)
     if "num_kv_blocks" not in kwargs:
-        block = kwargs.get("block_size", 16)
-        kwargs["num_kv_blocks"] = 1 + kwargs["max_num_seqs"] * -(-kwargs["max_model_len"] // block)
+        kwargs["num_kv_blocks"] = full_pool_blocks(
+            kwargs["max_num_seqs"], kwargs["max_model_len"],
+            kwargs.get("block_size", EngineConfig.block_size))
     engine = AsyncEngine(EngineConfig(**kwargs))
     engine.start()
     deadline = time.monotonic() + 300
