@@ -189,6 +189,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         f"(default: {eng.graph_capture})")
     graphs.add_argument("--enforce-eager", action="store_true",
                         help="same as --graph-capture off")
+    graphs.add_argument("--no-mixed-graphs", dest="mixed_graphs", action="store_false",
+                        help="run every step that carries prompt tokens eagerly (by default "
+                        "such steps replay CUDA graphs per token bucket once captured: "
+                        "before ready under eager capture, in idle time under lazy)")
     graphs.add_argument("--cuda-graph-sizes", nargs="+", default=None, metavar="SIZES",
                         help="decode batch sizes to capture, comma- or space-separated "
                         "(default: 1 2 4 8 16 24 ... max-num-seqs)")
@@ -282,6 +286,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         enable_prefix_caching=args.enable_prefix_caching,
         gpu_memory_utilization=args.gpu_memory_utilization,
         graph_capture=graph_capture,
+        mixed_graphs=args.mixed_graphs,
         cuda_graph_sizes=sizes,
         capture_budget_ms=args.capture_budget_ms,
         capture_min_interval_ms=args.capture_min_interval_ms,

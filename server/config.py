@@ -112,6 +112,7 @@ class EngineConfig:
     enable_prefix_caching: bool = True  # share full KV blocks between identical prefixes
     gpu_memory_utilization: float = 0.90  # fraction of total GPU memory the server may hold
     graph_capture: str = "lazy"  # lazy | eager | off
+    mixed_graphs: bool = True  # steps with prompt tokens on graphs per token bucket
     cuda_graph_sizes: list[int] | None = None  # None: default_capture_sizes(max_num_seqs)
     capture_budget_ms: float = 50.0  # max predicted capture time allowed between two steps
     capture_min_interval_ms: float = 250.0  # spacing of captures while requests are running

@@ -377,7 +377,11 @@ class EngineCore:
     def _apply_commands(self, commands: queue.SimpleQueue, block: bool) -> bool:
         """Apply queued commands; block briefly when idle. Returns False on shutdown."""
         # While graphs remain to capture, wake up after the idle debounce to offer idle time.
-        timeout = self.runner.policy.idle_wait_s() if block else None
+        timeout = None
+        if block:
+            waits = [w for w in (self.runner.policy.idle_wait_s(),
+                                 self.runner.mixed_policy.idle_wait_s()) if w is not None]
+            timeout = min(waits) if waits else None
         while True:
             try:
                 if block:
@@ -389,6 +393,7 @@ class EngineCore:
                 return True
             if cmd == "add":
                 self.runner.policy.on_arrival()  # idle capture stops, the debounce restarts
+                self.runner.mixed_policy.on_arrival()
                 self.scheduler.add(arg)
             elif cmd == "abort":
                 self.scheduler.abort(arg)
@@ -454,13 +459,17 @@ class EngineCore:
         """Give the gap between steps (or idle time) to the capture policy."""
         sched = self.scheduler
         while True:
-            size = self.runner.policy.next_capture(
-                running=len(sched.running) + len(sched.prefilling),
-                waiting=len(sched.waiting) + commands.qsize(),
-            )
+            running = len(sched.running) + len(sched.prefilling)
+            waiting = len(sched.waiting) + commands.qsize()
+            size = self.runner.policy.next_capture(running=running, waiting=waiting)
             if size is None:
-                return
-            self.runner.capture(size)
+                # Mixed-step graphs only in idle time, after the decode sizes.
+                size = self.runner.next_mixed_capture(idle=running == 0 and waiting == 0)
+                if size is None:
+                    return
+                self.runner.capture_mixed(size)
+            else:
+                self.runner.capture(size)
             if sched.busy or not commands.empty():
                 return  # at most one capture per gap while serving
 

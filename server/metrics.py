@@ -171,7 +171,8 @@ class EngineCollector(Collector):
         steps = _by_label(CounterMetricFamily(
             "graphserve_steps",
             "Engine steps by kind: decode (decode rows only, on a CUDA graph once ready) or mixed "
-            "(prompt chunks with or without decode rows, eager).",
+            "(prompt chunks with or without decode rows; graphserve_mixed_steps_total says how "
+            "they ran).",
             labels=["kind"],
         ), stats, ("decode", "mixed"), "{}_steps")  # fmt: skip
         if steps is not None:
@@ -250,6 +251,18 @@ class EngineCollector(Collector):
                 "Decode steps by how they ran: exact graph, padded into a larger graph, or eager.",
                 labels=["kind"],
             ), traffic, ("exact", "padded", "eager"), "{}_steps")  # fmt: skip
+            if steps is not None:
+                yield steps
+
+        mixed = report.get("mixed")
+        mixed_traffic = mixed.get("traffic") if isinstance(mixed, dict) else None
+        if isinstance(mixed_traffic, dict):
+            steps = _by_label(CounterMetricFamily(
+                "graphserve_mixed_steps",
+                "Mixed steps (prompt tokens, with or without decode rows) by how they ran: "
+                "replaying a mixed-step graph of a token bucket, or eager.",
+                labels=["dispatch"],
+            ), mixed_traffic, ("graph", "eager"), "{}_steps")  # fmt: skip
             if steps is not None:
                 yield steps
 

@@ -413,6 +413,33 @@ class DecoderModel:
         self._lm_head(x, logits_out)
 
     @torch.inference_mode()
+    def forward_packed(self, input_ids, positions, rows, seq_rows, cu_seqlens_q, k_lens,
+                       logit_rows, kv_cache, block_tables, logits_out) -> None:
+        """A mixed step as one packed batch, capturable (`server.mixed_graph_runner`).
+
+        Every sequence is a chunk, a decode row a chunk of one token: sequence s owns tokens
+        `cu_seqlens_q[s]:cu_seqlens_q[s+1]`, the last of its `k_lens[s]` tokens. Sequences
+        with an empty chunk and tokens past the last chunk are padding: their KV goes wherever
+        `rows`/`positions` say (the scratch row) and their outputs are never read. Writes the
+        logits of tokens `logit_rows` into `logits_out` `[len(logit_rows), logits_width]`.
+        One attention launch per layer whose grid depends on shapes only; no host sync.
+        """
+        width = input_ids.shape[0]
+        attn_out = None
+
+        def attend(k_cache, v_cache, q):
+            nonlocal attn_out
+            if attn_out is None:  # one buffer for every layer, as in `forward`
+                attn_out = torch.empty_like(q)
+            return ops.prefill_attention(
+                q, k_cache, v_cache, block_tables, seq_rows, cu_seqlens_q, k_lens, width,
+                self.scale, out=attn_out,
+            )
+
+        x = self._forward(input_ids, positions, rows, kv_cache, block_tables, attend)
+        self._lm_head(x.index_select(0, logit_rows), logits_out)
+
+    @torch.inference_mode()
     def forward(self, batch: StepBatch, kv_cache, block_tables) -> torch.Tensor:
         """A mixed step: decode rows first, then packed prompt chunks (eager).
 

@@ -8,8 +8,10 @@ sampled token ids.
 
 * A decode-only step runs on a captured CUDA graph (`server.graph_runner`), padded to the
   smallest captured batch size, reading the block table from a static device buffer.
-* A mixed step (decode rows plus prompt chunks) runs eagerly: one packed forward, attention
-  split into the decode kernel for the decode rows and one varlen prefill launch for the chunks.
+* A mixed step (decode rows plus prompt chunks) replays a mixed-step graph of the smallest
+  captured token bucket that holds it (`server.mixed_graph_runner`, decode rows as one-token
+  chunks of one packed attention launch), or runs eagerly: one packed forward, attention split
+  into the decode kernel for the decode rows and one varlen prefill launch for the chunks.
 
 The device stays one step ahead of the host: `run_step` queues step N+1 (decode inputs carried
 on the device from step N's samples, host inputs staged through pinned memory, no synchronising
@@ -68,6 +70,7 @@ from server.errors import FatalEngineError, StartupError
 from server.graph_warmup import CapturePolicy
 from server.kv_cache import KVPlan, agree, plan_kv_cache
 from server.logits_processors import PenaltyState, process_and_sample, prompt_logprobs
+from server.mixed_graph_policy import MixedGraphPolicy
 from server.model_loader import load_checkpoint
 from server.request import TokenLogprob
 from server.scheduler import ScheduledStep, Sequence, StepResult
@@ -234,9 +237,19 @@ class ModelRunner:
         self.model = model
         self.checkpoint.model = None  # the runner owns the model from here on
         self.vocab_size = model.shape.vocab_size
+        disabled = None
+        if not (cuda or emulate) and cfg.graph_capture != "off":
+            disabled = "CUDA graphs need a CUDA device; running eagerly on CPU"
+        # Under tensor parallelism mixed steps stay eager: their graphs would need the same
+        # capture agreement as the decode graphs', not built yet.
+        self.mixed_policy = MixedGraphPolicy.from_config(
+            cfg, self.max_num_seqs, self.decode_prefill_tokens, self.max_batched_tokens,
+            disabled or ("tensor parallelism: mixed steps run eagerly" if self.tp else None),
+        )  # fmt: skip
         self.executor = StepExecutor.build(
             model, plan.num_blocks, plan.block_size, plan.max_model_len, self.max_num_seqs,
             emulate=emulate, tensor_parallel=self.tp is not None,
+            mixed_tokens=self.mixed_policy.sizes[-1] if self.mixed_policy.active else 0,
         )  # fmt: skip
         self.kv_cache = self.executor.kv_cache
         self.block_tables = self.executor.block_tables
@@ -258,14 +271,11 @@ class ModelRunner:
 
         self._set_phase("capturing_graphs", None)
         t0 = time.perf_counter()
-        disabled = None
-        if not (cuda or emulate) and cfg.graph_capture != "off":
-            disabled = "CUDA graphs need a CUDA device; running eagerly on CPU"
         self.policy = CapturePolicy.from_config(cfg, self.max_num_seqs, disabled_reason=disabled)
         if plan.budget_bytes is not None:
             self.policy.set_memory(plan.budget_bytes, plan.kv_bytes, self.checkpoint.weight_bytes)
-        self.planner = StepPlanner(self.max_num_seqs,
-                                   lambda n: self.policy.select(n).size or 0)  # fmt: skip
+        self.planner = StepPlanner(self.max_num_seqs, lambda n: self.policy.select(n).size or 0,
+                                   self.mixed_policy.select)  # fmt: skip
         self._startup_graphs(cuda or emulate)
         self.policy.mark_ready()
         self.timings["graphs_s"] = time.perf_counter() - t0
@@ -346,6 +356,10 @@ class ModelRunner:
                 self.capture(size, bulk=True)
         finally:
             gc.unfreeze()
+        if self.policy.reason is not None:  # off: the largest decode capture failed
+            self.mixed_policy.disable(self.policy.reason)
+        for size in self.mixed_policy.startup_plan():  # eager mode: every bucket before ready
+            self.capture_mixed(size)
 
     def _warm(self, n: int) -> None:
         if self.tp is not None:
@@ -537,6 +551,23 @@ class ModelRunner:
             # What the busy-time budget bounds: rank 0's whole stall, waiting for peers included.
             self.policy.succeeded(size, time.perf_counter() - t0, local.pool_bytes)
 
+    def next_mixed_capture(self, idle: bool) -> int | None:
+        """The mixed-step bucket to capture now, or None: only once the decode sizes are
+        settled, and never without the decode graphs' pool (the policy turns itself off)."""
+        if self.policy.reason is not None:
+            self.mixed_policy.disable(self.policy.reason)
+            return None
+        return self.mixed_policy.next_capture(idle, decode_settled=self.policy.complete)
+
+    def capture_mixed(self, size: int) -> None:
+        """Capture mixed-step bucket `size` (one process: see `mixed_policy`'s reason)."""
+        self.mixed_policy.begin(size)
+        result = self.executor.mixed.capture(size)
+        if result.ok:
+            self.mixed_policy.succeeded(size, result.seconds, result.pool_bytes)
+        else:
+            self.mixed_policy.failed(size, result.error or "capture failed")
+
     # -- shutdown ---------------------------------------------------------------------------
 
     def close(self, kill: bool = False) -> None:
@@ -570,6 +601,8 @@ class ModelRunner:
         if self.device.type != "cuda":
             return
         self.graphs.release()
+        if self.executor.mixed is not None:
+            self.executor.mixed.release()
         self.executor = self.model = self.kv_cache = self.block_tables = self.penalties = None
         gc.collect()
         torch.cuda.empty_cache()
@@ -583,6 +616,7 @@ class ModelRunner:
 
     def graph_report(self) -> dict:
         report = self.policy.snapshot()
+        report["mixed"] = self.mixed_policy.snapshot()
         report["device"] = self.graphs.device_info()
         report["startup_timings_s"] = dict(self.timings)
         report["weights_bytes"] = self.checkpoint.weight_bytes  # per rank under TP

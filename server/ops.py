@@ -172,7 +172,8 @@ def prefill_attention(
     Sequence s owns query tokens `cu_seqlens_q[s]:cu_seqlens_q[s+1]`, the last `q_len` of its
     `k_lens[s]` tokens already in the cache (this chunk's keys included): query i sits at
     position `k_lens[s] - q_len + i` and sees every key at or before it. Returns `[T, Hq, D]`
-    (written into `out` when given).
+    (written into `out` when given). Empty chunks compute nothing, and tokens past
+    `cu_seqlens_q[-1]` (a graph's padding) are left as they were.
     """
     if _triton is not None and q.is_cuda:
         return _attention.prefill_attention(
@@ -184,6 +185,8 @@ def prefill_attention(
     bounds = cu_seqlens_q.tolist()
     for s, (row, k_len) in enumerate(zip(seq_rows.tolist(), k_lens.tolist(), strict=True)):
         q0, q1 = bounds[s], bounds[s + 1]
+        if q0 == q1:
+            continue  # an empty chunk: a padding sequence of a mixed-step graph
         positions = torch.arange(k_len, device=q.device)
         index = flat_token_index(block_tables, torch.full_like(positions, row), positions,
                                  block_size)

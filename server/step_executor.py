@@ -18,26 +18,32 @@ import torch
 
 from server.graph_runner import DecodeGraphRunner
 from server.kv_cache import allocate_kv_cache
+from server.mixed_graph_runner import MixedGraphRunner
 from server.model import StepBatch
 from server.sampling import to_device
 from server.step_plan import StepPlan
 
 
 class StepExecutor:
-    """The model, its KV cache, the device block table and the decode graphs of one rank."""
+    """The model, its KV cache, the device block table and the decode and mixed-step graphs
+    of one rank (`mixed` is None where mixed steps always run eagerly)."""
 
-    def __init__(self, model, kv_cache, block_tables: torch.Tensor, graphs: DecodeGraphRunner):
+    def __init__(self, model, kv_cache, block_tables: torch.Tensor, graphs: DecodeGraphRunner,
+                 mixed: MixedGraphRunner | None = None):
         self.model = model
         self.kv_cache = kv_cache
         self.block_tables = block_tables
         self.graphs = graphs
+        self.mixed = mixed
         self.device = block_tables.device
 
     @classmethod
     def build(cls, model, num_blocks: int, block_size: int, max_model_len: int,
-              max_num_seqs: int, *, emulate: bool, tensor_parallel: bool) -> StepExecutor:
-        """The KV cache, the block table and the graph runner of one rank, the same on every
-        rank of a group (the agreed block count and context length)."""
+              max_num_seqs: int, *, emulate: bool, tensor_parallel: bool,
+              mixed_tokens: int = 0) -> StepExecutor:
+        """The KV cache, the block table and the graph runners of one rank, the same on every
+        rank of a group (the agreed block count and context length). `mixed_tokens`: the
+        largest mixed-step graph bucket (0: no mixed-step graphs)."""
         device = model.device
         kv_cache = allocate_kv_cache(model.shape, num_blocks, block_size, model.dtype, device)
         # One row per sequence that can be admitted, plus the scratch row (all block 0) that
@@ -50,7 +56,8 @@ class StepExecutor:
             # NCCL's watchdog thread polls events while this thread captures (graph_runner).
             capture_error_mode="thread_local" if tensor_parallel else "global",
         )  # fmt: skip
-        return cls(model, kv_cache, block_tables, graphs)
+        mixed = MixedGraphRunner(graphs, mixed_tokens, max_num_seqs) if mixed_tokens else None
+        return cls(model, kv_cache, block_tables, graphs, mixed)
 
     def execute(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor | None:
         """Queue the step; returns its logits `[num_logits, vocab]` (None if it has none).
@@ -60,6 +67,8 @@ class StepExecutor:
         """
         self._apply_table_edits(plan)
         if plan.mixed:
+            if plan.graph:
+                return self.mixed.run(plan, prev_tokens)
             return self._forward_mixed(plan, prev_tokens)
         if not plan.ids:
             return None

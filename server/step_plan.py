@@ -34,8 +34,9 @@ class StepPlan:
     from (`ids` holds 0 there); every other token has `src == -1`.
 
     Invariants: `ids`, `src`, `positions`, `rows` have one entry per token; a decode-only step
-    (`seq_rows` empty) computes logits for every row and replays graph `graph` (0: eager); a
-    mixed step computes logits for `logit_rows` only. The first `num_sampled` logits rows get a
+    (`seq_rows` empty) computes logits for every row and replays the decode graph of batch
+    size `graph` (0: eager); a mixed step computes logits for `logit_rows` only and replays
+    the mixed-step graph of `graph` tokens (0: eager; `server.mixed_graph_runner`). The first `num_sampled` logits rows get a
     token (0 for warm-up steps, which compute logits but sample nothing, and for steps that
     only compute prompt logprobs); the logit rows after them are prompt positions whose
     logprobs rank 0 reads (prompt logprobs), sampled by no one. Every rank computes the same
@@ -61,7 +62,7 @@ class StepPlan:
 
     @property
     def mixed(self) -> bool:
-        """Whether prompt chunks ride in this step (then it runs eagerly)."""
+        """Whether prompt chunks ride in this step (a mixed step)."""
         return bool(self.seq_rows)
 
     @property
@@ -126,13 +127,17 @@ class StepPlanner:
     Keeps, per block-table row, which admitted sequence owns it and how many of its entries
     the device has, so a plan carries only the entries a sequence gained since (one small
     scatter per step). `select_graph(n)`: the captured batch size a decode-only step of `n`
-    rows replays (0: eager), the capture policy's decision.
+    rows replays (0: eager), the capture policy's decision; `select_mixed(tokens, seqs,
+    prompt_logprobs, deepest_decode_context)`: the mixed-step graph bucket (0: eager), the
+    mixed-graph policy's (`server.mixed_graph_policy`).
 
     Thread ownership: the engine thread.
     """
 
-    def __init__(self, max_num_seqs: int, select_graph: Callable[[int], int]):
+    def __init__(self, max_num_seqs: int, select_graph: Callable[[int], int],
+                 select_mixed: Callable[[int, int, bool, int], int] | None = None):
         self._select_graph = select_graph
+        self._select_mixed = select_mixed
         self._row_owner = [-1] * max_num_seqs  # admission number of the row's sequence
         self._row_synced = [0] * max_num_seqs  # table entries already on the device
 
@@ -177,8 +182,12 @@ class StepPlanner:
                     extra.append(nd + cu[-2] + p - item.start)
                     prompt_rows.append((seq, p + 1))
                     targets.append(seq.prompt_ids[p + 1])
+        graph = 0
+        if self._select_mixed is not None:
+            deepest = max(positions[:nd]) + 1 if nd else 0
+            graph = self._select_mixed(len(ids), nd + len(seq_rows), bool(extra), deepest)
         plan = StepPlan(
-            ids, src, positions, rows, num_decode=nd, num_sampled=len(logit_rows),
+            ids, src, positions, rows, num_decode=nd, num_sampled=len(logit_rows), graph=graph,
             logit_rows=logit_rows + extra, seq_rows=seq_rows, cu_seqlens=cu, k_lens=k_lens,
             max_q_len=max(item.length for item in step.prefill), **table,
         )  # fmt: skip

@@ -12,8 +12,10 @@ block size works and a sequence's blocks need not be contiguous.
 * `prefill_attention`: packed query chunks of several sequences (`cu_seqlens_q`), each chunk the
   last `q_len` tokens of a context of `k_len` tokens already written to the cache: query `i`
   sits at position `k_len - q_len + i` and sees every key at or before it (causal, aligned to
-  the end). One launch for the whole batch: grid `(query blocks, Hq, sequences)`; blocks of
-  keys that no query of a block can see are never loaded.
+  the end). One launch for the whole batch over flat query blocks (each program finds its
+  sequence by a binary search over `cu_seqlens_q`), so the grid depends on shapes only and
+  a mixed step's CUDA graph can hold it; blocks of keys that no query of a block can see are
+  never loaded.
 
 Same semantics as the torch references in `server.ops` (which tests compare against).
 """
@@ -317,6 +319,22 @@ def _prefill_tile(
 
 
 @triton.jit
+def _find_sequence(cu_q_ptr, n_seqs, block, BLOCK_T: tl.constexpr):
+    """The sequence that owns flat query block `block`: the last s whose first block
+    `cu_q[s] // BLOCK_T + s` is <= block (a binary search over the packed offsets)."""
+    lo = 0
+    hi = n_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first = tl.load(cu_q_ptr + mid).to(tl.int32) // BLOCK_T + mid
+        if first <= block:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit(do_not_specialize=["n_seqs"])
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_rows_ptr, cu_q_ptr, k_lens_ptr, out_ptr,
     stride_qt, stride_qh,
@@ -325,88 +343,35 @@ def _prefill_kernel(
     stride_tok,
     head_dim,
     scale_log2,
+    n_seqs,
     PAGE: tl.constexpr,
     GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    HEADS: tl.constexpr,  # query heads per program: 1, or GROUP (GQA-packed)
+    BLOCK_T: tl.constexpr,  # query tokens per program; rows = BLOCK_T * HEADS
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    mb = tl.program_id(0)
-    head = tl.program_id(1)
-    seq = tl.program_id(2)
-    q_start = tl.load(cu_q_ptr + seq)
-    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    if mb * BLOCK_M < q_len:
-        k_len = tl.load(k_lens_ptr + seq)
+    # Grid (flat query blocks, Hq // HEADS). Sequence s owns the flat blocks from
+    # `cu_q[s] // BLOCK_T + s` on, one per BLOCK_T of its tokens, so the grid needs at most
+    # `T // BLOCK_T + n_seqs` of them whatever the chunk lengths: it depends on shapes only
+    # (a CUDA graph can hold the launch) and a short chunk costs one block, not the longest's.
+    # With HEADS = GROUP the rows are every (token, query head) pair of one KV head's group,
+    # so each K/V tile is loaded once for the whole group.
+    block = tl.program_id(0)
+    hg = tl.program_id(1)
+    seq = _find_sequence(cu_q_ptr, n_seqs, block, BLOCK_T)
+    q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
+    q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
+    tb = block - (q_start // BLOCK_T + seq)  # this program's block within the chunk
+    if tb * BLOCK_T < q_len:
+        k_len = tl.load(k_lens_ptr + seq).to(tl.int32)
         ctx = k_len - q_len  # position of the chunk's first query
         table = bt_ptr + tl.load(seq_rows_ptr + seq).to(tl.int64) * stride_bt
-        kvh = head // GROUP
-        offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_d = tl.arange(0, BLOCK_D)
-        m_mask = offs_m < q_len
-        d_mask = offs_d < head_dim
-        tokens = (q_start + offs_m).to(tl.int64)
-        q = tl.load(q_ptr + tokens[:, None] * stride_qt + head * stride_qh + offs_d[None, :],
-                    mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-        head_off = kvh * head_dim + offs_d[None, :]
-        pos = ctx + offs_m  # absolute position of each query
-        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-        # Keys below the block's first query are visible to every query of the block: no mask.
-        # From there up to its last query's position the causal mask applies; beyond, nothing
-        # is visible and nothing is loaded.
-        first = ctx + mb * BLOCK_M
-        full_end = (first // BLOCK_N) * BLOCK_N
-        hi = tl.minimum(k_len, ctx + tl.minimum((mb + 1) * BLOCK_M, q_len))
-        for n0 in range(0, full_end, BLOCK_N):
-            acc, m_i, l_i = _prefill_tile(
-                acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
-                stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, False, DOT_F32,
-            )
-        for n0 in range(full_end, hi, BLOCK_N):
-            acc, m_i, l_i = _prefill_tile(
-                acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
-                stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, True, DOT_F32,
-            )
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + tokens[:, None] * stride_ot + head * stride_oh + offs_d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=m_mask[:, None] & d_mask[None, :])
-
-
-@triton.jit
-def _prefill_gqa_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_rows_ptr, cu_q_ptr, k_lens_ptr, out_ptr,
-    stride_qt, stride_qh,
-    stride_ot, stride_oh,
-    stride_bt,
-    stride_tok,
-    head_dim,
-    scale_log2,
-    PAGE: tl.constexpr,
-    GROUP: tl.constexpr,
-    BLOCK_T: tl.constexpr,  # query tokens per program; rows = BLOCK_T * GROUP
-    BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
-    DOT_F32: tl.constexpr,
-):
-    # One program per (token block, KV head, sequence): its rows are every (token, query head)
-    # pair of the KV head's group, so each K/V tile is loaded once for the whole group.
-    tb = tl.program_id(0)
-    kvh = tl.program_id(1)
-    seq = tl.program_id(2)
-    q_start = tl.load(cu_q_ptr + seq)
-    q_len = tl.load(cu_q_ptr + seq + 1) - q_start
-    if tb * BLOCK_T < q_len:
-        k_len = tl.load(k_lens_ptr + seq)
-        ctx = k_len - q_len
-        table = bt_ptr + tl.load(seq_rows_ptr + seq).to(tl.int64) * stride_bt
-        rows = tl.arange(0, BLOCK_T * GROUP)
-        offs_m = tb * BLOCK_T + rows // GROUP  # token index within the chunk
-        heads = kvh * GROUP + rows % GROUP
+        kvh = (hg * HEADS) // GROUP
+        rows = tl.arange(0, BLOCK_T * HEADS)
+        offs_m = tb * BLOCK_T + rows // HEADS  # token index within the chunk
+        heads = hg * HEADS + rows % HEADS
         offs_d = tl.arange(0, BLOCK_D)
         m_mask = offs_m < q_len
         d_mask = offs_d < head_dim
@@ -416,10 +381,13 @@ def _prefill_gqa_kernel(
         if DOT_F32:
             q = q.to(tl.float32)
         head_off = kvh * head_dim + offs_d[None, :]
-        pos = ctx + offs_m
-        m_i = tl.full([BLOCK_T * GROUP], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_T * GROUP], tl.float32)
-        acc = tl.zeros([BLOCK_T * GROUP, BLOCK_D], tl.float32)
+        pos = ctx + offs_m  # absolute position of each query
+        m_i = tl.full([BLOCK_T * HEADS], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_T * HEADS], tl.float32)
+        acc = tl.zeros([BLOCK_T * HEADS, BLOCK_D], tl.float32)
+        # Keys below the block's first query are visible to every query of the block: no mask.
+        # From there up to its last query's position the causal mask applies; beyond, nothing
+        # is visible and nothing is loaded.
         first = ctx + tb * BLOCK_T
         full_end = (first // BLOCK_N) * BLOCK_N
         hi = tl.minimum(k_len, ctx + tl.minimum((tb + 1) * BLOCK_T, q_len))
@@ -470,8 +438,12 @@ def prefill_attention(
     q `[T, Hq, D]` (sequence s owns tokens `cu_seqlens_q[s]:cu_seqlens_q[s+1]`), caches
     `[blocks, block_size, Hkv, D]` already holding every key up to `k_lens[s]` (the chunk's own
     included), block_tables `[R, max_blocks]` int32 with sequence s at row `seq_rows[s]`.
-    `max_q_len` (a host int, >= every chunk length) sizes the grid. Returns `[T, Hq, D]`.
-    `config` overrides `PREFILL_CONFIG` (kind "per_head": one program per query head; "gqa":
+    `max_q_len` (a host int, >= every chunk length) only picks the tile: chunks of at most
+    `SHORT_CHUNK` tokens run per query head. The grid depends on shapes alone (T and the
+    number of sequences), so the launch is capturable: a CUDA graph replays it for any
+    chunk lengths that fit; sequences with an empty chunk (`cu_seqlens_q[s] ==
+    cu_seqlens_q[s+1]`, padding) compute nothing, and tokens past `cu_seqlens_q[-1]` are
+    left unwritten. Returns `[T, Hq, D]`. `config` overrides `PREFILL_CONFIG` (kind "per_head": one program per query head; "gqa":
     one per KV head, its group's query heads stacked as rows so K/V tiles load once). `out`
     (shaped like q, unit stride along D) receives the result instead of a new tensor.
     """
@@ -501,19 +473,19 @@ def prefill_attention(
         else:
             config = PREFILL_CONFIG
     kind, block_m, block_n, warps, stages = config
-    block_d = triton.next_power_of_2(head_dim)
-    common = dict(PAGE=k_cache.shape[1], GROUP=group, BLOCK_N=block_n, BLOCK_D=block_d,
-                  DOT_F32=dot_f32, num_warps=warps, num_stages=stages)
-    args = (
+    if kind == "gqa" and group & (group - 1) == 0 and block_m >= group:
+        heads, block_t = group, block_m // group  # rows = tokens x the group's query heads
+    else:
+        heads, block_t = 1, block_m
+    # Flat query blocks: every sequence's blocks fit in T // BLOCK_T + n_seqs (the kernel's
+    # comment), so the grid is a function of the shapes alone.
+    grid = (triton.cdiv(n_tokens, block_t) + n_seqs, num_q_heads // heads)
+    _prefill_kernel[grid](
         q, k_cache, v_cache, block_tables, seq_rows, cu_seqlens_q, k_lens, out,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(1), head_dim, float(scale) * _LOG2E,
+        k_cache.stride(1), head_dim, float(scale) * _LOG2E, n_seqs,
+        PAGE=k_cache.shape[1], GROUP=group, HEADS=heads, BLOCK_T=block_t, BLOCK_N=block_n,
+        BLOCK_D=triton.next_power_of_2(head_dim), DOT_F32=dot_f32, num_warps=warps,
+        num_stages=stages,
     )
-    if kind == "gqa" and group & (group - 1) == 0 and block_m >= group:
-        block_t = max(1, block_m // group)  # rows = tokens x the group's query heads
-        grid = (triton.cdiv(max_q_len, block_t), k_cache.shape[2], n_seqs)
-        _prefill_gqa_kernel[grid](*args, BLOCK_T=block_t, **common)
-    else:
-        grid = (triton.cdiv(max_q_len, block_m), num_q_heads, n_seqs)
-        _prefill_kernel[grid](*args, BLOCK_M=block_m, **common)
     return out

@@ -482,8 +482,8 @@ def _prefill_config(kernel: str, dtype: torch.dtype, max_q_len: int):
 
 
 def _expected_prefill_kernel(kernel: str, dtype: torch.dtype, group: int, max_q_len: int) -> str:
-    if group & (group - 1):
-        return "per_head"  # the GQA packing needs a power-of-two group
+    if group & (group - 1) or group == 1:
+        return "per_head"  # the GQA packing needs a power-of-two group (of one: the same)
     # Short chunks (a few tokens over a long cached context) stay per query head by default:
     # one GQA program per KV head would leave most of the GPU idle.
     gqa_by_default = dtype != torch.float32 and max_q_len > triton_attention.SHORT_CHUNK
@@ -491,16 +491,18 @@ def _expected_prefill_kernel(kernel: str, dtype: torch.dtype, group: int, max_q_
 
 
 class _RecordingKernel:
-    """Stands in for a @triton.jit kernel: logs (name, grid, BLOCK_T) per launch, then runs it."""
+    """Stands in for the @triton.jit prefill kernel: logs ("per_head" | "gqa", grid, BLOCK_T)
+    per launch (the kind from how many query heads one program stacks), then runs it."""
 
-    def __init__(self, kernel, name: str, log: list):
-        self.kernel, self.name, self.log = kernel, name, log
+    def __init__(self, kernel, log: list):
+        self.kernel, self.log = kernel, log
 
     def __getitem__(self, grid):
         launch = self.kernel[grid]
 
         def run(*args, **kwargs):
-            self.log.append((self.name, tuple(grid), kwargs.get("BLOCK_T")))
+            kind = "gqa" if kwargs["HEADS"] > 1 else "per_head"
+            self.log.append((kind, tuple(grid), kwargs.get("BLOCK_T")))
             return launch(*args, **kwargs)
 
         return run
@@ -508,12 +510,13 @@ class _RecordingKernel:
 
 @pytest.fixture
 def prefill_launches(monkeypatch) -> list:
-    """The prefill kernels' launches, in order: ("per_head" | "gqa", grid, BLOCK_T)."""
+    """The prefill kernel's launches, in order: ("per_head" | "gqa", grid, BLOCK_T)."""
     log: list = []
-    for attr, name in (("_prefill_kernel", "per_head"), ("_prefill_gqa_kernel", "gqa")):
-        kernel = getattr(triton_attention, attr)
-        monkeypatch.setattr(triton_attention, attr, _RecordingKernel(kernel, name, log))
+    kernel = triton_attention._prefill_kernel
+    monkeypatch.setattr(triton_attention, "_prefill_kernel", _RecordingKernel(kernel, log))
     return log
+
+
 GPU_PREFILL_CASES = [  # 8B heads (32 q / 8 kv, D 128), long chunks and contexts
     ([(512, 512), (1, 4096), (2048, 4096), (77, 1000), (1, 1), (300, 301)], 32, 8, 128, 16,
      [(2, 1)]),
@@ -562,6 +565,46 @@ def test_prefill_attention_long_chunks(kernel, dtype, case):
 
 @pytest.mark.usefixtures("interpreter_loops")
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_prefill_padding_as_a_graph_holds_it(device, dtype):
+    """A mixed-step graph replays one launch sized for T tokens and S sequences: decode rows
+    are one-token chunks, sequences past the step's are empty chunks and tokens past its last
+    chunk are padding. The real tokens' outputs equal the unpadded launch's (bit for bit);
+    nothing is written for the padding; the reference agrees."""
+    hq, hkv, d, page = 8, 2, 64, 16
+    chunks = [(1, 30), (1, 7), (25, 60), (1, 1)]  # two decode rows, a chunk, a first token
+    inputs = _prefill_inputs(chunks, hq, hkv, d, page, dtype, device, _gen(5))
+    q, k_cache, v_cache, table, seq_rows, cu, k_lens, max_q_len = inputs
+    n, pad_tokens, pad_seqs = q.shape[0], 13, 5
+    scale = d**-0.5
+    config = PREFILL_CONFIG_FOR[dtype]
+    exact = triton_attention.prefill_attention(*inputs, scale, config=config)
+    q_pad = torch.cat([q, torch.randn(pad_tokens, hq, d, device=device).to(dtype)])
+    seq_pad = torch.cat([seq_rows, seq_rows[:1].repeat(pad_seqs)])
+    cu_pad = torch.cat([cu, cu[-1:].repeat(pad_seqs)])
+    k_pad = torch.cat([k_lens, torch.ones(pad_seqs, dtype=k_lens.dtype, device=device)])
+    out = torch.full_like(q_pad, float("nan"))
+    triton_attention.prefill_attention(
+        q_pad, k_cache, v_cache, table, seq_pad, cu_pad, k_pad, n + pad_tokens, scale,
+        config=config, out=out,
+    )
+    assert torch.equal(out[:n], exact)
+    assert torch.isnan(out[n:]).all(), "a padding token was written"
+    ref_out = torch.full_like(q_pad, float("nan"))
+    with torch_reference():
+        ops.prefill_attention(q_pad, k_cache, v_cache, table, seq_pad, cu_pad, k_pad,
+                              n + pad_tokens, scale, out=ref_out)  # fmt: skip
+    assert torch.isnan(ref_out[n:]).all()
+    ref, mean_abs_v = _prefill_reference(*inputs, scale)
+    _assert_within_bound(out[:n], ref, mean_abs_v, dtype, "padded launch")
+
+
+# The tile a mixed-step graph uses (GQA-packed for 16-bit caches), and the fp32 one.
+PREFILL_CONFIG_FOR = {torch.float16: ("gqa", 32, 32, 4, 1), torch.float32: ("gqa", 32, 32, 4, 1)}
+
+
+@pytest.mark.usefixtures("interpreter_loops")
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel", PREFILL_KERNELS)
 def test_prefill_packing_does_not_leak_between_sequences(device, kernel, prefill_launches):
     """A chunk's output is the same alone and packed with others (bit for bit: each query
@@ -590,10 +633,12 @@ def test_prefill_packing_does_not_leak_between_sequences(device, kernel, prefill
         assert torch.equal(alone, packed[bounds[s] : bounds[s + 1]]), f"sequence {s}"
     name, grid, block_t = prefill_launches[0]
     assert name == _expected_prefill_kernel(kernel, dtype, hq // hkv, max_q_len)
-    if name == "gqa":  # one program per (token block, KV head, sequence); 128 rows = 64 x 2
-        assert block_t == 64 and grid == (1, hkv, len(chunks))
-    else:  # one per (query block, query head, sequence)
-        assert grid == (1, hq, len(chunks))
+    # Flat query blocks: ceil(T / BLOCK_T) + one per sequence (each may start mid-block).
+    total = sum(q_len for q_len, _ in chunks)
+    if name == "gqa":  # one program per (token block, KV head); 128 rows = 64 x 2
+        assert block_t == 64 and grid == (_cdiv(total, 64) + len(chunks), hkv)
+    else:  # one per (query block, query head)
+        assert grid == (_cdiv(total, block_t) + len(chunks), hq)
 
 
 @pytest.mark.usefixtures("interpreter_loops")

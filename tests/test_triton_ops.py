@@ -438,8 +438,7 @@ def test_batch_size_does_not_recompile():
         "rope_write_kv": triton_ops._rope_write_kv_kernel,
         "decode_split": triton_attention._decode_split_kernel,
         "decode_reduce": triton_attention._decode_reduce_kernel,
-        "prefill (per head)": triton_attention._prefill_kernel,
-        "prefill (GQA-packed)": triton_attention._prefill_gqa_kernel,
+        "prefill": triton_attention._prefill_kernel,
     }
     table, num_blocks = _block_table(max_n, width, gen)
     table = table.cuda()

@@ -1,0 +1,252 @@
+"""Which mixed steps run on CUDA graphs: the token buckets, when they are captured, the books.
+
+A mixed step (decode rows plus prompt chunks) run eagerly costs one Python dispatch per
+kernel, ~13 per layer: on the 8B that is ~18-20 ms of host time per step whatever the GPU
+needs, and every running stream waits that long for its next token while a prompt is
+prefilled. A mixed step replayed from a CUDA graph costs its GPU time. Graphs are captured
+per *token bucket*: a step of T tokens (decode rows and chunk tokens together) replays the
+smallest captured bucket >= T, padded (`server.mixed_graph_runner`).
+
+Policy, beside the decode-graph policy (`server.graph_warmup.CapturePolicy`), which keeps
+priority and the readiness contract (ready = the largest decode graph captured):
+
+* `eager` (`--graph-capture eager`): every bucket before ready, largest first.
+* `lazy`: buckets are captured in idle time only, once every decode size is settled, largest
+  first (the graphs share the decode graphs' memory pool, which the largest sizes). A mixed
+  step arriving before its bucket is captured runs eagerly, as it always did. Capturing while
+  busy would stall every running stream for the capture (tens of ms on the 8B): exactly the
+  gap these graphs exist to remove.
+* `off`, no CUDA device, or tensor parallelism: every mixed step runs eagerly.
+
+A step stays eager, whatever is captured, when it is larger than the largest bucket, when it
+keeps prompt logprobs (their logits rows are unbounded), or when a decode row's context is
+deeper than `max_decode_context`: in the packed kernel a decode row is one program per KV head
+walking its whole context, while the eager step gives decode rows the split-K decode kernel.
+
+Pure Python, no torch (the HTTP layer may read `snapshot()`). Thread safety: the engine thread
+calls everything except `on_arrival` and `snapshot`; one lock guards the state.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# Decode rows deeper than this keep a mixed step eager (see the module docstring). On the 8B an
+# H200 walks ~16k tokens of one KV head's context in ~0.2 ms per layer: ~7 ms per step, still
+# well under the ~18 ms an eager mixed step costs on the host.
+MAX_DECODE_CONTEXT = 16384
+
+EAGER_REASONS = ("not_captured", "too_many_tokens", "prompt_logprobs", "long_context", "off")
+
+
+def mixed_graph_sizes(max_num_seqs: int, decode_prefill_tokens: int,
+                      max_batched_tokens: int) -> list[int]:
+    """Token buckets: 16, 32, ... 256, then every 128 up to the largest mixed step that has
+    decode rows in it (`max_num_seqs` rows plus `decode_prefill_tokens` prompt tokens, within
+    the step budget), rounded up to 16. Steps without decode rows may be larger: nothing waits
+    on them, so they keep the eager forward (its launch cost is amortised over the chunk)."""
+    top = min(max_batched_tokens, max_num_seqs + decode_prefill_tokens)
+    top = max(16, -(-top // 16) * 16)
+    sizes = [s for s in (16, 32, 64, 128, 256) if s < top]
+    sizes += list(range(384, top, 128))
+    return sorted({*sizes, top})
+
+
+class MixedGraphPolicy:
+    """Bucket states (pending / capturing / captured / failed), dispatch and capture offers.
+
+    `select` is called by the step planner for every mixed step and returns the bucket to
+    replay (0: eager); `next_capture` between steps returns a bucket to capture now, or None.
+    A failed bucket is never retried; steps that would use it take the next captured bucket.
+    """
+
+    def __init__(
+        self,
+        sizes: list[int],
+        mode: str,
+        *,
+        disabled_reason: str | None = None,
+        max_seqs: int,
+        max_decode_context: int = MAX_DECODE_CONTEXT,
+        idle_debounce_s: float = 0.1,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if not sizes or any(s < 1 for s in sizes):
+            raise ValueError(f"mixed-graph sizes must be positive, got {sizes!r}")
+        self.sizes = tuple(sorted(set(sizes)))
+        self.max_seqs = max_seqs
+        self.max_decode_context = max_decode_context
+        self._mode = mode
+        self._reason = disabled_reason or (
+            "graph capture disabled (--graph-capture off)" if mode == "off" else None
+        )
+        self._debounce = idle_debounce_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._state = {s: "pending" for s in self.sizes}
+        self._capture_ms: dict[int, float] = {}
+        self._errors: dict[int, str] = {}
+        self._pool_bytes: int | None = None
+        self._captured: list[int] = []  # sorted
+        self._capturing: int | None = None
+        self._idle_since: float | None = None
+        self._graph_steps = 0
+        self._eager = dict.fromkeys(EAGER_REASONS, 0)
+
+    @classmethod
+    def from_config(cls, config, max_num_seqs: int, decode_prefill_tokens: int,
+                    max_batched_tokens: int, disabled_reason: str | None) -> MixedGraphPolicy:
+        """The policy for an `EngineConfig` (`--graph-capture`, `--no-mixed-graphs`)."""
+        if disabled_reason is None and not config.mixed_graphs:
+            disabled_reason = "mixed-step graphs disabled (--no-mixed-graphs)"
+        sizes = mixed_graph_sizes(max_num_seqs, decode_prefill_tokens, max_batched_tokens)
+        return cls(sizes, config.graph_capture, disabled_reason=disabled_reason,
+                   max_seqs=max_num_seqs, idle_debounce_s=config.idle_debounce_ms / 1e3)
+
+    @property
+    def active(self) -> bool:
+        """Whether any bucket may still be captured or replayed."""
+        return self._reason is None
+
+    def disable(self, reason: str) -> None:
+        """Every later mixed step runs eagerly (the decode policy went off, say)."""
+        with self._lock:
+            if self._reason is None:
+                self._reason = reason
+                self._captured = []
+                logger.info("mixed-step graphs off: %s", reason)
+
+    # -- dispatch (engine thread) -------------------------------------------------------------
+
+    def select(self, num_tokens: int, num_seqs: int, extra_logits: bool,
+               max_decode_context: int) -> int:
+        """The bucket a mixed step of `num_tokens` tokens over `num_seqs` sequences replays,
+        or 0 (eager). `extra_logits`: it keeps prompt-logprob rows; `max_decode_context`: its
+        deepest decode row's context (0 without decode rows)."""
+        with self._lock:
+            reason = None
+            if self._reason is not None:
+                reason = "off"
+            elif extra_logits:
+                reason = "prompt_logprobs"
+            elif num_tokens > self.sizes[-1] or num_seqs > self.max_seqs:
+                reason = "too_many_tokens"
+            elif max_decode_context > self.max_decode_context:
+                reason = "long_context"
+            else:
+                # Bucket t holds min(t, max_seqs) sequences: enough, as num_seqs <= num_tokens.
+                i = bisect.bisect_left(self._captured, num_tokens)
+                if i == len(self._captured):
+                    reason = "not_captured"
+                else:
+                    self._graph_steps += 1
+                    return self._captured[i]
+            self._eager[reason] += 1
+            return 0
+
+    # -- capture offers (engine thread) -------------------------------------------------------
+
+    def startup_plan(self) -> list[int]:
+        """Buckets to capture before ready: all of them, largest first, in eager mode."""
+        if self._reason is not None or self._mode != "eager":
+            return []
+        return [s for s in reversed(self.sizes) if self._state[s] == "pending"]
+
+    def next_capture(self, idle: bool, decode_settled: bool) -> int | None:
+        """Between steps: the bucket to capture now (the largest pending one), or None.
+
+        Only while idle for `idle_debounce_s` and once the decode policy has nothing left to
+        capture (`decode_settled`); call again after each capture (new requests stop it)."""
+        if self._reason is not None or not decode_settled:
+            return None
+        with self._lock:
+            if not idle:
+                self._idle_since = None
+                return None
+            pending = [s for s in self.sizes if self._state[s] == "pending"]
+            if not pending:
+                return None
+            now = self._clock()
+            if self._idle_since is None:
+                self._idle_since = now
+            if now - self._idle_since < self._debounce:
+                return None
+            return pending[-1]
+
+    def idle_wait_s(self) -> float | None:
+        """While idle: how long the engine may block before offering idle time again (None:
+        nothing left to capture)."""
+        with self._lock:
+            if self._reason is not None or "pending" not in self._state.values():
+                return None
+            if self._idle_since is None:
+                return self._debounce
+            return max(0.0, self._debounce - (self._clock() - self._idle_since))
+
+    def on_arrival(self) -> None:
+        """A request was submitted (any thread): idle capture stops, the debounce restarts."""
+        with self._lock:
+            self._idle_since = None
+
+    # -- capture protocol (engine thread) -----------------------------------------------------
+
+    def begin(self, size: int) -> None:
+        with self._lock:
+            if self._state.get(size) != "pending":
+                raise RuntimeError(f"mixed-graph bucket {size} is not pending")
+            self._state[size] = "capturing"
+            self._capturing = size
+
+    def succeeded(self, size: int, seconds: float, pool_bytes: int) -> None:
+        with self._lock:
+            self._state[size] = "captured"
+            self._capturing = None
+            self._capture_ms[size] = round(seconds * 1e3, 3)
+            self._pool_bytes = pool_bytes
+            if self._reason is None:
+                bisect.insort(self._captured, size)
+
+    def failed(self, size: int, reason: str) -> None:
+        with self._lock:
+            self._state[size] = "failed"
+            self._capturing = None
+            self._errors[size] = reason
+
+    # -- reporting (any thread) ---------------------------------------------------------------
+
+    def counters(self) -> dict[str, Any]:
+        with self._lock:
+            return {"graph_steps": self._graph_steps, "eager_steps": dict(self._eager)}
+
+    def snapshot(self) -> dict[str, Any]:
+        """The `mixed` section of /health/graphs."""
+        with self._lock:
+            captured = sum(state == "captured" for state in self._state.values())
+            eager = sum(self._eager.values())
+            total = eager + self._graph_steps
+            return {
+                "mode": "off" if self._reason is not None else self._mode,
+                "reason": self._reason,
+                "sizes": [
+                    {"tokens": s, "state": self._state[s], "capture_ms": self._capture_ms.get(s),
+                     "error": self._errors.get(s)}
+                    for s in self.sizes
+                ],
+                "coverage": {"captured": captured, "total": len(self.sizes)},
+                "capturing": self._capturing,
+                "max_decode_context": self.max_decode_context,
+                "pool_bytes_after_last_capture": self._pool_bytes,
+                "traffic": {
+                    "graph_steps": self._graph_steps,
+                    "eager_steps": eager,
+                    "eager_by_reason": dict(self._eager),
+                    "graph_rate": self._graph_steps / total if total else None,
+                },
+            }
