@@ -11,6 +11,8 @@ Measured in one process, on one GPU, in this order:
 4. Prefill throughput (tokens/s): a first chunk, continuation chunks after cached contexts of
    growing depth (2k, 8k, 14k), and a packed batch of short prompts — each against the first
    chunk's rate; plus decode attention alone per split-K factor at the largest batch.
+5. Mixed steps (decode rows beside a prompt chunk): eager vs the mixed-step CUDA graph of its
+   token bucket, wall time per step (host launches included) and GPU time.
 
     python -m bench.decode --model /tmp/llama-8b --out bench/results/decode-8b.json
 """
@@ -81,6 +83,7 @@ def main() -> None:
     from server.model import StepBatch
     from server.model_runner import ModelRunner
     from server.sampling import SamplingBatch, sample
+    from server.step_plan import StepPlan
 
     batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
     max_n = max(batch_sizes)
@@ -232,8 +235,8 @@ def main() -> None:
             rows=torch.tensor(trows, device=dev),
             logit_rows=torch.tensor([c - 1 for c in cu[1:]], device=dev), num_decode=0,
             seq_rows=torch.tensor(seq_rows, device=dev),
-            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32, device=dev),
-            k_lens=torch.tensor(k_lens, dtype=torch.int32, device=dev),
+            cu_seqlens_q=torch.tensor(cu, device=dev),  # int64, as the engine's steps
+            k_lens=torch.tensor(k_lens, device=dev),
             max_q_len=max(length for _, _, length in chunks),
         )
         return functools.partial(model.forward, batch, kv, table)
@@ -256,6 +259,51 @@ def main() -> None:
         entry["vs_first_chunk"] = entry["tokens_per_s"] / first
     result["prefill"] = prefill
 
+    # Mixed steps (decode rows beside a prompt chunk): eager vs the mixed-step graph of the
+    # bucket the policy picks. Wall time per step with a sync, as a running stream sees it
+    # (an eager mixed step is bound by its host launches), and CUDA-event time.
+    def mixed_plan(nd, length, start, graph):
+        return StepPlan(
+            ids=[5] * nd + [7] * length, src=[-1] * (nd + length),
+            positions=[args.context - 1] * nd + list(range(start, start + length)),
+            rows=list(range(nd)) + [deep_row] * length, num_decode=nd, num_sampled=nd + 1,
+            graph=graph, logit_rows=[*range(nd), nd + length - 1], seq_rows=[deep_row],
+            cu_seqlens=[0, length], k_lens=[start + length], max_q_len=length,
+        )  # fmt: skip
+
+    def wall_ms(fn, iters):
+        for _ in range(3):
+            fn()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(iters):
+            t0 = time.perf_counter()
+            fn()
+            torch.cuda.synchronize()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    mixed = {}
+    executor = runner.executor
+    for nd, length, start in ((4, 256, 0), (4, 512, 0), (min(32, max_n - 1), 512, 4096),
+                              (1, 16, 4000)):
+        if start + length > max_len:
+            continue
+        bucket = runner.mixed_policy.select(nd + length, nd + 1, False, args.context)
+        entry = {"decode_rows": nd, "prompt_tokens": length, "context": start, "bucket": bucket}
+        for label, graph in (("eager", 0), ("graph", bucket)):
+            if label == "graph" and not graph:
+                continue
+            plan = mixed_plan(nd, length, start, graph)
+            step = functools.partial(executor.execute, plan, None)
+            entry[f"{label}_wall_ms"] = wall_ms(step, args.iters)
+            entry[f"{label}_gpu_ms"] = cuda_time_ms(step, args.iters)
+        if "graph_wall_ms" in entry:
+            entry["wall_speedup"] = entry["eager_wall_ms"] / entry["graph_wall_ms"]
+        mixed[f"{nd}+{length}@{start}"] = entry
+    result["mixed_steps"] = mixed
+    result["mixed_graphs"] = runner.mixed_policy.snapshot()
+
     print(f"\n{result['device']}  torch {result['torch']}  kernels={result['kernels']}  "
           f"HBM read {result['hbm_read_gb_s']:.0f} GB/s  weights {result['weight_gb']:.2f} GB  "
           f"floor(b=1, ctx {args.context}) {result['floor_ms_batch1']:.2f} ms")  # fmt: skip
@@ -273,6 +321,10 @@ def main() -> None:
     for k, v in prefill.items():
         print(f"prefill {k}: {v['ms']:.1f} ms, {v['tokens_per_s']:.0f} tok/s, "
               f"{v['vs_first_chunk']:.2f}x the first chunk's rate")
+    for k, v in mixed.items():
+        print(f"mixed step {k} (bucket {v['bucket']}): eager {v['eager_wall_ms']:.2f} ms wall "
+              f"/ {v['eager_gpu_ms']:.2f} GPU; graph {v.get('graph_wall_ms', float('nan')):.2f}"
+              f" wall / {v.get('graph_gpu_ms', float('nan')):.2f} GPU")  # fmt: skip
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

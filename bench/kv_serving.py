@@ -13,6 +13,9 @@ the same part against that checkout's server in the same run):
 * `sweep`: open loop, Poisson arrivals whose rate rises in stages so concurrency sweeps ~1 to
   ~60 (prompts 64-512 tokens, outputs 64-256), ITL p50 / p99 / max over the whole run.
 
+`--mixed-baseline` runs the same parts on the same server with `--no-mixed-graphs` (every
+step that carries prompt tokens eager, the design before mixed-step graphs), in the same run.
+
     python -m bench.kv_serving --model /tmp/llama-8b --baseline-dir .probe/landed \\
         --out bench/results/kv-serving-8b-h200.json
     python -m bench.kv_serving --smoke           # CPU, the embedded model, seconds
@@ -175,6 +178,8 @@ async def run_server(label: str, args, server_args: list[str], parts: list[str],
                                                    args.sweep_rate_scale)
             graphs = (await client.get(f"{url}/health/graphs")).json()
             result["traffic"] = graphs.get("traffic")
+            if isinstance(graphs.get("mixed"), dict):
+                result["mixed_traffic"] = graphs["mixed"].get("traffic")
             result["kv_cache"] = graphs.get("kv_cache")
     if server.exited() not in (0, None):
         raise BenchError(f"[{label}] server exited {server.exited()}:\n{server.log_tail()}")
@@ -188,11 +193,19 @@ async def main_async(args) -> dict:
     if args.smoke:
         common = ["--served-model-name", "m"]
     out: dict[str, Any] = {"environment": environment(), "date": time.strftime("%Y-%m-%d")}
+    parts = args.parts.split(",")
+    extra = args.server_args.split() if args.server_args else []
     out["graphserve"] = await run_server(
-        "graphserve", args, common + ["--max-num-seqs", "64"],
-        ["ttft", "prefix", "interference", "sweep"])
-    out["graphserve_no_prefix_cache"] = await run_server(
-        "no prefix cache", args, common + ["--no-prefix-caching"], ["prefix"])
+        "graphserve", args, common + ["--max-num-seqs", "64"] + extra, parts)
+    if args.mixed_baseline:
+        # The same server with every mixed step eager (the design before mixed-step graphs).
+        out["graphserve_eager_mixed"] = await run_server(
+            "eager mixed steps", args,
+            common + ["--max-num-seqs", "64", "--no-mixed-graphs"] + extra,
+            [p for p in parts if p in ("ttft", "interference", "sweep")])
+    if "prefix" in parts:
+        out["graphserve_no_prefix_cache"] = await run_server(
+            "no prefix cache", args, common + ["--no-prefix-caching"] + extra, ["prefix"])
     if args.baseline_dir:
         # The previous design keeps one slot of max_model_len per sequence: a long context
         # needs few slots, the sweep needs many, so two servers.
@@ -218,6 +231,11 @@ def main() -> None:
     ap.add_argument("--sweep-scale", type=float, default=1.0, help="stretch the sweep's stages")
     ap.add_argument("--sweep-rate-scale", type=float, default=1.0, help="scale its rates")
     ap.add_argument("--no-batch8", dest="batch8", action="store_false")
+    ap.add_argument("--parts", default="ttft,prefix,interference,sweep",
+                    help="comma-separated parts for the server under test")
+    ap.add_argument("--mixed-baseline", action="store_true",
+                    help="also run the server with --no-mixed-graphs (eager mixed steps)")
+    ap.add_argument("--server-args", default="", help="extra flags for every graphserve server")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="CPU: the embedded model, tiny sizes")
     ap.add_argument("--out", default=None)

@@ -148,11 +148,17 @@ def drive_startup(raw: dict, block_size: int = 16, max_num_seqs: int = 64,
     launches, which is how the GPU test checks a seeded cache serves them all). Under tensor
     parallelism every rank runs the same kernels on its head and column slices: rank 0's
     shard stands for all (no collectives here: compiling needs none)."""
+    from server.config import DEVICE_DEFAULTS
     from server.distributed.sharding import TPShard
     from server.hf_config import ModelConfig
+    from server.mixed_graph_policy import mixed_graph_sizes
     from server.model import DecoderModel
     from server.model_runner import warmup_plans
     from server.step_executor import StepExecutor
+
+    # Mixed-step graphs (one process only) add the packed form's warm-ups.
+    buckets = [] if tensor_parallel_size > 1 else mixed_graph_sizes(
+        max_num_seqs, DEVICE_DEFAULTS["cuda"].decode_prefill_tokens, max_batched_tokens)
 
     config = ModelConfig(dict(raw, num_hidden_layers=1))
     shard = TPShard(0, tensor_parallel_size)
@@ -161,9 +167,10 @@ def drive_startup(raw: dict, block_size: int = 16, max_num_seqs: int = 64,
         weights = _EmptyWeights(torch.bfloat16, device)
         model = DecoderModel(config, weights, max_model_len, shard=shard)
         executor = StepExecutor.build(model, 8, block_size, max_model_len, max_num_seqs,
-                                      emulate=False,
-                                      tensor_parallel=tensor_parallel_size > 1)  # fmt: skip
-        for plan in warmup_plans(executor.graphs.scratch_row, max_model_len, max_batched_tokens):
+                                      emulate=False, tensor_parallel=tensor_parallel_size > 1,
+                                      mixed_tokens=max(buckets, default=0))  # fmt: skip
+        for plan in warmup_plans(executor.graphs.scratch_row, max_model_len, max_batched_tokens,
+                                 buckets):  # fmt: skip
             executor.execute(plan, None)
         for n in sorted({max_num_seqs, 1}, reverse=True):
             executor.graphs.warm(n)

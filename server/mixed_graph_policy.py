@@ -12,16 +12,22 @@ priority and the readiness contract (ready = the largest decode graph captured):
 
 * `eager` (`--graph-capture eager`): every bucket before ready, largest first.
 * `lazy`: buckets are captured in idle time only, once every decode size is settled, largest
-  first (the graphs share the decode graphs' memory pool, which the largest sizes). A mixed
-  step arriving before its bucket is captured runs eagerly, as it always did. Capturing while
-  busy would stall every running stream for the capture (tens of ms on the 8B): exactly the
-  gap these graphs exist to remove.
-* `off`, no CUDA device, or tensor parallelism: every mixed step runs eagerly.
+  first (the graphs share the decode graphs' memory pool; the largest sizes it). A mixed step
+  arriving before its bucket is captured runs packed, eagerly. Capturing while busy would
+  stall every running stream for the capture (tens of ms on the 8B): exactly the gap these
+  graphs exist to remove.
+* `off`: nothing is captured (steps still run packed, eagerly).
+* No CUDA device, tensor parallelism or `--no-mixed-graphs`: no packing, no graphs; every
+  mixed step runs the unpacked eager forward.
 
-A step stays eager, whatever is captured, when it is larger than the largest bucket, when it
-keeps prompt logprobs (their logits rows are unbounded), or when a decode row's context is
-deeper than `max_decode_context`: in the packed kernel a decode row is one program per KV head
-walking its whole context, while the eager step gives decode rows the split-K decode kernel.
+A step that fits a bucket runs in the packed form at the bucket's width whether or not its
+graph is captured yet (eagerly then, on the same buffers): the step computes the same numbers
+either way, so greedy output does not depend on the capture mode or on when a bucket was
+captured (GEMMs of another row count may round differently). Steps keep the unpacked eager
+forward (decode kernel for decode rows, varlen prefill for chunks) when they are larger than
+the largest bucket, keep prompt logprobs (their logits rows are unbounded), or have a decode
+row deeper than `max_decode_context`: in the packed kernel a decode row is one program per KV
+head walking its whole context, while the decode kernel splits it.
 
 Pure Python, no torch (the HTTP layer may read `snapshot()`). Thread safety: the engine thread
 calls everything except `on_arrival` and `snapshot`; one lock guards the state.
@@ -62,9 +68,10 @@ def mixed_graph_sizes(max_num_seqs: int, decode_prefill_tokens: int,
 class MixedGraphPolicy:
     """Bucket states (pending / capturing / captured / failed), dispatch and capture offers.
 
-    `select` is called by the step planner for every mixed step and returns the bucket to
-    replay (0: eager); `next_capture` between steps returns a bucket to capture now, or None.
-    A failed bucket is never retried; steps that would use it take the next captured bucket.
+    `select` is called by the step planner for every mixed step and returns the bucket whose
+    packed form runs it (0: the unpacked eager forward); `next_capture` between steps returns
+    a bucket to capture now, or None. A failed bucket is never retried: its steps run packed,
+    eagerly. `packing` is fixed at construction; capture can be turned off later (`disable`).
     """
 
     def __init__(
@@ -83,6 +90,7 @@ class MixedGraphPolicy:
         self.sizes = tuple(sorted(set(sizes)))
         self.max_seqs = max_seqs
         self.max_decode_context = max_decode_context
+        self.packing = disabled_reason is None  # packed dispatch (with or without graphs)
         self._mode = mode
         self._reason = disabled_reason or (
             "graph capture disabled (--graph-capture off)" if mode == "off" else None
@@ -94,7 +102,7 @@ class MixedGraphPolicy:
         self._capture_ms: dict[int, float] = {}
         self._errors: dict[int, str] = {}
         self._pool_bytes: int | None = None
-        self._captured: list[int] = []  # sorted
+        self._captured: set[int] = set()
         self._capturing: int | None = None
         self._idle_since: float | None = None
         self._graph_steps = 0
@@ -111,28 +119,27 @@ class MixedGraphPolicy:
                    max_seqs=max_num_seqs, idle_debounce_s=config.idle_debounce_ms / 1e3)
 
     @property
-    def active(self) -> bool:
-        """Whether any bucket may still be captured or replayed."""
+    def capturing_allowed(self) -> bool:
+        """Whether buckets may still be captured (packing on, capture not off)."""
         return self._reason is None
 
     def disable(self, reason: str) -> None:
-        """Every later mixed step runs eagerly (the decode policy went off, say)."""
+        """Capture no more buckets (the decode graphs went off, say); captured ones stay."""
         with self._lock:
             if self._reason is None:
                 self._reason = reason
-                self._captured = []
-                logger.info("mixed-step graphs off: %s", reason)
+                logger.info("mixed-step graph capture off: %s", reason)
 
     # -- dispatch (engine thread) -------------------------------------------------------------
 
     def select(self, num_tokens: int, num_seqs: int, extra_logits: bool,
                max_decode_context: int) -> int:
-        """The bucket a mixed step of `num_tokens` tokens over `num_seqs` sequences replays,
-        or 0 (eager). `extra_logits`: it keeps prompt-logprob rows; `max_decode_context`: its
-        deepest decode row's context (0 without decode rows)."""
+        """The bucket whose packed form runs a mixed step of `num_tokens` tokens over
+        `num_seqs` sequences (replayed if captured, else eagerly at that width), or 0 (the
+        unpacked eager forward). `extra_logits`: it keeps prompt-logprob rows;
+        `max_decode_context`: its deepest decode row's context (0 without decode rows)."""
         with self._lock:
-            reason = None
-            if self._reason is not None:
+            if not self.packing:
                 reason = "off"
             elif extra_logits:
                 reason = "prompt_logprobs"
@@ -142,12 +149,12 @@ class MixedGraphPolicy:
                 reason = "long_context"
             else:
                 # Bucket t holds min(t, max_seqs) sequences: enough, as num_seqs <= num_tokens.
-                i = bisect.bisect_left(self._captured, num_tokens)
-                if i == len(self._captured):
-                    reason = "not_captured"
-                else:
+                bucket = self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
+                if bucket in self._captured:
                     self._graph_steps += 1
-                    return self._captured[i]
+                else:
+                    self._eager["not_captured"] += 1
+                return bucket
             self._eager[reason] += 1
             return 0
 
@@ -210,8 +217,7 @@ class MixedGraphPolicy:
             self._capturing = None
             self._capture_ms[size] = round(seconds * 1e3, 3)
             self._pool_bytes = pool_bytes
-            if self._reason is None:
-                bisect.insort(self._captured, size)
+            self._captured.add(size)
 
     def failed(self, size: int, reason: str) -> None:
         with self._lock:
@@ -221,18 +227,15 @@ class MixedGraphPolicy:
 
     # -- reporting (any thread) ---------------------------------------------------------------
 
-    def counters(self) -> dict[str, Any]:
-        with self._lock:
-            return {"graph_steps": self._graph_steps, "eager_steps": dict(self._eager)}
-
     def snapshot(self) -> dict[str, Any]:
         """The `mixed` section of /health/graphs."""
         with self._lock:
-            captured = sum(state == "captured" for state in self._state.values())
+            captured = len(self._captured)
             eager = sum(self._eager.values())
             total = eager + self._graph_steps
             return {
-                "mode": "off" if self._reason is not None else self._mode,
+                "packing": self.packing,
+                "capture": "off" if self._reason is not None else self._mode,
                 "reason": self._reason,
                 "sizes": [
                     {"tokens": s, "state": self._state[s], "capture_ms": self._capture_ms.get(s),

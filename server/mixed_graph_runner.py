@@ -13,7 +13,9 @@ bucket T reads T tokens and S = min(T, max_seqs) sequences from static buffers:
 * `logit_rows` `[0, S)` names the tokens whose logits are kept (the sampled ones first,
   padding rows point at token 0), into a logits buffer outside the pool.
 
-Which steps replay which bucket, and when buckets are captured, is
+A step whose bucket has no graph yet runs the same packed forward eagerly, at the bucket's
+width on the same buffers: the numbers do not depend on whether the graph exists. Which steps
+use which bucket, and when buckets are captured, is
 `server.mixed_graph_policy.MixedGraphPolicy`'s call; this module captures what it is told.
 
 Engine thread only (captures and replays share the thread with every other CUDA call).
@@ -50,7 +52,10 @@ class MixedGraphRunner:
         # -1: none), positions, block-table rows. Sequences (one column more, for cu):
         # seq_rows, cu_seqlens, k_lens, logit_rows.
         self.tokens = torch.zeros(4, max_tokens, dtype=torch.int64, device=self.device)
-        self.seqs = torch.zeros(4, max_seqs + 1, dtype=torch.int64, device=self.device)
+        # Rows padded to 8 entries (64 bytes): Triton specialises on 16-byte pointer alignment,
+        # and the eager form's rows are aligned (`sampling.to_device`): one compiled variant.
+        width = -(-(max_seqs + 1) // 8) * 8
+        self.seqs = torch.zeros(4, width, dtype=torch.int64, device=self.device)
         self.logits = torch.empty(
             max_seqs, self.model.logits_width, dtype=self.model.dtype, device=self.device
         )
@@ -143,13 +148,15 @@ class MixedGraphRunner:
     # -- replay -------------------------------------------------------------------------------
 
     def run(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Replay bucket `plan.graph` for a mixed plan; returns its logits `[num_logits,
-        vocab]`. The plan fits (`MixedGraphPolicy.select` chose the bucket): at most `size`
-        tokens, `seqs_for(size)` sequences, no prompt-logprob rows. No host sync."""
+        """Run a mixed plan in the packed form of bucket `plan.graph`: its graph's replay, or
+        the same forward eagerly at that width while the bucket has no graph (the same
+        numbers either way). Returns the logits `[num_logits, vocab]`. The plan fits
+        (`MixedGraphPolicy.select` chose the bucket): at most `size` tokens, `seqs_for(size)`
+        sequences, no prompt-logprob rows. No host sync."""
         size = plan.graph
+        if not 1 <= size <= self.max_tokens:
+            raise ValueError(f"mixed bucket {size} out of 1..{self.max_tokens}")
         graph = self.graphs.get(size)
-        if graph is None:
-            raise ValueError(f"no mixed-step graph captured for {size} tokens")
         nd, n = plan.num_decode, len(plan.ids)
         s = self.seqs_for(size)
         pad_t = size - n
@@ -178,7 +185,7 @@ class MixedGraphRunner:
             ids, src = self.tokens[0, :nd], self.tokens[1, :nd]
             carried = prev_tokens.index_select(0, src.clamp(min=0))
             ids.copy_(torch.where(src >= 0, carried, ids))
-        if isinstance(graph, int):  # emulated (CPU test seam)
+        if graph is None or isinstance(graph, int):  # not captured, or emulated (CPU seam)
             self._forward_static(size)
         else:
             graph.replay()

@@ -8,9 +8,10 @@ sampled token ids.
 
 * A decode-only step runs on a captured CUDA graph (`server.graph_runner`), padded to the
   smallest captured batch size, reading the block table from a static device buffer.
-* A mixed step (decode rows plus prompt chunks) replays a mixed-step graph of the smallest
-  captured token bucket that holds it (`server.mixed_graph_runner`, decode rows as one-token
-  chunks of one packed attention launch), or runs eagerly: one packed forward, attention split
+* A mixed step (decode rows plus prompt chunks) that fits a token bucket runs in the packed
+  form at the bucket's width (`server.mixed_graph_runner`: decode rows as one-token chunks of
+  one attention launch), replaying the bucket's graph once captured; a larger one (or one with
+  prompt logprobs, or a very deep decode row) runs the unpacked eager forward: attention split
   into the decode kernel for the decode rows and one varlen prefill launch for the chunks.
 
 The device stays one step ahead of the host: `run_step` queues step N+1 (decode inputs carried
@@ -52,6 +53,7 @@ launcher's watch threads report a dead worker through it too (`failed`).
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import logging
 import os
@@ -86,9 +88,12 @@ log = logging.getLogger("graphserve.engine")
 WARMUP_PROMPT_CHUNKS = (32, 128)
 
 
-def warmup_plans(scratch_row: int, max_model_len: int, max_batched_tokens: int) -> list[StepPlan]:
+def warmup_plans(scratch_row: int, max_model_len: int, max_batched_tokens: int,
+                 buckets: tuple[int, ...] | list[int] = ()) -> list[StepPlan]:
     """The mixed steps startup runs on the scratch row: one decode row and a prompt chunk of
-    each `WARMUP_PROMPT_CHUNKS` size (capped by the context and the step budget). Also what
+    each `WARMUP_PROMPT_CHUNKS` size (capped by the context and the step budget), unpacked and,
+    given the mixed-step `buckets`, packed at the smallest bucket that holds it (its first
+    eager run: cuBLAS's shapes, and any kernel variant it would need). Also what
     `server.kernel_precompile` drives to compile the same kernel variants ahead."""
     plans = []
     for n in WARMUP_PROMPT_CHUNKS:
@@ -99,6 +104,9 @@ def warmup_plans(scratch_row: int, max_model_len: int, max_batched_tokens: int) 
             rows=[scratch_row] * (n + 1), num_decode=1, num_sampled=0, logit_rows=[0, n],
             seq_rows=[scratch_row], cu_seqlens=[0, n], k_lens=[n], max_q_len=n,
         ))  # fmt: skip
+        fits = [b for b in buckets if b >= n + 1]
+        if fits:
+            plans.append(dataclasses.replace(plans[-1], graph=min(fits)))
     return plans
 
 
@@ -249,7 +257,7 @@ class ModelRunner:
         self.executor = StepExecutor.build(
             model, plan.num_blocks, plan.block_size, plan.max_model_len, self.max_num_seqs,
             emulate=emulate, tensor_parallel=self.tp is not None,
-            mixed_tokens=self.mixed_policy.sizes[-1] if self.mixed_policy.active else 0,
+            mixed_tokens=self.mixed_policy.sizes[-1] if self.mixed_policy.packing else 0,
         )  # fmt: skip
         self.kv_cache = self.executor.kv_cache
         self.block_tables = self.executor.block_tables
@@ -369,7 +377,9 @@ class ModelRunner:
     def _warm_mixed_step(self) -> None:
         """Run the `warmup_plans` mixed steps so their kernels (both varlen prefill attentions
         among them) compile now, not in a request's time to first token."""
-        for plan in warmup_plans(self.scratch_row, self.max_model_len, self.max_batched_tokens):
+        buckets = self.mixed_policy.sizes if self.mixed_policy.packing else ()
+        for plan in warmup_plans(self.scratch_row, self.max_model_len, self.max_batched_tokens,
+                                 buckets):  # fmt: skip
             self._execute(plan, None)
         if self.device.type == "cuda":
             torch.cuda.synchronize()

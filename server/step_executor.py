@@ -99,8 +99,10 @@ class StepExecutor:
             logit_rows=to_device(plan.logit_rows, torch.int64, dev),
             num_decode=nd,
             seq_rows=meta[0],
-            cu_seqlens_q=to_device(plan.cu_seqlens, torch.int32, dev),
-            k_lens=meta[1].to(torch.int32),
+            # int64 like the packed form's buffers (`server.mixed_graph_runner`): Triton
+            # specialises on pointer dtypes, so both forms share one compiled variant.
+            cu_seqlens_q=to_device(plan.cu_seqlens, torch.int64, dev),
+            k_lens=meta[1],
             max_q_len=plan.max_q_len,
         )
         return self.model.forward(batch, self.kv_cache, self.block_tables)

@@ -35,9 +35,10 @@ class StepPlan:
 
     Invariants: `ids`, `src`, `positions`, `rows` have one entry per token; a decode-only step
     (`seq_rows` empty) computes logits for every row and replays the decode graph of batch
-    size `graph` (0: eager); a mixed step computes logits for `logit_rows` only and replays
-    the mixed-step graph of `graph` tokens (0: eager; `server.mixed_graph_runner`). The first `num_sampled` logits rows get a
-    token (0 for warm-up steps, which compute logits but sample nothing, and for steps that
+    size `graph` (0: eager); a mixed step computes logits for `logit_rows` only, in the
+    packed form of the `graph`-token bucket (0: the unpacked eager forward;
+    `server.mixed_graph_runner`). The first `num_sampled` logits rows get a token (0 for
+    warm-up steps, which compute logits but sample nothing, and for steps that
     only compute prompt logprobs); the logit rows after them are prompt positions whose
     logprobs rank 0 reads (prompt logprobs), sampled by no one. Every rank computes the same
     logits rows (the LM head's gather is a collective); the tokens rank 0 samples reach the

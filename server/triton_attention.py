@@ -443,9 +443,10 @@ def prefill_attention(
     number of sequences), so the launch is capturable: a CUDA graph replays it for any
     chunk lengths that fit; sequences with an empty chunk (`cu_seqlens_q[s] ==
     cu_seqlens_q[s+1]`, padding) compute nothing, and tokens past `cu_seqlens_q[-1]` are
-    left unwritten. Returns `[T, Hq, D]`. `config` overrides `PREFILL_CONFIG` (kind "per_head": one program per query head; "gqa":
-    one per KV head, its group's query heads stacked as rows so K/V tiles load once). `out`
-    (shaped like q, unit stride along D) receives the result instead of a new tensor.
+    left unwritten. Returns `[T, Hq, D]`. `config` overrides `PREFILL_CONFIG` (kind
+    "per_head": one program per query head; "gqa": one per KV head, its group's query heads
+    stacked as rows so K/V tiles load once). `out` (shaped like q, unit stride along D)
+    receives the result instead of a new tensor.
     """
     _check_cache(q, k_cache, v_cache)
     if q.dim() != 3:

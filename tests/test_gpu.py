@@ -280,12 +280,49 @@ async def test_idle_time_captures_everything_without_requests(gpu_model_dir):
         report = engine.graph_report()
         assert report["complete"] and report["coverage"]["ratio"] == 1.0
         assert {s["state"] for s in report["sizes"]} == {"captured"}
+        # Then the mixed-step buckets, in idle time too.
+        while time.monotonic() < deadline and engine.graph_report()["mixed"]["coverage"][
+                "captured"] < len(report["mixed"]["sizes"]):  # fmt: skip
+            await asyncio.sleep(0.05)
+        mixed = engine.graph_report()["mixed"]
+        assert {s["state"] for s in mixed["sizes"]} == {"captured"}, mixed
         # Serving afterwards runs on exact graphs only.
         await run_batch(engine, mixed_prompts(3), max_tokens=8)
         traffic = engine.graph_report()["traffic"]
         assert traffic["eager_steps"] == 0
     finally:
         engine.shutdown()
+
+
+async def test_mixed_step_graphs_give_the_same_tokens(separated_model_dir):
+    """Prompts chunked beside running streams (a 64-token step budget: mixed steps in buckets
+    16/32/64). Replayed mixed-step graphs (eager capture) and the same packed steps run eagerly
+    (capture off) compute the same numbers: equal tokens in bf16. The unpacked forward
+    (`mixed_graphs=False`: decode kernel for the decode rows) sums in another order: equal
+    greedy tokens in float32."""
+    prompts = mixed_prompts(13, seed=17)
+    results, reports = {}, {}
+    runs = {
+        "graphs": dict(graph_capture="eager"),
+        "packed_eager": dict(graph_capture="off"),
+        "graphs_fp32": dict(graph_capture="eager", dtype="float32"),
+        "unpacked_fp32": dict(graph_capture="eager", dtype="float32", mixed_graphs=False),
+    }
+    for name, overrides in runs.items():
+        engine = start(separated_model_dir, max_num_batched_tokens=64, **overrides)
+        try:
+            results[name] = await run_batch(engine, prompts, max_tokens=32)
+            reports[name] = engine.graph_report()["mixed"]
+        finally:
+            engine.shutdown()
+    assert [s["tokens"] for s in reports["graphs"]["sizes"]] == [16, 32, 64]
+    assert reports["graphs"]["coverage"]["captured"] == 3
+    assert reports["graphs"]["traffic"]["graph_steps"] >= 5, reports["graphs"]
+    assert reports["packed_eager"]["traffic"]["graph_steps"] == 0
+    assert reports["packed_eager"]["traffic"]["eager_by_reason"]["not_captured"] >= 5
+    assert reports["unpacked_fp32"]["packing"] is False
+    assert results["graphs"] == results["packed_eager"]
+    assert results["graphs_fp32"] == results["unpacked_fp32"]
 
 
 # -- paged KV cache at engine level ------------------------------------------------------------

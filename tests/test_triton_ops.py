@@ -492,10 +492,40 @@ def test_batch_size_does_not_recompile():
             max(q_lens), 0.125, out=attn_out[nd:],
         )
 
+    def packed_step(nd, chunks):
+        """The same step in the packed form of `server.mixed_graph_runner`: decode rows as
+        one-token chunks, one launch over every token padded to a bucket, int64 metadata in
+        rows of a padded [4, W] buffer."""
+        seq_rows = torch.randperm(max_n, generator=gen)[: nd + len(chunks)].tolist()
+        lens = [(1, int(p) + 1) for p in torch.randint(0, max_len, (nd,), generator=gen)]
+        lens += chunks
+        total = sum(q_len for q_len, _ in lens)
+        bucket = next(b for b in (16, 32, 64, 128, 256, 384, 512, 640, 768) if b >= total)
+        n_seqs = min(bucket, max_n)
+        meta = torch.zeros(4, 72, dtype=torch.int64, device="cuda")
+        meta[0].fill_(max_n)
+        meta[0, : len(seq_rows)] = torch.tensor(seq_rows)
+        cu = [0]
+        for q_len, _ in lens:
+            cu.append(cu[-1] + q_len)
+        cu += [total] * (n_seqs + 1 - len(cu))
+        meta[1, : n_seqs + 1] = torch.tensor(cu)
+        meta[2].fill_(1)
+        meta[2, : len(lens)] = torch.tensor([k for _, k in lens])
+        q, k, v, cs = layer_ops(bucket)
+        positions = torch.zeros(bucket, dtype=torch.int64, device="cuda")
+        rows = torch.full((bucket,), max_n, dtype=torch.int64, device="cuda")
+        q_rot = triton_ops.rope_write_kv(q, k, v, cs, cs, k_cache, v_cache, table, rows, positions)
+        triton_attention.prefill_attention(
+            q_rot, k_cache, v_cache, table, meta[0, :n_seqs], meta[1, : n_seqs + 1],
+            meta[2, :n_seqs], bucket, 0.125, out=torch.empty_like(q_rot),
+        )
+
     # As the engine starts: mixed warm-up steps (one decode row and a chunk of each warm-up
     # size: both prefill kernels), then decode at the largest and the smallest batch size.
     for n in WARMUP_PROMPT_CHUNKS:
         mixed_step(1, [(n, n)])
+        packed_step(1, [(n, n)])
     decode_step(max_n)
     decode_step(1)
     torch.cuda.synchronize()
@@ -529,6 +559,8 @@ def test_batch_size_does_not_recompile():
     ]:
         mixed_step(nd, chunks)
         check(f"a mixed step of {nd} decode rows and chunks {chunks}")
+        packed_step(nd, chunks)
+        check(f"the packed form of a mixed step of {nd} decode rows and chunks {chunks}")
 
 
 @pytest.mark.gpu

@@ -1,0 +1,247 @@
+"""Mixed-step graphs on CPU: the bucket policy, the packed form against the unpacked forward,
+and engines whose mixed steps replay (CPU-emulated) graphs giving HF's greedy tokens.
+
+The real CUDA graphs are exercised by `tests/test_gpu.py` (`gpu` marker)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from server.config import EngineConfig
+from server.mixed_graph_policy import EAGER_REASONS, MixedGraphPolicy, mixed_graph_sizes
+from server.model_loader import load_checkpoint
+from server.request import SamplingParams
+from server.step_executor import StepExecutor
+from server.step_plan import StepPlan
+from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint, hf_greedy
+from tests.test_engine import collect, start_engine, tokens_of
+
+# -- the policy (pure Python) -------------------------------------------------------------------
+
+
+def test_bucket_sizes():
+    # 8B defaults on CUDA: 64 rows + 512 prompt tokens within a 2048-token step.
+    assert mixed_graph_sizes(64, 512, 2048) == [16, 32, 64, 128, 256, 384, 512, 576]
+    assert mixed_graph_sizes(8, 256, 256) == [16, 32, 64, 128, 256]
+    assert mixed_graph_sizes(3, 256, 12) == [16]  # rounded up to 16
+    assert mixed_graph_sizes(64, 512, 300) == [16, 32, 64, 128, 256, 304]
+
+
+def _policy(mode="lazy", clock=None, **kw) -> MixedGraphPolicy:
+    return MixedGraphPolicy([16, 64, 256], mode, max_seqs=8, idle_debounce_s=0.5,
+                            clock=clock or time.monotonic, **kw)  # fmt: skip
+
+
+def _eager_counts(policy) -> dict:
+    return policy.snapshot()["traffic"]["eager_by_reason"]
+
+
+def test_select_picks_the_smallest_bucket_captured_or_not():
+    p = _policy()
+    assert p.select(10, 3, False, 100) == 16  # not captured: packed, eagerly
+    assert p.select(17, 2, False, 0) == 64
+    p.begin(64)
+    p.succeeded(64, 0.01, 1 << 20)
+    assert p.select(17, 2, False, 0) == 64
+    traffic = p.snapshot()["traffic"]
+    assert traffic["graph_steps"] == 1 and traffic["eager_by_reason"]["not_captured"] == 2
+
+
+@pytest.mark.parametrize("args, reason", [
+    ((257, 3, False, 10), "too_many_tokens"),
+    ((100, 9, False, 10), "too_many_tokens"),  # more sequences than a bucket holds
+    ((100, 3, True, 10), "prompt_logprobs"),
+    ((100, 3, False, 16385), "long_context"),
+])  # fmt: skip
+def test_steps_that_keep_the_unpacked_forward(args, reason):
+    p = _policy()
+    assert p.select(*args) == 0
+    assert _eager_counts(p)[reason] == 1 and set(_eager_counts(p)) == set(EAGER_REASONS)
+
+
+def test_no_packing_without_cuda_or_under_tensor_parallelism():
+    p = _policy(disabled_reason="tensor parallelism: mixed steps run eagerly")
+    assert not p.packing and p.select(10, 2, False, 5) == 0
+    assert _eager_counts(p)["off"] == 1
+    assert p.startup_plan() == [] and p.next_capture(True, True) is None
+    assert p.idle_wait_s() is None
+
+
+def test_capture_off_still_packs():
+    """`--graph-capture off`: nothing is captured, steps still run packed (same numbers as a
+    server that captures)."""
+    p = _policy(mode="off")
+    assert p.packing and not p.capturing_allowed
+    assert p.select(10, 2, False, 5) == 16
+    assert p.startup_plan() == [] and p.next_capture(True, True) is None
+
+
+def test_eager_mode_captures_every_bucket_before_ready_largest_first():
+    assert _policy(mode="eager").startup_plan() == [256, 64, 16]
+    assert _policy(mode="lazy").startup_plan() == []
+
+
+def test_lazy_capture_waits_for_idle_time_and_the_decode_sizes():
+    now = [100.0]
+    p = _policy(clock=lambda: now[0])
+    assert p.next_capture(idle=True, decode_settled=False) is None  # decode sizes first
+    assert p.next_capture(idle=True, decode_settled=True) is None  # the debounce starts
+    assert p.idle_wait_s() == pytest.approx(0.5)
+    now[0] += 0.6
+    assert p.next_capture(idle=True, decode_settled=True) == 256  # largest first
+    p.begin(256)
+    p.failed(256, "RuntimeError: injected")
+    assert p.next_capture(idle=True, decode_settled=True) == 64
+    p.begin(64)
+    p.succeeded(64, 0.02, 1 << 20)
+    p.on_arrival()  # a request: idle capture stops, the debounce restarts
+    assert p.next_capture(idle=True, decode_settled=True) is None
+    assert p.next_capture(idle=False, decode_settled=True) is None
+    now[0] += 0.6
+    assert p.next_capture(idle=True, decode_settled=True) is None  # idle again: restarted
+    now[0] += 0.6
+    assert p.next_capture(idle=True, decode_settled=True) == 16
+    p.begin(16)
+    p.succeeded(16, 0.02, 1 << 20)
+    assert p.next_capture(idle=True, decode_settled=True) is None and p.idle_wait_s() is None
+    # The failed bucket is never retried; its steps run packed, eagerly.
+    assert p.select(200, 4, False, 10) == 256
+    snap = p.snapshot()
+    assert [s["state"] for s in snap["sizes"]] == ["captured", "captured", "failed"]
+    assert "injected" in snap["sizes"][2]["error"]
+    assert snap["coverage"] == {"captured": 2, "total": 3}
+    with pytest.raises(RuntimeError):
+        p.begin(256)
+
+
+def test_disable_stops_capture_and_keeps_packing():
+    p = _policy()
+    p.disable("the largest decode capture failed")
+    assert p.next_capture(True, True) is None and p.packing
+    assert p.snapshot()["capture"] == "off"
+    assert p.select(10, 2, False, 5) == 16
+
+
+# -- the packed form against the unpacked forward ---------------------------------------------
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+def test_packed_step_equals_the_unpacked_forward(arch, tmp_path):
+    """One mixed plan (two decode rows, two prompt chunks, one of them a continuation) run
+    unpacked and packed at a wider bucket (padding tokens and sequences): the same logits."""
+    path = build_checkpoint(tmp_path, arch)
+    model = load_checkpoint(str(path), "cpu", "float32").model
+    model.init_rope(256)
+    ex = StepExecutor.build(model, 64, 16, 256, 4, emulate=True, tensor_parallel=False,
+                            mixed_tokens=64)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+
+    def ids(n):
+        return torch.randint(2, 300, (n,), generator=g).tolist()
+
+    # Rows 0..3 own blocks 1-8, 9-16, ...; fill rows 0, 1 (decode later) and 3's first chunk.
+    ex.block_tables[:4, :8] = torch.arange(1, 33, dtype=torch.int32).view(4, 8)
+    setup = StepPlan(
+        ids=ids(20) + ids(9) + ids(30), src=[-1] * 59,
+        positions=[*range(20), *range(9), *range(30)], rows=[0] * 20 + [1] * 9 + [3] * 30,
+        num_decode=0, num_sampled=0, logit_rows=[19, 28, 58], seq_rows=[0, 1, 3],
+        cu_seqlens=[0, 20, 29, 59], k_lens=[20, 9, 30], max_q_len=30,
+    )  # fmt: skip
+    ex.execute(setup, None)
+    step = StepPlan(
+        ids=ids(2) + ids(7) + ids(12), src=[-1] * 21,
+        positions=[20, 9, *range(7), *range(30, 42)], rows=[0, 1] + [2] * 7 + [3] * 12,
+        num_decode=2, num_sampled=4, logit_rows=[0, 1, 8, 20], seq_rows=[2, 3],
+        cu_seqlens=[0, 7, 19], k_lens=[7, 42], max_q_len=12,
+    )  # fmt: skip
+    unpacked = ex.execute(step, None).clone()
+    for bucket in (32, 64):
+        packed = ex.execute(StepPlan(**{**step.__dict__, "graph": bucket}), None)
+        torch.testing.assert_close(packed, unpacked, rtol=1e-4, atol=1e-4)
+        assert torch.equal(packed.argmax(-1), unpacked.argmax(-1))
+
+
+# -- engines with CPU-emulated graphs ----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def llama_dir(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("llama-mixed"), "llama")
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        llama_dir, dtype=torch.float32, local_files_only=True
+    ).eval()
+
+
+async def _stream_beside_long_prompt(engine):
+    """A stream decoding while a 60-token prompt is prefilled in chunks beside it."""
+    params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    first = asyncio.ensure_future(collect(engine, [5, 6, 7], params))
+    while engine._core.scheduler.steps["decode"] < 2:
+        await asyncio.sleep(0.001)
+    long_prompt = [(3 * i) % 390 + 2 for i in range(60)]
+    second = await collect(engine, long_prompt,
+                           SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True))
+    return tokens_of(await first), tokens_of(second), long_prompt
+
+
+@pytest.mark.parametrize("mode", ["eager", "lazy", "off"])
+async def test_mixed_steps_give_hf_greedy_tokens_in_every_capture_mode(
+        llama_dir, reference, monkeypatch, mode):  # fmt: skip
+    monkeypatch.setenv("GRAPHSERVE_EMULATE_GRAPHS", "1")
+    engine = start_engine(llama_dir, max_num_batched_tokens=40, decode_prefill_tokens=11,
+                          graph_capture=mode, idle_debounce_ms=10)  # fmt: skip
+    try:
+        mixed = engine.graph_report()["mixed"]
+        assert mixed["packing"] and [s["tokens"] for s in mixed["sizes"]] == [16]
+        assert mixed["sizes"][0]["state"] == ("captured" if mode == "eager" else "pending")
+        if mode == "lazy":  # idle time after the decode sizes captures the bucket
+            deadline = time.monotonic() + 30
+            while engine.graph_report()["mixed"]["coverage"]["captured"] < 1:
+                assert time.monotonic() < deadline, engine.graph_report()["mixed"]
+                await asyncio.sleep(0.01)
+            assert engine.graph_report()["complete"]  # the decode sizes came first
+        first, second, long_prompt = await _stream_beside_long_prompt(engine)
+        traffic = engine.graph_report()["mixed"]["traffic"]
+    finally:
+        engine.shutdown()
+    assert first == hf_greedy(reference, [5, 6, 7], 30)
+    assert second == hf_greedy(reference, long_prompt, 4)
+    # Beside the decode row, the 60-token prompt goes in chunks of at most 11: bucket 16.
+    packed = traffic["graph_steps"] + traffic["eager_by_reason"]["not_captured"]
+    assert packed >= 60 // 11
+    assert traffic["graph_steps"] == (0 if mode == "off" else packed), traffic
+
+
+async def test_prompt_logprobs_keep_the_unpacked_forward(llama_dir, reference, monkeypatch):
+    monkeypatch.setenv("GRAPHSERVE_EMULATE_GRAPHS", "1")
+    engine = start_engine(llama_dir, graph_capture="eager")
+    try:
+        params = SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True, prompt_logprobs=1)
+        outs = await collect(engine, [4, 8, 15, 16, 23, 42], params)
+        plain = await collect(engine, [4, 8, 15, 16, 23, 41],
+                              SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True))
+        traffic = engine.graph_report()["mixed"]["traffic"]
+    finally:
+        engine.shutdown()
+    assert tokens_of(outs) == hf_greedy(reference, [4, 8, 15, 16, 23, 42], 5)
+    assert tokens_of(plain) == hf_greedy(reference, [4, 8, 15, 16, 23, 41], 5)
+    assert traffic["eager_by_reason"]["prompt_logprobs"] == 1 and traffic["graph_steps"] == 1
+
+
+def test_no_mixed_graphs_flag_and_cpu_without_emulation(llama_dir):
+    engine = start_engine(llama_dir, graph_capture="eager")  # CPU, no emulation: no graphs
+    try:
+        assert engine.graph_report()["mixed"]["packing"] is False
+    finally:
+        engine.shutdown()
+    assert EngineConfig().mixed_graphs is True
