@@ -285,8 +285,8 @@ def main() -> None:
 
     mixed = {}
     executor = runner.executor
-    for nd, length, start in ((4, 256, 0), (4, 512, 0), (min(32, max_n - 1), 512, 4096),
-                              (1, 16, 4000)):
+    for nd, length, start in ((4, 256, 0), (4, 512, 0), (min(60, max_n - 1), 256, 4096),
+                              (1, 16, 4000), (0, 40, 4000)):
         if start + length > max_len:
             continue
         bucket = runner.mixed_policy.select(nd + length, nd + 1, False, args.context)

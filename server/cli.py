@@ -156,7 +156,7 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     sched.add_argument("--decode-prefill-tokens", type=int, default=None, metavar="N",
                        help="prompt tokens a step may carry while other requests are decoding: "
                        "smaller keeps running streams' inter-token gaps even while a long prompt "
-                       "is prefilled, larger prefills it sooner (default: 512 on CUDA)")
+                       "is prefilled, larger prefills it sooner (default: 256)")
     sched.add_argument("--block-size", type=int, default=eng.block_size, metavar="N",
                        help="tokens per KV-cache block (8, 16, 32, 64 or 128); also the prefix "
                        "cache's granularity")

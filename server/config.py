@@ -77,11 +77,12 @@ class DeviceDefaults:
 DEVICE_DEFAULTS = {
     "cuda": DeviceDefaults(
         max_num_seqs=64, max_num_batched_tokens=2048, max_model_len=None,
-        # 8B on an H200 (bench/results/kv-serving-8b-h200.json): with 2048 prompt tokens beside
-        # four decode rows the streams' longest gap during an 8k prefill was 85 ms, with 256 it
-        # was 46 ms; eager mixed steps are launch-bound (~20 ms whatever the chunk up to ~512),
-        # so 512 keeps that gap and prefills twice as fast as 256.
-        decode_prefill_tokens=512,
+        # 8B on an H200 (bench/results/decode-8b-h200-mixed.json): on mixed-step graphs a step
+        # of a few hundred tokens is compute-bound, ~27 us per token at 260 and at 516 alike,
+        # so 256 prompt tokens beside the decode rows prefill as fast as 512 while the running
+        # streams wait half as long per step (~8 vs ~15 ms; eager, before those graphs, both
+        # were launch-bound and 512 was the better trade).
+        decode_prefill_tokens=256,
     ),
     "cpu": DeviceDefaults(
         max_num_seqs=8, max_num_batched_tokens=256, max_model_len=4096, decode_prefill_tokens=256
@@ -105,7 +106,7 @@ class EngineConfig:
     max_num_seqs: int | None = None  # None: 64 on CUDA, 8 on CPU
     max_queue: int = 1024  # waiting requests beyond this are rejected (HTTP 429)
     max_num_batched_tokens: int | None = None  # tokens per step; None: 2048 CUDA, 256 CPU
-    # Prompt tokens a step may carry beside decode rows (ITL of running streams); None: 512.
+    # Prompt tokens a step may carry beside decode rows (ITL of running streams); None: 256.
     decode_prefill_tokens: int | None = None
     block_size: int = 16  # tokens per KV-cache block (the prefix cache's granularity too)
     num_kv_blocks: int | None = None  # None: as many as the memory budget holds

@@ -296,7 +296,7 @@ async def test_idle_time_captures_everything_without_requests(gpu_model_dir):
 
 async def test_mixed_step_graphs_give_the_same_tokens(separated_model_dir):
     """Prompts chunked beside running streams (a 64-token step budget: mixed steps in buckets
-    16/32/64). Replayed mixed-step graphs (eager capture) and the same packed steps run eagerly
+    16/32/48/64). Replayed mixed-step graphs (eager capture) and the same packed steps run eagerly
     (capture off) compute the same numbers: equal tokens in bf16. The unpacked forward
     (`mixed_graphs=False`: decode kernel for the decode rows) sums in another order: equal
     greedy tokens in float32."""
@@ -315,8 +315,8 @@ async def test_mixed_step_graphs_give_the_same_tokens(separated_model_dir):
             reports[name] = engine.graph_report()["mixed"]
         finally:
             engine.shutdown()
-    assert [s["tokens"] for s in reports["graphs"]["sizes"]] == [16, 32, 64]
-    assert reports["graphs"]["coverage"]["captured"] == 3
+    assert [s["tokens"] for s in reports["graphs"]["sizes"]] == [16, 32, 48, 64]
+    assert reports["graphs"]["coverage"]["captured"] == 4
     assert reports["graphs"]["traffic"]["graph_steps"] >= 5, reports["graphs"]
     assert reports["packed_eager"]["traffic"]["graph_steps"] == 0
     assert reports["packed_eager"]["traffic"]["eager_by_reason"]["not_captured"] >= 5

@@ -24,11 +24,12 @@ from tests.test_engine import collect, start_engine, tokens_of
 
 
 def test_bucket_sizes():
-    # 8B defaults on CUDA: 64 rows + 512 prompt tokens within a 2048-token step.
-    assert mixed_graph_sizes(64, 512, 2048) == [16, 32, 64, 128, 256, 384, 512, 576]
-    assert mixed_graph_sizes(8, 256, 256) == [16, 32, 64, 128, 256]
+    # CUDA defaults: 64 rows + 256 prompt tokens within a 2048-token step.
+    assert mixed_graph_sizes(64, 256, 2048) == [16, 32, 48, 64, *range(96, 321, 32)]
+    assert mixed_graph_sizes(64, 600, 2048) == [16, 32, 48, 64, *range(96, 513, 32), 576,
+                                                640, 672]  # fmt: skip
     assert mixed_graph_sizes(3, 256, 12) == [16]  # rounded up to 16
-    assert mixed_graph_sizes(64, 512, 300) == [16, 32, 64, 128, 256, 304]
+    assert mixed_graph_sizes(64, 512, 100) == [16, 32, 48, 64, 96, 112]
 
 
 def _policy(mode="lazy", clock=None, **kw) -> MixedGraphPolicy:
