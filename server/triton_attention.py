@@ -15,7 +15,8 @@ block size works and a sequence's blocks need not be contiguous.
   the end). One launch for the whole batch over flat query blocks (each program finds its
   sequence by a binary search over `cu_seqlens_q`), so the grid depends on shapes only and
   a mixed step's CUDA graph can hold it; blocks of keys that no query of a block can see are
-  never loaded.
+  never loaded. Steps of few query blocks split each block's keys into slices (split-KV,
+  `prefill_splits`) merged by log-sum-exp in a second kernel.
 
 Same semantics as the torch references in `server.ops` (which tests compare against).
 """
@@ -28,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_attention", "decode_attention_splits", "prefill_attention"]
+__all__ = ["decode_attention", "decode_attention_splits", "prefill_attention", "prefill_splits"]
 
 # Under the interpreter, Triton 3.x computes `tl.dot` on bfloat16 operands wrongly (it treats the
 # raw bits as integers); upcasting the operands to fp32 there keeps the CPU tests meaningful.
@@ -334,16 +335,19 @@ def _find_sequence(cu_q_ptr, n_seqs, block, BLOCK_T: tl.constexpr):
     return lo - 1
 
 
-@triton.jit(do_not_specialize=["n_seqs"])
+@triton.jit(do_not_specialize=["n_seqs", "num_splits"])
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_rows_ptr, cu_q_ptr, k_lens_ptr, out_ptr,
+    part_o_ptr, part_lse_ptr,
     stride_qt, stride_qh,
     stride_ot, stride_oh,
     stride_bt,
     stride_tok,
+    num_q_heads,
     head_dim,
     scale_log2,
     n_seqs,
+    num_splits,
     PAGE: tl.constexpr,
     GROUP: tl.constexpr,
     HEADS: tl.constexpr,  # query heads per program: 1, or GROUP (GQA-packed)
@@ -352,14 +356,19 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
-    # Grid (flat query blocks, Hq // HEADS). Sequence s owns the flat blocks from
+    # Grid (flat query blocks, Hq // HEADS, splits). Sequence s owns the flat blocks from
     # `cu_q[s] // BLOCK_T + s` on, one per BLOCK_T of its tokens, so the grid needs at most
     # `T // BLOCK_T + n_seqs` of them whatever the chunk lengths: it depends on shapes only
     # (a CUDA graph can hold the launch) and a short chunk costs one block, not the longest's.
     # With HEADS = GROUP the rows are every (token, query head) pair of one KV head's group,
-    # so each K/V tile is loaded once for the whole group.
+    # so each K/V tile is loaded once for the whole group. Split i of a block takes the i-th
+    # slice of the keys the block can see and, with num_splits > 1, writes partials that
+    # `_prefill_merge_kernel` combines (flash-decoding applied to prefill: a short chunk over a
+    # long context would otherwise run a few programs on a 132-SM GPU). num_splits is a
+    # runtime value, so split and unsplit launches share one compiled variant.
     block = tl.program_id(0)
     hg = tl.program_id(1)
+    split = tl.program_id(2)
     seq = _find_sequence(cu_q_ptr, n_seqs, block, BLOCK_T)
     q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
     q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
@@ -391,20 +400,66 @@ def _prefill_kernel(
         first = ctx + tb * BLOCK_T
         full_end = (first // BLOCK_N) * BLOCK_N
         hi = tl.minimum(k_len, ctx + tl.minimum((tb + 1) * BLOCK_T, q_len))
-        for n0 in range(0, full_end, BLOCK_N):
+        split_len = tl.cdiv(tl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N  # one split: all
+        lo = split * split_len
+        end = tl.minimum(lo + split_len, hi)
+        for n0 in range(lo, tl.minimum(end, full_end), BLOCK_N):
             acc, m_i, l_i = _prefill_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
                 stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, False, DOT_F32,
             )
-        for n0 in range(full_end, hi, BLOCK_N):
+        for n0 in range(tl.maximum(lo, full_end), end, BLOCK_N):
             acc, m_i, l_i = _prefill_tile(
                 acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
                 stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, True, DOT_F32,
             )
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
-                 + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                 mask=m_mask[:, None] & d_mask[None, :])
+        if num_splits > 1:
+            # A split past the block's keys, or a row that sees none of this split's keys
+            # (its position is below the slice), leaves l = 0: weight 0 in the merge.
+            seen = l_i > 0
+            part = (tokens * num_q_heads + heads) * num_splits + split
+            out_mask = m_mask[:, None] & d_mask[None, :]
+            tl.store(part_o_ptr + part[:, None] * BLOCK_D + offs_d[None, :],
+                     tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0),
+                     mask=out_mask)
+            tl.store(part_lse_ptr + part,
+                     tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf")),
+                     mask=m_mask)
+        else:
+            out = acc / l_i[:, None]
+            tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
+                     + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=m_mask[:, None] & d_mask[None, :])
+
+
+@triton.jit(do_not_specialize=["n_seqs", "num_splits"])
+def _prefill_merge_kernel(
+    part_o_ptr, part_lse_ptr, cu_q_ptr, out_ptr,
+    stride_ot, stride_oh,
+    num_q_heads,
+    head_dim,
+    n_seqs,
+    num_splits,
+    SPLITS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    # Grid (T, Hq): one (token, query head) per program; tokens past the last chunk (a graph's
+    # padding) are left unwritten. Every token of a chunk has at least one split that saw a
+    # key (its own position), so the weights never all vanish.
+    token = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    if token < tl.load(cu_q_ptr + n_seqs):
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < num_splits
+        base = (token * num_q_heads + head) * num_splits
+        lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
+        weights = tl.exp2(lse - tl.max(lse, axis=0))
+        o = tl.load(part_o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                    mask=s_mask[:, None], other=0.0)
+        out = tl.sum(o * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+        tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d,
+                 out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
 
 
 # (kind, BLOCK_M or tokens x group rows, BLOCK_N, num_warps, num_stages) for 16-bit caches;
@@ -420,6 +475,21 @@ SHORT_CHUNK = 64
 SHORT_CHUNK_CONFIG = ("per_head", 64, 64, 4, 3)
 
 
+# Split-KV for prefill: a step of few query blocks (a short chunk over a long context, the
+# chunks beside decode rows) runs few programs; splitting each block's keys fills the GPU.
+# Splits come from the shapes only (T and the tile), so a graph's launch is fixed: enough
+# (block, head group) programs x splits to reach _PREFILL_TARGET_PROGRAMS with the chunk's own
+# blocks. A 2048-token chunk (512 programs on the 8B) is not split.
+_MAX_PREFILL_SPLITS = 8
+_PREFILL_TARGET_PROGRAMS = 512
+
+
+def prefill_splits(n_tokens: int, block_t: int, head_groups: int) -> int:
+    """The split-KV factor `prefill_attention` uses for these shapes."""
+    programs = max(1, triton.cdiv(n_tokens, block_t) * head_groups)
+    return max(1, min(_MAX_PREFILL_SPLITS, _PREFILL_TARGET_PROGRAMS // programs))
+
+
 def prefill_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -432,6 +502,7 @@ def prefill_attention(
     scale: float,
     config: tuple | None = None,
     out: torch.Tensor | None = None,
+    num_splits: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query chunks over their sequences' cached tokens.
 
@@ -446,7 +517,8 @@ def prefill_attention(
     left unwritten. Returns `[T, Hq, D]`. `config` overrides `PREFILL_CONFIG` (kind
     "per_head": one program per query head; "gqa": one per KV head, its group's query heads
     stacked as rows so K/V tiles load once). `out` (shaped like q, unit stride along D)
-    receives the result instead of a new tensor.
+    receives the result instead of a new tensor. `num_splits` overrides `prefill_splits`
+    (each query block's keys in that many slices, merged by a second kernel).
     """
     _check_cache(q, k_cache, v_cache)
     if q.dim() != 3:
@@ -479,14 +551,28 @@ def prefill_attention(
     else:
         heads, block_t = 1, block_m
     # Flat query blocks: every sequence's blocks fit in T // BLOCK_T + n_seqs (the kernel's
-    # comment), so the grid is a function of the shapes alone.
-    grid = (triton.cdiv(n_tokens, block_t) + n_seqs, num_q_heads // heads)
+    # comment), so the grid is a function of the shapes alone; so is the split count.
+    if num_splits is None:
+        num_splits = prefill_splits(n_tokens, block_t, num_q_heads // heads)
+    elif not 1 <= num_splits <= _MAX_PREFILL_SPLITS:
+        raise ValueError(f"num_splits must be in [1, {_MAX_PREFILL_SPLITS}], got {num_splits}")
+    block_d = triton.next_power_of_2(head_dim)
+    # Partials (fp32 even when unused: a pointer's dtype is part of the compiled variant).
+    rows = n_tokens * num_q_heads * num_splits if num_splits > 1 else 1
+    part_o = _empty((rows, block_d), torch.float32, q.device)
+    part_lse = _empty((rows,), torch.float32, q.device)
+    grid = (triton.cdiv(n_tokens, block_t) + n_seqs, num_q_heads // heads, num_splits)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, block_tables, seq_rows, cu_seqlens_q, k_lens, out,
+        q, k_cache, v_cache, block_tables, seq_rows, cu_seqlens_q, k_lens, out, part_o, part_lse,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(1), head_dim, float(scale) * _LOG2E, n_seqs,
+        k_cache.stride(1), num_q_heads, head_dim, float(scale) * _LOG2E, n_seqs, num_splits,
         PAGE=k_cache.shape[1], GROUP=group, HEADS=heads, BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_D=triton.next_power_of_2(head_dim), DOT_F32=dot_f32, num_warps=warps,
-        num_stages=stages,
+        BLOCK_D=block_d, DOT_F32=dot_f32, num_warps=warps, num_stages=stages,
     )
+    if num_splits > 1:
+        _prefill_merge_kernel[(n_tokens, num_q_heads)](
+            part_o, part_lse, cu_seqlens_q, out, out.stride(0), out.stride(1), num_q_heads,
+            head_dim, n_seqs, num_splits, SPLITS_PAD=_MAX_PREFILL_SPLITS, BLOCK_D=block_d,
+            num_warps=4,
+        )
     return out

@@ -599,6 +599,35 @@ def test_prefill_padding_as_a_graph_holds_it(device, dtype):
     _assert_within_bound(out[:n], ref, mean_abs_v, dtype, "padded launch")
 
 
+@pytest.mark.usefixtures("interpreter_loops")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("num_splits", [1, 2, 3, 8])
+def test_prefill_split_kv_equals_the_reference(device, num_splits):
+    """Each query block's keys in 1..8 slices merged by log-sum-exp: slices past a block's
+    keys and rows that see none of a slice's keys weigh nothing; the result is the
+    reference's, and splitting changes little (fp32: close, not bit for bit)."""
+    chunks = [(40, 200), (1, 90), (70, 70), (5, 133)]
+    inputs = _prefill_inputs(chunks, 4, 2, 64, 16, torch.float32, device, _gen(9))
+    scale = 64**-0.5
+    got = triton_attention.prefill_attention(*inputs, scale, num_splits=num_splits)
+    assert not torch.isnan(got).any()
+    ref, mean_abs_v = _prefill_reference(*inputs, scale)
+    _assert_within_bound(got, ref, mean_abs_v, torch.float32, f"{num_splits} splits")
+    one = triton_attention.prefill_attention(*inputs, scale, num_splits=1)
+    torch.testing.assert_close(got, one, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="num_splits"):
+        triton_attention.prefill_attention(*inputs, scale, num_splits=9)
+
+
+def test_prefill_split_policy():
+    """Splits fill the GPU for a few blocks and leave a long first chunk alone."""
+    split = triton_attention.prefill_splits
+    assert split(2048, 32, 8) == 1  # 512 programs (8B: 2048 tokens, GQA tile of 32 tokens)
+    assert split(1024, 32, 8) == 2
+    assert split(288, 32, 8) == 7  # a mixed step of 4 decode rows and 256 prompt tokens
+    assert split(16, 64, 32) == 8  # a prefix hit's few tokens, per query head
+
+
 # The tile a mixed-step graph uses (GQA-packed for 16-bit caches), and the fp32 one.
 PREFILL_CONFIG_FOR = {torch.float16: ("gqa", 32, 32, 4, 1), torch.float32: ("gqa", 32, 32, 4, 1)}
 
@@ -635,10 +664,14 @@ def test_prefill_packing_does_not_leak_between_sequences(device, kernel, prefill
     assert name == _expected_prefill_kernel(kernel, dtype, hq // hkv, max_q_len)
     # Flat query blocks: ceil(T / BLOCK_T) + one per sequence (each may start mid-block).
     total = sum(q_len for q_len, _ in chunks)
+    # The third axis: key slices per block (split-KV), from the shapes alone.
     if name == "gqa":  # one program per (token block, KV head); 128 rows = 64 x 2
-        assert block_t == 64 and grid == (_cdiv(total, 64) + len(chunks), hkv)
+        splits = triton_attention.prefill_splits(total, 64, hkv)
+        assert block_t == 64 and grid == (_cdiv(total, 64) + len(chunks), hkv, splits)
     else:  # one per (query block, query head)
-        assert grid == (_cdiv(total, block_t) + len(chunks), hq)
+        splits = triton_attention.prefill_splits(total, block_t, hq)
+        assert grid == (_cdiv(total, block_t) + len(chunks), hq, splits)
+    assert splits == 8  # a few blocks: the most splits
 
 
 @pytest.mark.usefixtures("interpreter_loops")

@@ -439,6 +439,7 @@ def test_batch_size_does_not_recompile():
         "decode_split": triton_attention._decode_split_kernel,
         "decode_reduce": triton_attention._decode_reduce_kernel,
         "prefill": triton_attention._prefill_kernel,
+        "prefill merge": triton_attention._prefill_merge_kernel,
     }
     table, num_blocks = _block_table(max_n, width, gen)
     table = table.cuda()
