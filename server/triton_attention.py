@@ -335,6 +335,15 @@ def _find_sequence(cu_q_ptr, n_seqs, block, BLOCK_T: tl.constexpr):
     return lo - 1
 
 
+@triton.jit
+def _split_len(hi, num_splits, BLOCK_N: tl.constexpr, MIN_SPLIT: tl.constexpr):
+    """Keys per split of a query block that sees `hi` keys: the block's keys in `num_splits`
+    tile-aligned slices, but none shorter than MIN_SPLIT keys, so a block over a short
+    context stays one split (its partials would cost more than the split saves). The block
+    then has `cdiv(hi, split_len)` active splits; one split writes the output directly."""
+    return tl.maximum(tl.cdiv(tl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+
+
 @triton.jit(do_not_specialize=["n_seqs", "num_splits"])
 def _prefill_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, seq_rows_ptr, cu_q_ptr, k_lens_ptr, out_ptr,
@@ -354,6 +363,7 @@ def _prefill_kernel(
     BLOCK_T: tl.constexpr,  # query tokens per program; rows = BLOCK_T * HEADS
     BLOCK_N: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     # Grid (flat query blocks, Hq // HEADS, splits). Sequence s owns the flat blocks from
@@ -362,10 +372,11 @@ def _prefill_kernel(
     # (a CUDA graph can hold the launch) and a short chunk costs one block, not the longest's.
     # With HEADS = GROUP the rows are every (token, query head) pair of one KV head's group,
     # so each K/V tile is loaded once for the whole group. Split i of a block takes the i-th
-    # slice of the keys the block can see and, with num_splits > 1, writes partials that
-    # `_prefill_merge_kernel` combines (flash-decoding applied to prefill: a short chunk over a
-    # long context would otherwise run a few programs on a 132-SM GPU). num_splits is a
-    # runtime value, so split and unsplit launches share one compiled variant.
+    # slice of the keys the block can see (`_split_len`); a block with several active splits
+    # writes partials that `_prefill_merge_kernel` combines (flash-decoding applied to
+    # prefill: a short chunk over a long context would otherwise run a few programs on a
+    # 132-SM GPU). num_splits is a runtime value: split and unsplit launches share one
+    # compiled variant.
     block = tl.program_id(0)
     hg = tl.program_id(1)
     split = tl.program_id(2)
@@ -376,90 +387,120 @@ def _prefill_kernel(
     if tb * BLOCK_T < q_len:
         k_len = tl.load(k_lens_ptr + seq).to(tl.int32)
         ctx = k_len - q_len  # position of the chunk's first query
-        table = bt_ptr + tl.load(seq_rows_ptr + seq).to(tl.int64) * stride_bt
-        kvh = (hg * HEADS) // GROUP
-        rows = tl.arange(0, BLOCK_T * HEADS)
-        offs_m = tb * BLOCK_T + rows // HEADS  # token index within the chunk
-        heads = hg * HEADS + rows % HEADS
-        offs_d = tl.arange(0, BLOCK_D)
-        m_mask = offs_m < q_len
-        d_mask = offs_d < head_dim
-        tokens = (q_start + offs_m).to(tl.int64)
-        q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
-                    + offs_d[None, :], mask=m_mask[:, None] & d_mask[None, :], other=0.0)
-        if DOT_F32:
-            q = q.to(tl.float32)
-        head_off = kvh * head_dim + offs_d[None, :]
-        pos = ctx + offs_m  # absolute position of each query
-        m_i = tl.full([BLOCK_T * HEADS], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_T * HEADS], tl.float32)
-        acc = tl.zeros([BLOCK_T * HEADS, BLOCK_D], tl.float32)
-        # Keys below the block's first query are visible to every query of the block: no mask.
-        # From there up to its last query's position the causal mask applies; beyond, nothing
-        # is visible and nothing is loaded.
+        # Keys below the block's first query are visible to every query of the block: no
+        # mask. From there up to its last query's position the causal mask applies; beyond,
+        # nothing is visible and nothing is loaded.
         first = ctx + tb * BLOCK_T
         full_end = (first // BLOCK_N) * BLOCK_N
         hi = tl.minimum(k_len, ctx + tl.minimum((tb + 1) * BLOCK_T, q_len))
-        split_len = tl.cdiv(tl.cdiv(hi, num_splits), BLOCK_N) * BLOCK_N  # one split: all
+        split_len = _split_len(hi, num_splits, BLOCK_N, MIN_SPLIT)
         lo = split * split_len
-        end = tl.minimum(lo + split_len, hi)
-        for n0 in range(lo, tl.minimum(end, full_end), BLOCK_N):
-            acc, m_i, l_i = _prefill_tile(
-                acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
-                stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, False, DOT_F32,
-            )
-        for n0 in range(tl.maximum(lo, full_end), end, BLOCK_N):
-            acc, m_i, l_i = _prefill_tile(
-                acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
-                stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, True, DOT_F32,
-            )
-        if num_splits > 1:
-            # A split past the block's keys, or a row that sees none of this split's keys
-            # (its position is below the slice), leaves l = 0: weight 0 in the merge.
-            seen = l_i > 0
-            part = (tokens * num_q_heads + heads) * num_splits + split
+        if lo < hi:
+            end = tl.minimum(lo + split_len, hi)
+            table = bt_ptr + tl.load(seq_rows_ptr + seq).to(tl.int64) * stride_bt
+            kvh = (hg * HEADS) // GROUP
+            rows = tl.arange(0, BLOCK_T * HEADS)
+            offs_m = tb * BLOCK_T + rows // HEADS  # token index within the chunk
+            heads = hg * HEADS + rows % HEADS
+            offs_d = tl.arange(0, BLOCK_D)
+            m_mask = offs_m < q_len
+            d_mask = offs_d < head_dim
             out_mask = m_mask[:, None] & d_mask[None, :]
-            tl.store(part_o_ptr + part[:, None] * BLOCK_D + offs_d[None, :],
-                     tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0),
-                     mask=out_mask)
-            tl.store(part_lse_ptr + part,
-                     tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf")),
-                     mask=m_mask)
+            tokens = (q_start + offs_m).to(tl.int64)
+            q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh
+                        + offs_d[None, :], mask=out_mask, other=0.0)
+            if DOT_F32:
+                q = q.to(tl.float32)
+            head_off = kvh * head_dim + offs_d[None, :]
+            pos = ctx + offs_m  # absolute position of each query
+            m_i = tl.full([BLOCK_T * HEADS], float("-inf"), tl.float32)
+            l_i = tl.zeros([BLOCK_T * HEADS], tl.float32)
+            acc = tl.zeros([BLOCK_T * HEADS, BLOCK_D], tl.float32)
+            for n0 in range(lo, tl.minimum(end, full_end), BLOCK_N):
+                acc, m_i, l_i = _prefill_tile(
+                    acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
+                    stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, False, DOT_F32,
+                )
+            for n0 in range(tl.maximum(lo, full_end), end, BLOCK_N):
+                acc, m_i, l_i = _prefill_tile(
+                    acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
+                    stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, True, DOT_F32,
+                )
+            if split_len < hi:  # several active splits: partials for the merge
+                # A row that sees none of this slice's keys (its position is below the
+                # slice) has l = 0: weight 0 in the merge.
+                seen = l_i > 0
+                part = (tokens * num_q_heads + heads) * num_splits + split
+                tl.store(part_o_ptr + part[:, None] * BLOCK_D + offs_d[None, :],
+                         tl.where(seen[:, None], acc / tl.where(seen, l_i, 1.0)[:, None], 0.0),
+                         mask=out_mask)
+                tl.store(part_lse_ptr + part,
+                         tl.where(seen, m_i + tl.log2(tl.where(seen, l_i, 1.0)), float("-inf")),
+                         mask=m_mask)
+            else:
+                out = acc / l_i[:, None]
+                tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
+                         + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+@triton.jit
+def _find_token_sequence(cu_q_ptr, n_seqs, token):
+    """The sequence whose chunk holds `token`: the last s with cu_q[s] <= token (a sequence
+    with an empty chunk before it has cu_q equal to its own, so it is passed over)."""
+    lo = 0
+    hi = n_seqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if tl.load(cu_q_ptr + mid) <= token:
+            lo = mid + 1
         else:
-            out = acc / l_i[:, None]
-            tl.store(out_ptr + tokens[:, None] * stride_ot + heads[:, None] * stride_oh
-                     + offs_d[None, :], out.to(out_ptr.dtype.element_ty),
-                     mask=m_mask[:, None] & d_mask[None, :])
+            hi = mid
+    return lo - 1
 
 
 @triton.jit(do_not_specialize=["n_seqs", "num_splits"])
 def _prefill_merge_kernel(
-    part_o_ptr, part_lse_ptr, cu_q_ptr, out_ptr,
+    part_o_ptr, part_lse_ptr, cu_q_ptr, k_lens_ptr, out_ptr,
     stride_ot, stride_oh,
     num_q_heads,
     head_dim,
     n_seqs,
     num_splits,
+    BLOCK_T: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
-    # Grid (T, Hq): one (token, query head) per program; tokens past the last chunk (a graph's
-    # padding) are left unwritten. Every token of a chunk has at least one split that saw a
-    # key (its own position), so the weights never all vanish.
-    token = tl.program_id(0).to(tl.int64)
+    # Grid (T, Hq): one (token, query head) per program. Only tokens whose query block had
+    # several active splits are merged (the same arithmetic as `_prefill_kernel`); the others
+    # were written directly, and tokens past the last chunk (a graph's padding) not at all.
+    # Every merged row has a split that saw a key (its own position): the weights never all
+    # vanish.
+    token = tl.program_id(0)
     head = tl.program_id(1)
     if token < tl.load(cu_q_ptr + n_seqs):
-        offs_s = tl.arange(0, SPLITS_PAD)
-        offs_d = tl.arange(0, BLOCK_D)
-        s_mask = offs_s < num_splits
-        base = (token * num_q_heads + head) * num_splits
-        lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
-        weights = tl.exp2(lse - tl.max(lse, axis=0))
-        o = tl.load(part_o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-                    mask=s_mask[:, None], other=0.0)
-        out = tl.sum(o * weights[:, None], axis=0) / tl.sum(weights, axis=0)
-        tl.store(out_ptr + token * stride_ot + head * stride_oh + offs_d,
-                 out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
+        seq = _find_token_sequence(cu_q_ptr, n_seqs, token)
+        q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
+        q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
+        tb = (token - q_start) // BLOCK_T
+        k_len = tl.load(k_lens_ptr + seq).to(tl.int32)
+        ctx = k_len - q_len
+        hi = tl.minimum(k_len, ctx + tl.minimum((tb + 1) * BLOCK_T, q_len))
+        split_len = _split_len(hi, num_splits, BLOCK_N, MIN_SPLIT)
+        if split_len < hi:
+            active = tl.cdiv(hi, split_len)
+            offs_s = tl.arange(0, SPLITS_PAD)
+            offs_d = tl.arange(0, BLOCK_D)
+            s_mask = offs_s < active
+            base = (token.to(tl.int64) * num_q_heads + head) * num_splits
+            lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
+            weights = tl.exp2(lse - tl.max(lse, axis=0))
+            o = tl.load(part_o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                        mask=s_mask[:, None], other=0.0)
+            out = tl.sum(o * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+            tl.store(out_ptr + token.to(tl.int64) * stride_ot + head * stride_oh + offs_d,
+                     out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
 
 
 # (kind, BLOCK_M or tokens x group rows, BLOCK_N, num_warps, num_stages) for 16-bit caches;
@@ -477,11 +518,18 @@ SHORT_CHUNK_CONFIG = ("per_head", 64, 64, 4, 3)
 
 # Split-KV for prefill: a step of few query blocks (a short chunk over a long context, the
 # chunks beside decode rows) runs few programs; splitting each block's keys fills the GPU.
-# Splits come from the shapes only (T and the tile), so a graph's launch is fixed: enough
-# (block, head group) programs x splits to reach _PREFILL_TARGET_PROGRAMS with the chunk's own
-# blocks. A 2048-token chunk (512 programs on the 8B) is not split.
+# The grid's split count comes from the shapes only (T and the tile), so a graph's launch is
+# fixed: enough (block, head group) programs x splits to reach _PREFILL_TARGET_PROGRAMS with
+# the chunk's own blocks (a chunk of 1024+ tokens on the 8B is not split: 256+ programs).
+# How many of them a block uses depends on its context (`_split_len`): at least
+# _MIN_SPLIT_KEYS keys per split, so shallow blocks stay whole and cost no merge.
 _MAX_PREFILL_SPLITS = 8
-_PREFILL_TARGET_PROGRAMS = 512
+_PREFILL_TARGET_PROGRAMS = 256
+# No split shorter than this many keys (`_split_len`): the fp32 partials and the merge cost
+# more than a shorter split saves (H200, 8B heads, .probe/split_probe.py: 512 and 1024-token
+# first chunks ran 1.7x slower split in 2-8; 16 tokens after 4000 fastest in 2 splits, 256
+# after 8192 in 2-4).
+_MIN_SPLIT_KEYS = 2048
 
 
 def prefill_splits(n_tokens: int, block_t: int, head_groups: int) -> int:
@@ -503,6 +551,7 @@ def prefill_attention(
     config: tuple | None = None,
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
+    min_split_keys: int | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query chunks over their sequences' cached tokens.
 
@@ -518,7 +567,8 @@ def prefill_attention(
     "per_head": one program per query head; "gqa": one per KV head, its group's query heads
     stacked as rows so K/V tiles load once). `out` (shaped like q, unit stride along D)
     receives the result instead of a new tensor. `num_splits` overrides `prefill_splits`
-    (each query block's keys in that many slices, merged by a second kernel).
+    (each query block's keys in up to that many slices, merged by a second kernel) and
+    `min_split_keys` the shortest slice (`_MIN_SPLIT_KEYS`; tests make it short).
     """
     _check_cache(q, k_cache, v_cache)
     if q.dim() != 3:
@@ -557,6 +607,9 @@ def prefill_attention(
     elif not 1 <= num_splits <= _MAX_PREFILL_SPLITS:
         raise ValueError(f"num_splits must be in [1, {_MAX_PREFILL_SPLITS}], got {num_splits}")
     block_d = triton.next_power_of_2(head_dim)
+    min_split = _MIN_SPLIT_KEYS if min_split_keys is None else min_split_keys
+    if min_split < block_n or min_split % block_n:
+        raise ValueError(f"min_split_keys must be a multiple of BLOCK_N={block_n}")
     # Partials (fp32 even when unused: a pointer's dtype is part of the compiled variant).
     rows = n_tokens * num_q_heads * num_splits if num_splits > 1 else 1
     part_o = _empty((rows, block_d), torch.float32, q.device)
@@ -567,12 +620,13 @@ def prefill_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(1), num_q_heads, head_dim, float(scale) * _LOG2E, n_seqs, num_splits,
         PAGE=k_cache.shape[1], GROUP=group, HEADS=heads, BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_D=block_d, DOT_F32=dot_f32, num_warps=warps, num_stages=stages,
+        BLOCK_D=block_d, MIN_SPLIT=min_split, DOT_F32=dot_f32, num_warps=warps,
+        num_stages=stages,
     )
     if num_splits > 1:
         _prefill_merge_kernel[(n_tokens, num_q_heads)](
-            part_o, part_lse, cu_seqlens_q, out, out.stride(0), out.stride(1), num_q_heads,
-            head_dim, n_seqs, num_splits, SPLITS_PAD=_MAX_PREFILL_SPLITS, BLOCK_D=block_d,
-            num_warps=4,
+            part_o, part_lse, cu_seqlens_q, k_lens, out, out.stride(0), out.stride(1),
+            num_q_heads, head_dim, n_seqs, num_splits, BLOCK_T=block_t, BLOCK_N=block_n,
+            MIN_SPLIT=min_split, SPLITS_PAD=_MAX_PREFILL_SPLITS, BLOCK_D=block_d, num_warps=4,
         )
     return out
