@@ -180,6 +180,8 @@ def test_collector_reads_the_documented_report_keys():
             {"size": 16, "state": "failed", "capture_ms": None, "error": "oom"},
             {"size": 8, "state": "pending"},
         ],
+        "mixed": {"traffic": {"graph_steps": 12, "eager_steps": 3,
+                              "eager_by_reason": {"not_captured": 3}}},
     }
     lc = Lifecycle()
     lc.set_phase("ready")
@@ -208,6 +210,8 @@ def test_collector_reads_the_documented_report_keys():
     assert {s.labels["size"] for s in fams["graphserve_graph_capture_seconds"]} == {"64", "32"}
     assert value("graphserve_graph_replays_total", size="64") == 7
     assert value("graphserve_graph_padded_tokens_wasted_total", size="64") == 30
+    assert value("graphserve_mixed_steps_total", dispatch="graph") == 12
+    assert value("graphserve_mixed_steps_total", dispatch="eager") == 3
 
 
 def test_pending_demand_may_be_a_per_size_list():
