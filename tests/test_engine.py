@@ -12,7 +12,7 @@ from server.config import EngineConfig
 from server.engine import AsyncEngine
 from server.errors import InvalidRequestError, QueueFullError
 from server.request import SamplingParams
-from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint, hf_greedy
+from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint, hf_greedy, hf_reference
 
 _ids = itertools.count()
 
@@ -66,12 +66,8 @@ def engine(llama_dir):
 
 async def test_continuous_batching_matches_hf_greedy(arch_engine):
     """Prompts of different lengths, joining at different steps, more than there are slots."""
-    from transformers import AutoModelForCausalLM
-
     path, engine = arch_engine
-    ref = AutoModelForCausalLM.from_pretrained(
-        path, dtype=torch.float32, local_files_only=True
-    ).eval()
+    ref = hf_reference(path)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(2, 400, (n,), generator=g).tolist() for n in (5, 17, 2, 40, 9)]
     steps = [12, 7, 15, 10, 6]
@@ -101,11 +97,7 @@ async def test_continuous_batching_matches_hf_greedy(arch_engine):
 
 
 async def test_eos_stops_and_is_not_text(engine, llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(
-        llama_dir, dtype=torch.float32, local_files_only=True
-    ).eval()
+    ref = hf_reference(llama_dir)
     prompt = [5, 6, 7, 8]
     greedy = hf_greedy(ref, prompt, 8)
     # Declare the 4th greedy token a stop token: generation must end right there.
@@ -123,11 +115,7 @@ async def test_model_eos_token_stops(llama_dir, tmp_path):
     import json
     import shutil
 
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(
-        llama_dir, dtype=torch.float32, local_files_only=True
-    ).eval()
+    ref = hf_reference(llama_dir)
     prompt = [5, 6, 7, 8]
     greedy = hf_greedy(ref, prompt, 8)
     eos = greedy[2]
@@ -258,13 +246,9 @@ async def test_invalid_requests(engine):
 
 
 async def test_long_prompt_is_prefilled_in_chunks(llama_dir):
-    from transformers import AutoModelForCausalLM
-
     engine = start_engine(llama_dir, max_num_batched_tokens=16)
     try:
-        ref = AutoModelForCausalLM.from_pretrained(
-            llama_dir, dtype=torch.float32, local_files_only=True
-        ).eval()
+        ref = hf_reference(llama_dir)
         prompt = [(7 * i) % 390 + 2 for i in range(70)]
         outs = await collect(
             engine, prompt, SamplingParams(max_tokens=5, temperature=0.0, ignore_eos=True)
@@ -305,11 +289,7 @@ async def test_length_limits_cost_no_extra_step(engine):
 async def test_stop_token_discards_the_step_ahead_and_reuses_the_slot(llama_dir):
     """A stop token is only seen after the next step was launched: its token is dropped, never
     streamed, and the slot it wrote into serves the next request correctly."""
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(
-        llama_dir, dtype=torch.float32, local_files_only=True
-    ).eval()
+    ref = hf_reference(llama_dir)
     engine = start_engine(llama_dir, max_num_seqs=1)  # one slot: B must reuse A's
     try:
         prompt_a, prompt_b = [5, 6, 7, 8], [9, 3, 11]
@@ -338,11 +318,7 @@ async def test_a_failing_decode_step_fails_its_requests_and_the_engine_serves_on
     """A step that raises (here: the first decode launch carrying both requests) ends the
     requests it carried with an error, drops the step in flight, and leaves slots and state
     clean for the next ones."""
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(
-        llama_dir, dtype=torch.float32, local_files_only=True
-    ).eval()
+    ref = hf_reference(llama_dir)
     engine = start_engine(llama_dir, max_num_seqs=2)
     try:
         runner = engine._core.runner.graphs
@@ -378,11 +354,7 @@ async def test_a_failing_mixed_step_fails_its_requests_and_later_ones_are_served
     """A step that raises while a prompt chunk rides with a decoding request fails both (the
     step carried both, and the token in flight is lost), frees their blocks and rows, and the
     next requests get exact greedy tokens."""
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(
-        llama_dir, dtype=torch.float32, local_files_only=True
-    ).eval()
+    ref = hf_reference(llama_dir)
     engine = start_engine(llama_dir, max_num_seqs=2)
     try:
         core = engine._core
@@ -424,11 +396,7 @@ async def test_a_failing_mixed_step_fails_its_requests_and_later_ones_are_served
 async def test_preemption_under_a_small_block_pool_keeps_greedy_output(llama_dir):
     """Four sequences that together need more KV blocks than the pool has: the newest ones
     are preempted and recomputed, nobody fails, and every output is HF's greedy output."""
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(
-        llama_dir, dtype=torch.float32, local_files_only=True
-    ).eval()
+    ref = hf_reference(llama_dir)
     # 12 usable blocks of 8 tokens = 96 tokens for 4 sequences of up to 16 + 24 tokens each.
     engine = start_engine(llama_dir, max_num_seqs=4, block_size=8, num_kv_blocks=13,
                           max_model_len=64)
@@ -450,11 +418,7 @@ async def test_preemption_under_a_small_block_pool_keeps_greedy_output(llama_dir
 async def test_prefix_cache_hit_gives_the_same_output_and_reports_cached_tokens(llama_dir):
     """A second request sharing a long prefix reuses its full blocks (reported as cached
     tokens) and produces exactly the tokens a cold run produces."""
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(
-        llama_dir, dtype=torch.float32, local_files_only=True
-    ).eval()
+    ref = hf_reference(llama_dir)
     engine = start_engine(llama_dir, block_size=8)
     try:
         system = [(5 * i) % 390 + 2 for i in range(50)]
@@ -490,11 +454,7 @@ async def test_prefix_caching_off_caches_nothing(llama_dir):
 async def test_a_long_prompt_rides_with_running_streams_in_mixed_steps(llama_dir):
     """While a long prompt is prefilled chunk by chunk, a running stream keeps getting one
     token per step (mixed steps), and both outputs are exact."""
-    from transformers import AutoModelForCausalLM
-
-    ref = AutoModelForCausalLM.from_pretrained(
-        llama_dir, dtype=torch.float32, local_files_only=True
-    ).eval()
+    ref = hf_reference(llama_dir)
     engine = start_engine(llama_dir, max_num_batched_tokens=12)
     try:
         params = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)

@@ -14,7 +14,7 @@ import torch
 from server.request import SamplingParams
 from server.scheduler import PROMPT_LOGPROBS_CHUNK
 from server.structured.grammar import json_schema_grammar
-from tests.helpers.tiny_models import build_checkpoint
+from tests.helpers.tiny_models import build_checkpoint, hf_reference
 from tests.test_engine import _rid, collect, start_engine, tokens_of
 
 SCHEMA = {
@@ -37,11 +37,7 @@ def llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def ref(llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        llama_dir, dtype=torch.float32, local_files_only=True
-    ).eval()
+    return hf_reference(llama_dir)
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ from server.model_loader import load_checkpoint
 from server.request import SamplingParams
 from server.step_executor import StepExecutor
 from server.step_plan import StepPlan
-from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint, hf_greedy
+from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint, hf_greedy, hf_reference
 from tests.test_engine import collect, start_engine, tokens_of
 
 # -- the policy (pure Python) -------------------------------------------------------------------
@@ -176,11 +176,7 @@ def llama_dir(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def reference(llama_dir):
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM.from_pretrained(
-        llama_dir, dtype=torch.float32, local_files_only=True
-    ).eval()
+    return hf_reference(llama_dir)
 
 
 async def _stream_beside_long_prompt(engine):

@@ -9,7 +9,7 @@ from server.errors import ModelLoadError
 from server.kv_cache import allocate_kv_cache
 from server.model import StepBatch
 from server.model_loader import load_checkpoint
-from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint
+from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint, hf_reference
 
 MAX_LEN = 128
 
@@ -22,14 +22,10 @@ def arch_dir(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def pair(arch_dir):
     """(our model, HF reference) from the same directory, through the real loading code."""
-    from transformers import AutoModelForCausalLM
-
     ours = load_checkpoint(str(arch_dir), "cpu", "float32")
     model = ours.model
     model.init_rope(MAX_LEN)
-    ref = AutoModelForCausalLM.from_pretrained(
-        arch_dir, dtype=torch.float32, local_files_only=True
-    ).eval()
+    ref = hf_reference(arch_dir)
     return model, ref
 
 

@@ -128,6 +128,16 @@ def hf_greedy(model, prompt: list[int], steps: int) -> list[int]:
     return out
 
 
+def hf_reference(path):
+    """The checkpoint at `path` loaded by transformers in float32, in eval mode: the reference
+    the engine's greedy tokens and logits are compared with (`hf_greedy`)."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(
+        path, dtype=torch.float32, local_files_only=True
+    ).eval()
+
+
 # -- tokenizer variants for the fast-tokenizer parity tests ---------------------------------------
 
 LLAMA3_TEMPLATE = (
