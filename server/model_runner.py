@@ -248,11 +248,17 @@ class ModelRunner:
         disabled = None
         if not (cuda or emulate) and cfg.graph_capture != "off":
             disabled = "CUDA graphs need a CUDA device; running eagerly on CPU"
-        # Under tensor parallelism mixed steps stay eager: their graphs would need the same
-        # capture agreement as the decode graphs', not built yet.
+        # Mixed steps stay unpacked and eager on a CPU (padding to a bucket would cost real
+        # compute there, with no graph to win back) and under tensor parallelism (their graphs
+        # would need the decode graphs' capture agreement, not built yet).
+        no_packing = None
+        if not (cuda or emulate):
+            no_packing = "no CUDA device: mixed steps run eagerly"
+        elif self.tp is not None:
+            no_packing = "tensor parallelism: mixed steps run eagerly"
         self.mixed_policy = MixedGraphPolicy.from_config(
             cfg, self.max_num_seqs, self.decode_prefill_tokens, self.max_batched_tokens,
-            disabled or ("tensor parallelism: mixed steps run eagerly" if self.tp else None),
+            no_packing,
         )  # fmt: skip
         self.executor = StepExecutor.build(
             model, plan.num_blocks, plan.block_size, plan.max_model_len, self.max_num_seqs,
@@ -375,8 +381,9 @@ class ModelRunner:
         self.graphs.warm(n)
 
     def _warm_mixed_step(self) -> None:
-        """Run the `warmup_plans` mixed steps so their kernels (both varlen prefill attentions
-        among them) compile now, not in a request's time to first token."""
+        """Run the `warmup_plans` mixed steps so their kernels (both prefill attention tiles
+        and the split-KV merge among them) compile now, not in a request's time to first
+        token."""
         buckets = self.mixed_policy.sizes if self.mixed_policy.packing else ()
         for plan in warmup_plans(self.scratch_row, self.max_model_len, self.max_batched_tokens,
                                  buckets):  # fmt: skip

@@ -44,13 +44,14 @@ def test_every_flag_maps_onto_the_config():
         "--cuda-graph-sizes", "1,2", "4", "--capture-budget-ms", "20",
         "--capture-min-interval-ms", "100", "--idle-debounce-ms", "7", "--api-key", "k",
         "--drain-timeout", "12", "--startup-failure-grace", "1.5", "--log-format", "json",
-        "--log-level", "debug", "--seed", "42", "--loader", "transformers",
+        "--log-level", "debug", "--seed", "42", "--loader", "transformers", "--no-mixed-graphs",
     )
     e = cfg.engine
     assert (e.model, e.served_model_name, e.dtype, e.device) == ("/models/x", "x", "float16", "cpu")
     assert (e.max_model_len, e.max_num_seqs, e.max_queue, e.max_num_batched_tokens) == (
         512, 16, 3, 128)
     assert e.gpu_memory_utilization == 0.5 and e.graph_capture == "eager"
+    assert e.mixed_graphs is False and config().engine.mixed_graphs is True
     assert e.cuda_graph_sizes == [1, 2, 4]
     assert (e.capture_budget_ms, e.capture_min_interval_ms, e.idle_debounce_ms) == (20, 100, 7)
     assert e.seed == 42 and e.loader == "transformers"

@@ -235,10 +235,24 @@ async def test_prompt_logprobs_keep_the_unpacked_forward(llama_dir, reference, m
     assert traffic["eager_by_reason"]["prompt_logprobs"] == 1 and traffic["graph_steps"] == 1
 
 
-def test_no_mixed_graphs_flag_and_cpu_without_emulation(llama_dir):
-    engine = start_engine(llama_dir, graph_capture="eager")  # CPU, no emulation: no graphs
+@pytest.mark.parametrize("mode", ["eager", "off"])
+def test_cpu_without_emulation_never_packs(llama_dir, mode):
+    """No CUDA device: mixed steps stay unpacked (padding to a bucket would cost real compute
+    on a CPU), whatever the capture mode."""
+    engine = start_engine(llama_dir, graph_capture=mode)
     try:
-        assert engine.graph_report()["mixed"]["packing"] is False
+        mixed = engine.graph_report()["mixed"]
+        assert mixed["packing"] is False and "no CUDA device" in mixed["reason"]
     finally:
         engine.shutdown()
+
+
+def test_no_mixed_graphs_flag(llama_dir, monkeypatch):
+    monkeypatch.setenv("GRAPHSERVE_EMULATE_GRAPHS", "1")
     assert EngineConfig().mixed_graphs is True
+    engine = start_engine(llama_dir, graph_capture="eager", mixed_graphs=False)
+    try:
+        mixed = engine.graph_report()["mixed"]
+        assert mixed["packing"] is False and "--no-mixed-graphs" in mixed["reason"]
+    finally:
+        engine.shutdown()
