@@ -1,11 +1,12 @@
 """Which mixed steps run on CUDA graphs: the token buckets, when they are captured, the books.
 
 A mixed step (decode rows plus prompt chunks) run eagerly costs one Python dispatch per
-kernel, ~13 per layer: on the 8B that is ~18-20 ms of host time per step whatever the GPU
-needs, and every running stream waits that long for its next token while a prompt is
-prefilled. A mixed step replayed from a CUDA graph costs its GPU time. Graphs are captured
-per *token bucket*: a step of T tokens (decode rows and chunk tokens together) replays the
-smallest captured bucket >= T, padded (`server.mixed_graph_runner`).
+kernel, ~13 per layer: on the 8B that is ~13 ms of host time per step whatever the GPU needs
+(H200: a 16-token chunk beside a stream, 13.2 ms eager, 8.4 ms replayed), and every running
+stream waits that long for its next token while a prompt is prefilled. A mixed step replayed
+from a CUDA graph costs its GPU time. Graphs are captured per *token bucket*: a step of T
+tokens (decode rows and chunk tokens together) runs at the smallest bucket >= T, padded
+(`server.mixed_graph_runner`).
 
 Policy, beside the decode-graph policy (`server.graph_warmup.CapturePolicy`), which keeps
 priority and the readiness contract (ready = the largest decode graph captured):
@@ -23,7 +24,8 @@ priority and the readiness contract (ready = the largest decode graph captured):
 A step that fits a bucket runs in the packed form at the bucket's width whether or not its
 graph is captured yet (eagerly then, on the same buffers): the step computes the same numbers
 either way, so greedy output does not depend on the capture mode or on when a bucket was
-captured (GEMMs of another row count may round differently). Steps keep the unpacked eager
+captured (whereas running it unpadded would: GEMMs of another row count round differently).
+Steps keep the unpacked eager
 forward (decode kernel for decode rows, varlen prefill for chunks) when they are larger than
 the largest bucket, keep prompt logprobs (their logits rows are unbounded), or have a decode
 row deeper than `max_decode_context`: in the packed kernel a decode row is one program per KV
@@ -44,9 +46,9 @@ from typing import Any
 
 logger = logging.getLogger(__name__)
 
-# Decode rows deeper than this keep a mixed step eager (see the module docstring). On the 8B an
-# H200 walks ~16k tokens of one KV head's context in ~0.2 ms per layer: ~7 ms per step, still
-# well under the ~18 ms an eager mixed step costs on the host.
+# Decode rows deeper than this keep a mixed step eager (see the module docstring). Estimated,
+# not measured: one program walking 16k tokens of a KV head at ~36 GB/s per SM (H200) is
+# ~0.2 ms per layer, ~7 ms per 8B step, about what an eager mixed step costs on the host.
 MAX_DECODE_CONTEXT = 16384
 
 EAGER_REASONS = ("not_captured", "too_many_tokens", "prompt_logprobs", "long_context", "off")
