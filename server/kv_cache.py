@@ -43,9 +43,11 @@ def plan_kv_cache(
     max_batched_tokens: int,
     weight_bytes: int,
     tp_world: int = 1,
+    mixed_graph_tokens: int = 0,
 ) -> KVPlan:
     """Choose max_model_len and the block count (for one rank of `tp_world`: its KV heads,
-    its slice of the activations, its own GPU's memory).
+    its slice of the activations, its own GPU's memory). `mixed_graph_tokens`: the largest
+    mixed-step graph bucket (0: none), whose graphs' private pool is reserved too.
 
     Context: `--max-model-len`, else the model's limit (its sliding window if it has one);
     on CPU capped at `DEVICE_DEFAULTS["cpu"].max_model_len`. Blocks: `--num-kv-blocks`, else
@@ -85,7 +87,14 @@ def plan_kv_cache(
     step_tokens = max_batched_tokens + max_num_seqs
     activations = 2 * step_tokens * (5 * h + qkv + 3 * inter) * itemsize
     sampling = 40 * max(max_num_seqs, 1) * vocab
-    reserve = activations + sampling + _GPU_SAFETY_BYTES
+    # The mixed-step graphs' private pool (activations of the largest bucket, which the
+    # caching allocator cannot lend out) and their logits buffer. 3x the activations: the 8B
+    # on an H200 grew the graph pool by 115 MiB for a 320-token bucket (estimate 127 MiB).
+    # The decode graphs' pool (27 MiB there) fits in the safety margin.
+    row = (5 * h + qkv + 3 * inter) * itemsize
+    mixed_graphs = 3 * mixed_graph_tokens * row + (max_num_seqs * vocab * itemsize
+                                                   if mixed_graph_tokens else 0)  # fmt: skip
+    reserve = activations + sampling + mixed_graphs + _GPU_SAFETY_BYTES
     available = min(budget - in_use, free) - reserve
     fit = max(0, available // per_block)
     max_len = cfg.max_model_len or limit

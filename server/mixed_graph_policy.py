@@ -127,6 +127,11 @@ class MixedGraphPolicy:
                    max_seqs=max_num_seqs, idle_debounce_s=config.idle_debounce_ms / 1e3)
 
     @property
+    def max_tokens(self) -> int:
+        """The largest bucket's width: the packed form's buffers (0 without packing)."""
+        return self.sizes[-1] if self.packing else 0
+
+    @property
     def capturing_allowed(self) -> bool:
         """Whether buckets may still be captured (packing on, capture not off)."""
         return self._reason is None

@@ -227,24 +227,6 @@ class ModelRunner:
         self.max_batched_tokens = cfg.max_num_batched_tokens_for(device)
         self.decode_prefill_tokens = cfg.decode_prefill_tokens_for(device)
         model = self.checkpoint.model
-        plan = plan_kv_cache(
-            cfg,
-            hf_config,
-            model.dtype,
-            self.device,
-            self.max_num_seqs,
-            self.max_batched_tokens,
-            self.checkpoint.weight_bytes,
-            self.world,
-        )
-        if self.tp is not None:
-            plan = self._join_workers(plan, model, emulate)
-        self.kv_plan: KVPlan = plan
-        self.max_model_len = plan.max_model_len
-        model.init_rope(self.max_model_len)
-        self.model = model
-        self.checkpoint.model = None  # the runner owns the model from here on
-        self.vocab_size = model.shape.vocab_size
         disabled = None
         if not (cuda or emulate) and cfg.graph_capture != "off":
             disabled = "CUDA graphs need a CUDA device; running eagerly on CPU"
@@ -260,10 +242,29 @@ class ModelRunner:
             cfg, self.max_num_seqs, self.decode_prefill_tokens, self.max_batched_tokens,
             no_packing,
         )  # fmt: skip
+        plan = plan_kv_cache(
+            cfg,
+            hf_config,
+            model.dtype,
+            self.device,
+            self.max_num_seqs,
+            self.max_batched_tokens,
+            self.checkpoint.weight_bytes,
+            self.world,
+            self.mixed_policy.max_tokens,
+        )
+        if self.tp is not None:
+            plan = self._join_workers(plan, model, emulate)
+        self.kv_plan: KVPlan = plan
+        self.max_model_len = plan.max_model_len
+        model.init_rope(self.max_model_len)
+        self.model = model
+        self.checkpoint.model = None  # the runner owns the model from here on
+        self.vocab_size = model.shape.vocab_size
         self.executor = StepExecutor.build(
             model, plan.num_blocks, plan.block_size, plan.max_model_len, self.max_num_seqs,
             emulate=emulate, tensor_parallel=self.tp is not None,
-            mixed_tokens=self.mixed_policy.sizes[-1] if self.mixed_policy.packing else 0,
+            mixed_tokens=self.mixed_policy.max_tokens,
         )  # fmt: skip
         self.kv_cache = self.executor.kv_cache
         self.block_tables = self.executor.block_tables

@@ -256,3 +256,25 @@ def test_no_mixed_graphs_flag(llama_dir, monkeypatch):
         assert mixed["packing"] is False and "--no-mixed-graphs" in mixed["reason"]
     finally:
         engine.shutdown()
+
+
+def test_the_kv_plan_reserves_the_mixed_graph_pool(monkeypatch):
+    """On CUDA the KV pool fills the budget less a reserve; with mixed-step graphs the reserve
+    holds their private pool (3x the largest bucket's activations) and logits buffer too."""
+    from server import kv_cache
+    from server.hf_config import ModelConfig
+
+    hf = ModelConfig(dict(hidden_size=4096, intermediate_size=14336, num_attention_heads=32,
+                          num_key_value_heads=8, num_hidden_layers=32, vocab_size=128256,
+                          max_position_embeddings=8192))  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda: (80 * 2**30, 80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "memory_reserved", lambda: 16 * 2**30)
+
+    def blocks(tokens):
+        plan = kv_cache.plan_kv_cache(EngineConfig(), hf, torch.bfloat16, torch.device("cuda"),
+                                      64, 2048, 16 * 10**9, mixed_graph_tokens=tokens)
+        return plan.num_blocks
+
+    per_block = 2 * 32 * 8 * 128 * 2 * 16
+    reserved = 3 * 320 * (5 * 4096 + 6144 + 3 * 14336) * 2 + 64 * 128256 * 2
+    assert blocks(0) - blocks(320) == pytest.approx(reserved / per_block, abs=1)
