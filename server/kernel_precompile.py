@@ -8,7 +8,7 @@ the H200 (8B shapes, 2026-11-30): the warm-ups went from 12 compiles + 7 gcc bui
 none (0.8 s, the remaining time being module loads).
 
 How, without a GPU: the server's own code runs on CPU tensors - a one-layer `DecoderModel`
-of the shape, its `StepExecutor`, the startup warm-up plans (`model_runner.warmup_plans`) and
+of the shape, its `StepExecutor`, the startup warm-up plans (`step_plan.warmup_plans`) and
 decode warm-ups - while Triton's active driver reports the GPU target (cuda sm_90 by default)
 and every kernel launch becomes `JITFunction`'s warm-up: the JIT's own binder specialises the
 arguments (16-divisibility, constexprs), computes its own cache key and compiles with the ptxas
@@ -153,8 +153,8 @@ def drive_startup(raw: dict, block_size: int = 16, max_num_seqs: int = 64,
     from server.hf_config import ModelConfig
     from server.mixed_graph_policy import mixed_graph_sizes
     from server.model import DecoderModel
-    from server.model_runner import warmup_plans
     from server.step_executor import StepExecutor
+    from server.step_plan import warmup_plans
 
     # Mixed-step graphs (one process only) add the packed form's warm-ups.
     buckets = [] if tensor_parallel_size > 1 else mixed_graph_sizes(

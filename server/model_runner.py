@@ -53,7 +53,6 @@ launcher's watch threads report a dead worker through it too (`failed`).
 
 from __future__ import annotations
 
-import dataclasses
 import gc
 import logging
 import os
@@ -77,38 +76,9 @@ from server.model_loader import load_checkpoint
 from server.request import TokenLogprob
 from server.scheduler import ScheduledStep, Sequence, StepResult
 from server.step_executor import StepExecutor
-from server.step_plan import StepPlan, StepPlanner
+from server.step_plan import StepPlan, StepPlanner, warmup_plans
 
 log = logging.getLogger("graphserve.engine")
-
-# Mixed steps at startup compile the prefill kernels before the server reports ready: one
-# chunk at most `triton_attention.SHORT_CHUNK` tokens (the per-query-head kernel a prefix hit
-# runs) and one above it (the GQA-packed kernel of long prompts). With only the short one, the
-# first long prompt after ready paid the other kernel's JIT in its time to first token.
-WARMUP_PROMPT_CHUNKS = (32, 128)
-
-
-def warmup_plans(scratch_row: int, max_model_len: int, max_batched_tokens: int,
-                 buckets: tuple[int, ...] | list[int] = ()) -> list[StepPlan]:
-    """The mixed steps startup runs on the scratch row: one decode row and a prompt chunk of
-    each `WARMUP_PROMPT_CHUNKS` size (capped by the context and the step budget), unpacked and,
-    given the mixed-step `buckets`, packed at the smallest bucket that holds it (its first
-    eager run: cuBLAS's shapes, and any kernel variant it would need). Also what
-    `server.kernel_precompile` drives to compile the same kernel variants ahead."""
-    plans = []
-    for n in WARMUP_PROMPT_CHUNKS:
-        # The scratch row's table is max_model_len wide; a step holds the token budget.
-        n = min(n, max_model_len - 1, max_batched_tokens)
-        plans.append(StepPlan(
-            ids=[0] * (n + 1), src=[-1] * (n + 1), positions=[n, *range(n)],
-            rows=[scratch_row] * (n + 1), num_decode=1, num_sampled=0, logit_rows=[0, n],
-            seq_rows=[scratch_row], cu_seqlens=[0, n], k_lens=[n], max_q_len=n,
-        ))  # fmt: skip
-        fits = [b for b in buckets if b >= n + 1]
-        if fits:
-            plans.append(dataclasses.replace(plans[-1], graph=min(fits)))
-    return plans
-
 
 # Test seam: on CPU, "capture" graphs that replay the eager step (graph_runner's docstring).
 EMULATE_GRAPHS_ENV = "GRAPHSERVE_EMULATE_GRAPHS"

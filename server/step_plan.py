@@ -15,7 +15,7 @@ from __future__ import annotations
 import struct
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -211,3 +211,32 @@ class StepPlanner:
                 values.extend(seq.blocks[done:n])
                 self._row_synced[row] = n
         return {"table_rows": r_idx, "table_cols": c_idx, "table_values": values}, new_rows
+
+
+# Mixed steps at startup compile the prefill kernels before the server reports ready: one
+# chunk at most `triton_attention.SHORT_CHUNK` tokens (the per-query-head kernel a prefix hit
+# runs) and one above it (the GQA-packed kernel of long prompts). With only the short one, the
+# first long prompt after ready paid the other kernel's JIT in its time to first token.
+WARMUP_PROMPT_CHUNKS = (32, 128)
+
+
+def warmup_plans(scratch_row: int, max_model_len: int, max_batched_tokens: int,
+                 buckets: tuple[int, ...] | list[int] = ()) -> list[StepPlan]:
+    """The mixed steps startup runs on the scratch row: one decode row and a prompt chunk of
+    each `WARMUP_PROMPT_CHUNKS` size (capped by the context and the step budget), unpacked and,
+    given the mixed-step `buckets`, packed at the smallest bucket that holds it (its first
+    eager run: cuBLAS's shapes, and any kernel variant it would need). Also what
+    `server.kernel_precompile` drives to compile the same kernel variants ahead."""
+    plans = []
+    for n in WARMUP_PROMPT_CHUNKS:
+        # The scratch row's table is max_model_len wide; a step holds the token budget.
+        n = min(n, max_model_len - 1, max_batched_tokens)
+        plans.append(StepPlan(
+            ids=[0] * (n + 1), src=[-1] * (n + 1), positions=[n, *range(n)],
+            rows=[scratch_row] * (n + 1), num_decode=1, num_sampled=0, logit_rows=[0, n],
+            seq_rows=[scratch_row], cu_seqlens=[0, n], k_lens=[n], max_q_len=n,
+        ))  # fmt: skip
+        fits = [b for b in buckets if b >= n + 1]
+        if fits:
+            plans.append(replace(plans[-1], graph=min(fits)))
+    return plans

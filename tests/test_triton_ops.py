@@ -35,7 +35,7 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from server import ops, triton_ops  # noqa: E402  (after the importorskip)
-from server.model_runner import WARMUP_PROMPT_CHUNKS  # noqa: E402
+from server.step_plan import WARMUP_PROMPT_CHUNKS  # noqa: E402
 from tests.helpers import triton_testing  # noqa: E402
 
 INTERPRET, _CUDA_SKIP, DEVICES, DTYPES = (
