@@ -467,7 +467,7 @@ class EngineCore:
                 size = self.runner.next_mixed_capture(idle=running == 0 and waiting == 0)
                 if size is None:
                     return
-                self.runner.capture_mixed(size)
+                self.runner.capture(size, mixed=True)
             else:
                 self.runner.capture(size)
             if sched.busy or not commands.empty():

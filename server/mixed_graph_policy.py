@@ -18,8 +18,11 @@ priority and the readiness contract (ready = the largest decode graph captured):
   stall every running stream for the capture (tens of ms on the 8B): exactly the gap these
   graphs exist to remove.
 * `off`: nothing is captured (steps still run packed, eagerly).
-* No CUDA device, tensor parallelism or `--no-mixed-graphs`: no packing, no graphs; every
-  mixed step runs the unpacked eager forward.
+* No CUDA device or `--no-mixed-graphs`: no packing, no graphs; every mixed step runs the
+  unpacked eager forward.
+
+Under tensor parallelism every capture is an order to all ranks with an agreement, as for the
+decode sizes (`ModelRunner.capture`): a bucket is replayed only once every rank captured it.
 
 A step that fits a bucket runs in the packed form at the bucket's width whether or not its
 graph is captured yet (eagerly then, on the same buffers): the step computes the same numbers
@@ -77,9 +80,10 @@ class MixedGraphPolicy:
     """Bucket states (pending / capturing / captured / failed), dispatch and capture offers.
 
     `select` is called by the step planner for every mixed step and returns the bucket whose
-    packed form runs it (0: the unpacked eager forward); `next_capture` between steps returns
-    a bucket to capture now, or None. A failed bucket is never retried: its steps run packed,
-    eagerly. `packing` is fixed at construction; capture can be turned off later (`disable`).
+    packed form runs it, signed: replayed (+) or eager (-), 0 for the unpacked eager forward;
+    `next_capture` between steps returns a bucket to capture now, or None. A failed bucket is
+    never retried: its steps run packed, eagerly. `packing` is fixed at construction; capture
+    can be turned off later (`disable`).
     """
 
     def __init__(
@@ -147,10 +151,11 @@ class MixedGraphPolicy:
 
     def select(self, num_tokens: int, num_seqs: int, extra_logits: bool,
                max_decode_context: int) -> int:
-        """The bucket whose packed form runs a mixed step of `num_tokens` tokens over
-        `num_seqs` sequences (replayed if captured, else eagerly at that width), or 0 (the
-        unpacked eager forward). `extra_logits`: it keeps prompt-logprob rows;
-        `max_decode_context`: its deepest decode row's context (0 without decode rows)."""
+        """How a mixed step of `num_tokens` tokens over `num_seqs` sequences runs: +t replays
+        the graph of bucket t (captured on every rank), -t runs bucket t's packed form
+        eagerly (not captured), 0 the unpacked eager forward. `extra_logits`: it keeps
+        prompt-logprob rows; `max_decode_context`: its deepest decode row's context (0
+        without decode rows)."""
         with self._lock:
             if not self.packing:
                 reason = "off"
@@ -165,9 +170,9 @@ class MixedGraphPolicy:
                 bucket = self.sizes[bisect.bisect_left(self.sizes, num_tokens)]
                 if bucket in self._captured:
                     self._graph_steps += 1
-                else:
-                    self._eager["not_captured"] += 1
-                return bucket
+                    return bucket
+                self._eager["not_captured"] += 1
+                return -bucket
             self._eager[reason] += 1
             return 0
 

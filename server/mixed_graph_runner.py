@@ -13,8 +13,10 @@ bucket T reads T tokens and S = min(T, max_seqs) sequences from static buffers:
 * `logit_rows` `[0, S)` names the tokens whose logits are kept (the sampled ones first,
   padding rows point at token 0), into a logits buffer outside the pool.
 
-A step whose bucket has no graph yet runs the same packed forward eagerly, at the bucket's
-width on the same buffers: the numbers do not depend on whether the graph exists. Which steps
+A step whose bucket has no graph yet (the plan's bucket is negative) runs the same packed
+forward eagerly, at the bucket's width on the same buffers: the numbers do not depend on
+whether the graph exists. Under tensor parallelism every rank follows the plan: a bucket is
+replayed only once every rank captured it. Which steps
 use which bucket, and when buckets are captured, is
 `server.mixed_graph_policy.MixedGraphPolicy`'s call; this module captures what it is told.
 
@@ -80,6 +82,8 @@ class MixedGraphRunner:
         try:
             self._fill_padding()
             if dg.emulate:
+                if dg.fault_injector is not None:
+                    dg.fault_injector(-size)  # negative: a mixed bucket (tests)
                 graph = size
             else:
                 graph = self._capture_cuda(size)
@@ -148,15 +152,17 @@ class MixedGraphRunner:
     # -- replay -------------------------------------------------------------------------------
 
     def run(self, plan: StepPlan, prev_tokens: torch.Tensor | None) -> torch.Tensor:
-        """Run a mixed plan in the packed form of bucket `plan.graph`: its graph's replay, or
-        the same forward eagerly at that width while the bucket has no graph (the same
-        numbers either way). Returns the logits `[num_logits, vocab]`. The plan fits
-        (`MixedGraphPolicy.select` chose the bucket): at most `size` tokens, `seqs_for(size)`
-        sequences, no prompt-logprob rows. No host sync."""
-        size = plan.graph
+        """Run a mixed plan in the packed form of bucket `abs(plan.graph)`: its graph's replay
+        (`plan.graph` > 0, captured on every rank), or the same forward eagerly at that width
+        (< 0): the same numbers either way. Returns the logits `[num_logits, vocab]`. The plan
+        fits (`MixedGraphPolicy.select` chose the bucket): at most `size` tokens,
+        `seqs_for(size)` sequences, no prompt-logprob rows. No host sync."""
+        size = abs(plan.graph)
         if not 1 <= size <= self.max_tokens:
             raise ValueError(f"mixed bucket {size} out of 1..{self.max_tokens}")
-        graph = self.graphs.get(size)
+        graph = self.graphs.get(size) if plan.graph > 0 else None
+        if plan.graph > 0 and graph is None:
+            raise ValueError(f"no mixed-step graph captured for {size} tokens on this rank")
         nd, n = plan.num_decode, len(plan.ids)
         s = self.seqs_for(size)
         pad_t = size - n

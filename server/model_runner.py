@@ -200,17 +200,11 @@ class ModelRunner:
         disabled = None
         if not (cuda or emulate) and cfg.graph_capture != "off":
             disabled = "CUDA graphs need a CUDA device; running eagerly on CPU"
-        # Mixed steps stay unpacked and eager on a CPU (padding to a bucket would cost real
-        # compute there, with no graph to win back) and under tensor parallelism (their graphs
-        # would need the decode graphs' capture agreement, not built yet).
-        no_packing = None
-        if not (cuda or emulate):
-            no_packing = "no CUDA device: mixed steps run eagerly"
-        elif self.tp is not None:
-            no_packing = "tensor parallelism: mixed steps run eagerly"
+        # Mixed steps stay unpacked and eager on a CPU: padding to a bucket would cost real
+        # compute there, with no graph to win back.
         self.mixed_policy = MixedGraphPolicy.from_config(
             cfg, self.max_num_seqs, self.decode_prefill_tokens, self.max_batched_tokens,
-            no_packing,
+            None if cuda or emulate else "no CUDA device: mixed steps run eagerly",
         )  # fmt: skip
         plan = plan_kv_cache(
             cfg,
@@ -295,6 +289,7 @@ class ModelRunner:
         seq = tp.send_json(Kind.SETUP, {
             "num_blocks": plan.num_blocks, "max_model_len": plan.max_model_len,
             "store_port": store.port, "emulate_graphs": emulate,
+            "mixed_tokens": self.mixed_policy.max_tokens,
         })  # fmt: skip
         self.comm = init_group(0, self.world, self.device, cfg.tp_timeout_s, store=store)
         if cfg.tp_allreduce == "symm-mem":  # every rank, right after joining (collective)
@@ -344,7 +339,7 @@ class ModelRunner:
         if self.policy.reason is not None:  # off: the largest decode capture failed
             self.mixed_policy.disable(self.policy.reason)
         for size in self.mixed_policy.startup_plan():  # eager mode: every bucket before ready
-            self.capture_mixed(size)
+            self.capture(size, mixed=True)
 
     def _warm(self, n: int) -> None:
         if self.tp is not None:
@@ -510,34 +505,40 @@ class ModelRunner:
 
     # -- graphs -----------------------------------------------------------------------------
 
-    def capture(self, size: int, bulk: bool = False) -> None:
-        """Capture `size` on every rank at this step boundary and record the agreement.
+    def capture(self, size: int, bulk: bool = False, mixed: bool = False) -> None:
+        """Capture decode batch size `size` (or, `mixed`, the mixed-step bucket of `size`
+        tokens) on every rank at this step boundary and record the agreement.
 
-        The size counts as captured only if every rank captured it; a failure on any rank
-        marks it failed for all (rank 0 never dispatches a step onto it, so the workers' own
-        graph of that size is never replayed). A worker that is gone, errs or stays silent
-        past `--tp-timeout` raises FatalEngineError after the size is marked failed.
+        It counts as captured only if every rank captured it; a failure on any rank marks it
+        failed for all (rank 0 never dispatches a step onto it, so the workers' own graph is
+        never replayed; a mixed step of that bucket runs packed, eagerly, on every rank). A
+        worker that is gone, errs or stays silent past `--tp-timeout` raises
+        FatalEngineError after the size is marked failed.
         """
-        self.policy.begin(size)
+        policy = self.mixed_policy if mixed else self.policy
+        policy.begin(size)
         t0 = time.perf_counter()
         try:
-            seq = self.tp.send_json(Kind.CAPTURE, {"size": size}) if self.tp else None
-            local = self.graphs.capture(size, bulk=bulk)
+            order = {"size": size, "mixed": mixed}
+            seq = self.tp.send_json(Kind.CAPTURE, order) if self.tp else None
+            local = self.executor.mixed.capture(size) if mixed else self.graphs.capture(
+                size, bulk=bulk)
             results = [local.to_json()]
             if self.tp is not None:
                 results += self.tp.collect(Kind.CAPTURED, seq)
             if any(r.get("size") != size for r in results):
                 raise FatalEngineError(f"the ranks captured different sizes: {results}")
         except FatalEngineError as exc:
-            self.policy.failed(size, str(exc))
+            policy.failed(size, str(exc))
             raise
-        self._rank_captures[size] = results
+        if not mixed:
+            self._rank_captures[size] = results
         failed = [f"rank {r}: {res['error']}" for r, res in enumerate(results) if not res["ok"]]
         if failed:
-            self.policy.failed(size, "; ".join(failed))
+            policy.failed(size, "; ".join(failed))
         else:
             # What the busy-time budget bounds: rank 0's whole stall, waiting for peers included.
-            self.policy.succeeded(size, time.perf_counter() - t0, local.pool_bytes)
+            policy.succeeded(size, time.perf_counter() - t0, local.pool_bytes)
 
     def next_mixed_capture(self, idle: bool) -> int | None:
         """The mixed-step bucket to capture now, or None: only once the decode sizes are
@@ -546,15 +547,6 @@ class ModelRunner:
             self.mixed_policy.disable(self.policy.reason)
             return None
         return self.mixed_policy.next_capture(idle, decode_settled=self.policy.complete)
-
-    def capture_mixed(self, size: int) -> None:
-        """Capture mixed-step bucket `size` (one process: see `mixed_policy`'s reason)."""
-        self.mixed_policy.begin(size)
-        result = self.executor.mixed.capture(size)
-        if result.ok:
-            self.mixed_policy.succeeded(size, result.seconds, result.pool_bytes)
-        else:
-            self.mixed_policy.failed(size, result.error or "capture failed")
 
     # -- shutdown ---------------------------------------------------------------------------
 

@@ -36,10 +36,11 @@ class StepPlan:
     Invariants: `ids`, `src`, `positions`, `rows` have one entry per token; a decode-only step
     (`seq_rows` empty) computes logits for every row and replays the decode graph of batch
     size `graph` (0: eager); a mixed step computes logits for `logit_rows` only, in the
-    packed form of the `graph`-token bucket (0: the unpacked eager forward;
-    `server.mixed_graph_runner`). The first `num_sampled` logits rows get a token (0 for
-    warm-up steps, which compute logits but sample nothing, and for steps that
-    only compute prompt logprobs); the logit rows after them are prompt positions whose
+    packed form of the `abs(graph)`-token bucket, replaying its graph if `graph` > 0 and
+    eagerly if < 0 (0: the unpacked eager forward; `server.mixed_graph_runner`). The first
+    `num_sampled` logits rows get a token (0 for warm-up steps, which compute logits but
+    sample nothing, and for steps that only compute prompt logprobs); the logit rows after
+    them are prompt positions whose
     logprobs rank 0 reads (prompt logprobs), sampled by no one. Every rank computes the same
     logits rows (the LM head's gather is a collective); the tokens rank 0 samples reach the
     other ranks by a broadcast of `num_sampled` ids.
@@ -129,7 +130,8 @@ class StepPlanner:
     the device has, so a plan carries only the entries a sequence gained since (one small
     scatter per step). `select_graph(n)`: the captured batch size a decode-only step of `n`
     rows replays (0: eager), the capture policy's decision; `select_mixed(tokens, seqs,
-    prompt_logprobs, deepest_decode_context)`: the mixed-step graph bucket (0: eager), the
+    prompt_logprobs, deepest_decode_context)`: the mixed-step bucket, signed (+ replay, - eager,
+    0: unpacked), the
     mixed-graph policy's (`server.mixed_graph_policy`).
 
     Thread ownership: the engine thread.
@@ -238,5 +240,5 @@ def warmup_plans(scratch_row: int, max_model_len: int, max_batched_tokens: int,
         ))  # fmt: skip
         fits = [b for b in buckets if b >= n + 1]
         if fits:
-            plans.append(replace(plans[-1], graph=min(fits)))
+            plans.append(replace(plans[-1], graph=-min(fits)))  # packed, eagerly
     return plans

@@ -57,6 +57,18 @@ def test_two_gpus_give_the_one_gpu_greedy_tokens_with_graphs(model_dir):
     assert [r["captured"] for r in ranks] == [[1, 2, 4, 8, 16]] * 2
 
 
+def test_mixed_step_graphs_on_two_gpus_give_the_one_gpu_tokens(model_dir):
+    """A 64-token step budget: prompts chunked beside running streams, mixed steps replayed
+    from graphs captured on both ranks (collectives inside), the same tokens as one GPU."""
+    one, one_report = outputs(model_dir, graph_capture="eager", max_num_batched_tokens=64)
+    two, report = outputs(model_dir, graph_capture="eager", max_num_batched_tokens=64,
+                          tensor_parallel_size=2)  # fmt: skip
+    assert two == one
+    for r in (one_report, report):
+        assert r["mixed"]["coverage"] == {"captured": 4, "total": 4}, r["mixed"]
+        assert r["mixed"]["traffic"]["graph_steps"] >= 5
+
+
 def test_lazy_capture_on_two_gpus_equals_eager_and_agrees_on_failures(model_dir, monkeypatch):
     eager, _ = outputs(model_dir, graph_capture="eager", tensor_parallel_size=2)
     monkeypatch.setenv("GRAPHSERVE_TP_TEST_FAULT", "capture:4")  # rank 1 fails size 4

@@ -43,11 +43,11 @@ def _eager_counts(policy) -> dict:
 
 def test_select_picks_the_smallest_bucket_captured_or_not():
     p = _policy()
-    assert p.select(10, 3, False, 100) == 16  # not captured: packed, eagerly
-    assert p.select(17, 2, False, 0) == 64
+    assert p.select(10, 3, False, 100) == -16  # not captured: packed, eagerly
+    assert p.select(17, 2, False, 0) == -64
     p.begin(64)
     p.succeeded(64, 0.01, 1 << 20)
-    assert p.select(17, 2, False, 0) == 64
+    assert p.select(17, 2, False, 0) == 64  # replayed
     traffic = p.snapshot()["traffic"]
     assert traffic["graph_steps"] == 1 and traffic["eager_by_reason"]["not_captured"] == 2
 
@@ -77,7 +77,7 @@ def test_capture_off_still_packs():
     server that captures)."""
     p = _policy(mode="off")
     assert p.packing and not p.capturing_allowed
-    assert p.select(10, 2, False, 5) == 16
+    assert p.select(10, 2, False, 5) == -16
     assert p.startup_plan() == [] and p.next_capture(True, True) is None
 
 
@@ -110,7 +110,7 @@ def test_lazy_capture_waits_for_idle_time_and_the_decode_sizes():
     p.succeeded(16, 0.02, 1 << 20)
     assert p.next_capture(idle=True, decode_settled=True) is None and p.idle_wait_s() is None
     # The failed bucket is never retried; its steps run packed, eagerly.
-    assert p.select(200, 4, False, 10) == 256
+    assert p.select(200, 4, False, 10) == -256
     snap = p.snapshot()
     assert [s["state"] for s in snap["sizes"]] == ["captured", "captured", "failed"]
     assert "injected" in snap["sizes"][2]["error"]
@@ -124,7 +124,7 @@ def test_disable_stops_capture_and_keeps_packing():
     p.disable("the largest decode capture failed")
     assert p.next_capture(True, True) is None and p.packing
     assert p.snapshot()["capture"] == "off"
-    assert p.select(10, 2, False, 5) == 16
+    assert p.select(10, 2, False, 5) == -16
 
 
 # -- the packed form against the unpacked forward ---------------------------------------------
@@ -160,7 +160,7 @@ def test_packed_step_equals_the_unpacked_forward(arch, tmp_path):
         cu_seqlens=[0, 7, 19], k_lens=[7, 42], max_q_len=12,
     )  # fmt: skip
     unpacked = ex.execute(step, None).clone()
-    for bucket in (32, 64):
+    for bucket in (-32, -64):  # packed, eagerly
         packed = ex.execute(StepPlan(**{**step.__dict__, "graph": bucket}), None)
         torch.testing.assert_close(packed, unpacked, rtol=1e-4, atol=1e-4)
         assert torch.equal(packed.argmax(-1), unpacked.argmax(-1))

@@ -493,6 +493,38 @@ def test_lazy_capture_under_traffic_is_agreed_by_every_rank(checkpoints, monkeyp
     assert list(ranks[1]["failed"]) == ["2"]
 
 
+def test_mixed_step_graphs_are_agreed_by_every_rank(checkpoints, monkeypatch):
+    """CPU-emulated graphs, `eager` capture: both mixed-step buckets (16 and 32 tokens) are
+    ordered on both ranks before ready; the worker's injected failure of bucket 16 fails it
+    for both, so its steps run packed and eagerly on every rank while bucket 32 replays; the
+    output is the one-process output throughout."""
+    path, expected = checkpoints("llama")
+    monkeypatch.setenv("GRAPHSERVE_EMULATE_GRAPHS", "1")
+    monkeypatch.setenv("GRAPHSERVE_TP_TEST_FAULT", "capture:-16")  # negative: a mixed bucket
+    engine = _start(path, tensor_parallel_size=2, graph_capture="eager")
+    try:
+        mixed = engine.graph_report()["mixed"]
+        assert mixed["packing"] and [s["tokens"] for s in mixed["sizes"]] == [16, 32]
+        states = {s["tokens"]: s for s in mixed["sizes"]}
+        assert states[32]["state"] == "captured" and states[16]["state"] == "failed"
+        assert "rank 1: RuntimeError: injected capture fault for size -16" in states[16]["error"]
+        assert asyncio.run(_greedy(engine)) == expected
+        # Two short prompts at once: a 6-token step, bucket 16 (failed: packed, eagerly).
+        short = asyncio.run(_greedy(engine, SHORT, [8, 8]))
+        traffic = engine.graph_report()["mixed"]["traffic"]
+    finally:
+        engine.shutdown()
+    assert traffic["graph_steps"] >= 1 and traffic["eager_by_reason"]["not_captured"] >= 1
+    one = _start(path)
+    try:
+        assert short == asyncio.run(_greedy(one, SHORT, [8, 8]))
+    finally:
+        one.shutdown()
+
+
+SHORT = [[5, 6, 7, 8], [9, 10]]
+
+
 def test_a_worker_that_cannot_load_fails_the_start(checkpoints, monkeypatch):
     path, _ = checkpoints("llama")
     monkeypatch.setenv("GRAPHSERVE_TP_TEST_FAULT", "load")

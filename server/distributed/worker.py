@@ -11,8 +11,8 @@ order (`server.distributed.protocol`):
    and block table, answer `READY`;
 3. then `STEP` (run the plan with `server.step_executor`, then receive rank 0's sampled tokens
    in the broadcast every sampling step ends with: the next step's carried inputs), `WARM`
-   (an eager warm-up run), `CAPTURE` (capture that size, answer `CAPTURED` with the result,
-   failure included), until `SHUTDOWN`.
+   (an eager warm-up run), `CAPTURE` (capture that decode size or, with "mixed", that
+   mixed-step bucket; answer `CAPTURED` with the result, failure included), until `SHUTDOWN`.
 
 A worker samples nothing and has no scheduler, policy or tokenizer: rank 0 decides every
 step, every graph size and every capture, so the ranks cannot disagree about them. Any error
@@ -85,6 +85,7 @@ class Worker:
         from server.distributed.comm import destroy_group, init_group
         from server.distributed.sharding import TPShard
         from server.kv_cache import plan_kv_cache
+        from server.mixed_graph_policy import MixedGraphPolicy
         from server.model_loader import load_shard
         from server.model_runner import share_cpu_threads
         from server.step_executor import StepExecutor
@@ -107,9 +108,15 @@ class Worker:
             TPShard(self.rank, world),
         )  # fmt: skip
         max_num_seqs = config.max_num_seqs_for(device.type)
+        batched = config.max_num_batched_tokens_for(device.type)
+        # Rank 0's mixed-step buckets on CUDA (`server.mixed_graph_policy`): their pool too.
+        mixed = MixedGraphPolicy.from_config(
+            config, max_num_seqs, config.decode_prefill_tokens_for(device.type), batched,
+            None if cuda else "no CUDA device",
+        ).max_tokens  # fmt: skip
         plan = plan_kv_cache(
-            config, hf_config, model.dtype, device, max_num_seqs,
-            config.max_num_batched_tokens_for(device.type), model.weight_bytes, world,
+            config, hf_config, model.dtype, device, max_num_seqs, batched, model.weight_bytes,
+            world, mixed,
         )  # fmt: skip
         self._answer(Kind.LOADED, 0, {
             "weight_bytes": model.weight_bytes, "num_blocks": plan.num_blocks,
@@ -128,7 +135,7 @@ class Worker:
         ops.use_triton(cuda)
         executor = StepExecutor.build(
             model, s["num_blocks"], config.block_size, s["max_model_len"], max_num_seqs,
-            emulate=s["emulate_graphs"], tensor_parallel=True,
+            emulate=s["emulate_graphs"], tensor_parallel=True, mixed_tokens=s["mixed_tokens"],
         )  # fmt: skip
         graphs = executor.graphs
         if self.faults.capture_size is not None:
@@ -156,7 +163,11 @@ class Worker:
             elif msg.kind == Kind.WARM:
                 graphs.warm(msg.json()["n"])
             elif msg.kind == Kind.CAPTURE:
-                result = graphs.capture(msg.json()["size"])
+                order = msg.json()
+                if order.get("mixed"):
+                    result = executor.mixed.capture(order["size"])
+                else:
+                    result = graphs.capture(order["size"])
                 self._answer(Kind.CAPTURED, msg.seq, result.to_json())
             elif msg.kind == Kind.SHUTDOWN:
                 log.info("rank %d shutting down", self.rank)
