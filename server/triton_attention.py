@@ -526,9 +526,9 @@ SHORT_CHUNK_CONFIG = ("per_head", 64, 64, 4, 3)
 _MAX_PREFILL_SPLITS = 8
 _PREFILL_TARGET_PROGRAMS = 256
 # No split shorter than this many keys (`_split_len`): the fp32 partials and the merge cost
-# more than a shorter split saves (H200, 8B heads, .probe/split_probe.py: 512 and 1024-token
-# first chunks ran 1.7x slower split in 2-8; 16 tokens after 4000 fastest in 2 splits, 256
-# after 8192 in 2-4).
+# more than a shorter split saves (H200, 8B heads, bench/results/prefill-split-probe-h200.json,
+# docs/benchmarks.md 8c: 512 and 1024-token first chunks ran 1.7x slower split in 2-8; 16
+# tokens after 4000 fastest in 2 splits, 256 after 8192 in 2-4).
 _MIN_SPLIT_KEYS = 2048
 
 
