@@ -292,7 +292,7 @@ def main() -> None:
         bucket = runner.mixed_policy.select(nd + length, nd + 1, False, args.context)
         entry = {"decode_rows": nd, "prompt_tokens": length, "context": start, "bucket": bucket}
         for label, graph in (("eager", 0), ("graph", bucket)):
-            if label == "graph" and not graph:
+            if label == "graph" and graph <= 0:  # not captured (or unpacked): no graph
                 continue
             plan = mixed_plan(nd, length, start, graph)
             step = functools.partial(executor.execute, plan, None)
