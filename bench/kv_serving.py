@@ -176,7 +176,13 @@ async def run_server(label: str, args, server_args: list[str], parts: list[str],
             if "prefix" in parts:
                 result["prefix"] = await part_prefix(client, url, rng, args.system_len)
             if "interference" in parts:
-                result["interference"] = await part_interference(client, url, rng, args.long_len)
+                runs = [await part_interference(client, url, rng, args.long_len)
+                        for _ in range(args.interference_repeats)]
+                result["interference"] = runs[0] if len(runs) == 1 else {
+                    "runs": runs,
+                    "max_vs_p50_median": percentile([r["max_vs_p50"] for r in runs
+                                                     if r["max_vs_p50"] is not None], 50),
+                }
             if "sweep" in parts:
                 result["sweep"] = await part_sweep(client, url, rng, args.sweep_scale,
                                                    args.sweep_rate_scale)
@@ -235,6 +241,8 @@ def main() -> None:
     ap.add_argument("--sweep-scale", type=float, default=1.0, help="stretch the sweep's stages")
     ap.add_argument("--sweep-rate-scale", type=float, default=1.0, help="scale its rates")
     ap.add_argument("--no-batch8", dest="batch8", action="store_false")
+    ap.add_argument("--interference-repeats", type=int, default=1,
+                    help="run the interference part this many times (median of max/p50)")
     ap.add_argument("--parts", default="ttft,prefix,interference,sweep",
                     help="comma-separated parts for the server under test")
     ap.add_argument("--mixed-baseline", action="store_true",
