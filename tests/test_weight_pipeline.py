@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.common import drop_from_page_cache
 from server import prefetch
 from server.errors import ModelLoadError
 from server.hf_config import load_config
@@ -259,15 +260,6 @@ def test_tokenizer_fallback_still_reads_weights_through_the_pipeline(tmp_path):
 # -- the prefetcher -------------------------------------------------------------------------------
 
 
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 def test_warmer_reads_what_is_not_cached_and_skips_what_is(tmp_path):
     path = build_checkpoint(tmp_path / "m", "llama", seed=2, hidden_size=256,
                             intermediate_size=512)
@@ -275,7 +267,7 @@ def test_warmer_reads_what_is_not_cached_and_skips_what_is(tmp_path):
     plan = load_plan(read_checkpoint(path))
     if prefetch._residency(file) is None:
         pytest.skip("mincore unavailable")
-    _evict(file)
+    drop_from_page_cache(file)
     evicted = prefetch._residency(file)
     if all(evicted):
         pytest.skip("this filesystem does not drop cached pages on request")
@@ -294,7 +286,7 @@ def test_warmer_skips_what_the_pipeline_took_over(tmp_path):
     path = build_checkpoint(tmp_path / "m", "llama", seed=2, hidden_size=256,
                             intermediate_size=512)
     plan = load_plan(read_checkpoint(path))
-    _evict(path / "model.safetensors")
+    drop_from_page_cache(path / "model.safetensors")
     if not prefetch._not_resident(plan):
         pytest.skip("this filesystem does not drop cached pages on request")
     warmer = prefetch.PageCacheWarmer(path, threads=1, start=False)
