@@ -57,6 +57,21 @@ def hbm_read_bandwidth() -> float:
     return nbytes / (ms / 1e3)
 
 
+def fit_depth_unit(points: list[dict]) -> float | None:
+    """Least squares of `wall_ms = c + a * length + b * length * (start + length / 2)` over
+    the grid; returns a / b, the depth at which a token's attention costs its linear layers
+    (`scheduler.ChunkCost.depth_unit`). None when the grid cannot determine it."""
+    import numpy as np
+
+    if len(points) < 4:
+        return None
+    x = np.array([[1.0, p["length"], p["length"] * (p["start"] + p["length"] / 2)]
+                  for p in points])
+    y = np.array([p["wall_ms"] for p in points])
+    (_, a, b), *_ = np.linalg.lstsq(x, y, rcond=None)
+    return float(a / b) if b > 0 and a > 0 else None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -304,6 +319,22 @@ def main() -> None:
     result["mixed_steps"] = mixed
     result["mixed_graphs"] = runner.mixed_policy.snapshot()
 
+    # Mixed-step graphs by chunk length and depth: 4 decode rows beside one prompt chunk of
+    # `length` tokens starting at `start` (what the scheduler's ChunkCost models), graph wall
+    # ms per step; the fitted depth unit is where a token's attention costs its linear layers.
+    depth_grid = {}
+    for length in (64, 128, 256):
+        for start in (0, 2048, 4096, 8192, 14336):
+            bucket = runner.mixed_policy.select(4 + length, 5, False, args.context)
+            if start + length > max_len or bucket <= 0:
+                continue
+            step = functools.partial(executor.execute, mixed_plan(4, length, start, bucket), None)
+            depth_grid[f"{length}@{start}"] = {"length": length, "start": start,
+                                               "bucket": bucket, "wall_ms": wall_ms(step, 20)}
+    result["mixed_depth_grid"] = depth_grid
+    result["mixed_depth_unit_fit"] = fit_depth_unit(list(depth_grid.values()))
+    result["mixed_depth_unit_model"] = runner.chunk_cost.depth_unit
+
     print(f"\n{result['device']}  torch {result['torch']}  kernels={result['kernels']}  "
           f"HBM read {result['hbm_read_gb_s']:.0f} GB/s  weights {result['weight_gb']:.2f} GB  "
           f"floor(b=1, ctx {args.context}) {result['floor_ms_batch1']:.2f} ms")  # fmt: skip
@@ -325,6 +356,10 @@ def main() -> None:
         print(f"mixed step {k} (bucket {v['bucket']}): eager {v['eager_wall_ms']:.2f} ms wall "
               f"/ {v['eager_gpu_ms']:.2f} GPU; graph {v.get('graph_wall_ms', float('nan')):.2f}"
               f" wall / {v.get('graph_gpu_ms', float('nan')):.2f} GPU")  # fmt: skip
+    print(f"mixed graph ms by chunk@start: " + ", ".join(
+        f"{k} {v['wall_ms']:.2f}" for k, v in depth_grid.items()))
+    print(f"depth unit: fitted {result['mixed_depth_unit_fit']}, "
+          f"the server's {result['mixed_depth_unit_model']:.0f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -157,6 +157,12 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                        help="prompt tokens a step may carry while other requests are decoding: "
                        "smaller keeps running streams' inter-token gaps even while a long prompt "
                        "is prefilled, larger prefills it sooner (default: 256)")
+    sched.add_argument("--decode-prefill-depth", type=int, default=None, metavar="TOKENS",
+                       help="context depth at which a prompt token beside decoding requests "
+                       "counts double against --decode-prefill-tokens (its attention costs as much "
+                       "as the rest of its step): deep in a long prompt the chunks shrink so "
+                       "running streams' gaps stay flat; 0 counts every token once (default: from "
+                       "the model's shape on CUDA, 0 on CPU)")
     sched.add_argument("--block-size", type=int, default=eng.block_size, metavar="N",
                        help="tokens per KV-cache block (8, 16, 32, 64 or 128); also the prefix "
                        "cache's granularity")
@@ -281,6 +287,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_queue=args.max_queue,
         max_num_batched_tokens=args.max_num_batched_tokens,
         decode_prefill_tokens=args.decode_prefill_tokens,
+        decode_prefill_depth=args.decode_prefill_depth,
         block_size=args.block_size,
         num_kv_blocks=args.num_kv_blocks,
         enable_prefix_caching=args.enable_prefix_caching,

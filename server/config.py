@@ -108,6 +108,10 @@ class EngineConfig:
     max_num_batched_tokens: int | None = None  # tokens per step; None: 2048 CUDA, 256 CPU
     # Prompt tokens a step may carry beside decode rows (ITL of running streams); None: 256.
     decode_prefill_tokens: int | None = None
+    # Context depth at which a prompt token beside decode rows counts double (its attention
+    # costs as much as its linear layers: `scheduler.ChunkCost`); 0: depth is free; None: from
+    # the model's shape on CUDA, 0 on CPU.
+    decode_prefill_depth: int | None = None
     block_size: int = 16  # tokens per KV-cache block (the prefix cache's granularity too)
     num_kv_blocks: int | None = None  # None: as many as the memory budget holds
     enable_prefix_caching: bool = True  # share full KV blocks between identical prefixes
@@ -165,6 +169,9 @@ class EngineConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+        if self.decode_prefill_depth is not None and self.decode_prefill_depth < 0:
+            raise ConfigError(
+                f"--decode-prefill-depth must be >= 0, got {self.decode_prefill_depth}")
         if self.prefetch_threads < 0:
             raise ConfigError(f"--prefetch-threads must be >= 0, got {self.prefetch_threads}")
         if self.max_queue < 0:

@@ -159,6 +159,7 @@ class AsyncEngine:
             max_model_len=runner.max_model_len,
             max_batched_tokens=runner.max_batched_tokens,
             decode_prefill_tokens=runner.decode_prefill_tokens,
+            chunk_cost=runner.chunk_cost,
             eos_ids=runner.eos_ids,
             tokenizer=runner.checkpoint.tokenizer,
             admission=self._admission,

@@ -74,7 +74,7 @@ from server.logits_processors import PenaltyState, process_and_sample, prompt_lo
 from server.mixed_graph_policy import MixedGraphPolicy
 from server.model_loader import load_checkpoint
 from server.request import TokenLogprob
-from server.scheduler import ScheduledStep, Sequence, StepResult
+from server.scheduler import ChunkCost, ScheduledStep, Sequence, StepResult
 from server.step_executor import StepExecutor
 from server.step_plan import StepPlan, StepPlanner, warmup_plans
 
@@ -82,6 +82,21 @@ log = logging.getLogger("graphserve.engine")
 
 # Test seam: on CPU, "capture" graphs that replay the eager step (graph_runner's docstring).
 EMULATE_GRAPHS_ENV = "GRAPHSERVE_EMULATE_GRAPHS"
+
+# How much slower per FLOP a prompt chunk's attention runs than its linear layers in a step
+# beside decode rows (a chunk of ~256 tokens: the GEMMs near peak, the attention over a paged
+# cache far from it). Measured on an H200 with the 8B (docs/benchmarks.md section 8d).
+ATTENTION_FLOP_SLOWDOWN = 6.4
+
+
+def prefill_depth_unit(shape) -> int:
+    """The context depth at which a prompt token's attention costs as much as its linear
+    layers (`scheduler.ChunkCost.depth_unit`), from the model's shape: a token does 2 FLOPs per
+    linear weight and 4 per (key, query-head dimension), scaled by the measured slowdown."""
+    q = shape.num_heads * shape.head_dim
+    kv = shape.num_kv_heads * shape.head_dim
+    weights = shape.hidden_size * (2 * q + 2 * kv + 3 * shape.intermediate_size)
+    return round(2 * weights / (4 * q) / ATTENTION_FLOP_SLOWDOWN)
 
 
 def share_cpu_threads(world: int) -> None:
@@ -197,6 +212,10 @@ class ModelRunner:
         self.max_batched_tokens = cfg.max_num_batched_tokens_for(device)
         self.decode_prefill_tokens = cfg.decode_prefill_tokens_for(device)
         model = self.checkpoint.model
+        depth = cfg.decode_prefill_depth
+        if depth is None:
+            depth = prefill_depth_unit(model.shape) if cuda else 0
+        self.chunk_cost = ChunkCost(float(depth), model.shape.sliding_window)
         disabled = None
         if not (cuda or emulate) and cfg.graph_capture != "off":
             disabled = "CUDA graphs need a CUDA device; running eagerly on CPU"

@@ -11,7 +11,9 @@ is preempted. Each step (`schedule()`) carries, under one token budget
 * prompt chunks of prefilling sequences, in admission order, with what the budget leaves — but
   at most `decode_prefill_tokens` while decode rows ride in the step: a step's time grows with
   its prompt tokens, and every running stream waits for the whole step, so a long prompt is fed
-  in small chunks beside running streams and in full-budget chunks when nothing decodes.
+  in small chunks beside running streams and in full-budget chunks when nothing decodes. Beside
+  decode rows a chunk deep in its context also pays for the keys it reads (`ChunkCost`): there
+  its chunks shrink, so the step stays about as long as a shallow chunk's.
 
 A step with prompt chunks is a *mixed* step (run eagerly); one without is decode-only (run on
 a captured graph). Waiting sequences are admitted while a table row is free and the block pool
@@ -57,6 +59,45 @@ from server.seeds import choice_key
 # Prompt chunks of a sequence that wants prompt logprobs: every position's logits are kept,
 # so the chunk bounds that memory (256 x 128k vocabulary x 4 bytes = 128 MB).
 PROMPT_LOGPROBS_CHUNK = 256
+MIN_DEEP_CHUNK = 16  # a step's first chunk beside decode rows is at least this (or its budget)
+
+
+@dataclass(frozen=True)
+class ChunkCost:
+    """What a prompt chunk beside decode rows costs, in prompt tokens at context 0.
+
+    A chunk of `take` tokens starting at context `start` runs its linear layers once per token
+    and its attention once per (token, key) pair; `depth_unit` is the context depth at which a
+    token's attention costs as much as its linear layers. So the chunk costs
+    `take * (1 + mean_depth / depth_unit)`, where the mean depth is `start + take / 2` (bounded
+    by a sliding `window`). The running streams wait for the whole step, so the step's prompt
+    chunks together cost at most `decode_prefill_tokens`; a deep chunk is then smaller and the
+    step about as long as a shallow one (measured: `docs/benchmarks.md` section 8d).
+    `depth_unit` 0 disables this: every token costs 1.
+    """
+
+    depth_unit: float = 0.0
+    window: int | None = None
+
+    def _depth(self, start: int) -> float:
+        return min(start, self.window) if self.window else start
+
+    def cost(self, start: int, take: int) -> float:
+        if not self.depth_unit:
+            return float(take)
+        return take * (1.0 + self._depth(start + take / 2) / self.depth_unit)
+
+    def affordable(self, start: int, budget: float) -> int:
+        """The most tokens from `start` whose cost fits `budget`."""
+        if not self.depth_unit:
+            return int(budget)
+        u = self.depth_unit
+        if self.window and start >= self.window:  # the depth is flat: linear in take
+            take = budget / (1.0 + self.window / u)
+        else:  # take^2 / 2u + take (1 + start/u) = budget
+            b = 1.0 + start / u
+            take = u * ((b * b + 2.0 * budget / u) ** 0.5 - b)
+        return int(take)
 
 
 class Admission:
@@ -199,6 +240,7 @@ class Scheduler:
         max_model_len: int,
         max_batched_tokens: int,
         decode_prefill_tokens: int | None = None,
+        chunk_cost: ChunkCost | None = None,
         eos_ids: frozenset[int],
         tokenizer,
         admission: Admission,
@@ -210,6 +252,7 @@ class Scheduler:
         # Decode rows take one token each out of the budget; keep room for a prompt chunk.
         self.max_batched_tokens = max(max_batched_tokens, max_num_seqs + 1)
         self.decode_prefill_tokens = decode_prefill_tokens or self.max_batched_tokens
+        self.chunk_cost = chunk_cost or ChunkCost()
         self.eos_ids = eos_ids
         self.blocks = block_manager
         self.grammars = grammars  # GrammarBackend (None: grammars are refused)
@@ -319,15 +362,23 @@ class Scheduler:
         if self.preemptions == preempted_before:  # no admission right after a preemption:
             self._admit()  # the freed blocks go to the sequences still running first
         prefill = []
+        # Beside decode rows the budget is in ChunkCost units (a deep chunk costs more than its
+        # tokens); the step's token count stays within the token budget either way.
+        cost_budget = float(budget) if decode else 0.0
         for seq in self.prefilling:
-            if budget <= 0:
+            if budget <= 0 or (decode and cost_budget <= 0):
                 break
             take = min(seq.fill_target - seq.num_computed, budget)
+            if decode:  # the step's first chunk always makes some progress
+                fits = self.chunk_cost.affordable(seq.num_computed, cost_budget)
+                take = min(take, max(fits, 0 if prefill else MIN_DEEP_CHUNK))
             if seq.prompt_lps is not None:
                 take = min(take, PROMPT_LOGPROBS_CHUNK)
             if take > 0:
                 prefill.append(PrefillItem(seq, seq.num_computed, take))
                 budget -= take
+                if decode:
+                    cost_budget -= self.chunk_cost.cost(seq.num_computed, take)
         if not decode and not prefill:
             return None
         return ScheduledStep(decode, prefill)

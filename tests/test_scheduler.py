@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from server.block_manager import BlockManager
 from server.request import SamplingParams
-from server.scheduler import Admission, NewRequest, Scheduler, StepResult
+from server.scheduler import (MIN_DEEP_CHUNK, Admission, ChunkCost, NewRequest, Scheduler,
+                              StepResult)
 from tests.helpers.fake_engine import FakeTokenizer
 
 
@@ -49,6 +50,62 @@ def test_prompt_chunks_shrink_to_the_decode_cap_beside_running_streams():
         seen += [item.length for item in step.prefill]
         _run(sched, step)
     assert seen == [8, 8, 8, 8]  # never the 63 the budget would allow
+
+
+def test_chunk_cost_counts_depth_and_inverts_exactly():
+    flat = ChunkCost()
+    assert flat.cost(10_000, 64) == 64 and flat.affordable(10_000, 64.0) == 64
+    cost = ChunkCost(depth_unit=4096)
+    assert cost.cost(0, 256) == 256 * (1 + 128 / 4096)
+    assert cost.cost(4096 - 128, 256) == 512  # mean depth = the unit: each token counts twice
+    for start in (0, 100, 2048, 8000, 60_000):
+        take = cost.affordable(start, 256.0)
+        assert cost.cost(start, take) <= 256 < cost.cost(start, take + 1)
+    assert cost.affordable(8000, 256.0) < cost.affordable(2048, 256.0) < 256
+    windowed = ChunkCost(depth_unit=4096, window=1024)  # attention never reads more keys
+    assert windowed.affordable(50_000, 256.0) == windowed.affordable(1024, 256.0) == int(
+        256 / (1 + 1024 / 4096))
+    assert windowed.cost(50_000, 100) == 100 * 1.25
+
+
+def _decode_beside(sched: Scheduler, prompt: int, steps: int) -> list[tuple[int, int]]:
+    """a decodes; b's prompt of `prompt` tokens arrives: (start, length) of b's chunks."""
+    _add(sched, "a", 5, max_tokens=500)
+    _run(sched, sched.schedule())
+    _add(sched, "b", prompt)
+    chunks = []
+    for _ in range(steps):
+        step = sched.schedule()
+        assert [s.request_id for s in step.decode] == ["a"]
+        chunks += [(item.start, item.length) for item in step.prefill]
+        _run(sched, step)
+    return chunks
+
+
+def test_deep_chunks_beside_running_streams_shrink_by_their_cost():
+    cost = ChunkCost(depth_unit=256)
+    sched = _scheduler(max_model_len=4096, max_batched_tokens=512, decode_prefill_tokens=128,
+                       chunk_cost=cost, block_manager=BlockManager(300, 16))
+    chunks = _decode_beside(sched, 3000, 80)
+    lengths = [n for _, n in chunks]
+    assert lengths == sorted(lengths, reverse=True) and lengths[0] < 128  # shrink with depth
+    assert all(start + n == nxt for (start, n), (nxt, _) in zip(chunks, chunks[1:]))
+    for start, n in chunks:
+        assert n == max(cost.affordable(start, 128.0), MIN_DEEP_CHUNK)
+    assert lengths[-1] == MIN_DEEP_CHUNK  # deep enough that the floor keeps it moving
+
+
+def test_depth_does_not_limit_chunks_when_nothing_decodes():
+    sched = _scheduler(max_model_len=4096, max_batched_tokens=256, decode_prefill_tokens=64,
+                       chunk_cost=ChunkCost(depth_unit=16), block_manager=BlockManager(300, 16))
+    _add(sched, "b", 1000)
+    seen = []
+    while (step := sched.schedule()) and step.prefill:
+        seen.append(step.prefill[0].length)
+        _run(sched, step)
+        if sum(seen) >= 1000:
+            break
+    assert seen == [256, 256, 256, 232]
 
 
 def test_the_newest_sequence_is_preempted_when_blocks_run_out_and_resumes_first():
