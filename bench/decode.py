@@ -356,7 +356,7 @@ def main() -> None:
         print(f"mixed step {k} (bucket {v['bucket']}): eager {v['eager_wall_ms']:.2f} ms wall "
               f"/ {v['eager_gpu_ms']:.2f} GPU; graph {v.get('graph_wall_ms', float('nan')):.2f}"
               f" wall / {v.get('graph_gpu_ms', float('nan')):.2f} GPU")  # fmt: skip
-    print(f"mixed graph ms by chunk@start: " + ", ".join(
+    print("mixed graph ms by chunk@start: " + ", ".join(
         f"{k} {v['wall_ms']:.2f}" for k, v in depth_grid.items()))
     print(f"depth unit: fitted {result['mixed_depth_unit_fit']}, "
           f"the server's {result['mixed_depth_unit_model']:.0f}")

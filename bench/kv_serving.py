@@ -112,15 +112,20 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
     await stream_completion(client, url, "", long_req)
     t_first = long_req.chunks[0] if long_req.chunks else time.perf_counter()
     await asyncio.gather(*tasks)
-    steady, during = [], []
+    steady, during, when = [], [], []
     for r in streams:
         for a, b in zip(r.chunks, r.chunks[1:], strict=False):
             (during if b >= t_arrive and a <= t_first else steady).append((b - a) * 1e3)
+            if b >= t_arrive and a <= t_first:
+                when.append(((b - t_arrive) * 1e3, (b - a) * 1e3))
     p50 = percentile(steady, 50)
+    # Where in the prefill the long gaps fall (ms after the long prompt was sent, gap ms).
+    slow = [(round(t, 1), round(g, 2)) for t, g in sorted(when) if p50 and g > 2.5 * p50]
     out = {"long_prompt_tokens": long_len, "long_ttft_ms": ttft_ms(long_req),
            "stream_itl_p50_ms": p50, "during_prefill_max_ms": max(during) if during else None,
            "during_prefill_p99_ms": percentile(during, 99),
            "max_vs_p50": (max(during) / p50) if during and p50 else None,
+           "gaps_over_2_5x_p50": slow,
            "errors": _errors(streams + [long_req])}
     print(f"  interference: {out}", flush=True)
     return out

@@ -56,6 +56,7 @@ from server.errors import (
     QueueFullError,
     StartupError,
 )
+from server.gc_control import freeze_startup_heap
 from server.kernel_cache import start_seeding
 from server.request import RequestOutput, SamplingParams
 from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler, StepResult
@@ -178,6 +179,7 @@ class AsyncEngine:
         self.tokenizer = runner.checkpoint.api_tokenizer
         self.vocab_size = runner.vocab_size
         self._accepting = True
+        freeze_startup_heap()  # no full collection scans the startup heap while serving
         self.ready.set()
         self._set_phase("ready")
         try:

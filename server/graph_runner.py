@@ -19,7 +19,6 @@ padded dispatch and the ranks' capture agreement without a GPU.
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from server import ops
+from server.gc_control import no_collection
 
 logger = logging.getLogger(__name__)
 
@@ -141,34 +141,30 @@ class DecodeGraphRunner:
 
     # -- capture ----------------------------------------------------------------------------
 
-    def capture(self, size: int, bulk: bool = False) -> CaptureResult:
+    def capture(self, size: int) -> CaptureResult:
         """Capture the graph for `size`; errors never escape, they make a failed result.
 
-        `bulk`: the caller has frozen the garbage collector around several captures.
-        A failed capture may leave its graph holding blocks of the shared pool; freeing it (or
-        any graph of the pool) and capturing again into that pool trips an allocator assert,
-        so failed graphs are kept alive, and the caller never retries a size.
+        No garbage collection runs during it (`server.gc_control.no_collection`). A failed
+        capture may leave its graph holding blocks of the shared pool; freeing it (or any graph
+        of the pool) and capturing again into that pool trips an allocator assert, so failed
+        graphs are kept alive, and the caller never retries a size.
         """
         if size in self.graphs or not 1 <= size <= self.max_n:
             raise ValueError(f"cannot capture batch size {size}: captured already or out of "
                              f"1..{self.max_n}")
         if not (self.cuda or self.emulate):
             raise RuntimeError("CUDA graphs need a CUDA device")
-        if not bulk:
-            gc.freeze()  # no GC pass (and no tensor frees from __del__) during the capture
         t0 = time.perf_counter()
         try:
-            if self.emulate:
-                graph = self._capture_emulated(size)
-            else:
-                graph = self._capture_cuda(size)
+            with no_collection():
+                if self.emulate:
+                    graph = self._capture_emulated(size)
+                else:
+                    graph = self._capture_cuda(size)
         except Exception as exc:  # OOM, CUDA error, injected fault
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             logger.warning("graph capture for batch size %d failed: %s", size, reason)
             return CaptureResult(size, False, time.perf_counter() - t0, self.pool_bytes(), reason)
-        finally:
-            if not bulk:
-                gc.unfreeze()
         seconds = time.perf_counter() - t0
         self.graphs[size] = graph
         pool_bytes = self.pool_bytes()

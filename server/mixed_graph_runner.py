@@ -27,12 +27,12 @@ forward at width T, so CI runs the padding and dispatch without a GPU.
 
 from __future__ import annotations
 
-import gc
 import logging
 import time
 
 import torch
 
+from server.gc_control import no_collection
 from server.graph_runner import CaptureResult, DecodeGraphRunner
 from server.step_plan import StepPlan
 
@@ -77,22 +77,20 @@ class MixedGraphRunner:
         dg = self.decode_graphs
         if size in self.graphs or not 1 <= size <= self.max_tokens:
             raise ValueError(f"cannot capture mixed bucket {size}: captured or out of range")
-        gc.freeze()
         t0 = time.perf_counter()
         try:
             self._fill_padding()
-            if dg.emulate:
-                if dg.fault_injector is not None:
-                    dg.fault_injector(-size)  # negative: a mixed bucket (tests)
-                graph = size
-            else:
-                graph = self._capture_cuda(size)
+            with no_collection():
+                if dg.emulate:
+                    if dg.fault_injector is not None:
+                        dg.fault_injector(-size)  # negative: a mixed bucket (tests)
+                    graph = size
+                else:
+                    graph = self._capture_cuda(size)
         except Exception as exc:
             reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
             logger.warning("mixed-step graph capture for %d tokens failed: %s", size, reason)
             return CaptureResult(size, False, time.perf_counter() - t0, dg.pool_bytes(), reason)
-        finally:
-            gc.unfreeze()
         seconds = time.perf_counter() - t0
         self.graphs[size] = graph
         pool = dg.pool_bytes()

@@ -68,6 +68,7 @@ from server.distributed.protocol import Kind
 from server.distributed.sharding import TPShard
 from server.engine_protocol import PhaseCallback
 from server.errors import FatalEngineError, StartupError
+from server.gc_control import no_collection
 from server.graph_warmup import CapturePolicy
 from server.kv_cache import KVPlan, agree, plan_kv_cache
 from server.logits_processors import PenaltyState, process_and_sample, prompt_logprobs
@@ -84,9 +85,11 @@ log = logging.getLogger("graphserve.engine")
 EMULATE_GRAPHS_ENV = "GRAPHSERVE_EMULATE_GRAPHS"
 
 # How much slower per FLOP a prompt chunk's attention runs than its linear layers in a step
-# beside decode rows (a chunk of ~256 tokens: the GEMMs near peak, the attention over a paged
-# cache far from it). Measured on an H200 with the 8B (docs/benchmarks.md section 8d).
-ATTENTION_FLOP_SLOWDOWN = 6.4
+# beside decode rows (chunks of 64-256 tokens: the GEMMs near peak, the attention over a paged
+# cache far from it). Fitted on an H200 with the 8B: mixed-step graph times over chunk lengths
+# and depths (bench.decode's depth grid; docs/benchmarks.md section 8d) give a depth unit of
+# ~5,900 tokens against the 26,600 that equal per-FLOP speed would give.
+ATTENTION_FLOP_SLOWDOWN = 4.5
 
 
 def prefill_depth_unit(shape) -> int:
@@ -347,14 +350,11 @@ class ModelRunner:
             # graph: a full collection of the torch + transformers heap (~0.2 s measured on
             # the H100 box) would only delay readiness.
             gc.collect()
-        gc.freeze()
-        try:
+        with no_collection():
             for size in plan:
                 if not self.policy.active:  # the largest failed: the policy is off, serve eagerly
                     break
-                self.capture(size, bulk=True)
-        finally:
-            gc.unfreeze()
+                self.capture(size)
         if self.policy.reason is not None:  # off: the largest decode capture failed
             self.mixed_policy.disable(self.policy.reason)
         for size in self.mixed_policy.startup_plan():  # eager mode: every bucket before ready
@@ -524,7 +524,7 @@ class ModelRunner:
 
     # -- graphs -----------------------------------------------------------------------------
 
-    def capture(self, size: int, bulk: bool = False, mixed: bool = False) -> None:
+    def capture(self, size: int, mixed: bool = False) -> None:
         """Capture decode batch size `size` (or, `mixed`, the mixed-step bucket of `size`
         tokens) on every rank at this step boundary and record the agreement.
 
@@ -540,8 +540,7 @@ class ModelRunner:
         try:
             order = {"size": size, "mixed": mixed}
             seq = self.tp.send_json(Kind.CAPTURE, order) if self.tp else None
-            local = self.executor.mixed.capture(size) if mixed else self.graphs.capture(
-                size, bulk=bulk)
+            local = self.executor.mixed.capture(size) if mixed else self.graphs.capture(size)
             results = [local.to_json()]
             if self.tp is not None:
                 results += self.tp.collect(Kind.CAPTURED, seq)

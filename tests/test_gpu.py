@@ -176,7 +176,7 @@ def _runner(model_dir, sizes, mode="eager", block_size=16):
     torch.cuda.synchronize()
     for size in policy.startup_plan():
         policy.begin(size)
-        result = runner.capture(size, bulk=True)
+        result = runner.capture(size)
         assert result.ok, result.error
         policy.succeeded(size, result.seconds, result.pool_bytes)
     policy.mark_ready()
@@ -408,13 +408,16 @@ async def test_prefix_cache_hit_gives_the_same_output(separated_model_dir):
 
 async def test_chunked_prefill_gives_the_same_tokens(long_context_model_dir):
     """A 3000-token prompt prefilled in chunks of 512 (each chunk attending to the earlier ones
-    through the cache) gives the greedy tokens of one 3000-token chunk."""
+    through the cache) gives the greedy tokens of one 3000-token chunk. Float32: a 512-token
+    chunk's deep query blocks split their keys (split-KV, merged by log-sum-exp) where the one
+    3000-token chunk's do not, a legitimate rounding change that flipped a bf16 near-tie a few
+    tokens in (H200, 2026-11-30); the chunking and the cache reads are what is under test."""
     prompt = torch.randint(2, 400, (3000,), generator=torch.Generator().manual_seed(51)).tolist()
     results, mixed = {}, {}
     for budget in (512, 4096):
         engine = start(long_context_model_dir, max_model_len=4096, block_size=16,
                        num_kv_blocks=1 + 2 * 4096 // 16, max_num_batched_tokens=budget,
-                       graph_capture="eager")
+                       graph_capture="eager", dtype="float32")
         try:
             before = engine.stats()["mixed_steps"]
             results[budget], _ = await generate(engine, prompt, 16)

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from server.block_manager import BlockManager
 from server.request import SamplingParams
-from server.scheduler import (MIN_DEEP_CHUNK, Admission, ChunkCost, NewRequest, Scheduler,
-                              StepResult)
+from server.scheduler import MIN_DEEP_CHUNK, Admission, ChunkCost, NewRequest, Scheduler, StepResult
 from tests.helpers.fake_engine import FakeTokenizer
 
 
@@ -89,7 +88,7 @@ def test_deep_chunks_beside_running_streams_shrink_by_their_cost():
     chunks = _decode_beside(sched, 3000, 80)
     lengths = [n for _, n in chunks]
     assert lengths == sorted(lengths, reverse=True) and lengths[0] < 128  # shrink with depth
-    assert all(start + n == nxt for (start, n), (nxt, _) in zip(chunks, chunks[1:]))
+    assert all(start + n == nxt for (start, n), (nxt, _) in zip(chunks, chunks[1:], strict=False))
     for start, n in chunks:
         assert n == max(cost.affordable(start, 128.0), MIN_DEEP_CHUNK)
     assert lengths[-1] == MIN_DEEP_CHUNK  # deep enough that the floor keeps it moving

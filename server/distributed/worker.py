@@ -35,6 +35,7 @@ import sys
 import threading
 
 from server.distributed.protocol import Kind, PeerGone, frame_json, read_message, write_all
+from server.gc_control import freeze_startup_heap
 from server.logging_setup import setup_logging
 
 log = logging.getLogger("graphserve.tp.worker")
@@ -143,6 +144,8 @@ class Worker:
         self._answer(Kind.READY, setup.seq, {"device": graphs.device_info()})
         log.info("rank %d ready: %.2f GB of weights, %d KV blocks", self.rank,
                  model.weight_bytes / 1e9, s["num_blocks"])
+        # A full collection here stalls every rank's collectives (server.gc_control).
+        freeze_startup_heap()
 
         prev_tokens = None
         steps = 0
