@@ -29,6 +29,7 @@ TORCH_FREE = (
     "server.graph_warmup",
     "server.graph_memory",
     "server.mixed_graph_policy",
+    "server.gc_control",
     "server.detokenizer",
     "server.hf_config",
     "server.tokenizer",
