@@ -29,8 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_attention", "decode_attention_splits", "decode_min_split", "prefill_attention",
-           "prefill_splits"]
+__all__ = ["decode_attention", "decode_attention_splits", "prefill_attention", "prefill_splits"]
 
 # Under the interpreter, Triton 3.x computes `tl.dot` on bfloat16 operands wrongly (it treats the
 # raw bits as integers); upcasting the operands to fp32 there keeps the CPU tests meaningful.
@@ -78,24 +77,14 @@ _BLOCK_N_FP32 = 32  # fp32 caches: exact fp32 dots hold more in registers
 _MAX_SPLITS = 32  # also the reduce kernel's fixed (padded) split width: one compile per model
 _TARGET_PROGRAMS = 2048  # split so that N * Hkv * splits reaches this (H100/H200: 132 SMs)
 _MIN_SPLITS = 4  # keeps a long sequence from serialising a mixed-length batch
-# The shortest split (keys), by how many (row, KV head) programs there are without splitting:
-# a row shorter than it runs as one split, which writes its output directly (no partials, no
-# merge). Few programs need short splits to fill the GPU; many programs fill it already, and
-# there short splits only add partials and merge work (batch 64, context 512, 8 KV heads: 4
-# splits of 128 keys took 48 us per layer, one split of 512 keys 39 us; at batch 1 the 512-key
-# minimum took 13.4 us against 5.7 us with 64 — H200, docs/benchmarks.md section 8d).
-_SPLIT_LEN_PER_PROGRAM = 4  # min split = 4 keys per program, clamped to [BLOCK_N, 512]
-_MAX_MIN_SPLIT = 512
+# The shortest split (keys): a row shorter than this runs as one split, which writes its output
+# directly (no partials, nothing to merge). Short splits cost more than they parallelise: at
+# batch 64 and context 512 (4 splits of 128 keys) the merge alone took 0.28 ms of a 6.2 ms 8B
+# step on the H200 (docs/benchmarks.md section 8d).
+_MIN_SPLIT_LEN = 512
 
 
-def decode_min_split(batch: int, num_kv_heads: int) -> int:
-    """The shortest split decode_attention makes for a batch of these shapes (a multiple of
-    the 16-bit kernels' BLOCK_N; pure function of shapes, like the split count)."""
-    keys = _SPLIT_LEN_PER_PROGRAM * max(1, batch * num_kv_heads)
-    return min(_MAX_MIN_SPLIT, max(_BLOCK_N, keys // _BLOCK_N * _BLOCK_N))
-
-
-@triton.jit(do_not_specialize=["num_splits", "min_split"])
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
     q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, lens_ptr, part_o_ptr, part_lse_ptr, out_ptr,
     stride_qn, stride_qh,
@@ -104,7 +93,6 @@ def _decode_split_kernel(
     stride_tok,  # cache stride of one token (Hkv * D); a head's row is contiguous
     num_q_heads,
     num_splits,
-    min_split,  # keys; a multiple of BLOCK_N
     head_dim,
     max_len,
     scale_log2,  # softmax scale * log2(e): the kernel works in base 2
@@ -113,6 +101,7 @@ def _decode_split_kernel(
     GROUP_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -121,9 +110,9 @@ def _decode_split_kernel(
     # Clamped to [1, max_len] so a bad length can never read outside the table row (the
     # contract says 1 <= seq_len <= max_len; this only makes a violation harmless).
     seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
-    # The split length depends on this row's seq_len (at least min_split keys), so a short
+    # The split length depends on this row's seq_len (at least MIN_SPLIT keys), so a short
     # sequence is covered by a few splits and the rest exit here without reading or writing.
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, min_split)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
     start = split * split_len
     if start < seq_len:
         end = tl.minimum(start + split_len, seq_len)
@@ -179,16 +168,16 @@ def _decode_split_kernel(
             tl.store(part_lse_ptr + part_rows, m_i + tl.log2(l_i), mask=g_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits", "min_split"])
+@triton.jit(do_not_specialize=["num_splits"])
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, lens_ptr, out_ptr,
     stride_on, stride_oh,
     num_q_heads,
     num_splits,
-    min_split,
     head_dim,
     max_len,
     BLOCK_N: tl.constexpr,
+    MIN_SPLIT: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -197,7 +186,7 @@ def _decode_reduce_kernel(
     seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
     # Same split arithmetic as the split kernel: only the splits that ran are read, and a row
     # that ran as one split has its output written already.
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, min_split)
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
     if split_len < seq_len:
         active = tl.cdiv(seq_len, split_len)
         offs_s = tl.arange(0, SPLITS_PAD)
@@ -220,7 +209,7 @@ def decode_attention_splits(batch: int, num_kv_heads: int, max_len: int) -> int:
     Enough (row, kv head, split) programs to fill the GPU at small batch, at least a few splits
     so one long sequence does not serialise a mixed batch, and never more splits than blocks.
     """
-    by_len = max(1, triton.cdiv(max_len, decode_min_split(batch, num_kv_heads)))
+    by_len = max(1, triton.cdiv(max_len, _MIN_SPLIT_LEN))  # splits a full row can use
     by_occupancy = max(_MIN_SPLITS, triton.cdiv(_TARGET_PROGRAMS, max(1, batch * num_kv_heads)))
     return max(1, min(_MAX_SPLITS, by_len, by_occupancy))
 
@@ -245,7 +234,7 @@ def decode_attention(
     `num_splits` in [1, 32] overrides the split-K policy (benchmarks and tests sweep it);
     `config` = (BLOCK_N, num_warps, num_stages) overrides the launch (16-bit caches). `out`
     (shaped like q, unit stride along D) receives the result instead of a new tensor.
-    `min_split_keys` overrides `decode_min_split` (tests make it short to exercise the merge).
+    `min_split_keys` overrides `_MIN_SPLIT_LEN` (tests make it short to exercise the merge).
     """
     _check_cache(q, k_cache, v_cache)
     if q.dim() != 3:
@@ -277,10 +266,7 @@ def decode_attention(
         block_n, warps, stages = _BLOCK_N_FP32, 8, 2
     else:
         block_n, warps, stages = config or (_BLOCK_N, 4, 2)
-    if min_split_keys is None:  # rounded up to this launch's tile (a `config` may widen it)
-        min_split = triton.cdiv(decode_min_split(n_rows, num_kv_heads), block_n) * block_n
-    else:
-        min_split = min_split_keys
+    min_split = _MIN_SPLIT_LEN if min_split_keys is None else min_split_keys
     if min_split < block_n or min_split % block_n:
         raise ValueError(f"min_split_keys must be a multiple of BLOCK_N={block_n}")
     _decode_split_kernel[(n_rows, num_kv_heads, num_splits)](
@@ -289,12 +275,13 @@ def decode_attention(
         out.stride(0), out.stride(1),
         block_tables.stride(0),
         k_cache.stride(1),
-        num_q_heads, num_splits, min_split, head_dim, max_len, float(scale) * _LOG2E,
+        num_q_heads, num_splits, head_dim, max_len, float(scale) * _LOG2E,
         PAGE=page,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
         BLOCK_D=block_d,
         BLOCK_N=block_n,
+        MIN_SPLIT=min_split,
         DOT_F32=dot_f32,
         num_warps=warps,
         num_stages=stages,
@@ -304,8 +291,9 @@ def decode_attention(
     _decode_reduce_kernel[(n_rows, num_q_heads)](
         part_o, part_lse, seq_lens, out,
         out.stride(0), out.stride(1),
-        num_q_heads, num_splits, min_split, head_dim, max_len,
+        num_q_heads, num_splits, head_dim, max_len,
         BLOCK_N=block_n,
+        MIN_SPLIT=min_split,
         SPLITS_PAD=_MAX_SPLITS,
         BLOCK_D=block_d,
         num_warps=4,

@@ -312,23 +312,13 @@ def test_split_policy_is_a_function_of_shapes():
         for max_len in (1, 63, 64, 65, 4096, 131072):
             splits = triton_attention.decode_attention_splits(batch, 8, max_len)
             assert 1 <= splits <= 32
-            # Never more splits than a full row fills at the shortest split.
-            shortest = triton_attention.decode_min_split(batch, 8)
-            assert splits <= max(1, -(-max_len // shortest))
-    assert triton_attention.decode_attention_splits(1, 8, 4096) == 32  # batch 1 fills the GPU
+            # Never more splits than a full row fills at the shortest split (512 keys).
+            assert splits <= max(1, -(-max_len // 512))
+    assert triton_attention.decode_attention_splits(1, 8, 131072) == 32  # batch 1 fills the GPU
+    assert triton_attention.decode_attention_splits(1, 8, 4096) == 8
     assert triton_attention.decode_attention_splits(64, 8, 4096) == 4
     assert triton_attention.decode_attention_splits(64, 8, 512) == 1  # one split: no merge
     assert triton_attention.decode_attention_splits(1, 8, 16) == 1  # one block: no split
-
-
-def test_short_splits_only_where_programs_are_few():
-    """Few (row, KV head) programs split into tiles of 64 keys to fill the GPU; many programs
-    keep splits of up to 512 keys, so short rows run as one split with no merge."""
-    shortest = triton_attention.decode_min_split
-    assert shortest(1, 8) == 64 and shortest(8, 8) == 256 and shortest(64, 8) == 512
-    assert shortest(256, 8) == 512 and shortest(1, 1) == 64
-    assert all(shortest(b, 8) % 64 == 0 for b in range(1, 300))
-    assert [shortest(b, 8) for b in range(1, 300)] == sorted(shortest(b, 8) for b in range(1, 300))
 
 
 @pytest.mark.usefixtures("interpreter_loops")
