@@ -77,18 +77,12 @@ _BLOCK_N_FP32 = 32  # fp32 caches: exact fp32 dots hold more in registers
 _MAX_SPLITS = 32  # also the reduce kernel's fixed (padded) split width: one compile per model
 _TARGET_PROGRAMS = 2048  # split so that N * Hkv * splits reaches this (H100/H200: 132 SMs)
 _MIN_SPLITS = 4  # keeps a long sequence from serialising a mixed-length batch
-# The shortest split (keys): a row shorter than this runs as one split, which writes its output
-# directly (no partials, nothing to merge). Short splits cost more than they parallelise: at
-# batch 64 and context 512 (4 splits of 128 keys) the merge alone took 0.28 ms of a 6.2 ms 8B
-# step on the H200 (docs/benchmarks.md section 8d).
-_MIN_SPLIT_LEN = 512
 
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, lens_ptr, part_o_ptr, part_lse_ptr, out_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, lens_ptr, part_o_ptr, part_lse_ptr,
     stride_qn, stride_qh,
-    stride_on, stride_oh,
     stride_bt,
     stride_tok,  # cache stride of one token (Hkv * D); a head's row is contiguous
     num_q_heads,
@@ -101,7 +95,6 @@ def _decode_split_kernel(
     GROUP_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    MIN_SPLIT: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -110,9 +103,9 @@ def _decode_split_kernel(
     # Clamped to [1, max_len] so a bad length can never read outside the table row (the
     # contract says 1 <= seq_len <= max_len; this only makes a violation harmless).
     seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
-    # The split length depends on this row's seq_len (at least MIN_SPLIT keys), so a short
-    # sequence is covered by a few splits and the rest exit here without reading or writing.
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
+    # The split length depends on this row's seq_len, so a short sequence is covered by a few
+    # splits and the rest exit here without reading or writing anything.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
     start = split * split_len
     if start < seq_len:
         end = tl.minimum(start + split_len, seq_len)
@@ -157,15 +150,12 @@ def _decode_split_kernel(
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
+        # Partials: the split's normalised output and its log2-sum-exp, per query head.
+        part_rows = (row * num_q_heads + heads) * num_splits + split
         out_mask = g_mask[:, None] & d_mask[None, :]
-        if split_len >= seq_len:  # the row's only split: its output is final
-            tl.store(out_ptr + row * stride_on + heads[:, None] * stride_oh + offs_d[None, :],
-                     (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:  # partials: the split's normalised output and its log2-sum-exp, per query head
-            part_rows = (row * num_q_heads + heads) * num_splits + split
-            tl.store(part_o_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
-                     acc / l_i[:, None], mask=out_mask)
-            tl.store(part_lse_ptr + part_rows, m_i + tl.log2(l_i), mask=g_mask)
+        tl.store(part_o_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
+                 acc / l_i[:, None], mask=out_mask)
+        tl.store(part_lse_ptr + part_rows, m_i + tl.log2(l_i), mask=g_mask)
 
 
 @triton.jit(do_not_specialize=["num_splits"])
@@ -177,30 +167,27 @@ def _decode_reduce_kernel(
     head_dim,
     max_len,
     BLOCK_N: tl.constexpr,
-    MIN_SPLIT: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
-    # Same split arithmetic as the split kernel: only the splits that ran are read, and a row
-    # that ran as one split has its output written already.
-    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, MIN_SPLIT)
-    if split_len < seq_len:
-        active = tl.cdiv(seq_len, split_len)
-        offs_s = tl.arange(0, SPLITS_PAD)
-        offs_d = tl.arange(0, BLOCK_D)
-        s_mask = offs_s < active
-        base = (row * num_q_heads + head) * num_splits
-        lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
-        weights = tl.exp2(lse - tl.max(lse, axis=0))
-        weights = tl.where(s_mask, weights, 0.0)
-        o = tl.load(part_o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-                    mask=s_mask[:, None], other=0.0)
-        out = tl.sum(o * weights[:, None], axis=0) / tl.sum(weights, axis=0)
-        tl.store(out_ptr + row * stride_on + head * stride_oh + offs_d,
-                 out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
+    # Same split arithmetic as the split kernel: only the splits that ran are read.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    active = tl.cdiv(seq_len, split_len)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < active
+    base = (row * num_q_heads + head) * num_splits
+    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
+    weights = tl.exp2(lse - tl.max(lse, axis=0))
+    weights = tl.where(s_mask, weights, 0.0)
+    o = tl.load(part_o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                mask=s_mask[:, None], other=0.0)
+    out = tl.sum(o * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    tl.store(out_ptr + row * stride_on + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
 
 
 def decode_attention_splits(batch: int, num_kv_heads: int, max_len: int) -> int:
@@ -209,7 +196,7 @@ def decode_attention_splits(batch: int, num_kv_heads: int, max_len: int) -> int:
     Enough (row, kv head, split) programs to fill the GPU at small batch, at least a few splits
     so one long sequence does not serialise a mixed batch, and never more splits than blocks.
     """
-    by_len = max(1, triton.cdiv(max_len, _MIN_SPLIT_LEN))  # splits a full row can use
+    by_len = max(1, triton.cdiv(max_len, _BLOCK_N))
     by_occupancy = max(_MIN_SPLITS, triton.cdiv(_TARGET_PROGRAMS, max(1, batch * num_kv_heads)))
     return max(1, min(_MAX_SPLITS, by_len, by_occupancy))
 
@@ -225,7 +212,6 @@ def decode_attention(
     num_splits: int | None = None,
     config: tuple | None = None,
     out: torch.Tensor | None = None,
-    min_split_keys: int | None = None,
 ) -> torch.Tensor:
     """One query token per row over the first `seq_lens[i]` tokens of table row `rows[i]`.
 
@@ -234,7 +220,6 @@ def decode_attention(
     `num_splits` in [1, 32] overrides the split-K policy (benchmarks and tests sweep it);
     `config` = (BLOCK_N, num_warps, num_stages) overrides the launch (16-bit caches). `out`
     (shaped like q, unit stride along D) receives the result instead of a new tensor.
-    `min_split_keys` overrides `_MIN_SPLIT_LEN` (tests make it short to exercise the merge).
     """
     _check_cache(q, k_cache, v_cache)
     if q.dim() != 3:
@@ -255,24 +240,18 @@ def decode_attention(
     elif not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
     block_d = triton.next_power_of_2(head_dim)
-    # Scratch for the per-split partials; written only by splits that hold positions (fp32 and
-    # one row even when unused: a pointer's dtype is part of the compiled variant).
-    part_rows = n_rows * num_q_heads * num_splits if num_splits > 1 else 1
-    part_o = _empty((part_rows, block_d), torch.float32, q.device)
-    part_lse = _empty((part_rows,), torch.float32, q.device)
+    # Scratch for the per-split partials; written only by splits that hold positions.
+    part_o = _empty((n_rows * num_q_heads * num_splits, block_d), torch.float32, q.device)
+    part_lse = _empty((n_rows * num_q_heads * num_splits,), torch.float32, q.device)
     # fp32 caches: exact fp32 dots (tf32 would lose precision the reference keeps).
     dot_f32 = q.dtype == torch.float32 or (_INTERPRET and q.dtype == torch.bfloat16)
     if q.dtype == torch.float32:
         block_n, warps, stages = _BLOCK_N_FP32, 8, 2
     else:
         block_n, warps, stages = config or (_BLOCK_N, 4, 2)
-    min_split = _MIN_SPLIT_LEN if min_split_keys is None else min_split_keys
-    if min_split < block_n or min_split % block_n:
-        raise ValueError(f"min_split_keys must be a multiple of BLOCK_N={block_n}")
     _decode_split_kernel[(n_rows, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, rows, seq_lens, part_o, part_lse, out,
+        q, k_cache, v_cache, block_tables, rows, seq_lens, part_o, part_lse,
         q.stride(0), q.stride(1),
-        out.stride(0), out.stride(1),
         block_tables.stride(0),
         k_cache.stride(1),
         num_q_heads, num_splits, head_dim, max_len, float(scale) * _LOG2E,
@@ -281,19 +260,15 @@ def decode_attention(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
         BLOCK_D=block_d,
         BLOCK_N=block_n,
-        MIN_SPLIT=min_split,
         DOT_F32=dot_f32,
         num_warps=warps,
         num_stages=stages,
     )
-    if num_splits == 1:  # every row ran as one split and wrote its output
-        return out
     _decode_reduce_kernel[(n_rows, num_q_heads)](
         part_o, part_lse, seq_lens, out,
         out.stride(0), out.stride(1),
         num_q_heads, num_splits, head_dim, max_len,
         BLOCK_N=block_n,
-        MIN_SPLIT=min_split,
         SPLITS_PAD=_MAX_SPLITS,
         BLOCK_D=block_d,
         num_warps=4,

@@ -188,12 +188,11 @@ def _decode_reference(q, k_cache, v_cache, table, rows, seq_lens, scale):
     return ref, mean_abs_v
 
 
-def _check_decode(inputs, what, num_splits=None, config=None, min_split_keys=None):
+def _check_decode(inputs, what, num_splits=None, config=None):
     q, k_cache, v_cache, table, rows, seq_lens = inputs
     scale = q.shape[-1] ** -0.5
     got = triton_attention.decode_attention(
-        q, k_cache, v_cache, table, rows, seq_lens, scale, num_splits, config=config,
-        min_split_keys=min_split_keys,
+        q, k_cache, v_cache, table, rows, seq_lens, scale, num_splits, config=config
     )
     ref, mean_abs_v = _decode_reference(q, k_cache, v_cache, table, rows, seq_lens, scale)
     _assert_within_bound(got, ref, mean_abs_v, q.dtype, what)
@@ -220,37 +219,24 @@ def _case_id(case) -> str:
     return "N{}-q{}-kv{}-d{}-L{}-bs{}".format(*case)
 
 
-def _short_split(dtype) -> int:
-    """The shortest split the kernel allows (one BLOCK_N): rows of these test sizes then
-    split and merge, where the default minimum would run most of them as one split."""
-    return 32 if dtype == torch.float32 else 64
-
-
-SPLIT_MINS = ["default", "short"]
-
-
 @pytest.mark.usefixtures("interpreter_loops")
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("case", DECODE_CASES, ids=_case_id)
-@pytest.mark.parametrize("split_min", SPLIT_MINS)
-def test_decode_attention(device, dtype, case, split_min):
+def test_decode_attention(device, dtype, case):
     n, hq, hkv, d, max_len, page = case
     inputs = _decode_inputs(n, hq, hkv, d, max_len, page, dtype, device, _gen(sum(case)))
-    short = _short_split(dtype) if split_min == "short" else None
-    _check_decode(inputs, f"decode_attention {case} {dtype} {split_min}", min_split_keys=short)
+    _check_decode(inputs, f"decode_attention {case} {dtype}")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", GPU_DECODE_CASES, ids=_case_id)
-@pytest.mark.parametrize("split_min", SPLIT_MINS)
 @pytest.mark.gpu
 @pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
-def test_decode_attention_8b_shapes(dtype, case, split_min):
+def test_decode_attention_8b_shapes(dtype, case):
     n, hq, hkv, d, max_len, page = case
     inputs = _decode_inputs(n, hq, hkv, d, max_len, page, dtype, "cuda", _gen(sum(case)))
-    short = _short_split(dtype) if split_min == "short" else None
-    _check_decode(inputs, f"decode_attention {case} {dtype} {split_min}", min_split_keys=short)
+    _check_decode(inputs, f"decode_attention {case} {dtype}")
 
 
 @pytest.mark.usefixtures("interpreter_loops")
@@ -286,13 +272,11 @@ def test_decode_attention_any_split_count(device, num_splits):
     q, k_cache, v_cache, table, rows, seq_lens = _decode_inputs(
         6, 8, 2, 64, 777, 16, torch.float16, device, _gen(3)
     )
-    for short in (None, 64):
-        _check_decode(
-            (q, k_cache, v_cache, table, rows.int(), seq_lens.int()),
-            f"num_splits={num_splits}, min split {short}",
-            num_splits=num_splits,
-            min_split_keys=short,
-        )
+    _check_decode(
+        (q, k_cache, v_cache, table, rows.int(), seq_lens.int()),
+        f"num_splits={num_splits}",
+        num_splits=num_splits,
+    )
 
 
 @pytest.mark.usefixtures("interpreter_loops")
@@ -303,8 +287,7 @@ def test_decode_attention_launch_configs(device, config):
     the merge agree on the split boundaries whatever the tile."""
     inputs = _decode_inputs(6, 8, 2, 64, 300, 16, torch.bfloat16, device, _gen(5))
     _check_decode(inputs, f"config {config}", config=config)
-    _check_decode(inputs, f"config {config}, 7 splits", num_splits=7, config=config,
-                  min_split_keys=config[0])
+    _check_decode(inputs, f"config {config}, 7 splits", num_splits=7, config=config)
 
 
 def test_split_policy_is_a_function_of_shapes():
@@ -312,12 +295,9 @@ def test_split_policy_is_a_function_of_shapes():
         for max_len in (1, 63, 64, 65, 4096, 131072):
             splits = triton_attention.decode_attention_splits(batch, 8, max_len)
             assert 1 <= splits <= 32
-            # Never more splits than a full row fills at the shortest split (512 keys).
-            assert splits <= max(1, -(-max_len // 512))
-    assert triton_attention.decode_attention_splits(1, 8, 131072) == 32  # batch 1 fills the GPU
-    assert triton_attention.decode_attention_splits(1, 8, 4096) == 8
+            assert splits <= max(1, -(-max_len // 64))  # never more splits than blocks
+    assert triton_attention.decode_attention_splits(1, 8, 4096) == 32  # batch 1 fills the GPU
     assert triton_attention.decode_attention_splits(64, 8, 4096) == 4
-    assert triton_attention.decode_attention_splits(64, 8, 512) == 1  # one split: no merge
     assert triton_attention.decode_attention_splits(1, 8, 16) == 1  # one block: no split
 
 
@@ -355,8 +335,6 @@ def test_input_validation(device):
     table = torch.zeros(2, 4, dtype=torch.int32, device=device)
     idx = torch.zeros(2, dtype=torch.int64, device=device)
     decode = triton_attention.decode_attention
-    with pytest.raises(ValueError, match="min_split_keys"):
-        decode(q, cache, cache, table, idx, idx + 1, 1.0, min_split_keys=100)
     with pytest.raises(ValueError, match="multiple of Hkv"):
         decode(torch.zeros(2, 7, 64, device=device), cache, cache, table, idx, idx, 1.0)
     with pytest.raises(ValueError, match="seq_lens"):
