@@ -15,9 +15,12 @@ is preempted. Each step (`schedule()`) carries, under one token budget
   decode rows a chunk deep in its context also pays for the keys it reads (`ChunkCost`): there
   its chunks shrink, so the step stays about as long as a shallow chunk's.
 
-A step with prompt chunks is a *mixed* step (run eagerly); one without is decode-only (run on
-a captured graph). Waiting sequences are admitted while a table row is free and the block pool
-holds their whole prompt (less what the prefix cache already has). When a running sequence needs
+A step with prompt chunks is a *mixed* step (packed at a token bucket's width and replayed on
+its graph once captured, or the unpacked eager forward: `server.mixed_graph_policy`); one
+without is decode-only (run on a captured graph).
+
+Waiting sequences are admitted while a table row is free and the block pool holds their whole
+prompt (less what the prefix cache already has). When a running sequence needs
 a block and none is left, the most recently admitted sequence is preempted: its blocks go back
 to the pool (full ones stay in the prefix cache), it returns to the front of the queue and is
 recomputed from its prompt and the tokens it has produced so far. Nothing is lost and no request
@@ -79,8 +82,9 @@ class ChunkCost:
     depth_unit: float = 0.0
     window: int | None = None
 
-    def _depth(self, start: int) -> float:
-        return min(start, self.window) if self.window else start
+    def _depth(self, position: float) -> float:
+        """Keys a query at `position` reads (all earlier ones, or the window's)."""
+        return min(position, self.window) if self.window else position
 
     def cost(self, start: int, take: int) -> float:
         if not self.depth_unit:
