@@ -31,6 +31,21 @@ PROMPT_ID_LOW = 5
 PROMPT_ID_HIGH = 2000
 
 
+# Idle seconds before the benches' HTTP clients drop a pooled connection: below the server's
+# `--keep-alive-timeout` (5 s). At equal timeouts a client can send a request on a connection
+# at the moment the server closes it as idle, and that request fails with a ReadError instead
+# of being answered (a bench then counts an error the server did not make).
+CLIENT_KEEPALIVE_S = 2.0
+
+
+def client_limits(connections: int):
+    """httpx pool limits for `connections` concurrent requests (see CLIENT_KEEPALIVE_S)."""
+    import httpx
+
+    return httpx.Limits(max_connections=connections, max_keepalive_connections=connections,
+                        keepalive_expiry=CLIENT_KEEPALIVE_S)
+
+
 class BenchError(RuntimeError):
     """A benchmark step cannot go on (server did not start, bad arguments); message says why."""
 
@@ -434,3 +449,17 @@ def print_targets(targets: Sequence[dict[str, Any]], note: str = "") -> None:
         if t.get("detail"):
             line += f"  [{t['detail']}]"
         print(line + (f"  {note}" if note else ""))
+
+
+def run_and_report(main_async, args, print_summary) -> None:
+    """A bench's `main`: run `main_async(args)`, write its JSON to `args.out`, print its
+    summary and its targets (a `BenchError` exits with the message, no traceback)."""
+    try:
+        result = asyncio.run(main_async(args))
+    except BenchError as exc:
+        raise SystemExit(f"error: {exc}") from None
+    write_json(args.out, result)
+    print_summary(result)
+    print_targets(result["targets"], "(smoke: CPU numbers, not meaningful)" if args.smoke else "")
+    if args.out:
+        print(f"full results: {args.out}")

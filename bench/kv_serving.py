@@ -34,6 +34,7 @@ from bench.common import (
     PROMPT_ID_LOW,
     BenchError,
     ServerProcess,
+    client_limits,
     environment,
     percentile,
     wait_ready,
@@ -169,8 +170,8 @@ async def run_server(label: str, args, server_args: list[str], parts: list[str],
     result: dict[str, Any] = {"args": server_args}
     print(f"[{label}] starting: {' '.join(server_args)}", flush=True)
     with server:
-        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0), limits=httpx.Limits(
-                max_connections=256, max_keepalive_connections=256)) as client:
+        async with httpx.AsyncClient(timeout=httpx.Timeout(300.0),
+                                     limits=client_limits(256)) as client:
             await wait_ready(client, server, timeout_s=600)
             result["ready_after_s"] = server.since_start()
             rng = random.Random(args.seed)

@@ -34,17 +34,16 @@ from typing import Any
 from bench.common import (
     PROMPT_ID_HIGH,
     PROMPT_ID_LOW,
-    BenchError,
     ServerProcess,
+    client_limits,
     coverage_complete,
     environment,
     fmt,
     print_table,
-    print_targets,
     ratio,
+    run_and_report,
     target,
     wait_ready,
-    write_json,
 )
 
 SCENARIOS = ("plain", "mixed", "constrained", "logprobs")
@@ -154,7 +153,7 @@ async def main_async(args) -> dict[str, Any]:
         server_args = ["--model", args.model, *server_args]
     result: dict[str, Any] = {"script": "openai_overheads", "smoke": args.smoke,
                               "environment": environment(), "args": vars(args)}
-    limits = httpx.Limits(max_connections=64, max_keepalive_connections=64)
+    limits = client_limits(64)
     async with httpx.AsyncClient(timeout=args.request_timeout, limits=limits) as client:
         with ServerProcess(server_args, log_path=args.log) as srv:
             await wait_ready(client, srv, args.ready_timeout)
@@ -244,16 +243,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
-    try:
-        result = asyncio.run(main_async(args))
-    except BenchError as exc:
-        raise SystemExit(f"error: {exc}") from None
-    write_json(args.out, result)
-    print_summary(result)
-    print_targets(result["targets"], "(smoke: CPU numbers, not meaningful)" if args.smoke else "")
-    if args.out:
-        print(f"full results: {args.out}")
+    run_and_report(main_async, parse_args(), print_summary)
 
 
 if __name__ == "__main__":

@@ -46,6 +46,7 @@ from bench.common import (
     PROMPT_ID_LOW,
     BenchError,
     ServerProcess,
+    client_limits,
     coverage_complete,
     environment,
     fmt,
@@ -53,7 +54,7 @@ from bench.common import (
     histogram_quantile,
     percentile,
     print_table,
-    print_targets,
+    run_and_report,
     scrape_histograms_async,
     summarize,
     target,
@@ -788,10 +789,7 @@ async def main_async(args) -> dict[str, Any]:
         "targets": [],
     }
     modes: set[str] = set()
-    limits = httpx.Limits(
-        max_connections=max(args.concurrency) * 2 + 64,
-        max_keepalive_connections=max(args.concurrency) * 2 + 64,
-    )
+    limits = client_limits(max(args.concurrency) * 2 + 64)
     timeout = httpx.Timeout(args.request_timeout, connect=30.0)
     async with httpx.AsyncClient(limits=limits, timeout=timeout) as client:
         steady_parts = [p for p in args.part if p in ("fixed", "sharegpt")]
@@ -966,13 +964,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main() -> None:
-    args = parse_args()
-    result = asyncio.run(main_async(args))
-    write_json(args.out, result)
-    print_summary(result)
-    print_targets(result["targets"], "(smoke: CPU numbers, not meaningful)" if args.smoke else "")
-    if args.out:
-        print(f"full results: {args.out}")
+    run_and_report(main_async, parse_args(), print_summary)
 
 
 if __name__ == "__main__":
