@@ -45,6 +45,7 @@ def test_every_flag_maps_onto_the_config():
         "--capture-min-interval-ms", "100", "--idle-debounce-ms", "7", "--api-key", "k",
         "--drain-timeout", "12", "--startup-failure-grace", "1.5", "--log-format", "json",
         "--log-level", "debug", "--seed", "42", "--loader", "transformers", "--no-mixed-graphs",
+        "--decode-prefill-tokens", "64", "--decode-prefill-depth", "0",
     )
     e = cfg.engine
     assert (e.model, e.served_model_name, e.dtype, e.device) == ("/models/x", "x", "float16", "cpu")
@@ -52,6 +53,8 @@ def test_every_flag_maps_onto_the_config():
         512, 16, 3, 128)
     assert e.gpu_memory_utilization == 0.5 and e.graph_capture == "eager"
     assert e.mixed_graphs is False and config().engine.mixed_graphs is True
+    assert (e.decode_prefill_tokens, e.decode_prefill_depth) == (64, 0)
+    assert config().engine.decode_prefill_depth is None  # from the model's shape
     assert e.cuda_graph_sizes == [1, 2, 4]
     assert (e.capture_budget_ms, e.capture_min_interval_ms, e.idle_debounce_ms) == (20, 100, 7)
     assert e.seed == 42 and e.loader == "transformers"
@@ -87,6 +90,7 @@ def test_api_key_comes_from_the_environment(monkeypatch):
     (["--cuda-graph-sizes", "1,x"], "--cuda-graph-sizes"),
     (["--cuda-graph-sizes", "0"], "--cuda-graph-sizes"),
     (["--startup-failure-grace", "-2"], "--startup-failure-grace"),
+    (["--decode-prefill-depth", "-1"], "--decode-prefill-depth must be >= 0"),
 ])
 def test_invalid_values_exit_2_with_a_clear_message(argv, fragment, capsys):
     assert main(["serve", *argv]) == 2

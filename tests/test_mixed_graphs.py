@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ import torch
 from server.config import EngineConfig
 from server.mixed_graph_policy import EAGER_REASONS, MixedGraphPolicy, mixed_graph_sizes
 from server.model_loader import load_checkpoint
+from server.model_runner import prefill_depth_unit
 from server.request import SamplingParams
 from server.step_executor import StepExecutor
 from server.step_plan import StepPlan
@@ -278,3 +280,19 @@ def test_the_kv_plan_reserves_the_mixed_graph_pool(monkeypatch):
     per_block = 2 * 32 * 8 * 128 * 2 * 16
     reserved = 3 * 320 * (5 * 4096 + 6144 + 3 * 14336) * 2 + 64 * 128256 * 2
     assert blocks(0) - blocks(320) == pytest.approx(reserved / per_block, abs=1)
+
+
+def test_the_depth_unit_follows_the_model_shape():
+    """Linear FLOPs per token over attention FLOPs per key, over the H200-fitted slowdown: the
+    8B's unit is what bench.decode's depth grid fitted (~5,900); a wider model's is larger; a
+    rank's shard (heads and MLP divided alike) keeps the whole model's unit."""
+
+    def shape(h, heads, kv, d, inter):
+        return SimpleNamespace(hidden_size=h, num_heads=heads, num_kv_heads=kv, head_dim=d,
+                               intermediate_size=inter)
+
+    llama8b = prefill_depth_unit(shape(4096, 32, 8, 128, 14336))
+    assert 5800 <= llama8b <= 6000
+    assert prefill_depth_unit(shape(8192, 64, 8, 128, 28672)) > llama8b > prefill_depth_unit(
+        shape(2048, 32, 8, 64, 8192))
+    assert prefill_depth_unit(shape(4096, 16, 4, 128, 7168)) == llama8b  # TP=2 rank

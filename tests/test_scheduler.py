@@ -125,3 +125,4 @@ def test_the_newest_sequence_is_preempted_when_blocks_run_out_and_resumes_first(
     assert [s.request_id for s in sched.running] == ["old"]
     resumed = sched.waiting[0]
     assert resumed.blocks == [] and resumed.row == -1 and resumed.output_ids  # tokens kept
+
