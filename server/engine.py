@@ -60,6 +60,7 @@ from server.gc_control import freeze_startup_heap
 from server.kernel_cache import start_seeding
 from server.request import RequestOutput, SamplingParams
 from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler, StepResult
+from server.step_timing import StepClock, StepIntervals
 from server.structured.grammar import GrammarBackend, tokenizer_json
 
 if TYPE_CHECKING:
@@ -340,6 +341,9 @@ class EngineCore:
         self.state = state  # saves the capture plan (file IO: only while idle, and at exit)
         self.step_errors = 0
         self._pending: PendingStep | None = None  # the step in flight
+        self._pending_kind = "decode"  # its kind, for the step cadence
+        self.step_intervals = StepIntervals()  # read by other threads (snapshot)
+        self._clock = StepClock(self.step_intervals, time.perf_counter)
 
     def serve(self, commands: queue.SimpleQueue, deliver_outputs) -> None:
         """Run until a shutdown command; raises FatalEngineError when the engine cannot go on
@@ -418,6 +422,7 @@ class EngineCore:
         engine serves on with the rest; a FatalEngineError propagates instead.
         """
         prev, self._pending = self._pending, None
+        prev_kind = self._pending_kind
         step: ScheduledStep | None = None
         sched, runner = self.scheduler, self.runner
         try:
@@ -434,15 +439,18 @@ class EngineCore:
                     self._pending = runner.sample(launched, masks)
                 else:
                     self._pending = runner.run_step(step, prev)
+                self._pending_kind = "mixed" if step.prefill else "decode"
                 sched.launched(step)
             if prev is not None:
                 if read is None:
                     read = runner.read(prev)
                     sched.advance_grammars(prev.seqs, read.tokens)
+                self._clock.read(prev_kind, more_in_flight=self._pending is not None)
                 sched.complete(prev.seqs, read)
         except FatalEngineError:
             raise
         except Exception as exc:
+            self._clock.reset()
             # A step whose draw was never queued still owes the other tensor-parallel ranks
             # its token broadcast; settling it keeps their collectives paired (it raises
             # FatalEngineError when it cannot).
@@ -477,4 +485,5 @@ class EngineCore:
                 return  # at most one capture per gap while serving
 
     def counters(self) -> dict:
-        return {**self.scheduler.counters(), "step_errors": self.step_errors}
+        return {**self.scheduler.counters(), "step_errors": self.step_errors,
+                "step_intervals": self.step_intervals.snapshot()}

@@ -15,7 +15,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector
 
@@ -99,6 +104,34 @@ def _by_label(family, source: dict[str, Any], labels: tuple[str, ...], key: str)
     return family if found else None
 
 
+def _step_intervals(snapshot: Any):
+    """`server.step_timing.StepIntervals.snapshot()` as one histogram family (None when the
+    engine reports none or it is malformed)."""
+    if not isinstance(snapshot, dict):
+        return None
+    family = HistogramMetricFamily(
+        "graphserve_step_interval_seconds",
+        "Time between two consecutive engine steps' tokens reaching the host while busy: what "
+        "a running stream waits on the engine's side (device step, host bookkeeping, graph "
+        "captures, any pause of the engine thread), by the kind of step read.",
+        labels=["kind"],
+    )
+    found = False
+    for kind, h in snapshot.items():
+        try:
+            buckets = [(_le(bound), float(n)) for bound, n in h["buckets"]]
+            total = float(h["sum"])
+        except (KeyError, TypeError, ValueError):
+            continue
+        family.add_metric([str(kind)], buckets, total)
+        found = True
+    return family if found else None
+
+
+def _le(bound: float) -> str:
+    return "+Inf" if math.isinf(bound) else repr(float(bound))
+
+
 class EngineCollector(Collector):
     """Reads lifecycle, `engine.stats()` and `engine.graph_report()` when Prometheus scrapes."""
 
@@ -177,6 +210,9 @@ class EngineCollector(Collector):
         ), stats, ("decode", "mixed"), "{}_steps")  # fmt: skip
         if steps is not None:
             yield steps
+        intervals = _step_intervals(stats.get("step_intervals"))
+        if intervals is not None:
+            yield intervals
         blocks = _by_label(GaugeMetricFamily(
             "graphserve_kv_blocks",
             "KV-cache blocks by state: used (held by sequences), free (allocatable now, cached "

@@ -1,0 +1,66 @@
+"""The engine's step cadence histogram (server.step_timing) and its /metrics family."""
+
+from __future__ import annotations
+
+import asyncio
+
+from server import metrics
+from server.request import SamplingParams
+from server.step_timing import BUCKETS_S, StepClock, StepIntervals
+from tests.helpers.tiny_models import build_checkpoint
+from tests.test_engine import collect, start_engine
+
+
+def test_intervals_land_in_prometheus_buckets():
+    h = StepIntervals()
+    for s in (0.0005, 0.001, 0.0011, 0.007, 3.0):  # 0.001 is "le 0.001"; 3.0 only in +Inf
+        h.observe("decode", s)
+    h.observe("mixed", 0.012)
+    snap = h.snapshot()
+    decode = dict(snap["decode"]["buckets"])
+    assert decode[0.001] == 2 and decode[0.002] == 3 and decode[0.008] == 4
+    assert decode[BUCKETS_S[-1]] == 4 and decode[float("inf")] == 5 == snap["decode"]["count"]
+    assert abs(snap["decode"]["sum"] - 3.0096) < 1e-9
+    assert snap["mixed"]["count"] == 1 and dict(snap["mixed"]["buckets"])[0.010] == 0
+
+
+def test_the_clock_counts_only_inside_a_busy_stretch():
+    now = [0.0]
+    h = StepIntervals()
+    clock = StepClock(h, lambda: now[0])
+    for t, kind, more in ((1.0, "decode", True), (1.005, "decode", True), (1.02, "mixed", False),
+                          (9.0, "decode", True), (9.004, "decode", True)):
+        now[0] = t
+        clock.read(kind, more_in_flight=more)
+    snap = h.snapshot()
+    # 1.0 starts a stretch; 1.005 and 1.02 are intervals; 1.02 ends it (nothing in flight),
+    # so the idle 8 s before 9.0 is not one; 9.004 is.
+    assert snap["decode"]["count"] == 2 and snap["mixed"]["count"] == 1
+    assert abs(snap["decode"]["sum"] - 0.009) < 1e-9
+    clock.reset()
+    now[0] = 20.0
+    clock.read("decode", more_in_flight=True)
+    assert h.snapshot()["decode"]["count"] == 2  # a reset starts a new stretch
+
+
+def test_malformed_snapshots_drop_the_family_not_the_scrape():
+    assert metrics._step_intervals(None) is None
+    assert metrics._step_intervals({"decode": {"buckets": "x"}}) is None
+
+
+async def test_a_serving_engine_reports_its_cadence(tmp_path):
+    engine = start_engine(build_checkpoint(tmp_path / "llama", "llama"))
+    try:
+        params = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+        await asyncio.gather(*(collect(engine, [5, 6, 7 + i], params) for i in range(3)))
+        snap = engine.stats()["step_intervals"]
+    finally:
+        engine.shutdown()
+    assert snap["decode"]["count"] >= 10 and snap["decode"]["sum"] > 0
+    family = metrics._step_intervals(snap)
+    samples = {(s.name, s.labels.get("kind"), s.labels.get("le")): s.value
+               for s in family.samples}
+    assert samples[("graphserve_step_interval_seconds_bucket", "decode", "+Inf")] == (
+        snap["decode"]["count"])
+    assert samples[("graphserve_step_interval_seconds_count", "decode", None)] == (
+        snap["decode"]["count"])
