@@ -36,7 +36,9 @@ from bench.common import (
     ServerProcess,
     client_limits,
     environment,
+    histogram_quantile,
     percentile,
+    scrape_histograms_async,
     wait_ready,
     write_json,
 )
@@ -48,6 +50,10 @@ SWEEP_STAGES = ((1.0, 4), (4.0, 4), (10.0, 4), (25.0, 4), (50.0, 4), (75.0, 6)) 
 
 def prompt(rng: random.Random, n: int) -> list[int]:
     return [rng.randrange(PROMPT_ID_LOW, PROMPT_ID_HIGH) for _ in range(n)]
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e3
 
 
 def ttft_ms(req: Request) -> float | None:
@@ -103,7 +109,11 @@ async def part_prefix(client, url: str, rng: random.Random, system_len: int) -> 
     return out
 
 
+STEP_INTERVALS = "graphserve_step_interval_seconds"
+
+
 async def part_interference(client, url: str, rng: random.Random, long_len: int) -> dict:
+    before = (await scrape_histograms_async(client, url, [STEP_INTERVALS]))[STEP_INTERVALS]
     streams = [Request(prompt(rng, 256), 400) for _ in range(4)]
     tasks = [asyncio.ensure_future(stream_completion(client, url, "", r)) for r in streams]
     while sum(len(r.chunks) for r in streams) < 4 * 40:  # all streaming at a steady pace
@@ -120,6 +130,13 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
             if b >= t_arrive and a <= t_first:
                 when.append(((b - t_arrive) * 1e3, (b - a) * 1e3))
     p50 = percentile(steady, 50)
+    after = (await scrape_histograms_async(client, url, [STEP_INTERVALS]))[STEP_INTERVALS]
+    # The engine's side of the same gaps (the whole part): how many step intervals passed
+    # 15 ms (a client gap that long without one came from the HTTP side or the client).
+    slow_steps = None
+    if after and 0.015 in after:
+        inf = float("inf")
+        slow_steps = (after[inf] - before.get(inf, 0.0)) - (after[0.015] - before.get(0.015, 0.0))
     # Where in the prefill the long gaps fall (ms after the long prompt was sent, gap ms).
     slow = [(round(t, 1), round(g, 2)) for t, g in sorted(when) if p50 and g > 2.5 * p50]
     out = {"long_prompt_tokens": long_len, "long_ttft_ms": ttft_ms(long_req),
@@ -127,6 +144,8 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
            "during_prefill_p99_ms": percentile(during, 99),
            "max_vs_p50": (max(during) / p50) if during and p50 else None,
            "gaps_over_2_5x_p50": slow,
+           "engine_step_intervals_over_15ms": slow_steps,
+           "engine_step_interval_p99_ms": _ms(histogram_quantile(before, after, 0.99)),
            "errors": _errors(streams + [long_req])}
     print(f"  interference: {out}", flush=True)
     return out

@@ -33,6 +33,9 @@ LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.075,
     0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0,
 )
+# The event loop's lag: well under a millisecond when healthy, a body parse or a GIL wait can
+# take tens of milliseconds.
+LAG_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0)
 # Whole requests run from milliseconds to minutes (long generations on a busy server).
 DURATION_BUCKETS = (
     0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
@@ -71,6 +74,13 @@ class ServerMetrics:
             "graphserve_request_duration_seconds",
             "Time from request arrival to its last token, for admitted generation requests.",
             buckets=DURATION_BUCKETS, registry=r,
+        )
+        self.loop_lag = Histogram(
+            "graphserve_event_loop_lag_seconds",
+            "How late the HTTP event loop ran a timer due every 20 ms: time it spent on other "
+            "work (request parsing, streaming) or waiting for the GIL; every stream's next "
+            "token waits as long.",
+            buckets=LAG_BUCKETS, registry=r,
         )
         self.prompt_tokens = Counter(
             "graphserve_prompt_tokens", "Prompt tokens of admitted requests.", registry=r

@@ -426,6 +426,7 @@ async def test_metrics_count_requests_tokens_and_latencies(harness):
     assert s[("graphserve_inter_token_latency_seconds_count", ())] == 4 + 2
     assert s[("graphserve_request_duration_seconds_count", ())] == 2
     assert s[("graphserve_ready", ())] == 1
+    assert ("graphserve_event_loop_lag_seconds_count", ()) in s  # the HTTP side's own lag
     assert s[("graphserve_phase", (("phase", "ready"),))] == 1
     assert s[("graphserve_requests_running", ())] == 0
     assert s[("graphserve_requests_waiting", ())] == 0

@@ -62,6 +62,7 @@ TORCH_FREE = (
     "server.http.limits",
     "server.http.token_bounds",
     "server.http.workers",
+    "server.http.loop_lag",
     "server.connection_guard",
     "server.http.surface",
     "server.http.relay",

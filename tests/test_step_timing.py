@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 from server import metrics
+from server.http.loop_lag import watch_loop_lag
 from server.request import SamplingParams
 from server.step_timing import BUCKETS_S, StepClock, StepIntervals
 from tests.helpers.tiny_models import build_checkpoint
@@ -64,3 +66,14 @@ async def test_a_serving_engine_reports_its_cadence(tmp_path):
         snap["decode"]["count"])
     assert samples[("graphserve_step_interval_seconds_count", "decode", None)] == (
         snap["decode"]["count"])
+
+
+async def test_the_event_loop_lag_is_measured_and_a_blocked_loop_shows():
+    seen = []
+    task = asyncio.create_task(watch_loop_lag(seen.append, period_s=0.005))
+    await asyncio.sleep(0.03)
+    time.sleep(0.05)  # the loop held for 50 ms, as a large body parse or a GIL wait would
+    await asyncio.sleep(0.03)
+    task.cancel()
+    assert len(seen) >= 3 and all(lag >= 0 for lag in seen)
+    assert max(seen) >= 0.04

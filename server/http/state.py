@@ -30,6 +30,7 @@ from server.http.errors import (
 )
 from server.http.generation import Generation
 from server.http.limits import BODY_BUDGET_REQUESTS, default_max_request_bytes
+from server.http.loop_lag import watch_loop_lag
 from server.http.workers import WorkerPool
 from server.metrics import ServerMetrics
 from server.request import SamplingParams
@@ -63,6 +64,7 @@ class ServerState:
         self._engine_class = engine_class
         self._on_exit = on_exit
         self._boot_task: asyncio.Task | None = None
+        self._lag_task: asyncio.Task | None = None  # server.http.loop_lag
         self._exit_handle: asyncio.TimerHandle | None = None
         self._was_ready = False
         self._api_key = config.api_key.encode() if config.api_key else None
@@ -99,6 +101,8 @@ class ServerState:
         self.lifecycle.bind_loop(loop)
         self.lifecycle.add_listener(self._on_phase_change)
         self._boot_task = loop.create_task(self._boot(), name="graphserve-engine-boot")
+        self._lag_task = loop.create_task(watch_loop_lag(self.metrics.loop_lag.observe),
+                                          name="graphserve-loop-lag")
 
     async def _boot(self) -> None:
         try:
@@ -147,6 +151,11 @@ class ServerState:
             self._boot_task.cancel()
             with contextlib.suppress(BaseException):
                 await self._boot_task
+        if self._lag_task is not None:
+            self._lag_task.cancel()
+            with contextlib.suppress(BaseException):
+                await self._lag_task
+            self._lag_task = None
         if self._exit_handle is not None:
             self._exit_handle.cancel()
         for gen in list(self.inflight.values()):
