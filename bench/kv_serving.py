@@ -110,10 +110,19 @@ async def part_prefix(client, url: str, rng: random.Random, system_len: int) -> 
 
 
 STEP_INTERVALS = "graphserve_step_interval_seconds"
+LOOP_LAG = "graphserve_event_loop_lag_seconds"
+
+
+def _over(before: dict, after: dict, bound: float) -> float | None:
+    """Observations above `bound` (a bucket edge) between two scrapes of a histogram."""
+    inf = float("inf")
+    if not after or bound not in after:
+        return None
+    return (after[inf] - before.get(inf, 0.0)) - (after[bound] - before.get(bound, 0.0))
 
 
 async def part_interference(client, url: str, rng: random.Random, long_len: int) -> dict:
-    before = (await scrape_histograms_async(client, url, [STEP_INTERVALS]))[STEP_INTERVALS]
+    before = await scrape_histograms_async(client, url, [STEP_INTERVALS, LOOP_LAG])
     streams = [Request(prompt(rng, 256), 400) for _ in range(4)]
     tasks = [asyncio.ensure_future(stream_completion(client, url, "", r)) for r in streams]
     while sum(len(r.chunks) for r in streams) < 4 * 40:  # all streaming at a steady pace
@@ -130,13 +139,11 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
             if b >= t_arrive and a <= t_first:
                 when.append(((b - t_arrive) * 1e3, (b - a) * 1e3))
     p50 = percentile(steady, 50)
-    after = (await scrape_histograms_async(client, url, [STEP_INTERVALS]))[STEP_INTERVALS]
-    # The engine's side of the same gaps (the whole part): how many step intervals passed
-    # 15 ms (a client gap that long without one came from the HTTP side or the client).
-    slow_steps = None
-    if after and 0.015 in after:
-        inf = float("inf")
-        slow_steps = (after[inf] - before.get(inf, 0.0)) - (after[0.015] - before.get(0.015, 0.0))
+    after = await scrape_histograms_async(client, url, [STEP_INTERVALS, LOOP_LAG])
+    # Both sides of the same gaps (over the whole part): engine step intervals past 15 ms, and
+    # the HTTP event loop running a timer more than 5 ms late. A long client gap with neither
+    # came from the client itself.
+    steps_before, steps_after = before[STEP_INTERVALS], after[STEP_INTERVALS]
     # Where in the prefill the long gaps fall (ms after the long prompt was sent, gap ms).
     slow = [(round(t, 1), round(g, 2)) for t, g in sorted(when) if p50 and g > 2.5 * p50]
     out = {"long_prompt_tokens": long_len, "long_ttft_ms": ttft_ms(long_req),
@@ -144,8 +151,9 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
            "during_prefill_p99_ms": percentile(during, 99),
            "max_vs_p50": (max(during) / p50) if during and p50 else None,
            "gaps_over_2_5x_p50": slow,
-           "engine_step_intervals_over_15ms": slow_steps,
-           "engine_step_interval_p99_ms": _ms(histogram_quantile(before, after, 0.99)),
+           "engine_step_intervals_over_15ms": _over(steps_before, steps_after, 0.015),
+           "engine_step_interval_p99_ms": _ms(histogram_quantile(steps_before, steps_after, 0.99)),
+           "event_loop_lags_over_5ms": _over(before[LOOP_LAG], after[LOOP_LAG], 0.005),
            "errors": _errors(streams + [long_req])}
     print(f"  interference: {out}", flush=True)
     return out
