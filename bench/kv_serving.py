@@ -167,6 +167,7 @@ async def part_sweep(client, url: str, rng: random.Random, scale: float,
         while t < end:
             reqs.append(Request(prompt(rng, rng.randint(64, 512)), rng.randint(64, 256), t))
             t += rng.expovariate(rate * rate_scale)
+    before = await scrape_histograms_async(client, url, [STEP_INTERVALS, LOOP_LAG])
     t0 = time.perf_counter()
 
     async def one(req: Request) -> None:
@@ -176,6 +177,8 @@ async def part_sweep(client, url: str, rng: random.Random, scale: float,
         await stream_completion(client, url, "", req)
 
     await asyncio.gather(*(one(r) for r in reqs))
+    after = await scrape_histograms_async(client, url, [STEP_INTERVALS, LOOP_LAG])
+    steps_before, steps_after = before[STEP_INTERVALS], after[STEP_INTERVALS]
     itl = [g for r in reqs for g in gaps_ms(r)]
     ttfts = [t for t in map(ttft_ms, reqs) if t is not None]
     p50 = percentile(itl, 50)
@@ -184,6 +187,12 @@ async def part_sweep(client, url: str, rng: random.Random, scale: float,
            "p99_vs_p50": percentile(itl, 99) / p50 if p50 else None,
            "ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99),
            "output_tok_s": sum(len(r.chunks) for r in reqs) / (time.perf_counter() - t0),
+           # The engine's and the HTTP side's share of the ITL tail (see part_interference).
+           "engine_step_interval_p50_ms": _ms(histogram_quantile(steps_before, steps_after, 0.5)),
+           "engine_step_interval_p99_ms": _ms(histogram_quantile(steps_before, steps_after,
+                                                                 0.99)),
+           "event_loop_lags_over_5ms": _over(before[LOOP_LAG], after[LOOP_LAG], 0.005),
+           "event_loop_lags_over_20ms": _over(before[LOOP_LAG], after[LOOP_LAG], 0.02),
            "errors": _errors(reqs)}
     print(f"  sweep: {out}", flush=True)
     return out
