@@ -352,6 +352,15 @@ def histogram_count(before: dict[float, float], after: dict[float, float]) -> fl
     return after[top] - before.get(top, 0.0)
 
 
+def histogram_count_above(before: dict[float, float], after: dict[float, float],
+                          bound: float) -> float | None:
+    """Observations above `bound` (a bucket edge) between two scrapes; None when the
+    scrape has no such bucket."""
+    if bound not in after:
+        return None
+    return histogram_count(before, after) - (after[bound] - before.get(bound, 0.0))
+
+
 # ============================================================================ output
 def environment() -> dict[str, Any]:
     """Host facts worth keeping next to numbers (no torch import: see the module docstring)."""

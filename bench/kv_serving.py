@@ -36,6 +36,7 @@ from bench.common import (
     ServerProcess,
     client_limits,
     environment,
+    histogram_count_above,
     histogram_quantile,
     percentile,
     scrape_histograms_async,
@@ -113,14 +114,6 @@ STEP_INTERVALS = "graphserve_step_interval_seconds"
 LOOP_LAG = "graphserve_event_loop_lag_seconds"
 
 
-def _over(before: dict, after: dict, bound: float) -> float | None:
-    """Observations above `bound` (a bucket edge) between two scrapes of a histogram."""
-    inf = float("inf")
-    if not after or bound not in after:
-        return None
-    return (after[inf] - before.get(inf, 0.0)) - (after[bound] - before.get(bound, 0.0))
-
-
 async def part_interference(client, url: str, rng: random.Random, long_len: int) -> dict:
     before = await scrape_histograms_async(client, url, [STEP_INTERVALS, LOOP_LAG])
     streams = [Request(prompt(rng, 256), 400) for _ in range(4)]
@@ -135,15 +128,19 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
     steady, during, when = [], [], []
     for r in streams:
         for a, b in zip(r.chunks, r.chunks[1:], strict=False):
-            (during if b >= t_arrive and a <= t_first else steady).append((b - a) * 1e3)
+            gap = (b - a) * 1e3
             if b >= t_arrive and a <= t_first:
-                when.append(((b - t_arrive) * 1e3, (b - a) * 1e3))
+                during.append(gap)
+                when.append(((b - t_arrive) * 1e3, gap))
+            else:
+                steady.append(gap)
     p50 = percentile(steady, 50)
     after = await scrape_histograms_async(client, url, [STEP_INTERVALS, LOOP_LAG])
     # Both sides of the same gaps (over the whole part): engine step intervals past 15 ms, and
     # the HTTP event loop running a timer more than 5 ms late. A long client gap with neither
     # came from the client itself.
     steps_before, steps_after = before[STEP_INTERVALS], after[STEP_INTERVALS]
+    lag_before, lag_after = before[LOOP_LAG], after[LOOP_LAG]
     # Where in the prefill the long gaps fall (ms after the long prompt was sent, gap ms).
     slow = [(round(t, 1), round(g, 2)) for t, g in sorted(when) if p50 and g > 2.5 * p50]
     out = {"long_prompt_tokens": long_len, "long_ttft_ms": ttft_ms(long_req),
@@ -151,9 +148,10 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
            "during_prefill_p99_ms": percentile(during, 99),
            "max_vs_p50": (max(during) / p50) if during and p50 else None,
            "gaps_over_2_5x_p50": slow,
-           "engine_step_intervals_over_15ms": _over(steps_before, steps_after, 0.015),
+           "engine_step_intervals_over_15ms": histogram_count_above(steps_before, steps_after,
+                                                                    0.015),
            "engine_step_interval_p99_ms": _ms(histogram_quantile(steps_before, steps_after, 0.99)),
-           "event_loop_lags_over_5ms": _over(before[LOOP_LAG], after[LOOP_LAG], 0.005),
+           "event_loop_lags_over_5ms": histogram_count_above(lag_before, lag_after, 0.005),
            "errors": _errors(streams + [long_req])}
     print(f"  interference: {out}", flush=True)
     return out
@@ -179,6 +177,7 @@ async def part_sweep(client, url: str, rng: random.Random, scale: float,
     await asyncio.gather(*(one(r) for r in reqs))
     after = await scrape_histograms_async(client, url, [STEP_INTERVALS, LOOP_LAG])
     steps_before, steps_after = before[STEP_INTERVALS], after[STEP_INTERVALS]
+    lag_before, lag_after = before[LOOP_LAG], after[LOOP_LAG]
     itl = [g for r in reqs for g in gaps_ms(r)]
     ttfts = [t for t in map(ttft_ms, reqs) if t is not None]
     p50 = percentile(itl, 50)
@@ -191,8 +190,8 @@ async def part_sweep(client, url: str, rng: random.Random, scale: float,
            "engine_step_interval_p50_ms": _ms(histogram_quantile(steps_before, steps_after, 0.5)),
            "engine_step_interval_p99_ms": _ms(histogram_quantile(steps_before, steps_after,
                                                                  0.99)),
-           "event_loop_lags_over_5ms": _over(before[LOOP_LAG], after[LOOP_LAG], 0.005),
-           "event_loop_lags_over_20ms": _over(before[LOOP_LAG], after[LOOP_LAG], 0.02),
+           "event_loop_lags_over_5ms": histogram_count_above(lag_before, lag_after, 0.005),
+           "event_loop_lags_over_20ms": histogram_count_above(lag_before, lag_after, 0.02),
            "errors": _errors(reqs)}
     print(f"  sweep: {out}", flush=True)
     return out
