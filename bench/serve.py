@@ -84,11 +84,20 @@ class Request:
         "completion_tokens",
         "finish_reason",
         "error",
+        "logprobs",
+        "chunk_tokens",
     )
 
-    def __init__(self, prompt: list[int], max_tokens: int, arrival: float = 0.0):
+    def __init__(self, prompt: list[int], max_tokens: int, arrival: float = 0.0,
+                 logprobs: int | None = None):
         self.prompt = prompt
         self.max_tokens = max_tokens
+        # Asking for the sampled tokens' logprobs makes every chunk carry its tokens, so a chunk
+        # is sent for every token: a text-only stream sends none for a token whose text the
+        # server holds back (one ending inside a UTF-8 character, or decoding to nothing), and
+        # the client would see a gap of two steps that no step caused.
+        self.logprobs = logprobs
+        self.chunk_tokens: list[int] = []  # tokens per chunk, when logprobs is set
         self.arrival = arrival  # offset from the start of an open-loop run, seconds
         self.sent: float | None = None
         self.chunks: list[float] = []
@@ -148,6 +157,8 @@ async def stream_completion(client, url: str, model: str, req: Request) -> None:
     }
     if model:  # omitted: the server's only model
         body["model"] = model
+    if req.logprobs is not None:
+        body["logprobs"] = req.logprobs
     req.sent = time.perf_counter()
     try:
         async with client.stream("POST", f"{url}/v1/completions", json=body) as r:
@@ -164,8 +175,9 @@ async def stream_completion(client, url: str, model: str, req: Request) -> None:
                     break
                 # A plain token chunk (finish_reason null) needs no parsing: at 64 streams the
                 # client sees thousands a second, and json.loads on each would skew the timing.
-                # Anything else (last token, usage, error) is parsed.
-                if '"finish_reason":null' not in data:
+                # Anything else (last token, usage, error) is parsed, and so is every chunk of
+                # a stream that counts its tokens per chunk (a few streams, not 64).
+                if req.logprobs is not None or '"finish_reason":null' not in data:
                     obj = json.loads(data)
                     if "error" in obj:
                         err = obj["error"]
@@ -175,6 +187,9 @@ async def stream_completion(client, url: str, model: str, req: Request) -> None:
                     if choices:
                         req.chunks.append(now)
                         req.finish_reason = choices[0].get("finish_reason")
+                        if req.logprobs is not None:
+                            lp = choices[0].get("logprobs") or {}
+                            req.chunk_tokens.append(len(lp.get("tokens") or []))
                     usage = obj.get("usage")
                     if usage:
                         req.completion_tokens = usage.get("completion_tokens")
