@@ -120,10 +120,13 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
     # server held back (0.2 % of the random-weight model's tokens end inside a UTF-8 character
     # or decode to nothing: the text-only stream skips their chunk and shows a two-step gap).
     streams = [Request(prompt(rng, 256), 400, logprobs=0) for _ in range(4)]
+    # Drawn before the streams start: 8,000 random ids take the client's loop several ms, and
+    # the streams' chunks that arrive meanwhile would be stamped late (a gap the server never
+    # made, as one run showed: all four streams' 23 ms gap began before the prompt was sent).
+    long_req = Request(prompt(rng, long_len), 8)
     tasks = [asyncio.ensure_future(stream_completion(client, url, "", r)) for r in streams]
     while sum(len(r.chunks) for r in streams) < 4 * 40:  # all streaming at a steady pace
         await asyncio.sleep(0.005)
-    long_req = Request(prompt(rng, long_len), 8)
     t_arrive = time.perf_counter()
     await stream_completion(client, url, "", long_req)
     t_first = long_req.chunks[0] if long_req.chunks else time.perf_counter()
@@ -134,7 +137,7 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
             gap = (b - a) * 1e3
             if b >= t_arrive and a <= t_first:
                 during.append(gap)
-                when.append(((b - t_arrive) * 1e3, gap))
+                when.append(((a - t_arrive) * 1e3, gap))
             else:
                 steady.append(gap)
     p50 = percentile(steady, 50)
@@ -144,7 +147,7 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
     # came from the client itself.
     steps_before, steps_after = before[STEP_INTERVALS], after[STEP_INTERVALS]
     lag_before, lag_after = before[LOOP_LAG], after[LOOP_LAG]
-    # Where in the prefill the long gaps fall (ms after the long prompt was sent, gap ms).
+    # Where the long gaps fall: (ms from the long prompt's send to the gap's start, gap ms).
     slow = [(round(t, 1), round(g, 2)) for t, g in sorted(when) if p50 and g > 2.5 * p50]
     out = {"long_prompt_tokens": long_len, "long_ttft_ms": ttft_ms(long_req),
            "stream_itl_p50_ms": p50, "during_prefill_max_ms": max(during) if during else None,
