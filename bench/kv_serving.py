@@ -43,6 +43,7 @@ from bench.common import (
     wait_ready,
     write_json,
 )
+from bench.load_clients import ClientProcesses, lag_summary, run_open_loop, watch_lag
 from bench.serve import Request, stream_completion
 
 TTFT_LENGTHS = (512, 2048, 4096, 8000, 16000)
@@ -120,17 +121,24 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
     # server held back (0.2 % of the random-weight model's tokens end inside a UTF-8 character
     # or decode to nothing: the text-only stream skips their chunk and shows a two-step gap).
     streams = [Request(prompt(rng, 256), 400, logprobs=0) for _ in range(4)]
-    # Drawn before the streams start: 8,000 random ids take the client's loop several ms, and
-    # the streams' chunks that arrive meanwhile would be stamped late (a gap the server never
-    # made, as one run showed: all four streams' 23 ms gap began before the prompt was sent).
+    # The long prompt leaves from a client process of its own, made ready before the streams
+    # start: drawing 8,000 ids, encoding them and opening a connection on the streams' loop
+    # stamped their chunks late (runs showed all four streams' 23-26 ms gaps beginning just
+    # before the prompt was sent, while neither the engine nor the server's loop was late).
     long_req = Request(prompt(rng, long_len), 8)
+    sender = ClientProcesses(url, [[long_req]])
+    await sender.ready()
+    lags: list[tuple[float, float]] = []
+    watcher = asyncio.ensure_future(watch_lag(lags))
     tasks = [asyncio.ensure_future(stream_completion(client, url, "", r)) for r in streams]
     while sum(len(r.chunks) for r in streams) < 4 * 40:  # all streaming at a steady pace
         await asyncio.sleep(0.005)
     t_arrive = time.perf_counter()
-    await stream_completion(client, url, "", long_req)
+    sender.go(t_arrive)
+    await sender.collect()
     t_first = long_req.chunks[0] if long_req.chunks else time.perf_counter()
     await asyncio.gather(*tasks)
+    watcher.cancel()
     steady, during, when = [], [], []
     for r in streams:
         for a, b in zip(r.chunks, r.chunks[1:], strict=False):
@@ -159,13 +167,16 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
                                                                     0.015),
            "engine_step_interval_p99_ms": _ms(histogram_quantile(steps_before, steps_after, 0.99)),
            "event_loop_lags_over_5ms": histogram_count_above(lag_before, lag_after, 0.005),
+           # The streams' own client loop while the prompt was prefilled (its lateness shows
+           # up in their gaps as if the server had made it).
+           **lag_summary([lag for t, lag in lags if t_arrive <= t <= t_first + 0.05]),
            "errors": _errors(streams + [long_req])}
     print(f"  interference: {out}", flush=True)
     return out
 
 
 async def part_sweep(client, url: str, rng: random.Random, scale: float,
-                     rate_scale: float) -> dict:
+                     rate_scale: float, processes: int) -> dict:
     reqs, t = [], 0.0
     for rate, seconds in SWEEP_STAGES:
         end = t + seconds * scale
@@ -173,32 +184,28 @@ async def part_sweep(client, url: str, rng: random.Random, scale: float,
             reqs.append(Request(prompt(rng, rng.randint(64, 512)), rng.randint(64, 256), t))
             t += rng.expovariate(rate * rate_scale)
     before = await scrape_histograms_async(client, url, [STEP_INTERVALS, LOOP_LAG])
-    t0 = time.perf_counter()
-
-    async def one(req: Request) -> None:
-        delay = t0 + req.arrival - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        await stream_completion(client, url, "", req)
-
-    await asyncio.gather(*(one(r) for r in reqs))
+    # Several client processes: one loop parsing ~60 streams fell behind and reported its own
+    # lateness as ITL (bench.load_clients).
+    t0, clients = await run_open_loop(url, reqs, processes)
+    elapsed = time.perf_counter() - t0
     after = await scrape_histograms_async(client, url, [STEP_INTERVALS, LOOP_LAG])
     steps_before, steps_after = before[STEP_INTERVALS], after[STEP_INTERVALS]
     lag_before, lag_after = before[LOOP_LAG], after[LOOP_LAG]
     itl = [g for r in reqs for g in gaps_ms(r)]
     ttfts = [t for t in map(ttft_ms, reqs) if t is not None]
     p50 = percentile(itl, 50)
-    out = {"requests": len(reqs), "duration_s": time.perf_counter() - t0,
+    out = {"requests": len(reqs), "duration_s": elapsed,
            "itl_p50_ms": p50, "itl_p99_ms": percentile(itl, 99), "itl_max_ms": max(itl),
            "p99_vs_p50": percentile(itl, 99) / p50 if p50 else None,
            "ttft_p50_ms": percentile(ttfts, 50), "ttft_p99_ms": percentile(ttfts, 99),
-           "output_tok_s": sum(len(r.chunks) for r in reqs) / (time.perf_counter() - t0),
+           "output_tok_s": sum(len(r.chunks) for r in reqs) / elapsed,
            # The engine's and the HTTP side's share of the ITL tail (see part_interference).
            "engine_step_interval_p50_ms": _ms(histogram_quantile(steps_before, steps_after, 0.5)),
            "engine_step_interval_p99_ms": _ms(histogram_quantile(steps_before, steps_after,
                                                                  0.99)),
            "event_loop_lags_over_5ms": histogram_count_above(lag_before, lag_after, 0.005),
            "event_loop_lags_over_20ms": histogram_count_above(lag_before, lag_after, 0.02),
+           **clients,  # the client's own share: its loops' lateness
            "errors": _errors(reqs)}
     print(f"  sweep: {out}", flush=True)
     return out
@@ -233,7 +240,7 @@ async def run_server(label: str, args, server_args: list[str], parts: list[str],
                 }
             if "sweep" in parts:
                 result["sweep"] = await part_sweep(client, url, rng, args.sweep_scale,
-                                                   args.sweep_rate_scale)
+                                                   args.sweep_rate_scale, args.sweep_clients)
             graphs = (await client.get(f"{url}/health/graphs")).json()
             result["traffic"] = graphs.get("traffic")
             if isinstance(graphs.get("mixed"), dict):
@@ -288,6 +295,8 @@ def main() -> None:
     ap.add_argument("--long-len", type=int, default=8000)
     ap.add_argument("--sweep-scale", type=float, default=1.0, help="stretch the sweep's stages")
     ap.add_argument("--sweep-rate-scale", type=float, default=1.0, help="scale its rates")
+    ap.add_argument("--sweep-clients", type=int, default=4,
+                    help="client processes sending the sweep (1: the old single loop)")
     ap.add_argument("--no-batch8", dest="batch8", action="store_false")
     ap.add_argument("--interference-repeats", type=int, default=1,
                     help="run the interference part this many times (median of max/p50)")
