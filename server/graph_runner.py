@@ -181,28 +181,36 @@ class DecodeGraphRunner:
             # Warm-ups are done by now: what the allocator holds beyond this is graph pool.
             torch.cuda.synchronize()
             self._reserved_before = torch.cuda.memory_reserved()
+        # No per-size warm-up run: startup already ran the step eagerly on this stream, so
+        # cuBLAS has its workspace and Triton its kernels (compiled once for every batch
+        # size). Skipping it halves the stall a busy-time capture adds to one step.
+        self._fill_padding()
+        torch.cuda.synchronize()
+        graph = self.record(lambda: self._decode_static(size), size, self._failed_graphs)
+        if self._pool is None:
+            self._pool = graph.pool()
+        return graph
+
+    def record(self, forward, fault_arg: int, failed: list):
+        """Capture `forward()` on the capture stream into this runner's pool (the mixed-step
+        graphs share it) and return the graph. On an error the graph goes to `failed` (kept
+        alive: see `capture`), the device is checked and the error re-raised. `fault_arg` is
+        what the tests' fault injector is called with inside the capture."""
         graph = torch.cuda.CUDAGraph()
         try:
-            # No per-size warm-up run: startup already ran the step eagerly on this stream, so
-            # cuBLAS has its workspace and Triton its kernels (compiled once for every batch
-            # size). Skipping it halves the stall a busy-time capture adds to one step.
-            self._fill_padding()
-            torch.cuda.synchronize()
             with torch.cuda.stream(self._stream):
                 graph.capture_begin(pool=self._pool, capture_error_mode=self._error_mode)
                 try:
                     if self.fault_injector is not None:
-                        self.fault_injector(size)
-                    self._decode_static(size)
+                        self.fault_injector(fault_arg)
+                    forward()
                 finally:
                     graph.capture_end()
             torch.cuda.synchronize()
         except Exception:
-            self._failed_graphs.append(graph)
+            failed.append(graph)
             self._recover_from_failed_capture()
             raise
-        if self._pool is None:
-            self._pool = graph.pool()
         return graph
 
     def _capture_emulated(self, size: int) -> _EmulatedGraph:

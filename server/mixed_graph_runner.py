@@ -105,22 +105,8 @@ class MixedGraphRunner:
         with torch.cuda.stream(dg._stream):
             self._forward_static(size)
         torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            with torch.cuda.stream(dg._stream):
-                graph.capture_begin(pool=dg._pool, capture_error_mode=dg._error_mode)
-                try:
-                    if dg.fault_injector is not None:
-                        dg.fault_injector(-size)  # negative: a mixed bucket (tests)
-                    self._forward_static(size)
-                finally:
-                    graph.capture_end()
-            torch.cuda.synchronize()
-        except Exception:
-            self._failed.append(graph)
-            dg._recover_from_failed_capture()
-            raise
-        return graph
+        # The fault injector sees a negative size: a mixed bucket (tests).
+        return dg.record(lambda: self._forward_static(size), -size, self._failed)
 
     def _fill_padding(self) -> None:
         """Buffers that describe an empty step: every sequence empty, every token padding."""
