@@ -185,6 +185,7 @@ def load_checkpoint(
     loader: str = "auto",
     load_format: str = "auto",
     shard=None,
+    on_tokenizer=None,
 ) -> LoadedCheckpoint:
     """Load config, tokenizers and weights of `model` onto `device`; raise ModelLoadError.
 
@@ -194,6 +195,9 @@ def load_checkpoint(
     "auto" reads the safetensors files, "dummy" draws random weights of the config's shapes.
     A `server.prefetch` warmer started on this thread for the same directory is taken over.
     `shard` (`server.distributed.sharding.TPShard`): build only that rank's slice.
+    `on_tokenizer(tokenizer, eos_token_ids, vocab_size)`: called on this thread by the fast
+    loader as soon as the tokenizer is loaded, while the weights still stream, so work that
+    needs only the tokenizer overlaps the load (not called by the transformers loader).
     """
     if loader not in LOADERS:
         raise ValueError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}")
@@ -209,14 +213,15 @@ def load_checkpoint(
         if loader == "transformers":
             return _load_with_transformers(path, name, device, dtype, "--loader transformers",
                                            load_format, shard)
-        return _load_fast(path, name, device, dtype, loader, load_format, warmer, shard)
+        return _load_fast(path, name, device, dtype, loader, load_format, warmer, shard,
+                          on_tokenizer)
     finally:
         if warmer is not None:
             warmer.stop()
 
 
 def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load_format: str,
-               warmer, shard=None) -> LoadedCheckpoint:
+               warmer, shard=None, on_tokenizer=None) -> LoadedCheckpoint:
     from server.hf_config import generation_eos_ids
     from server.tokenizer import FastTokenizer, TokenizerDeclined, TokenizerLoadError
 
@@ -244,6 +249,9 @@ def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load
                      "read directly): %s", path, exc)
             fallback = str(exc)
             tokenizer, api_tokenizer, import_s = _transformers_tokenizers(path)
+        eos_ids = _eos_ids(config, tokenizer, generation_eos_ids(path))
+        if on_tokenizer is not None:
+            on_tokenizer(tokenizer, eos_ids, config.vocab_size)
         model_obj = _build(path, config, weights, shard)
         unused = unused_tensors(weights, config)
         stats = _weight_stats(weights, warmer)
@@ -270,7 +278,7 @@ def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load
         config=config,
         tokenizer=tokenizer,
         api_tokenizer=api_tokenizer,
-        eos_token_ids=_eos_ids(config, tokenizer, generation_eos_ids(path)),
+        eos_token_ids=eos_ids,
         weight_bytes=model_obj.weight_bytes,
         loader="fast" if fallback is None else "transformers",
         fallback_reason=fallback,

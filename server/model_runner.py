@@ -140,10 +140,12 @@ class ModelRunner:
     """
 
     def __init__(self, config: EngineConfig, set_phase: PhaseCallback,
-                 launcher: TPLauncher | None = None):
+                 launcher: TPLauncher | None = None, on_tokenizer=None):
         """`launcher`: the workers, already started (`launcher.start_workers`, which the engine
-        thread calls before it imports torch); started by `load` when not given."""
+        thread calls before it imports torch); started by `load` when not given.
+        `on_tokenizer`: see `model_loader.load_checkpoint`."""
         self.config = config
+        self._on_tokenizer = on_tokenizer
         self._set_phase = set_phase
         self.timings: dict[str, float] = {}
         self.world = config.tensor_parallel_size
@@ -193,6 +195,7 @@ class ModelRunner:
         self.checkpoint = load_checkpoint(
             cfg.model, device, cfg.dtype, cfg.served_model_name, loader=cfg.loader,
             load_format=cfg.load_format, shard=TPShard(0, self.world),
+            on_tokenizer=self._on_tokenizer,
         )  # fmt: skip
         # A transformers fallback imports transformers inside the load: count that as import.
         self.timings["import_s"] += self.checkpoint.import_s

@@ -256,6 +256,28 @@ def test_end_to_end_fast_load_matches_transformers_on_the_default_model():
     assert torch.equal(prompt_logits(fast.model, ids), prompt_logits(ref.model, ids))
 
 
+def test_on_tokenizer_runs_before_the_weights_are_built(monkeypatch):
+    # The engine starts the grammar tokenizer's build (GIL-bound) from this hook so it
+    # overlaps the weight load instead of freezing the server right after ready.
+    import server.model_loader as loader
+
+    events = []
+    build = loader._build
+
+    def tracked_build(*args, **kwargs):
+        events.append("build")
+        return build(*args, **kwargs)
+
+    def on_tokenizer(tokenizer, eos_ids, vocab_size):
+        events.append(("tokenizer", tokenizer, list(eos_ids), vocab_size))
+
+    monkeypatch.setattr(loader, "_build", tracked_build)
+    ckpt = load_checkpoint(None, "cpu", "float32", loader="fast", on_tokenizer=on_tokenizer)
+    assert events[0] == ("tokenizer", ckpt.tokenizer, list(ckpt.eos_token_ids),
+                         ckpt.model.shape.vocab_size)
+    assert events[1:] == ["build"]
+
+
 @pytest.mark.parametrize("arch", ["llama", "mistral", "qwen3"])
 def test_fast_checkpoint_eos_ids_equal_transformers(tmp_path, arch):
     path = build_checkpoint(tmp_path / arch, arch)
