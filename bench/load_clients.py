@@ -79,14 +79,15 @@ async def _worker_async(url: str, reqs: list[Request], conn) -> list[tuple[float
         return await drive(url, reqs, start, client)
 
 
-def _worker(url: str, items: list[tuple[list[int], int, float]], conn) -> None:
+def _worker(url: str, items: list[tuple[list[int], int, float, int | None]], conn) -> None:
     """A client process: warm up, say ready, wait for the start time, drive its share, send
     the results back."""
     try:
-        reqs = [Request(prompt, max_tokens, arrival) for prompt, max_tokens, arrival in items]
+        reqs = [Request(prompt, max_tokens, arrival, logprobs)
+                for prompt, max_tokens, arrival, logprobs in items]
         lags = asyncio.run(_worker_async(url, reqs, conn))
-        fields = [(r.sent, r.chunks, r.done, r.completion_tokens, r.finish_reason, r.error)
-                  for r in reqs]
+        fields = [(r.sent, r.chunks, r.done, r.completion_tokens, r.finish_reason, r.error,
+                   r.chunk_tokens) for r in reqs]
         conn.send(("ok", fields, [lag for _, lag in lags]))
     except BaseException as exc:  # the parent reports it; a silent death would hang it
         conn.send(("error", repr(exc), []))
@@ -114,7 +115,7 @@ class ClientProcesses:
         self._pipes, self._procs = [], []
         for share in shares:
             parent, child = ctx.Pipe()
-            items = [(r.prompt, r.max_tokens, r.arrival) for r in share]
+            items = [(r.prompt, r.max_tokens, r.arrival, r.logprobs) for r in share]
             proc = ctx.Process(target=_worker, args=(url, items, child), daemon=True)
             proc.start()
             child.close()
@@ -145,10 +146,11 @@ class ClientProcesses:
         for share, (status, fields, lags) in zip(self.shares, answers, strict=True):
             if status != "ok":
                 raise BenchError(f"a load client process failed: {fields}")
-            for req, (sent, chunks, done, tokens, reason, error) in zip(share, fields,
-                                                                        strict=True):
+            for req, (sent, chunks, done, tokens, reason, error, chunk_tokens) in zip(
+                    share, fields, strict=True):
                 req.sent, req.chunks, req.done = sent, chunks, done
                 req.completion_tokens, req.finish_reason, req.error = tokens, reason, error
+                req.chunk_tokens = chunk_tokens
             all_lags += lags
         return {"client_processes": len(self.shares), **lag_summary(all_lags)}
 
