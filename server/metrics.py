@@ -77,7 +77,7 @@ class ServerMetrics:
         )
         self.loop_lag = Histogram(
             "graphserve_event_loop_lag_seconds",
-            "How late the HTTP event loop ran a timer due every 20 ms: time it spent on other "
+            "How late the HTTP event loop ran a timer due every 10 ms: time it spent on other "
             "work (request parsing, streaming) or waiting for the GIL; every stream's next "
             "token waits as long.",
             buckets=LAG_BUCKETS, registry=r,
