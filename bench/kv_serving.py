@@ -8,10 +8,14 @@ the same part against that checkout's server in the same run):
 * `prefix`: a 4,000-token system prompt shared by requests with different 40-token questions:
   the first request's TTFT against the next ones', with prefix caching on (this server) and off
   (a second server started with `--no-prefix-caching`).
-* `interference`: four streams decode; an 8,000-token prompt arrives; the streams' inter-token
-  gaps while it is prefilled: max and p99 against their p50.
+* `interference`: four streams decode (per-token chunks: `logprobs: 0`); an 8,000-token prompt
+  arrives, sent from a client process of its own; the streams' inter-token gaps while it is
+  prefilled: max and p99 against their p50, with the engine's step intervals, the server's
+  and the client's event-loop lateness over the same window.
 * `sweep`: open loop, Poisson arrivals whose rate rises in stages so concurrency sweeps ~1 to
-  ~60 (prompts 64-512 tokens, outputs 64-256), ITL p50 / p99 / max over the whole run.
+  ~60 (prompts 64-512 tokens, outputs 64-256), sent from `--sweep-clients` processes
+  (`bench.load_clients`), ITL p50 / p99 / max over the whole run beside the engine's and the
+  clients' own share.
 
 `--mixed-baseline` runs the same parts on the same server with `--no-mixed-graphs` (every
 step that carries prompt tokens eager, the design before mixed-step graphs), in the same run.
