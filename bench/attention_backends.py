@@ -31,7 +31,6 @@ cached prefix of 0, 2048, 8192 and 14,336 tokens, bf16, 16-token KV blocks scatt
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import time
 
@@ -57,6 +56,7 @@ def main(argv=None) -> None:
     if not torch.cuda.is_available():
         sys.exit("bench.attention_backends needs a CUDA GPU")
     from bench.common import environment, write_json
+    from bench.decode import cuda_time_ms
     from server import triton_attention as ta
 
     dev, dt, scale = "cuda", torch.bfloat16, D ** -0.5
@@ -70,18 +70,7 @@ def main(argv=None) -> None:
         return out, (time.perf_counter() - t) * 1e3
 
     def median_ms(fn):
-        for _ in range(2):
-            fn()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(args.iters):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            b.synchronize()
-            times.append(a.elapsed_time(b))
-        return statistics.median(times)
+        return cuda_time_ms(fn, args.iters, warmup=2)
 
     def fa2(q, k, v, cu_q, cu_k, max_q, max_k, causal=True):
         return torch.ops.aten._flash_attention_forward(
