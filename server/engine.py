@@ -146,7 +146,8 @@ class AsyncEngine:
             def build_grammars(tokenizer, eos_ids, vocab_size: int) -> None:
                 # Started while the weights stream: llguidance builds its tokenizer holding the
                 # GIL (0.3-0.6 s for a 128k vocabulary), which started at ready froze the
-                # first captures and requests (a 512-token prompt sent at ready: 560 ms TTFT).
+                # first captures and requests (a 512-token prompt sent at ready: 560-712 ms TTFT
+                # on the H200, 57-92 ms with the build here; docs/benchmarks.md 8e).
                 grammars.append(GrammarBackend(tokenizer_json(tokenizer), vocab_size, eos_ids))
 
             runner = ModelRunner(self.config, self._set_phase, launcher, build_grammars)
