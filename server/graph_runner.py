@@ -47,6 +47,26 @@ class CaptureResult:
                 "pool_bytes": self.pool_bytes, "error": self.error}  # fmt: skip
 
 
+def timed_capture(what: str, size: int, capture, pool_bytes) -> tuple[object | None,
+                                                                       CaptureResult]:
+    """Run `capture()` (it returns the graph) and time it; an error never escapes, it makes a
+    failed result (the graph is then None). `what` names the graph in the log lines;
+    `pool_bytes()` is read after the capture either way. Shared by the decode and the
+    mixed-step graphs."""
+    t0 = time.perf_counter()
+    try:
+        graph = capture()
+    except Exception as exc:  # OOM, CUDA error, injected fault
+        reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+        logger.warning("capture of %s failed: %s", what, reason)
+        return None, CaptureResult(size, False, time.perf_counter() - t0, pool_bytes(), reason)
+    seconds = time.perf_counter() - t0
+    pool = pool_bytes()
+    logger.info("captured %s in %.1f ms (graph pool %.1f MiB)", what, seconds * 1e3,
+                pool / 2**20)
+    return graph, CaptureResult(size, True, seconds, pool)
+
+
 class _EmulatedGraph:
     """A CPU stand-in for a captured graph (test seam): replaying it runs the step eagerly at
     the captured width, as a real replay computes the padded rows too."""
@@ -154,27 +174,18 @@ class DecodeGraphRunner:
                              f"1..{self.max_n}")
         if not (self.cuda or self.emulate):
             raise RuntimeError("CUDA graphs need a CUDA device")
-        t0 = time.perf_counter()
-        try:
+
+        def capture() -> object:
             with no_collection():
                 if self.emulate:
-                    graph = self._capture_emulated(size)
-                else:
-                    graph = self._capture_cuda(size)
-        except Exception as exc:  # OOM, CUDA error, injected fault
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            logger.warning("graph capture for batch size %d failed: %s", size, reason)
-            return CaptureResult(size, False, time.perf_counter() - t0, self.pool_bytes(), reason)
-        seconds = time.perf_counter() - t0
-        self.graphs[size] = graph
-        pool_bytes = self.pool_bytes()
-        logger.info(
-            "captured decode graph for batch size %d in %.1f ms (graph pool %.1f MiB)",
-            size,
-            seconds * 1e3,
-            pool_bytes / 2**20,
-        )
-        return CaptureResult(size, True, seconds, pool_bytes)
+                    return self._capture_emulated(size)
+                return self._capture_cuda(size)
+
+        graph, result = timed_capture(f"decode graph for batch size {size}", size, capture,
+                                      self.pool_bytes)
+        if result.ok:
+            self.graphs[size] = graph
+        return result
 
     def _capture_cuda(self, size: int):
         if self._reserved_before is None:

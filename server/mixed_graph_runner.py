@@ -27,16 +27,11 @@ forward at width T, so CI runs the padding and dispatch without a GPU.
 
 from __future__ import annotations
 
-import logging
-import time
-
 import torch
 
 from server.gc_control import no_collection
-from server.graph_runner import CaptureResult, DecodeGraphRunner
+from server.graph_runner import CaptureResult, DecodeGraphRunner, timed_capture
 from server.step_plan import StepPlan
-
-logger = logging.getLogger(__name__)
 
 
 class MixedGraphRunner:
@@ -77,26 +72,21 @@ class MixedGraphRunner:
         dg = self.decode_graphs
         if size in self.graphs or not 1 <= size <= self.max_tokens:
             raise ValueError(f"cannot capture mixed bucket {size}: captured or out of range")
-        t0 = time.perf_counter()
-        try:
+
+        def capture() -> object:
             self._fill_padding()
             with no_collection():
                 if dg.emulate:
                     if dg.fault_injector is not None:
                         dg.fault_injector(-size)  # negative: a mixed bucket (tests)
-                    graph = size
-                else:
-                    graph = self._capture_cuda(size)
-        except Exception as exc:
-            reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-            logger.warning("mixed-step graph capture for %d tokens failed: %s", size, reason)
-            return CaptureResult(size, False, time.perf_counter() - t0, dg.pool_bytes(), reason)
-        seconds = time.perf_counter() - t0
-        self.graphs[size] = graph
-        pool = dg.pool_bytes()
-        logger.info("captured mixed-step graph for %d tokens in %.1f ms (graph pool %.1f MiB)",
-                    size, seconds * 1e3, pool / 2**20)  # fmt: skip
-        return CaptureResult(size, True, seconds, pool)
+                    return size
+                return self._capture_cuda(size)
+
+        graph, result = timed_capture(f"mixed-step graph for {size} tokens", size, capture,
+                                      dg.pool_bytes)
+        if result.ok:
+            self.graphs[size] = graph
+        return result
 
     def _capture_cuda(self, size: int):
         dg = self.decode_graphs
