@@ -16,6 +16,7 @@ from pathlib import Path
 
 from server import __version__
 from server.config import (
+    BUSY_CAPTURE_MODES,
     DEVICES,
     DTYPES,
     GRAPH_CAPTURE_MODES,
@@ -205,6 +206,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     graphs.add_argument("--capture-budget-ms", type=float, default=eng.capture_budget_ms,
                         metavar="MS", help="longest predicted capture allowed between two "
                         "decode steps while serving")
+    graphs.add_argument("--busy-capture", choices=BUSY_CAPTURE_MODES, default=eng.busy_capture,
+                        help="where a capture that traffic asks for runs while requests are "
+                        "running: on a thread of its own while steps go on (background), or "
+                        "between two steps, stalling every running stream for it (inline); "
+                        "tensor parallelism always captures inline (default: %(default)s)")
     graphs.add_argument("--capture-min-interval-ms", type=float,
                         default=eng.capture_min_interval_ms, metavar="MS",
                         help="spacing of captures while requests are running")
@@ -296,6 +302,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         mixed_graphs=args.mixed_graphs,
         cuda_graph_sizes=sizes,
         capture_budget_ms=args.capture_budget_ms,
+        busy_capture=args.busy_capture,
         capture_min_interval_ms=args.capture_min_interval_ms,
         idle_debounce_ms=args.idle_debounce_ms,
         seed=args.seed,

@@ -11,6 +11,7 @@ import re
 from dataclasses import dataclass, field
 
 GRAPH_CAPTURE_MODES = ("lazy", "eager", "off")
+BUSY_CAPTURE_MODES = ("background", "inline")
 DTYPES = ("auto", "bfloat16", "float16", "float32")
 DEVICES = ("auto", "cuda", "cpu")
 # auto: read the files directly unless the checkpoint needs transformers; fast: never import
@@ -120,6 +121,9 @@ class EngineConfig:
     mixed_graphs: bool = True  # steps with prompt tokens on graphs per token bucket
     cuda_graph_sizes: list[int] | None = None  # None: default_capture_sizes(max_num_seqs)
     capture_budget_ms: float = 50.0  # max predicted capture time allowed between two steps
+    # Busy-time decode captures: on a thread of their own while steps go on (background),
+    # or between two steps (inline). Tensor parallelism always captures inline.
+    busy_capture: str = "background"
     capture_min_interval_ms: float = 250.0  # spacing of captures while requests are running
     idle_debounce_ms: float = 20.0  # quiet time before idle capture starts
     seed: int = 0  # base seed for requests that give none
@@ -185,6 +189,11 @@ class EngineConfig:
                 raise ConfigError(
                     "--cuda-graph-sizes must be a non-empty list of positive integers"
                 )
+        if self.busy_capture not in BUSY_CAPTURE_MODES:
+            raise ConfigError(
+                f"--busy-capture must be one of {', '.join(BUSY_CAPTURE_MODES)}, "
+                f"got {self.busy_capture!r}"
+            )
         if (
             self.capture_budget_ms < 0
             or self.idle_debounce_ms < 0

@@ -69,6 +69,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("graphserve.engine")
 
+# While a background capture is in flight and the engine idles: how often to look for its end.
+CAPTURE_POLL_S = 0.002
+
 
 # ---------------------------------------------------------------------------------------------
 # Event-loop side
@@ -399,6 +402,8 @@ class EngineCore:
         if block:
             waits = [w for w in (self.runner.policy.idle_wait_s(),
                                  self.runner.mixed_policy.idle_wait_s()) if w is not None]
+            if self.runner.background is not None and self.runner.background.in_flight is not None:
+                waits.append(CAPTURE_POLL_S)  # report it soon, then go on capturing idle
             timeout = min(waits) if waits else None
         while True:
             try:
@@ -478,20 +483,29 @@ class EngineCore:
             self.scheduler.fail(failed, f"internal error during generation: {exc}")
 
     def _offer_capture(self, commands: queue.SimpleQueue) -> None:
-        """Give the gap between steps (or idle time) to the capture policy."""
-        sched = self.scheduler
+        """Give the gap between steps (or idle time) to the capture policy.
+
+        A busy-time decode capture goes to the capture thread where there is one
+        (`server.background_capture`): the steps go on meanwhile, and nothing else is
+        captured until it has been reported here, at a later step boundary.
+        """
+        sched, runner = self.scheduler, self.runner
+        if runner.poll_capture():
+            return
         while True:
             running = len(sched.running) + len(sched.prefilling)
             waiting = len(sched.waiting) + commands.qsize()
-            size = self.runner.policy.next_capture(running=running, waiting=waiting)
+            size = runner.policy.next_capture(running=running, waiting=waiting)
             if size is None:
                 # Mixed-step graphs only in idle time, after the decode sizes.
-                size = self.runner.next_mixed_capture(idle=running == 0 and waiting == 0)
+                size = runner.next_mixed_capture(idle=running == 0 and waiting == 0)
                 if size is None:
                     return
-                self.runner.capture(size, mixed=True)
+                runner.capture(size, mixed=True)
             else:
-                self.runner.capture(size)
+                runner.capture(size, background=running + waiting > 0)
+                if runner.poll_capture():
+                    return
             if sched.busy or not commands.empty():
                 return  # at most one capture per gap while serving
 

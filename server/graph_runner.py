@@ -67,6 +67,22 @@ def timed_capture(what: str, size: int, capture, pool_bytes) -> tuple[object | N
     return graph, CaptureResult(size, True, seconds, pool)
 
 
+def segment_bytes_of_pool(pool, device) -> int | None:
+    """Bytes of the caching allocator's segments on `device` that belong to graph pool `pool`
+    (the id `CUDAGraph.pool()` returns); None where the snapshot has no pool ids. The walk is
+    over segments, not blocks: well under a millisecond with an 8B model's few hundred."""
+    total, tagged = 0, False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    for seg in torch.cuda.memory_snapshot():
+        pool_id = seg.get("segment_pool_id")
+        if pool_id is None:
+            continue
+        tagged = True
+        if seg.get("device") == index and tuple(pool_id) == tuple(pool):
+            total += seg["total_size"]
+    return total if tagged else None
+
+
 class _EmulatedGraph:
     """A CPU stand-in for a captured graph (test seam): replaying it runs the step eagerly at
     the captured width, as a real replay computes the padded rows too."""
@@ -83,9 +99,12 @@ class DecodeGraphRunner:
     only each graph's transient activations, which smaller graphs reuse (largest captured
     first): full coverage costs little more memory than the largest graph alone.
 
-    All methods run on the engine thread. Captures use `capture_begin`/`capture_end` directly
-    rather than `torch.cuda.graph(...)`, whose entry empties the allocator's cache (device and
-    pinned host): mid-serving that would force fresh cudaMallocs into the next steps. The
+    All methods run on the engine thread, except `capture_detached(background=True)` and
+    `pool_bytes`, which `server.background_capture`'s thread calls while the engine thread
+    runs steps (it never calls `capture` or `install` meanwhile). Captures use
+    `capture_begin`/`capture_end` directly rather than `torch.cuda.graph(...)`, whose entry
+    empties the allocator's cache (device and pinned host): mid-serving that would force fresh
+    cudaMallocs into the next steps. The
     caller captures the largest size first (the pool is sized by it) and never a size twice.
     """
 
@@ -169,25 +188,57 @@ class DecodeGraphRunner:
         of the pool) and capturing again into that pool trips an allocator assert, so failed
         graphs are kept alive, and the caller never retries a size.
         """
+        graph, result = self.capture_detached(size, background=False)
+        if result.ok:
+            self.install(size, graph)
+        return result
+
+    def capture_detached(self, size: int, background: bool) -> tuple[object | None,
+                                                                       CaptureResult]:
+        """Capture `size` without installing it (`install`, engine thread): `capture`'s work.
+
+        `background`: called from `server.background_capture`'s thread while the engine
+        thread keeps replaying the other graphs from the same static buffers. The capture then
+        leaves those buffers alone (no padding fill: recording runs no kernel, so their
+        contents do not matter to it) and uses the thread-local capture mode, so the engine
+        thread's syncs and allocations stay legal meanwhile.
+        """
         if size in self.graphs or not 1 <= size <= self.max_n:
             raise ValueError(f"cannot capture batch size {size}: captured already or out of "
                              f"1..{self.max_n}")
         if not (self.cuda or self.emulate):
             raise RuntimeError("CUDA graphs need a CUDA device")
+        if background and self.cuda and self._pool is None:
+            raise RuntimeError("a background capture needs the pool of a startup capture")
 
         def capture() -> object:
             with no_collection():
                 if self.emulate:
                     return self._capture_emulated(size)
-                return self._capture_cuda(size)
+                return self._capture_cuda(size, background)
 
-        graph, result = timed_capture(f"decode graph for batch size {size}", size, capture,
-                                      self.pool_bytes)
-        if result.ok:
-            self.graphs[size] = graph
-        return result
+        where = " (background)" if background else ""
+        return timed_capture(f"decode graph for batch size {size}{where}", size, capture,
+                             self.pool_bytes)
 
-    def _capture_cuda(self, size: int):
+    def prepare_capture_thread(self) -> None:
+        """Ready the calling thread to capture (`server.background_capture`'s worker, once):
+        the engine's device as its current one (CUDA's is per thread), and its own cuBLAS
+        handle with a workspace for the capture stream, made by one small GEMM outside any
+        capture (made inside one, the workspace would be a block of the graph pool)."""
+        if not self.cuda:
+            return
+        torch.cuda.set_device(self.device)
+        with torch.cuda.stream(self._stream):
+            a = torch.zeros(16, 64, dtype=self.model.dtype, device=self.device)
+            torch.matmul(a, a.t())
+        self._stream.synchronize()
+
+    def install(self, size: int, graph) -> None:
+        """Make a captured graph replayable (engine thread: `run` reads `graphs`)."""
+        self.graphs[size] = graph
+
+    def _capture_cuda(self, size: int, background: bool = False):
         if self._reserved_before is None:
             # Warm-ups are done by now: what the allocator holds beyond this is graph pool.
             torch.cuda.synchronize()
@@ -195,22 +246,26 @@ class DecodeGraphRunner:
         # No per-size warm-up run: startup already ran the step eagerly on this stream, so
         # cuBLAS has its workspace and Triton its kernels (compiled once for every batch
         # size). Skipping it halves the stall a busy-time capture adds to one step.
-        self._fill_padding()
+        if not background:
+            self._fill_padding()
         torch.cuda.synchronize()
-        graph = self.record(lambda: self._decode_static(size), size, self._failed_graphs)
+        mode = "thread_local" if background else self._error_mode
+        graph = self.record(lambda: self._decode_static(size), size, self._failed_graphs, mode)
         if self._pool is None:
             self._pool = graph.pool()
         return graph
 
-    def record(self, forward, fault_arg: int, failed: list):
+    def record(self, forward, fault_arg: int, failed: list, error_mode: str | None = None):
         """Capture `forward()` on the capture stream into this runner's pool (the mixed-step
         graphs share it) and return the graph. On an error the graph goes to `failed` (kept
         alive: see `capture`), the device is checked and the error re-raised. `fault_arg` is
-        what the tests' fault injector is called with inside the capture."""
+        what the tests' fault injector is called with inside the capture; `error_mode` the
+        capture mode (default: the runner's)."""
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(self._stream):
-                graph.capture_begin(pool=self._pool, capture_error_mode=self._error_mode)
+                graph.capture_begin(pool=self._pool,
+                                    capture_error_mode=error_mode or self._error_mode)
                 try:
                     if self.fault_injector is not None:
                         self.fault_injector(fault_arg)
@@ -238,9 +293,19 @@ class DecodeGraphRunner:
         self.inputs = self.logits = None
 
     def pool_bytes(self) -> int:
-        """Device memory the graphs hold beyond what the warm-ups left reserved."""
+        """Device memory the graph pool holds: the allocator's segments tagged with its id.
+
+        Not reserved-memory growth since the warm-ups: that also counts what eager steps leave
+        cached outside the pool (a first eager prefill between two idle captures read as the
+        pool growing 26 -> 54 MiB on the 8B). The growth is the fallback before the pool
+        exists (a failed first capture) or where the snapshot carries no pool ids.
+        """
         if not self.cuda or self._reserved_before is None:
             return 0
+        if self._pool is not None:
+            held = segment_bytes_of_pool(self._pool, self.device)
+            if held is not None:
+                return held
         return max(0, torch.cuda.memory_reserved() - self._reserved_before)
 
     def _recover_from_failed_capture(self) -> None:

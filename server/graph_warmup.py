@@ -97,6 +97,7 @@ class _SizeRecord:
     wanted: int = 0  # decode steps whose exact size this is, whatever its state (saved plan)
     error: str | None = None
     captured_in: CapturePhase | None = None
+    off_thread_s: float | None = None  # a background capture's own time (it stalled nothing)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -110,6 +111,8 @@ class _SizeRecord:
             "wanted": self.wanted,
             "error": self.error,
             "captured_in": self.captured_in,
+            "off_thread_ms": None if self.off_thread_s is None else round(
+                self.off_thread_s * 1e3, 3),
         }
 
 
@@ -166,6 +169,7 @@ class CapturePolicy:
         self._budget_s = float(capture_budget_s)
         self._min_interval_s = float(min_interval_s)
         self._idle_debounce_s = float(idle_debounce_s)
+        self._busy_capture = "inline"  # or "background" (`set_busy_capture`)
         self._clock = clock
         self._lock = threading.Lock()
 
@@ -415,8 +419,8 @@ class CapturePolicy:
             ):
                 return None
             predicted = self._predict_locked()
-            if predicted is None or predicted > self._budget_s:
-                return None
+            if predicted is None or (self._busy_capture == "inline" and predicted > self._budget_s):
+                return None  # (a background capture stalls no step: no budget to fit)
             wanted = [r for r in self._records.values() if r.state == "pending" and r.demand > 0]
             if not wanted:
                 return None
@@ -486,11 +490,14 @@ class CapturePolicy:
             if self._ready_at is not None:
                 self._captured_since_step = True
 
-    def succeeded(self, size: int, seconds: float, pool_bytes: int) -> None:
+    def succeeded(self, size: int, seconds: float, pool_bytes: int,
+                  off_thread_s: float | None = None) -> None:
         """The capture of `size` succeeded.
 
         `seconds` is how long the engine thread was stalled by it (warm-up plus capture: that
-        is what the busy-time budget bounds); `pool_bytes` the total graph-pool memory after it.
+        is what the busy-time budget bounds); `pool_bytes` the total graph-pool memory after it;
+        `off_thread_s` the capture's own time when it ran on the capture thread (it then stalled
+        nothing, and the budget's prediction of inline stalls leaves it out).
         """
         if (
             isinstance(seconds, bool)
@@ -505,7 +512,9 @@ class CapturePolicy:
             record.state = "captured"
             record.capture_s = float(seconds)
             record.pool_bytes_after = pool_bytes
-            self._recent_capture_s.append(float(seconds))
+            record.off_thread_s = off_thread_s
+            if off_thread_s is None:
+                self._recent_capture_s.append(float(seconds))
             self._memory.record(pool_bytes, largest=size == self._largest)
             self._finish_capture_locked()
             self._rebuild_dispatch_locked()
@@ -533,6 +542,14 @@ class CapturePolicy:
             else:
                 self._update_memory_locked()
                 self._check_complete_locked()
+
+    def set_busy_capture(self, mode: str) -> None:
+        """Where busy-time captures run: "inline" (between steps, within the budget) or
+        "background" (`server.background_capture`). Engine thread, before `mark_ready`."""
+        if mode not in ("inline", "background"):
+            raise ValueError(f"busy capture mode must be inline or background, got {mode!r}")
+        with self._lock:
+            self._busy_capture = mode
 
     def disable(self, reason: str) -> None:
         """Turn graphs off for good: nothing more is captured and every step runs eagerly.
@@ -608,6 +625,7 @@ class CapturePolicy:
                     "capture_budget_ms": self._budget_s * 1e3,
                     "min_interval_ms": self._min_interval_s * 1e3,
                     "idle_debounce_ms": self._idle_debounce_s * 1e3,
+                    "busy_capture": self._busy_capture,
                 },
                 "memory": self._memory.snapshot(),
                 "saved_plan": None if self._saved_info is None else {

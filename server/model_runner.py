@@ -62,6 +62,7 @@ from dataclasses import dataclass
 import torch
 
 from server import ops
+from server.background_capture import BackgroundCapture
 from server.config import EngineConfig
 from server.distributed.launcher import TPLauncher, start_workers
 from server.distributed.protocol import Kind
@@ -155,6 +156,7 @@ class ModelRunner:
         self._rank_captures: dict[int, list[dict]] = {}  # size -> each rank's CaptureResult
         self._stopped_tp: TPLauncher | None = None
         self._owed = 0  # tokens a launched step owes the workers' broadcast (see `settle`)
+        self.background: BackgroundCapture | None = None  # busy captures' thread (one GPU)
 
     # -- startup ----------------------------------------------------------------------------
 
@@ -281,6 +283,10 @@ class ModelRunner:
         self.planner = StepPlanner(self.max_num_seqs, lambda n: self.policy.select(n).size or 0,
                                    self.mixed_policy.select)  # fmt: skip
         self._startup_graphs(cuda or emulate)
+        # Busy-time captures off the engine thread (`server.background_capture`): one GPU only.
+        if self.tp is None and cfg.busy_capture == "background" and self.policy.reason is None:
+            self.background = BackgroundCapture(self.graphs)
+        self.policy.set_busy_capture("background" if self.background else "inline")
         self.policy.mark_ready()
         self.timings["graphs_s"] = time.perf_counter() - t0
         self.timings["load_total_s"] = time.perf_counter() - t_start
@@ -527,9 +533,12 @@ class ModelRunner:
 
     # -- graphs -----------------------------------------------------------------------------
 
-    def capture(self, size: int, mixed: bool = False) -> None:
+    def capture(self, size: int, mixed: bool = False, background: bool = False) -> None:
         """Capture decode batch size `size` (or, `mixed`, the mixed-step bucket of `size`
         tokens) on every rank at this step boundary and record the agreement.
+
+        `background` (a busy-time decode capture): hand it to the capture thread when there is
+        one and return at once; `poll_capture` reports it once it has ended.
 
         It counts as captured only if every rank captured it; a failure on any rank marks it
         failed for all (rank 0 never dispatches a step onto it, so the workers' own graph is
@@ -539,6 +548,9 @@ class ModelRunner:
         """
         policy = self.mixed_policy if mixed else self.policy
         policy.begin(size)
+        if background and not mixed and self.background is not None:
+            self.background.start(size)
+            return
         t0 = time.perf_counter()
         try:
             order = {"size": size, "mixed": mixed}
@@ -561,6 +573,26 @@ class ModelRunner:
             # What the busy-time budget bounds: rank 0's whole stall, waiting for peers included.
             policy.succeeded(size, time.perf_counter() - t0, local.pool_bytes)
 
+    def poll_capture(self, timeout: float = 0.0) -> bool:
+        """Report a background capture that has ended (engine thread, between steps; waiting
+        up to `timeout` seconds for it); True while one is still in flight."""
+        if self.background is None or self.background.in_flight is None:
+            return False
+        done = self.background.poll(timeout)
+        if done is None:
+            return True
+        self._report_background(*done)
+        return False
+
+    def _report_background(self, size: int, result) -> None:
+        self._rank_captures[size] = [result.to_json()]
+        if result.ok:
+            # The engine thread stalled for none of it: it only handed the size over and
+            # installed the graph. The capture's own time is reported beside that.
+            self.policy.succeeded(size, 0.0, result.pool_bytes, off_thread_s=result.seconds)
+        else:
+            self.policy.failed(size, result.error or "unknown error")
+
     def next_mixed_capture(self, idle: bool) -> int | None:
         """The mixed-step bucket to capture now, or None: only once the decode sizes are
         settled, and never without the decode graphs' pool (the policy turns itself off)."""
@@ -577,6 +609,11 @@ class ModelRunner:
         `kill`: the group is broken (or never formed): no SHUTDOWN, the workers are killed
         and rank 0 aborts its side of the group instead of the collective teardown.
         """
+        background, self.background = self.background, None
+        if background is not None:  # a capture in flight ends first (release frees its pool)
+            done = background.close()
+            if done is not None:
+                self._report_background(*done)
         tp, self.tp = self.tp, None
         if tp is None:
             return

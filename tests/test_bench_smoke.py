@@ -23,7 +23,7 @@ from bench.cold_start import evict_page_cache, fresh_caches, vllm_like_sizes
 from bench.serve import itl_pair, parse_args, sharegpt_requests
 from tests.helpers import REPO
 
-SCRIPTS = ("cold_start", "serve", "peers", "tp", "openai_overheads")
+SCRIPTS = ("cold_start", "serve", "peers", "tp", "openai_overheads", "capture_stall")
 TIMEOUT_S = 240
 
 
@@ -43,7 +43,7 @@ def smoke_runs(tmp_path_factory):
             "--out",
             str(out_dir / f"{name}.json"),
         ]
-        if name not in ("peers", "openai_overheads"):
+        if name not in ("peers", "openai_overheads", "capture_stall"):
             cmd += ["--log-dir", str(out_dir / "logs")]
         if name == "cold_start":
             cmd += ["--first-request-tokens", "16"]
@@ -329,3 +329,23 @@ def test_cold_start_evicts_the_checkpoint_from_the_page_cache(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     assert evict_page_cache(str(tmp_path)) == {"files": 1, "bytes": 4096, "errors": []}
     assert evict_page_cache(None) == {"files": 0, "bytes": 0, "errors": []}
+
+
+@pytest.mark.slow
+def test_capture_stall_smoke(smoke_runs):
+    text, data = _get(smoke_runs, "capture_stall")
+    runs = data["runs"]
+    assert set(runs) == {"background", "inline", "eager"}
+    for label, run in runs.items():
+        assert run["lone"]["chunks"] >= 2 and run["ramp"]["streams"] == 3
+        assert run["traffic"]["eager_steps"] == 0
+        if label == "eager":
+            assert run["busy_captures"] == []
+    # The lone stream (batch 1) made the lazy servers capture size 1 while it ran.
+    bg = {c["size"]: c for c in runs["background"]["busy_captures"]}
+    inline = {c["size"]: c for c in runs["inline"]["busy_captures"]}
+    assert 1 in bg and bg[1]["stall_ms"] == 0 and bg[1]["off_thread_ms"] > 0
+    assert 1 in inline and inline[1]["stall_ms"] > 0 and inline[1]["off_thread_ms"] is None
+    _check_targets(data["targets"], 2)
+    _check_verdict_lines(text, 2)
+

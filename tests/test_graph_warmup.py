@@ -171,6 +171,7 @@ def test_from_config_uses_defaults_and_always_covers_max_num_seqs():
         "capture_budget_ms": 20.0,
         "min_interval_ms": 500.0,
         "idle_debounce_ms": 30.0,
+        "busy_capture": "inline",  # until the runner says it has a capture thread
     }
 
     custom = CapturePolicy.from_config(EngineConfig(cuda_graph_sizes=[4, 1, 64, 8]), 16)

@@ -334,7 +334,7 @@ def test_engine_loop_saves_after_idle_captures_and_at_shutdown(tmp_path):
     policy = _ready_policy(Clock())
     captured = []
 
-    def capture(size):
+    def capture(size, background=False):
         policy.begin(size)
         policy.succeeded(size, 0.01, 1 << 20)
         captured.append(size)
@@ -343,7 +343,8 @@ def test_engine_loop_saves_after_idle_captures_and_at_shutdown(tmp_path):
 
     mixed = MixedGraphPolicy([16], "lazy", disabled_reason="not under test", max_seqs=4)
     runner = SimpleNamespace(policy=policy, capture=capture, mixed_policy=mixed,
-                             next_mixed_capture=lambda idle: None)  # fmt: skip
+                             next_mixed_capture=lambda idle: None, background=None,
+                             poll_capture=lambda: False)  # fmt: skip
     scheduler = Scheduler(max_num_seqs=4, max_model_len=64, max_batched_tokens=64,
                           eos_ids=frozenset(), tokenizer=None, admission=Admission(4),
                           block_manager=BlockManager(64, 16))

@@ -1,0 +1,120 @@
+"""Busy-time decode captures on a thread of their own, so running streams do not wait for them.
+
+Captured between two steps (`--busy-capture inline`), a capture that traffic asks for stalls
+every running stream for its whole length: 27-43 ms per size on the 8B under load (issue 14)
+against a 4.5 ms step. Here the engine thread hands the size to this module's worker and goes
+on stepping; batches of that size keep replaying the next larger graph (padded), as they did
+before the capture was offered. When the worker is done, the engine thread installs the graph
+at a step boundary (`poll`) and only then reports it to the capture policy, so no step is
+dispatched to a graph that is not installed.
+
+Why this is safe:
+
+* Recording runs no kernel. The worker's capture only takes the static buffers' addresses
+  while the engine thread's replays keep writing them (a background capture does not fill
+  the padding rows: `DecodeGraphRunner.capture_detached`).
+* Thread-local capture mode: the engine thread's syncs, copies and allocations stay legal
+  while the worker captures on the capture stream; torch's allocator routes the capture
+  stream's allocations into the shared graph pool and every other stream's elsewhere.
+* The shared pool: the new graph reuses blocks the other graphs' replays write, as every
+  capture into a shared pool does; all replays are ordered on the engine thread's stream, and
+  the new graph joins them only once installed.
+* One capture at a time, and the engine thread starts none of its own (idle or mixed-step)
+  while one is in flight.
+* Not under tensor parallelism: the capture would record collectives on the group's
+  communicator while the engine thread issues the step's collectives on it from another
+  stream, which NCCL does not allow; TP captures stay inline, with the ranks' agreement.
+
+The GIL: recording a decode step is Python (a few hundred launches, 15-20 ms on the 8B), and
+the engine thread needs the GIL between its device waits. While the worker captures, the
+interpreter's switch interval drops from 5 ms to `SWITCH_INTERVAL_S`, so the engine thread
+waits that long for the GIL at most instead of a whole default interval per wait.
+
+Thread ownership: `start`, `poll` and `close` on the engine thread; the worker runs only
+`DecodeGraphRunner.prepare_capture_thread` and `capture_detached` and hands their result back
+through a queue.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import sys
+import threading
+
+from server.graph_runner import CaptureResult
+
+log = logging.getLogger(__name__)
+
+SWITCH_INTERVAL_S = 0.0005
+
+
+class BackgroundCapture:
+    """The worker thread and the one capture it may have in flight."""
+
+    def __init__(self, graphs):
+        self._graphs = graphs  # a DecodeGraphRunner
+        self._jobs: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[int, object, CaptureResult]] = queue.SimpleQueue()
+        self._in_flight: int | None = None
+        self._thread = threading.Thread(target=self._work, name="graph-capture", daemon=True)
+        self._thread.start()
+
+    @property
+    def in_flight(self) -> int | None:
+        """The size being captured, or None."""
+        return self._in_flight
+
+    def start(self, size: int) -> None:
+        """Hand `size` to the worker; returns at once."""
+        if self._in_flight is not None:
+            raise RuntimeError(f"the capture of size {self._in_flight} is still in flight")
+        if not self._thread.is_alive():
+            raise RuntimeError("the capture thread has stopped")
+        self._in_flight = size
+        self._jobs.put(size)
+
+    def poll(self, timeout: float = 0.0) -> tuple[int, CaptureResult] | None:
+        """If the capture in flight has ended (waiting up to `timeout` seconds for it):
+        install its graph when it succeeded and return `(size, result)`; else None."""
+        if self._in_flight is None:
+            return None
+        try:
+            size, graph, result = self._done.get(timeout=timeout) if timeout > 0 else (
+                self._done.get_nowait()
+            )
+        except queue.Empty:
+            return None
+        if result.ok:
+            self._graphs.install(size, graph)
+        self._in_flight = None
+        return size, result
+
+    def close(self, timeout_s: float = 30.0) -> tuple[int, CaptureResult] | None:
+        """Let a capture in flight end (returning it as `poll` does), then stop the worker."""
+        finished = self.poll(timeout_s) if self._in_flight is not None else None
+        self._jobs.put(None)
+        self._thread.join(timeout_s)
+        if self._thread.is_alive():
+            log.warning("the capture thread did not stop within %.0f s", timeout_s)
+        return finished
+
+    def _work(self) -> None:
+        try:
+            self._graphs.prepare_capture_thread()
+        except Exception:
+            log.exception("the capture thread could not prepare; its captures will fail")
+        while True:
+            size = self._jobs.get()
+            if size is None:
+                return
+            previous = sys.getswitchinterval()
+            sys.setswitchinterval(SWITCH_INTERVAL_S)
+            try:
+                graph, result = self._graphs.capture_detached(size, background=True)
+            except Exception as exc:  # capture_detached turns capture errors into results
+                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                graph, result = None, CaptureResult(size, False, 0.0, 0, reason)
+            finally:
+                sys.setswitchinterval(previous)
+            self._done.put((size, graph, result))

@@ -1,0 +1,137 @@
+"""Busy-time captures on the capture thread (`server.background_capture`): the hand-over
+protocol with a fake runner, and engines on CPU-emulated graphs whose busy captures run off
+the engine thread and still give HF's greedy tokens.
+
+The real CUDA path (thread-local capture beside running replays, an injected failure on the
+capture thread) is exercised by `tests/test_gpu.py`."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import threading
+import time
+
+import pytest
+
+from server.background_capture import SWITCH_INTERVAL_S, BackgroundCapture
+from server.graph_runner import CaptureResult
+from server.request import SamplingParams
+from tests.helpers.tiny_models import hf_greedy, hf_reference
+from tests.test_engine import collect, start_engine, tokens_of
+from tests.test_mixed_graphs import llama_dir  # noqa: F401  (fixture)
+
+
+class FakeGraphs:
+    """`capture_detached` blocks until the test releases it; records where things ran."""
+
+    def __init__(self, fail: bool = False):
+        self.release = threading.Event()
+        self.fail = fail
+        self.installed: dict[int, object] = {}
+        self.threads: list[str] = []
+        self.intervals: list[float] = []
+        self.prepared_on: str | None = None
+
+    def prepare_capture_thread(self):
+        self.prepared_on = threading.current_thread().name
+
+    def capture_detached(self, size, background):
+        assert background
+        self.threads.append(threading.current_thread().name)
+        self.intervals.append(sys.getswitchinterval())
+        self.release.wait(10)
+        if self.fail:
+            raise RuntimeError("boom")
+        return f"graph-{size}", CaptureResult(size, True, 0.02, 1 << 20)
+
+    def install(self, size, graph):
+        self.installed[size] = (graph, threading.current_thread().name)
+
+
+def test_capture_runs_on_its_thread_and_installs_on_poll():
+    graphs = FakeGraphs()
+    bg = BackgroundCapture(graphs)
+    before = sys.getswitchinterval()
+    try:
+        bg.start(8)
+        assert bg.in_flight == 8
+        with pytest.raises(RuntimeError, match="still in flight"):
+            bg.start(4)
+        assert bg.poll() is None and bg.poll(0.05) is None  # not done: nothing installed
+        assert graphs.installed == {}
+        graphs.release.set()
+        done = bg.poll(5)
+        assert done is not None and done[0] == 8 and done[1].ok
+        assert graphs.installed == {8: ("graph-8", threading.current_thread().name)}
+        assert bg.in_flight is None and bg.poll() is None
+    finally:
+        bg.close(5)
+    assert graphs.prepared_on == "graph-capture" and graphs.threads == ["graph-capture"]
+    assert graphs.intervals == [SWITCH_INTERVAL_S]  # lowered while capturing ...
+    assert sys.getswitchinterval() == before  # ... and restored
+
+
+def test_an_unexpected_error_is_a_failed_result_and_close_waits_for_the_capture():
+    graphs = FakeGraphs(fail=True)
+    bg = BackgroundCapture(graphs)
+    bg.start(2)
+    threading.Timer(0.05, graphs.release.set).start()
+    size, result = bg.close(5)  # lets the capture end, hands it back, stops the thread
+    assert size == 2 and not result.ok and "RuntimeError: boom" in result.error
+    assert graphs.installed == {}
+    assert not bg._thread.is_alive()
+    with pytest.raises(RuntimeError, match="stopped"):
+        bg.start(1)
+
+
+@pytest.fixture(scope="module")
+def reference(llama_dir):  # noqa: F811
+    return hf_reference(llama_dir)
+
+
+async def _three_streams(engine) -> list[list[int]]:
+    """Three greedy streams that join one after another: batch sizes 1, 2 and 3 in turn."""
+    prompts = [[5, 6, 7], [9, 10, 11, 12], [20, 21]]
+    tasks = []
+    for prompt in prompts:
+        params = SamplingParams(max_tokens=40, temperature=0.0, ignore_eos=True)
+        tasks.append(asyncio.ensure_future(collect(engine, prompt, params)))
+        await asyncio.sleep(0.05)
+    return [tokens_of(out) for out in await asyncio.gather(*tasks)]
+
+
+@pytest.mark.parametrize("mode", ["background", "inline"])
+async def test_busy_captures_run_where_configured_and_keep_greedy_tokens(
+        llama_dir, reference, monkeypatch, mode):  # noqa: F811  # fmt: skip
+    monkeypatch.setenv("GRAPHSERVE_EMULATE_GRAPHS", "1")
+    engine = start_engine(llama_dir, graph_capture="lazy", busy_capture=mode,
+                          capture_min_interval_ms=0, idle_debounce_ms=60_000)  # fmt: skip
+    where: dict[int, str] = {}
+
+    def note(size):
+        where[size] = threading.current_thread().name
+
+    engine._core.runner.graphs.fault_injector = note
+    try:
+        got = await _three_streams(engine)
+        deadline = time.monotonic() + 10
+        while engine.graph_report()["capturing"] is not None and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        report = engine.graph_report()
+    finally:
+        engine.shutdown()
+    prompts = [[5, 6, 7], [9, 10, 11, 12], [20, 21]]
+    assert got == [hf_greedy(reference, p, 40) for p in prompts]
+    assert report["settings"]["busy_capture"] == mode
+    busy = [s for s in report["sizes"] if s["captured_in"] == "busy"]
+    assert busy, report["sizes"]  # the test's traffic asked for sizes below the largest
+    assert report["traffic"]["eager_steps"] == 0
+    for entry in busy:
+        assert entry["state"] == "captured"
+        if mode == "background":
+            assert where[entry["size"]] == "graph-capture"
+            assert entry["capture_ms"] == 0 and entry["off_thread_ms"] > 0
+        else:
+            assert where[entry["size"]] != "graph-capture"
+            assert entry["capture_ms"] > 0 and entry["off_thread_ms"] is None
