@@ -51,9 +51,6 @@ from bench.common import (
 from bench.load_clients import run_open_loop
 from bench.serve import Request, stream_completion
 
-# A gap "contains a prompt" when another stream's first token came in it or this soon after.
-PREFILL_SLACK_S = 0.001
-
 SETTINGS = {
     "background": ["--graph-capture", "lazy", "--busy-capture", "background"],
     "inline": ["--graph-capture", "lazy", "--busy-capture", "inline"],
@@ -80,18 +77,18 @@ def lone_summary(req: Request) -> dict[str, Any]:
 
 
 def ramp_summary(reqs: list[Request], wall_offset: float) -> dict[str, Any]:
-    """ITL over all streams; the same over decode-only gaps (leaving out each gap in which
-    another stream got its first token: that step carried its prompt); the slow gaps
-    (> 3x p50) with the wall-clock time they ended (`time.time()`, to set beside the server's
-    log) and whether a prompt was in them."""
+    """ITL over all streams; the same over decode-only gaps (leaving out each gap that
+    overlaps another stream's wait for its first token: a step of that gap may carry its
+    prompt); the slow gaps (> 3x p50) with the wall-clock time they ended (`time.time()`, to
+    set beside the server's log) and whether a prompt was in them."""
     failed = [r.error for r in reqs if r.error]
     if failed:
         raise BenchError(f"{len(failed)} ramp streams failed, first: {failed[0]}")
-    firsts = [r.chunks[0] for r in reqs if r.chunks]
+    waits = [(r.sent, r.chunks[0]) for r in reqs if r.chunks and r.sent is not None]
     spans = [(a, b) for r in reqs for a, b in zip(r.chunks, r.chunks[1:], strict=False)]
 
     def prefill(a: float, b: float) -> bool:
-        return any(a < t <= b + PREFILL_SLACK_S for t in firsts)
+        return any(a < first and b > sent for sent, first in waits)
 
     gaps = [b - a for a, b in spans]
     decode = [b - a for a, b in spans if not prefill(a, b)]
