@@ -17,7 +17,8 @@ ready: no capture while serving, the baseline), with idle capture held off
   `--streams`; each join is also a prefill), from `--client-processes` client processes:
   ITL p50 / p99 / max over all streams (issue 14: lazy's max within 1.05x eager's).
 * the busy captures each server made (`/health/graphs`: size, engine-thread stall, time on
-  the capture thread).
+  the capture thread), and the mixed-step buckets it captured while busy (lazy + background:
+  each prompt's step runs eagerly until its token bucket's graph exists).
 
     python -m bench.capture_stall --model /tmp/llama-8b --out bench/results/capture-stall-8b.json
     python -m bench.capture_stall --smoke --out /tmp/stall.json    # CPU, embedded model
@@ -111,7 +112,7 @@ async def run_setting(label: str, args, model_args: list[str]) -> dict[str, Any]
 
     server_args = [*model_args, *SETTINGS[label], "--max-num-seqs", str(args.max_num_seqs),
                    "--idle-debounce-ms", "600000", "--served-model-name", "m",
-                   *([] if args.mixed_graphs else ["--no-mixed-graphs"])]  # fmt: skip
+                   *(["--no-mixed-graphs"] if args.no_mixed_graphs else [])]  # fmt: skip
     print(f"[{label}] starting: {' '.join(server_args)}", flush=True)
     rng = random.Random(args.seed)
     result: dict[str, Any] = {"args": server_args}
@@ -140,6 +141,11 @@ async def run_setting(label: str, args, model_args: list[str]) -> dict[str, Any]
         {"size": s["size"], "stall_ms": s["capture_ms"], "off_thread_ms": s.get("off_thread_ms")}
         for s in graphs["sizes"] if s.get("captured_in") == "busy"
     ]  # fmt: skip
+    result["mixed_busy_captures"] = [
+        {"tokens": s["tokens"], "capture_ms": s["capture_ms"], "demand": s.get("demand")}
+        for s in graphs["mixed"]["sizes"] if s.get("off_thread")
+    ]  # fmt: skip
+    result["mixed_traffic"] = graphs["mixed"].get("traffic")
     result["traffic"] = graphs.get("traffic")
     result["pool_bytes_total"] = graphs.get("pool_bytes_total")
     return result
@@ -204,10 +210,10 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=300)
     ap.add_argument("--join-ms", type=float, default=150.0)
     ap.add_argument("--client-processes", type=int, default=2)
-    ap.add_argument("--mixed-graphs", action="store_true",
-                    help="keep mixed-step graphs on (then eager has them captured before "
-                    "ready and lazy has none, idle capture being held off: the prompts' steps "
-                    "differ between settings; by default every setting runs them eagerly)")
+    ap.add_argument("--no-mixed-graphs", action="store_true",
+                    help="every setting runs the prompts' steps eagerly (by default eager has "
+                    "their graphs before ready, lazy + background captures them while busy "
+                    "and lazy + inline not at all, idle capture being held off)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--smoke", action="store_true", help="CPU, embedded model, seconds")
     ap.add_argument("--log-dir", default=None, help="keep each server's log here")

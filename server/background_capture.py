@@ -1,4 +1,4 @@
-"""Busy-time decode captures on a thread of their own, so running streams do not wait for them.
+"""Busy-time captures on a thread of their own, so running streams do not wait for them.
 
 Captured between two steps (`--busy-capture inline`), a capture that traffic asks for stalls
 every running stream for its whole length: 27-43 ms per size on the 8B under load (issue 14)
@@ -6,13 +6,17 @@ against a 4.5 ms step. Here the engine thread hands the size to this module's wo
 on stepping; batches of that size keep replaying the next larger graph (padded), as they did
 before the capture was offered. When the worker is done, the engine thread installs the graph
 at a step boundary (`poll`) and only then reports it to the capture policy, so no step is
-dispatched to a graph that is not installed.
+dispatched to a graph that is not installed. Mixed-step buckets (`server.mixed_graph_runner`)
+go the same way: before, a lazy server captured them only in idle time, so under traffic from
+the first second every prompt's step ran eagerly (tens of ms of host time on the 8B, which
+every running stream waited for) until the traffic paused.
 
 Why this is safe:
 
 * Recording runs no kernel. The worker's capture only takes the static buffers' addresses
   while the engine thread's replays keep writing them (a background capture does not fill
-  the padding rows: `DecodeGraphRunner.capture_detached`).
+  the padding rows: `DecodeGraphRunner.capture_detached`; a mixed bucket's eager run before
+  its capture uses padding buffers of its own: `MixedGraphRunner.capture_detached`).
 * Thread-local capture mode: the engine thread's syncs, copies and allocations stay legal
   while the worker captures on the capture stream; torch's allocator routes the capture
   stream's allocations into the shared graph pool and every other stream's elsewhere.
@@ -31,8 +35,8 @@ interpreter's switch interval drops from 5 ms to `SWITCH_INTERVAL_S`, so the eng
 waits that long for the GIL at most instead of a whole default interval per wait.
 
 Thread ownership: `start`, `poll` and `close` on the engine thread; the worker runs only
-`DecodeGraphRunner.prepare_capture_thread` and `capture_detached` and hands their result back
-through a queue.
+`DecodeGraphRunner.prepare_capture_thread` and the jobs' `capture` (a runner's
+`capture_detached`) and hands the result back through a queue; `install` runs in `poll`.
 """
 
 from __future__ import annotations
@@ -41,6 +45,8 @@ import logging
 import queue
 import sys
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from server.graph_runner import CaptureResult
 
@@ -49,48 +55,62 @@ log = logging.getLogger(__name__)
 SWITCH_INTERVAL_S = 0.0005
 
 
+@dataclass
+class CaptureJob:
+    """One capture: `capture()` runs on the worker and returns (graph or None, result);
+    `install(graph)` runs on the engine thread once it succeeded."""
+
+    size: int
+    mixed: bool  # a mixed-step bucket (else a decode batch size)
+    capture: Callable[[], tuple[object | None, CaptureResult]]
+    install: Callable[[object], None]
+
+
 class BackgroundCapture:
     """The worker thread and the one capture it may have in flight."""
 
-    def __init__(self, graphs):
-        self._graphs = graphs  # a DecodeGraphRunner
-        self._jobs: queue.SimpleQueue[int | None] = queue.SimpleQueue()
-        self._done: queue.SimpleQueue[tuple[int, object, CaptureResult]] = queue.SimpleQueue()
-        self._in_flight: int | None = None
+    def __init__(self, prepare: Callable[[], None]):
+        """`prepare`: run first on the worker (`DecodeGraphRunner.prepare_capture_thread`)."""
+        self._prepare = prepare
+        self._jobs: queue.SimpleQueue[CaptureJob | None] = queue.SimpleQueue()
+        self._done: queue.SimpleQueue[tuple[CaptureJob, object, CaptureResult]] = (
+            queue.SimpleQueue()
+        )
+        self._in_flight: CaptureJob | None = None
         self._thread = threading.Thread(target=self._work, name="graph-capture", daemon=True)
         self._thread.start()
 
     @property
-    def in_flight(self) -> int | None:
-        """The size being captured, or None."""
+    def in_flight(self) -> CaptureJob | None:
+        """The capture in flight, or None."""
         return self._in_flight
 
-    def start(self, size: int) -> None:
-        """Hand `size` to the worker; returns at once."""
+    def start(self, job: CaptureJob) -> None:
+        """Hand `job` to the worker; returns at once."""
         if self._in_flight is not None:
-            raise RuntimeError(f"the capture of size {self._in_flight} is still in flight")
+            raise RuntimeError(f"the capture of size {self._in_flight.size} is still in flight")
         if not self._thread.is_alive():
             raise RuntimeError("the capture thread has stopped")
-        self._in_flight = size
-        self._jobs.put(size)
+        self._in_flight = job
+        self._jobs.put(job)
 
-    def poll(self, timeout: float = 0.0) -> tuple[int, CaptureResult] | None:
+    def poll(self, timeout: float = 0.0) -> tuple[CaptureJob, CaptureResult] | None:
         """If the capture in flight has ended (waiting up to `timeout` seconds for it):
-        install its graph when it succeeded and return `(size, result)`; else None."""
+        install its graph when it succeeded and return `(job, result)`; else None."""
         if self._in_flight is None:
             return None
         try:
-            size, graph, result = self._done.get(timeout=timeout) if timeout > 0 else (
+            job, graph, result = self._done.get(timeout=timeout) if timeout > 0 else (
                 self._done.get_nowait()
             )
         except queue.Empty:
             return None
         if result.ok:
-            self._graphs.install(size, graph)
+            job.install(graph)
         self._in_flight = None
-        return size, result
+        return job, result
 
-    def close(self, timeout_s: float = 30.0) -> tuple[int, CaptureResult] | None:
+    def close(self, timeout_s: float = 30.0) -> tuple[CaptureJob, CaptureResult] | None:
         """Let a capture in flight end (returning it as `poll` does), then stop the worker."""
         finished = self.poll(timeout_s) if self._in_flight is not None else None
         self._jobs.put(None)
@@ -101,20 +121,20 @@ class BackgroundCapture:
 
     def _work(self) -> None:
         try:
-            self._graphs.prepare_capture_thread()
+            self._prepare()
         except Exception:
             log.exception("the capture thread could not prepare; its captures will fail")
         while True:
-            size = self._jobs.get()
-            if size is None:
+            job = self._jobs.get()
+            if job is None:
                 return
             previous = sys.getswitchinterval()
             sys.setswitchinterval(SWITCH_INTERVAL_S)
             try:
-                graph, result = self._graphs.capture_detached(size, background=True)
+                graph, result = job.capture()
             except Exception as exc:  # capture_detached turns capture errors into results
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-                graph, result = None, CaptureResult(size, False, 0.0, 0, reason)
+                graph, result = None, CaptureResult(job.size, False, 0.0, 0, reason)
             finally:
                 sys.setswitchinterval(previous)
-            self._done.put((size, graph, result))
+            self._done.put((job, graph, result))

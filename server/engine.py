@@ -485,7 +485,7 @@ class EngineCore:
     def _offer_capture(self, commands: queue.SimpleQueue) -> None:
         """Give the gap between steps (or idle time) to the capture policy.
 
-        A busy-time decode capture goes to the capture thread where there is one
+        A busy-time capture goes to the capture thread where there is one
         (`server.background_capture`): the steps go on meanwhile, and nothing else is
         captured until it has been reported here, at a later step boundary.
         """
@@ -495,17 +495,18 @@ class EngineCore:
         while True:
             running = len(sched.running) + len(sched.prefilling)
             waiting = len(sched.waiting) + commands.qsize()
+            busy = running + waiting > 0
             size = runner.policy.next_capture(running=running, waiting=waiting)
-            if size is None:
-                # Mixed-step graphs only in idle time, after the decode sizes.
-                size = runner.next_mixed_capture(idle=running == 0 and waiting == 0)
+            mixed = size is None
+            if mixed:
+                # Mixed-step buckets after the decode sizes when idle; while busy, on the
+                # capture thread only (`ModelRunner.next_mixed_capture`).
+                size = runner.next_mixed_capture(idle=not busy)
                 if size is None:
                     return
-                runner.capture(size, mixed=True)
-            else:
-                runner.capture(size, background=running + waiting > 0)
-                if runner.poll_capture():
-                    return
+            runner.capture(size, mixed=mixed, background=busy)
+            if runner.poll_capture():
+                return
             if sched.busy or not commands.empty():
                 return  # at most one capture per gap while serving
 

@@ -12,11 +12,13 @@ Policy, beside the decode-graph policy (`server.graph_warmup.CapturePolicy`), wh
 priority and the readiness contract (ready = the largest decode graph captured):
 
 * `eager` (`--graph-capture eager`): every bucket before ready, largest first.
-* `lazy`: buckets are captured in idle time only, once every decode size is settled, largest
-  first (the graphs share the decode graphs' memory pool; the largest sizes it). A mixed step
-  arriving before its bucket is captured runs packed, eagerly. Capturing while busy would
-  stall every running stream for the capture (tens of ms on the 8B): exactly the gap these
-  graphs exist to remove.
+* `lazy`: buckets are captured in idle time, once every decode size is settled, largest
+  first (the graphs share the decode graphs' memory pool; the largest sizes it), and, with a
+  capture thread (`server.background_capture`: one GPU, `--busy-capture background`), also
+  while busy: the pending bucket traffic ran eagerly most often, captured off the engine
+  thread. A mixed step arriving before its bucket is captured runs packed, eagerly. Without
+  the thread nothing is captured while busy: an inline capture would stall every running
+  stream for it (tens of ms on the 8B), exactly the gap these graphs exist to remove.
 * `off`: nothing is captured (steps still run packed, eagerly).
 * No CUDA device or `--no-mixed-graphs`: no packing, no graphs; every mixed step runs the
   unpacked eager forward.
@@ -115,6 +117,8 @@ class MixedGraphPolicy:
         self._errors: dict[int, str] = {}
         self._pool_bytes: int | None = None
         self._captured: set[int] = set()
+        self._off_thread: set[int] = set()  # captured by the capture thread while busy
+        self._demand = dict.fromkeys(self.sizes, 0)  # steps run eagerly for want of the graph
         self._capturing: int | None = None
         self._idle_since: float | None = None
         self._graph_steps = 0
@@ -172,6 +176,7 @@ class MixedGraphPolicy:
                     self._graph_steps += 1
                     return bucket
                 self._eager["not_captured"] += 1
+                self._demand[bucket] += 1
                 return -bucket
             self._eager[reason] += 1
             return 0
@@ -184,16 +189,24 @@ class MixedGraphPolicy:
             return []
         return [s for s in reversed(self.sizes) if self._state[s] == "pending"]
 
-    def next_capture(self, idle: bool, decode_settled: bool) -> int | None:
-        """Between steps: the bucket to capture now (the largest pending one), or None.
+    def next_capture(self, idle: bool, decode_settled: bool,
+                     background: bool = False) -> int | None:
+        """Between steps: the bucket to capture now, or None.
 
-        Only while idle for `idle_debounce_s` and once the decode policy has nothing left to
-        capture (`decode_settled`); call again after each capture (new requests stop it)."""
-        if self._reason is not None or not decode_settled:
+        Idle for `idle_debounce_s` and the decode policy with nothing left to capture
+        (`decode_settled`): the largest pending bucket; call again after each capture (new
+        requests stop it). Busy, with a capture thread (`background`): the pending bucket most
+        steps ran eagerly for want of it (ties: the larger)."""
+        if self._reason is not None:
             return None
         with self._lock:
             if not idle:
                 self._idle_since = None
+                if not background:
+                    return None
+                wanted = [s for s in self.sizes if self._state[s] == "pending" and self._demand[s]]
+                return max(wanted, key=lambda s: (self._demand[s], s)) if wanted else None
+            if not decode_settled:
                 return None
             pending = [s for s in self.sizes if self._state[s] == "pending"]
             if not pending:
@@ -229,8 +242,12 @@ class MixedGraphPolicy:
             self._state[size] = "capturing"
             self._capturing = size
 
-    def succeeded(self, size: int, seconds: float, pool_bytes: int) -> None:
+    def succeeded(self, size: int, seconds: float, pool_bytes: int,
+                  off_thread: bool = False) -> None:
+        """`seconds`: the capture's time (the engine thread's stall, unless `off_thread`)."""
         with self._lock:
+            if off_thread:
+                self._off_thread.add(size)
             self._state[size] = "captured"
             self._capturing = None
             self._capture_ms[size] = round(seconds * 1e3, 3)
@@ -257,6 +274,7 @@ class MixedGraphPolicy:
                 "reason": self._reason,
                 "sizes": [
                     {"tokens": s, "state": self._state[s], "capture_ms": self._capture_ms.get(s),
+                     "off_thread": s in self._off_thread, "demand": self._demand[s],
                      "error": self._errors.get(s)}
                     for s in self.sizes
                 ],

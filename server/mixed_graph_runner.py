@@ -20,7 +20,8 @@ replayed only once every rank captured it. Which steps
 use which bucket, and when buckets are captured, is
 `server.mixed_graph_policy.MixedGraphPolicy`'s call; this module captures what it is told.
 
-Engine thread only (captures and replays share the thread with every other CUDA call).
+Engine thread only, except `capture_detached(background=True)`, which
+`server.background_capture`'s thread runs while the engine thread steps on.
 Test seam: with the decode runner emulating graphs (CPU), a "graph" of bucket T is the packed
 forward at width T, so CI runs the padding and dispatch without a GPU.
 """
@@ -69,52 +70,79 @@ class MixedGraphRunner:
         """Capture bucket `size`: an eager run of the packed step at that width first (new
         GEMM shapes and any kernel variant get their first launch outside the capture), then
         the capture into the decode graphs' pool. Errors make a failed result."""
+        graph, result = self.capture_detached(size, background=False)
+        if result.ok:
+            self.install(size, graph)
+        return result
+
+    def capture_detached(self, size: int, background: bool) -> tuple[object | None,
+                                                                       CaptureResult]:
+        """`capture`'s work without installing the graph (`install`, engine thread).
+
+        `background`: on `server.background_capture`'s thread while the engine thread runs
+        steps, packed ones included, on the static buffers: the eager run before the capture
+        then uses padding buffers of its own, and the capture the thread-local mode (as
+        `DecodeGraphRunner.capture_detached`)."""
         dg = self.decode_graphs
         if size in self.graphs or not 1 <= size <= self.max_tokens:
             raise ValueError(f"cannot capture mixed bucket {size}: captured or out of range")
 
         def capture() -> object:
-            self._fill_padding()
+            if not background:
+                self._fill_padding(self.tokens, self.seqs)
             with no_collection():
                 if dg.emulate:
                     if dg.fault_injector is not None:
                         dg.fault_injector(-size)  # negative: a mixed bucket (tests)
                     return size
-                return self._capture_cuda(size)
+                return self._capture_cuda(size, background)
 
-        graph, result = timed_capture(f"mixed-step graph for {size} tokens", size, capture,
-                                      dg.pool_bytes)
-        if result.ok:
-            self.graphs[size] = graph
-        return result
+        where = " (background)" if background else ""
+        return timed_capture(f"mixed-step graph for {size} tokens{where}", size, capture,
+                             dg.pool_bytes)
 
-    def _capture_cuda(self, size: int):
+    def install(self, size: int, graph) -> None:
+        """Make a captured bucket replayable (engine thread: `run` reads `graphs`)."""
+        self.graphs[size] = graph
+
+    def _capture_cuda(self, size: int, background: bool = False):
         dg = self.decode_graphs
         if dg._pool is None:
             raise RuntimeError("mixed-step graphs share the decode graphs' pool: none captured")
         with torch.cuda.stream(dg._stream):
-            self._forward_static(size)
+            if background:
+                tokens, seqs = torch.empty_like(self.tokens), torch.empty_like(self.seqs)
+                self._fill_padding(tokens, seqs)
+                self._forward_static(size, tokens, seqs, torch.empty_like(self.logits))
+                del tokens, seqs
+            else:
+                self._forward_static(size)
         torch.cuda.synchronize()
         # The fault injector sees a negative size: a mixed bucket (tests).
-        return dg.record(lambda: self._forward_static(size), -size, self._failed)
+        mode = "thread_local" if background else None
+        return dg.record(lambda: self._forward_static(size), -size, self._failed, mode)
 
-    def _fill_padding(self) -> None:
+    def _fill_padding(self, tokens: torch.Tensor, seqs: torch.Tensor) -> None:
         """Buffers that describe an empty step: every sequence empty, every token padding."""
-        self.tokens[0].zero_()
-        self.tokens[1].fill_(-1)
-        self.tokens[2].zero_()
-        self.tokens[3].fill_(self.scratch_row)
-        self.seqs[0].fill_(self.scratch_row)
-        self.seqs[1].zero_()
-        self.seqs[2].fill_(1)
-        self.seqs[3].zero_()
+        tokens[0].zero_()
+        tokens[1].fill_(-1)
+        tokens[2].zero_()
+        tokens[3].fill_(self.scratch_row)
+        seqs[0].fill_(self.scratch_row)
+        seqs[1].zero_()
+        seqs[2].fill_(1)
+        seqs[3].zero_()
 
-    def _forward_static(self, size: int) -> None:
+    def _forward_static(self, size: int, tokens=None, seqs=None, logits=None) -> None:
+        """The packed forward at width `size` from the static buffers (or the given ones)."""
+        tokens = self.tokens if tokens is None else tokens
+        seqs = self.seqs if seqs is None else seqs
+        logits = self.logits if logits is None else logits
         s = self.seqs_for(size)
         self.model.forward_packed(
-            self.tokens[0, :size], self.tokens[2, :size], self.tokens[3, :size],
-            self.seqs[0, :s], self.seqs[1, : s + 1], self.seqs[2, :s], self.seqs[3, :s],
-            self.decode_graphs.kv_cache, self.decode_graphs.block_tables, self.logits[:s],
+            tokens[0, :size], tokens[2, :size], tokens[3, :size],
+            seqs[0, :s], seqs[1, : s + 1], seqs[2, :s], seqs[3, :s],
+            self.decode_graphs.kv_cache, self.decode_graphs.block_tables, logits[:s],
         )  # fmt: skip
 
     def release(self) -> None:

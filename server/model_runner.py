@@ -62,10 +62,11 @@ from dataclasses import dataclass
 import torch
 
 from server import ops
-from server.background_capture import BackgroundCapture
+from server.background_capture import BackgroundCapture, CaptureJob
 from server.config import EngineConfig
 from server.distributed.launcher import TPLauncher, start_workers
 from server.distributed.protocol import Kind
+from server.distributed.report import tensor_parallel_report
 from server.distributed.sharding import TPShard
 from server.engine_protocol import PhaseCallback
 from server.errors import FatalEngineError, StartupError
@@ -285,7 +286,7 @@ class ModelRunner:
         self._startup_graphs(cuda or emulate)
         # Busy-time captures off the engine thread (`server.background_capture`): one GPU only.
         if self.tp is None and cfg.busy_capture == "background" and self.policy.reason is None:
-            self.background = BackgroundCapture(self.graphs)
+            self.background = BackgroundCapture(self.graphs.prepare_capture_thread)
         self.policy.set_busy_capture("background" if self.background else "inline")
         self.policy.mark_ready()
         self.timings["graphs_s"] = time.perf_counter() - t0
@@ -537,8 +538,8 @@ class ModelRunner:
         """Capture decode batch size `size` (or, `mixed`, the mixed-step bucket of `size`
         tokens) on every rank at this step boundary and record the agreement.
 
-        `background` (a busy-time decode capture): hand it to the capture thread when there is
-        one and return at once; `poll_capture` reports it once it has ended.
+        `background` (a busy-time capture): hand it to the capture thread when there is one and
+        return at once; `poll_capture` reports it once it has ended.
 
         It counts as captured only if every rank captured it; a failure on any rank marks it
         failed for all (rank 0 never dispatches a step onto it, so the workers' own graph is
@@ -548,8 +549,12 @@ class ModelRunner:
         """
         policy = self.mixed_policy if mixed else self.policy
         policy.begin(size)
-        if background and not mixed and self.background is not None:
-            self.background.start(size)
+        if background and self.background is not None:
+            runner = self.executor.mixed if mixed else self.graphs
+            self.background.start(CaptureJob(
+                size, mixed, lambda: runner.capture_detached(size, background=True),
+                lambda graph: runner.install(size, graph),
+            ))  # fmt: skip
             return
         t0 = time.perf_counter()
         try:
@@ -584,22 +589,31 @@ class ModelRunner:
         self._report_background(*done)
         return False
 
-    def _report_background(self, size: int, result) -> None:
-        self._rank_captures[size] = [result.to_json()]
+    def _report_background(self, job: CaptureJob, result) -> None:
+        if job.mixed:
+            if result.ok:
+                self.mixed_policy.succeeded(job.size, result.seconds, result.pool_bytes,
+                                            off_thread=True)  # fmt: skip
+            else:
+                self.mixed_policy.failed(job.size, result.error or "unknown error")
+            return
+        self._rank_captures[job.size] = [result.to_json()]
         if result.ok:
             # The engine thread stalled for none of it: it only handed the size over and
             # installed the graph. The capture's own time is reported beside that.
-            self.policy.succeeded(size, 0.0, result.pool_bytes, off_thread_s=result.seconds)
+            self.policy.succeeded(job.size, 0.0, result.pool_bytes, off_thread_s=result.seconds)
         else:
-            self.policy.failed(size, result.error or "unknown error")
+            self.policy.failed(job.size, result.error or "unknown error")
 
     def next_mixed_capture(self, idle: bool) -> int | None:
-        """The mixed-step bucket to capture now, or None: only once the decode sizes are
-        settled, and never without the decode graphs' pool (the policy turns itself off)."""
+        """The mixed-step bucket to capture now, or None: in idle time once the decode sizes
+        are settled, while busy only with a capture thread; never without the decode graphs'
+        pool (the policy turns itself off)."""
         if self.policy.reason is not None:
             self.mixed_policy.disable(self.policy.reason)
             return None
-        return self.mixed_policy.next_capture(idle, decode_settled=self.policy.complete)
+        return self.mixed_policy.next_capture(idle, decode_settled=self.policy.complete,
+                                              background=self.background is not None)
 
     # -- shutdown ---------------------------------------------------------------------------
 
@@ -670,36 +684,15 @@ class ModelRunner:
         return report
 
     def _tp_report(self, sizes: list[dict]) -> dict:
-        """Each rank's process, device and captures; each size's result on each rank.
-
-        Called on the event loop while the engine thread may record a capture: it reads a
-        copy (dict.copy is atomic under the GIL; each size's results list is never mutated).
-        """
-        captures = self._rank_captures.copy()
-        for record in sizes:
-            results = captures.get(record["size"])
-            if results is not None:
-                record["ranks"] = [
-                    {"rank": r, "ok": res["ok"], "capture_ms": round(res["seconds"] * 1e3, 3),
-                     "pool_bytes": res["pool_bytes"], "error": res["error"]}
-                    for r, res in enumerate(results)
-                ]  # fmt: skip
+        """Each rank's process, device and captures (`server.distributed.report`). Called on
+        the event loop while the engine thread may record a capture: it reads a copy
+        (dict.copy is atomic under the GIL; each size's results list is never mutated)."""
         procs = [{"rank": 0, "pid": os.getpid(), "alive": True, "returncode": None}]
         tp = self.tp or self._stopped_tp
         procs += tp.describe() if tp is not None else []
         devices = [self.graphs.device_info(), *self._rank_devices]
-        ranks = []
-        for r, proc in enumerate(procs):
-            done = {s: res[r] for s, res in captures.items() if r < len(res)}
-            ranks.append({
-                **proc,
-                "device": devices[r] if r < len(devices) else None,
-                "captured": sorted(s for s, res in done.items() if res["ok"]),
-                "failed": {str(s): res["error"] for s, res in sorted(done.items())
-                           if not res["ok"]},
-                "pool_bytes": max((res["pool_bytes"] for res in done.values()), default=0),
-            })  # fmt: skip
-        return {"world_size": self.world, "failure": tp.failure if tp else None, "ranks": ranks}
+        return tensor_parallel_report(sizes, self._rank_captures.copy(), procs, devices,
+                                      self.world, tp.failure if tp else None)  # fmt: skip
 
 
 def _entries(ks, tokens, lps, top_ids, top_lps) -> list[TokenLogprob | None]:

@@ -14,7 +14,7 @@ import time
 
 import pytest
 
-from server.background_capture import SWITCH_INTERVAL_S, BackgroundCapture
+from server.background_capture import SWITCH_INTERVAL_S, BackgroundCapture, CaptureJob
 from server.graph_runner import CaptureResult
 from server.request import SamplingParams
 from tests.helpers.tiny_models import hf_greedy, hf_reference
@@ -48,21 +48,25 @@ class FakeGraphs:
     def install(self, size, graph):
         self.installed[size] = (graph, threading.current_thread().name)
 
+    def job(self, size):
+        return CaptureJob(size, False, lambda: self.capture_detached(size, background=True),
+                          lambda graph: self.install(size, graph))
+
 
 def test_capture_runs_on_its_thread_and_installs_on_poll():
     graphs = FakeGraphs()
-    bg = BackgroundCapture(graphs)
+    bg = BackgroundCapture(graphs.prepare_capture_thread)
     before = sys.getswitchinterval()
     try:
-        bg.start(8)
-        assert bg.in_flight == 8
+        bg.start(graphs.job(8))
+        assert bg.in_flight.size == 8
         with pytest.raises(RuntimeError, match="still in flight"):
-            bg.start(4)
+            bg.start(graphs.job(4))
         assert bg.poll() is None and bg.poll(0.05) is None  # not done: nothing installed
         assert graphs.installed == {}
         graphs.release.set()
         done = bg.poll(5)
-        assert done is not None and done[0] == 8 and done[1].ok
+        assert done is not None and done[0].size == 8 and done[1].ok
         assert graphs.installed == {8: ("graph-8", threading.current_thread().name)}
         assert bg.in_flight is None and bg.poll() is None
     finally:
@@ -74,15 +78,15 @@ def test_capture_runs_on_its_thread_and_installs_on_poll():
 
 def test_an_unexpected_error_is_a_failed_result_and_close_waits_for_the_capture():
     graphs = FakeGraphs(fail=True)
-    bg = BackgroundCapture(graphs)
-    bg.start(2)
+    bg = BackgroundCapture(graphs.prepare_capture_thread)
+    bg.start(graphs.job(2))
     threading.Timer(0.05, graphs.release.set).start()
-    size, result = bg.close(5)  # lets the capture end, hands it back, stops the thread
-    assert size == 2 and not result.ok and "RuntimeError: boom" in result.error
+    job, result = bg.close(5)  # lets the capture end, hands it back, stops the thread
+    assert job.size == 2 and not result.ok and "RuntimeError: boom" in result.error
     assert graphs.installed == {}
     assert not bg._thread.is_alive()
     with pytest.raises(RuntimeError, match="stopped"):
-        bg.start(1)
+        bg.start(graphs.job(1))
 
 
 @pytest.fixture(scope="module")
@@ -135,3 +139,59 @@ async def test_busy_captures_run_where_configured_and_keep_greedy_tokens(
         else:
             assert where[entry["size"]] != "graph-capture"
             assert entry["capture_ms"] > 0 and entry["off_thread_ms"] is None
+
+
+@pytest.mark.parametrize("mode", ["background", "inline"])
+async def test_mixed_buckets_are_captured_while_busy_only_with_the_capture_thread(
+        llama_dir, reference, monkeypatch, mode):  # noqa: F811  # fmt: skip
+    """A lazy server under traffic from the start (idle capture held off): a prompt chunked
+    beside a stream runs its steps in bucket 16, eagerly until the bucket is captured. With
+    the capture thread the bucket is captured while busy, off the engine thread; inline, it
+    waits for idle time. The tokens are HF's either way."""
+    from tests.test_mixed_graphs import _stream_beside_long_prompt
+
+    monkeypatch.setenv("GRAPHSERVE_EMULATE_GRAPHS", "1")
+    engine = start_engine(llama_dir, max_num_batched_tokens=40, decode_prefill_tokens=11,
+                          graph_capture="lazy", busy_capture=mode, idle_debounce_ms=60_000,
+                          capture_min_interval_ms=0)  # fmt: skip
+    where: dict[int, str] = {}
+
+    def note(size):
+        where[size] = threading.current_thread().name
+
+    engine._core.runner.graphs.fault_injector = note
+    try:
+        first, second, long_prompt = await _stream_beside_long_prompt(engine)
+        deadline = time.monotonic() + 10
+        while engine.graph_report()["mixed"]["capturing"] is not None:
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.01)
+        mixed = engine.graph_report()["mixed"]
+    finally:
+        engine.shutdown()
+    assert first == hf_greedy(reference, [5, 6, 7], 30)
+    assert second == hf_greedy(reference, long_prompt, 4)
+    (bucket,) = mixed["sizes"]
+    assert bucket["tokens"] == 16 and bucket["demand"] >= 1
+    if mode == "background":
+        assert bucket["state"] == "captured" and bucket["off_thread"], bucket
+        assert where[-16] == "graph-capture"  # the injector sees a mixed bucket as negative
+    else:
+        assert bucket["state"] == "pending" and -16 not in where
+
+
+def test_mixed_policy_offers_the_most_wanted_bucket_while_busy_with_a_capture_thread():
+    from server.mixed_graph_policy import MixedGraphPolicy
+
+    p = MixedGraphPolicy([16, 64, 256], "lazy", max_seqs=8, idle_debounce_s=0.5)
+    assert p.next_capture(False, False, background=True) is None  # nothing wanted yet
+    for tokens in (10, 50, 12):
+        assert p.select(tokens, 2, False, 5) < 0  # not captured: packed, eagerly
+    assert p.next_capture(False, False) is None  # no capture thread: idle time only
+    assert p.next_capture(False, False, background=True) == 16  # wanted twice
+    p.begin(16)
+    p.succeeded(16, 0.03, 1 << 20, off_thread=True)
+    assert p.next_capture(False, False, background=True) == 64
+    sizes = p.snapshot()["sizes"]
+    assert sizes[0]["off_thread"] and sizes[0]["demand"] == 2
+    assert not sizes[1]["off_thread"] and sizes[1]["demand"] == 1

@@ -341,6 +341,8 @@ def test_capture_stall_smoke(smoke_runs):
         assert run["traffic"]["eager_steps"] == 0
         if label == "eager":
             assert run["busy_captures"] == []
+        if label != "background":  # only the capture thread captures mixed buckets while busy
+            assert run["mixed_busy_captures"] == []
     # The lone stream (batch 1) made the lazy servers capture size 1 while it ran.
     bg = {c["size"]: c for c in runs["background"]["busy_captures"]}
     inline = {c["size"]: c for c in runs["inline"]["busy_captures"]}

@@ -334,7 +334,7 @@ def test_engine_loop_saves_after_idle_captures_and_at_shutdown(tmp_path):
     policy = _ready_policy(Clock())
     captured = []
 
-    def capture(size, background=False):
+    def capture(size, mixed=False, background=False):
         policy.begin(size)
         policy.succeeded(size, 0.01, 1 << 20)
         captured.append(size)

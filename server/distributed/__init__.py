@@ -9,7 +9,8 @@
   agreement (load, setup, capture) with a deadline.
 * `worker`: the worker process (`python -m server.distributed.worker`): loads its shard and
   runs what rank 0 sends, in order.
+* `report`: the `tensor_parallel` section of /health/graphs (each rank's captures).
 
 Importing the package imports nothing heavy; `sharding`, `comm` and `worker` import torch,
-`protocol` and `launcher` do not.
+`protocol`, `launcher` and `report` do not.
 """
