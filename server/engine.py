@@ -496,39 +496,19 @@ class EngineCore:
             running = len(sched.running) + len(sched.prefilling)
             waiting = len(sched.waiting) + commands.qsize()
             busy = running + waiting > 0
-            size, mixed = self._next_capture(running, waiting)
-            if size is None:
-                return
+            size = runner.policy.next_capture(running=running, waiting=waiting)
+            mixed = size is None
+            if mixed:
+                # Mixed-step buckets after the decode sizes when idle; while busy, on the
+                # capture thread only (`ModelRunner.next_mixed_capture`).
+                size = runner.next_mixed_capture(idle=not busy)
+                if size is None:
+                    return
             runner.capture(size, mixed=mixed, background=busy)
             if runner.poll_capture():
                 return
             if sched.busy or not commands.empty():
                 return  # at most one capture per gap while serving
-
-    def _next_capture(self, running: int, waiting: int) -> tuple[int | None, bool]:
-        """What to capture in this gap: (size, whether a mixed-step bucket) or (None, False).
-
-        Decode sizes first, then mixed-step buckets (when idle: after the decode sizes; while
-        busy: on the capture thread only). While busy with a capture thread, once nothing
-        traffic wanted is left, the rest is captured speculatively (decode sizes, then buckets)
-        rather than waiting for idle time a loaded server may never see: captured off the
-        engine thread it costs the streams nothing measurable (docs/benchmarks.md, 8f).
-        """
-        runner = self.runner
-        busy = running + waiting > 0
-        size = runner.policy.next_capture(running=running, waiting=waiting)
-        if size is not None:
-            return size, False
-        size = runner.next_mixed_capture(idle=not busy)
-        if size is not None:
-            return size, True
-        if busy and runner.background is not None:
-            size = runner.policy.next_capture(running=running, waiting=waiting,
-                                              speculative=True)  # fmt: skip
-            if size is not None:
-                return size, False
-            return runner.next_mixed_capture(idle=False, speculative=True), True
-        return None, False
 
     def counters(self) -> dict:
         return {**self.scheduler.counters(), "step_errors": self.step_errors,

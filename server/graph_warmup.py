@@ -373,7 +373,7 @@ class CapturePolicy:
 
     # ------------------------------------------------------------------- capture timing
 
-    def next_capture(self, running: int, waiting: int, speculative: bool = False) -> int | None:
+    def next_capture(self, running: int, waiting: int) -> int | None:
         """Between two engine steps: the size to capture now, or None.
 
         `running` and `waiting` are the scheduler's current counts. With work present (busy),
@@ -381,9 +381,7 @@ class CapturePolicy:
         then the larger size), only if no capture ran since the last `select`, at least
         `min_interval_s` has passed since the previous capture ended, and the predicted
         capture time fits `capture_budget_s`; sizes
-        no step has asked for wait for idle time, unless `speculative` (the engine asks so
-        once nothing wanted is left, with a capture thread only): then the next size in idle
-        order is offered, as busy. With no work for `idle_debounce_s`, the
+        no step has asked for wait for idle time. With no work for `idle_debounce_s`, the
         answer is the largest pending size; call again after each capture, checking for new
         requests in between; with a saved plan (`apply_saved_plan`), the pending size the
         previous runs wanted most comes first instead. Cheap once the policy is complete or off.
@@ -425,11 +423,7 @@ class CapturePolicy:
                 return None  # (a background capture stalls no step: no budget to fit)
             wanted = [r for r in self._records.values() if r.state == "pending" and r.demand > 0]
             if not wanted:
-                order = self._idle_order_locked() if speculative else []
-                if not order or self._busy_capture != "background":
-                    return None
-                self._offer = (order[0], "busy")
-                return order[0]
+                return None
             saved = self._saved_demand
             size = max(wanted, key=lambda r: (r.demand, saved.get(r.size, 0.0), r.size)).size
             self._offer = (size, "busy")

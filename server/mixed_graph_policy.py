@@ -189,15 +189,14 @@ class MixedGraphPolicy:
             return []
         return [s for s in reversed(self.sizes) if self._state[s] == "pending"]
 
-    def next_capture(self, idle: bool, decode_settled: bool, background: bool = False,
-                     speculative: bool = False) -> int | None:
+    def next_capture(self, idle: bool, decode_settled: bool,
+                     background: bool = False) -> int | None:
         """Between steps: the bucket to capture now, or None.
 
         Idle for `idle_debounce_s` and the decode policy with nothing left to capture
         (`decode_settled`): the largest pending bucket; call again after each capture (new
         requests stop it). Busy, with a capture thread (`background`): the pending bucket most
-        steps ran eagerly for want of it (ties: the larger); with none wanted and
-        `speculative`, the largest pending one."""
+        steps ran eagerly for want of it (ties: the larger)."""
         if self._reason is not None:
             return None
         with self._lock:
@@ -205,11 +204,8 @@ class MixedGraphPolicy:
                 self._idle_since = None
                 if not background:
                     return None
-                pending = [s for s in self.sizes if self._state[s] == "pending"]
-                wanted = [s for s in pending if self._demand[s]]
-                if wanted:
-                    return max(wanted, key=lambda s: (self._demand[s], s))
-                return pending[-1] if speculative and pending else None
+                wanted = [s for s in self.sizes if self._state[s] == "pending" and self._demand[s]]
+                return max(wanted, key=lambda s: (self._demand[s], s)) if wanted else None
             if not decode_settled:
                 return None
             pending = [s for s in self.sizes if self._state[s] == "pending"]

@@ -195,25 +195,3 @@ def test_mixed_policy_offers_the_most_wanted_bucket_while_busy_with_a_capture_th
     sizes = p.snapshot()["sizes"]
     assert sizes[0]["off_thread"] and sizes[0]["demand"] == 2
     assert not sizes[1]["off_thread"] and sizes[1]["demand"] == 1
-
-
-def test_decode_policy_captures_speculatively_only_with_a_capture_thread():
-    """Busy, nothing wanted: with a capture thread the next size in idle order is offered
-    when asked speculatively (wanted sizes still come first); inline, never."""
-    from tests.test_graph_warmup import SIZES, ready_policy
-
-    for mode in ("inline", "background"):
-        policy, clock, runner = ready_policy("lazy", min_interval_s=0.25)
-        policy.set_busy_capture(mode)
-        clock.advance(0.3)
-        assert policy.next_capture(running=3, waiting=0) is None  # nothing wanted
-        offered = policy.next_capture(running=3, waiting=0, speculative=True)
-        if mode == "inline":
-            assert offered is None
-            continue
-        assert offered == sorted(SIZES)[-2]  # idle order: the largest pending first
-        runner.capture(offered)
-        policy.select(1)  # a step of batch 1: size 1 is now wanted, and comes first
-        clock.advance(0.3)
-        assert policy.next_capture(running=1, waiting=0, speculative=True) == 1
-        assert {e["size"]: e["captured_in"] for e in policy.snapshot()["sizes"]}[offered] == "busy"
