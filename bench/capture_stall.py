@@ -27,7 +27,6 @@ ready: no capture while serving, the baseline), with idle capture held off
 from __future__ import annotations
 
 import argparse
-import asyncio
 import random
 import shutil
 import time
