@@ -45,6 +45,7 @@ TORCH_FREE = (
     "server.distributed.launcher",
     "server.distributed.worker",
     "server.distributed.sharding",
+    "server.distributed.report",
     "server.health",
     "server.metrics",
     "server.http.errors",
@@ -95,6 +96,7 @@ TORCH_MODULES = (
     "server.step_executor",
     "server.distributed.comm",
     "server.kernel_precompile",
+    "server.background_capture",
 )
 
 
