@@ -144,6 +144,9 @@ async def run_setting(label: str, args, model_args: list[str]) -> dict[str, Any]
         {"tokens": s["tokens"], "capture_ms": s["capture_ms"], "demand": s.get("demand")}
         for s in graphs["mixed"]["sizes"] if s.get("off_thread")
     ]  # fmt: skip
+    result["mixed_states"] = {}
+    for entry in graphs["mixed"]["sizes"]:
+        result["mixed_states"][entry["state"]] = result["mixed_states"].get(entry["state"], 0) + 1
     result["mixed_traffic"] = graphs["mixed"].get("traffic")
     result["traffic"] = graphs.get("traffic")
     result["pool_bytes_total"] = graphs.get("pool_bytes_total")

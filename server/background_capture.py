@@ -7,16 +7,16 @@ on stepping; batches of that size keep replaying the next larger graph (padded),
 before the capture was offered. When the worker is done, the engine thread installs the graph
 at a step boundary (`poll`) and only then reports it to the capture policy, so no step is
 dispatched to a graph that is not installed. Mixed-step buckets (`server.mixed_graph_runner`)
-go the same way: before, a lazy server captured them only in idle time, so under traffic from
-the first second every prompt's step ran eagerly (tens of ms of host time on the 8B, which
-every running stream waited for) until the traffic paused.
+go the same way, wanted ones first and then the rest (`MixedGraphPolicy.next_capture`):
+before, a lazy server captured them only in idle time, so under traffic from the first second
+every prompt's step ran eagerly (tens of ms of host time on the 8B, which every running stream
+waited for) until the traffic paused.
 
 Why this is safe:
 
 * Recording runs no kernel. The worker's capture only takes the static buffers' addresses
   while the engine thread's replays keep writing them (a background capture does not fill
-  the padding rows: `DecodeGraphRunner.capture_detached`; a mixed bucket's eager run before
-  its capture uses padding buffers of its own: `MixedGraphRunner.capture_detached`).
+  the padding rows, and a mixed bucket gets no eager run first: the `capture_detached`s).
 * Thread-local capture mode: the engine thread's syncs, copies and allocations stay legal
   while the worker captures on the capture stream; torch's allocator routes the capture
   stream's allocations into the shared graph pool and every other stream's elsewhere.

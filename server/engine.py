@@ -496,19 +496,30 @@ class EngineCore:
             running = len(sched.running) + len(sched.prefilling)
             waiting = len(sched.waiting) + commands.qsize()
             busy = running + waiting > 0
-            size = runner.policy.next_capture(running=running, waiting=waiting)
-            mixed = size is None
-            if mixed:
-                # Mixed-step buckets after the decode sizes when idle; while busy, on the
-                # capture thread only (`ModelRunner.next_mixed_capture`).
-                size = runner.next_mixed_capture(idle=not busy)
-                if size is None:
-                    return
+            size, mixed = self._next_capture(running, waiting)
+            if size is None:
+                return
             runner.capture(size, mixed=mixed, background=busy)
             if runner.poll_capture():
                 return
             if sched.busy or not commands.empty():
                 return  # at most one capture per gap while serving
+
+    def _next_capture(self, running: int, waiting: int) -> tuple[int | None, bool]:
+        """What to capture in this gap: (size, whether a mixed-step bucket) or (None, False).
+
+        Decode sizes first, then mixed-step buckets (idle: after the decode sizes; busy: on the
+        capture thread only, wanted ones first, then the rest speculatively, largest first).
+        Decode sizes are never captured speculatively: a padded decode step costs about what
+        an exact one does, while a bucket's first prompt step without its graph runs eagerly.
+        """
+        runner = self.runner
+        busy = running + waiting > 0
+        size = runner.policy.next_capture(running=running, waiting=waiting)
+        if size is not None:
+            return size, False
+        size = runner.next_mixed_capture(idle=not busy, speculative=busy)
+        return size, size is not None
 
     def counters(self) -> dict:
         return {**self.scheduler.counters(), "step_errors": self.step_errors,

@@ -16,7 +16,10 @@ priority and the readiness contract (ready = the largest decode graph captured):
   first (the graphs share the decode graphs' memory pool; the largest sizes it), and, with a
   capture thread (`server.background_capture`: one GPU, `--busy-capture background`), also
   while busy: the pending bucket traffic ran eagerly most often, captured off the engine
-  thread. A mixed step arriving before its bucket is captured runs packed, eagerly. Without
+  thread, then the other buckets, largest first, without waiting for traffic to want them
+  (recorded off the engine thread, which costs the streams no GPU time: the capture thread
+  runs no eager step first). A mixed step arriving before its bucket is captured runs
+  packed, eagerly. Without
   the thread nothing is captured while busy: an inline capture would stall every running
   stream for it (tens of ms on the 8B), exactly the gap these graphs exist to remove.
 * `off`: nothing is captured (steps still run packed, eagerly).
@@ -189,14 +192,16 @@ class MixedGraphPolicy:
             return []
         return [s for s in reversed(self.sizes) if self._state[s] == "pending"]
 
-    def next_capture(self, idle: bool, decode_settled: bool,
-                     background: bool = False) -> int | None:
+    def next_capture(self, idle: bool, decode_settled: bool, background: bool = False,
+                     speculative: bool = False) -> int | None:
         """Between steps: the bucket to capture now, or None.
 
         Idle for `idle_debounce_s` and the decode policy with nothing left to capture
         (`decode_settled`): the largest pending bucket; call again after each capture (new
         requests stop it). Busy, with a capture thread (`background`): the pending bucket most
-        steps ran eagerly for want of it (ties: the larger)."""
+        steps ran eagerly for want of it (ties: the larger); with none wanted and
+        `speculative`, the largest pending one (a bucket's first prompt step would otherwise
+        run eagerly, tens of ms on the 8B that every running stream waits for)."""
         if self._reason is not None:
             return None
         with self._lock:
@@ -204,8 +209,11 @@ class MixedGraphPolicy:
                 self._idle_since = None
                 if not background:
                     return None
-                wanted = [s for s in self.sizes if self._state[s] == "pending" and self._demand[s]]
-                return max(wanted, key=lambda s: (self._demand[s], s)) if wanted else None
+                pending = [s for s in self.sizes if self._state[s] == "pending"]
+                wanted = [s for s in pending if self._demand[s]]
+                if wanted:
+                    return max(wanted, key=lambda s: (self._demand[s], s))
+                return pending[-1] if speculative and pending else None
             if not decode_settled:
                 return None
             pending = [s for s in self.sizes if self._state[s] == "pending"]

@@ -80,16 +80,19 @@ class MixedGraphRunner:
         """`capture`'s work without installing the graph (`install`, engine thread).
 
         `background`: on `server.background_capture`'s thread while the engine thread runs
-        steps, packed ones included, on the static buffers: the eager run before the capture
-        then uses padding buffers of its own, and the capture the thread-local mode (as
-        `DecodeGraphRunner.capture_detached`)."""
+        steps, packed ones included, on the static buffers: no eager run before the capture
+        (it would compete with the steps for the GPU: measured on the 8B, a lone stream's
+        gaps up to 2.3x its median while buckets were captured that way), and the
+        thread-local capture mode (as `DecodeGraphRunner.capture_detached`). Startup ran the
+        packed step once, so its kernels are compiled and cuBLAS has this thread's workspace
+        (`DecodeGraphRunner.prepare_capture_thread`)."""
         dg = self.decode_graphs
         if size in self.graphs or not 1 <= size <= self.max_tokens:
             raise ValueError(f"cannot capture mixed bucket {size}: captured or out of range")
 
         def capture() -> object:
             if not background:
-                self._fill_padding(self.tokens, self.seqs)
+                self._fill_padding()
             with no_collection():
                 if dg.emulate:
                     if dg.fault_injector is not None:
@@ -109,40 +112,31 @@ class MixedGraphRunner:
         dg = self.decode_graphs
         if dg._pool is None:
             raise RuntimeError("mixed-step graphs share the decode graphs' pool: none captured")
-        with torch.cuda.stream(dg._stream):
-            if background:
-                tokens, seqs = torch.empty_like(self.tokens), torch.empty_like(self.seqs)
-                self._fill_padding(tokens, seqs)
-                self._forward_static(size, tokens, seqs, torch.empty_like(self.logits))
-                del tokens, seqs
-            else:
+        if not background:
+            with torch.cuda.stream(dg._stream):
                 self._forward_static(size)
         torch.cuda.synchronize()
         # The fault injector sees a negative size: a mixed bucket (tests).
         mode = "thread_local" if background else None
         return dg.record(lambda: self._forward_static(size), -size, self._failed, mode)
 
-    def _fill_padding(self, tokens: torch.Tensor, seqs: torch.Tensor) -> None:
+    def _fill_padding(self) -> None:
         """Buffers that describe an empty step: every sequence empty, every token padding."""
-        tokens[0].zero_()
-        tokens[1].fill_(-1)
-        tokens[2].zero_()
-        tokens[3].fill_(self.scratch_row)
-        seqs[0].fill_(self.scratch_row)
-        seqs[1].zero_()
-        seqs[2].fill_(1)
-        seqs[3].zero_()
+        self.tokens[0].zero_()
+        self.tokens[1].fill_(-1)
+        self.tokens[2].zero_()
+        self.tokens[3].fill_(self.scratch_row)
+        self.seqs[0].fill_(self.scratch_row)
+        self.seqs[1].zero_()
+        self.seqs[2].fill_(1)
+        self.seqs[3].zero_()
 
-    def _forward_static(self, size: int, tokens=None, seqs=None, logits=None) -> None:
-        """The packed forward at width `size` from the static buffers (or the given ones)."""
-        tokens = self.tokens if tokens is None else tokens
-        seqs = self.seqs if seqs is None else seqs
-        logits = self.logits if logits is None else logits
+    def _forward_static(self, size: int) -> None:
         s = self.seqs_for(size)
         self.model.forward_packed(
-            tokens[0, :size], tokens[2, :size], tokens[3, :size],
-            seqs[0, :s], seqs[1, : s + 1], seqs[2, :s], seqs[3, :s],
-            self.decode_graphs.kv_cache, self.decode_graphs.block_tables, logits[:s],
+            self.tokens[0, :size], self.tokens[2, :size], self.tokens[3, :size],
+            self.seqs[0, :s], self.seqs[1, : s + 1], self.seqs[2, :s], self.seqs[3, :s],
+            self.decode_graphs.kv_cache, self.decode_graphs.block_tables, self.logits[:s],
         )  # fmt: skip
 
     def release(self) -> None:

@@ -605,7 +605,7 @@ class ModelRunner:
         else:
             self.policy.failed(job.size, result.error or "unknown error")
 
-    def next_mixed_capture(self, idle: bool) -> int | None:
+    def next_mixed_capture(self, idle: bool, speculative: bool = False) -> int | None:
         """The mixed-step bucket to capture now, or None: in idle time once the decode sizes
         are settled, while busy only with a capture thread; never without the decode graphs'
         pool (the policy turns itself off)."""
@@ -613,7 +613,8 @@ class ModelRunner:
             self.mixed_policy.disable(self.policy.reason)
             return None
         return self.mixed_policy.next_capture(idle, decode_settled=self.policy.complete,
-                                              background=self.background is not None)
+                                              background=self.background is not None,
+                                              speculative=speculative)  # fmt: skip
 
     # -- shutdown ---------------------------------------------------------------------------
 

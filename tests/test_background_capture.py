@@ -180,7 +180,7 @@ async def test_mixed_buckets_are_captured_while_busy_only_with_the_capture_threa
         assert bucket["state"] == "pending" and -16 not in where
 
 
-def test_mixed_policy_offers_the_most_wanted_bucket_while_busy_with_a_capture_thread():
+def test_mixed_policy_offers_wanted_buckets_then_the_rest_while_busy_with_a_capture_thread():
     from server.mixed_graph_policy import MixedGraphPolicy
 
     p = MixedGraphPolicy([16, 64, 256], "lazy", max_seqs=8, idle_debounce_s=0.5)
@@ -192,6 +192,13 @@ def test_mixed_policy_offers_the_most_wanted_bucket_while_busy_with_a_capture_th
     p.begin(16)
     p.succeeded(16, 0.03, 1 << 20, off_thread=True)
     assert p.next_capture(False, False, background=True) == 64
+    p.begin(64)
+    p.succeeded(64, 0.03, 1 << 20, off_thread=True)
+    # Nothing wanted is left: only a speculative ask gets the largest pending bucket.
+    assert p.next_capture(False, False, background=True) is None
+    assert p.next_capture(False, False, background=True, speculative=True) == 256
+    assert p.next_capture(True, False, background=True, speculative=True) is None  # idle path
     sizes = p.snapshot()["sizes"]
     assert sizes[0]["off_thread"] and sizes[0]["demand"] == 2
-    assert not sizes[1]["off_thread"] and sizes[1]["demand"] == 1
+    assert sizes[1]["off_thread"] and sizes[1]["demand"] == 1
+    assert not sizes[2]["off_thread"] and sizes[2]["state"] == "pending"

@@ -343,7 +343,8 @@ def test_engine_loop_saves_after_idle_captures_and_at_shutdown(tmp_path):
 
     mixed = MixedGraphPolicy([16], "lazy", disabled_reason="not under test", max_seqs=4)
     runner = SimpleNamespace(policy=policy, capture=capture, mixed_policy=mixed,
-                             next_mixed_capture=lambda idle: None, background=None,
+                             next_mixed_capture=lambda idle, speculative=False: None,
+                             background=None,
                              poll_capture=lambda: False)  # fmt: skip
     scheduler = Scheduler(max_num_seqs=4, max_model_len=64, max_batched_tokens=64,
                           eos_ids=frozenset(), tokenizer=None, admission=Admission(4),
