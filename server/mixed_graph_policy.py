@@ -100,11 +100,8 @@ class MixedGraphPolicy:
         max_seqs: int,
         max_decode_context: int = MAX_DECODE_CONTEXT,
         idle_debounce_s: float = 0.1,
-        speculative_interval_s: float = 0.0,
         clock: Callable[[], float] = time.monotonic,
     ):
-        """`speculative_interval_s`: the least time between the end of one capture and a
-        speculative one (`next_capture`), so those spread out while streams run."""
         if not sizes or any(s < 1 for s in sizes):
             raise ValueError(f"mixed-graph sizes must be positive, got {sizes!r}")
         self.sizes = tuple(sorted(set(sizes)))
@@ -116,8 +113,6 @@ class MixedGraphPolicy:
             "graph capture disabled (--graph-capture off)" if mode == "off" else None
         )
         self._debounce = idle_debounce_s
-        self._speculative_interval = speculative_interval_s
-        self._last_end: float | None = None  # when the last capture was reported
         self._clock = clock
         self._lock = threading.Lock()
         self._state = {s: "pending" for s in self.sizes}
@@ -140,8 +135,7 @@ class MixedGraphPolicy:
             disabled_reason = "mixed-step graphs disabled (--no-mixed-graphs)"
         sizes = mixed_graph_sizes(max_num_seqs, decode_prefill_tokens, max_batched_tokens)
         return cls(sizes, config.graph_capture, disabled_reason=disabled_reason,
-                   max_seqs=max_num_seqs, idle_debounce_s=config.idle_debounce_ms / 1e3,
-                   speculative_interval_s=config.capture_min_interval_ms / 1e3)  # fmt: skip
+                   max_seqs=max_num_seqs, idle_debounce_s=config.idle_debounce_ms / 1e3)
 
     @property
     def max_tokens(self) -> int:
@@ -219,12 +213,7 @@ class MixedGraphPolicy:
                 wanted = [s for s in pending if self._demand[s]]
                 if wanted:
                     return max(wanted, key=lambda s: (self._demand[s], s))
-                if not speculative or not pending or (
-                    self._last_end is not None
-                    and self._clock() - self._last_end < self._speculative_interval
-                ):
-                    return None
-                return pending[-1]
+                return pending[-1] if speculative and pending else None
             if not decode_settled:
                 return None
             pending = [s for s in self.sizes if self._state[s] == "pending"]
@@ -269,7 +258,6 @@ class MixedGraphPolicy:
                 self._off_thread.add(size)
             self._state[size] = "captured"
             self._capturing = None
-            self._last_end = self._clock()
             self._capture_ms[size] = round(seconds * 1e3, 3)
             self._pool_bytes = pool_bytes
             self._captured.add(size)
@@ -278,7 +266,6 @@ class MixedGraphPolicy:
         with self._lock:
             self._state[size] = "failed"
             self._capturing = None
-            self._last_end = self._clock()
             self._errors[size] = reason
 
     # -- reporting (any thread) ---------------------------------------------------------------

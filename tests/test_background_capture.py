@@ -183,9 +183,7 @@ async def test_mixed_buckets_are_captured_while_busy_only_with_the_capture_threa
 def test_mixed_policy_offers_wanted_buckets_then_the_rest_while_busy_with_a_capture_thread():
     from server.mixed_graph_policy import MixedGraphPolicy
 
-    now = [0.0]
-    p = MixedGraphPolicy([16, 64, 256], "lazy", max_seqs=8, idle_debounce_s=0.5,
-                         speculative_interval_s=0.25, clock=lambda: now[0])  # fmt: skip
+    p = MixedGraphPolicy([16, 64, 256], "lazy", max_seqs=8, idle_debounce_s=0.5)
     assert p.next_capture(False, False, background=True) is None  # nothing wanted yet
     for tokens in (10, 50, 12):
         assert p.select(tokens, 2, False, 5) < 0  # not captured: packed, eagerly
@@ -196,11 +194,8 @@ def test_mixed_policy_offers_wanted_buckets_then_the_rest_while_busy_with_a_capt
     assert p.next_capture(False, False, background=True) == 64
     p.begin(64)
     p.succeeded(64, 0.03, 1 << 20, off_thread=True)
-    # Nothing wanted is left: only a speculative ask gets the largest pending bucket, and
-    # only `speculative_interval_s` after the last capture ended.
+    # Nothing wanted is left: only a speculative ask gets the largest pending bucket.
     assert p.next_capture(False, False, background=True) is None
-    assert p.next_capture(False, False, background=True, speculative=True) is None
-    now[0] += 0.3
     assert p.next_capture(False, False, background=True, speculative=True) == 256
     assert p.next_capture(True, False, background=True, speculative=True) is None  # idle path
     sizes = p.snapshot()["sizes"]
