@@ -121,8 +121,8 @@ class EngineConfig:
     mixed_graphs: bool = True  # steps with prompt tokens on graphs per token bucket
     cuda_graph_sizes: list[int] | None = None  # None: default_capture_sizes(max_num_seqs)
     capture_budget_ms: float = 50.0  # max predicted capture time allowed between two steps
-    # Busy-time decode captures: on a thread of their own while steps go on (background),
-    # or between two steps (inline). Tensor parallelism always captures inline.
+    # Busy-time captures (decode sizes, mixed-step buckets): on a thread of their own while
+    # steps go on (background), or between two steps (inline). TP always captures inline.
     busy_capture: str = "background"
     capture_min_interval_ms: float = 250.0  # spacing of captures while requests are running
     idle_debounce_ms: float = 20.0  # quiet time before idle capture starts

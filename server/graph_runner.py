@@ -69,8 +69,9 @@ def timed_capture(what: str, size: int, capture, pool_bytes) -> tuple[object | N
 
 def segment_bytes_of_pool(pool, device) -> int | None:
     """Bytes of the caching allocator's segments on `device` that belong to graph pool `pool`
-    (the id `CUDAGraph.pool()` returns); None where the snapshot has no pool ids. The walk is
-    over segments, not blocks: well under a millisecond with an 8B model's few hundred."""
+    (the id `CUDAGraph.pool()` returns); None where the snapshot has no pool ids. Read once
+    per capture (the snapshot lists every segment and block; its cost is inside the capture
+    times the logs report)."""
     total, tagged = 0, False
     index = device.index if device.index is not None else torch.cuda.current_device()
     for seg in torch.cuda.memory_snapshot():
@@ -104,8 +105,8 @@ class DecodeGraphRunner:
     runs steps (it never calls `capture` or `install` meanwhile). Captures use
     `capture_begin`/`capture_end` directly rather than `torch.cuda.graph(...)`, whose entry
     empties the allocator's cache (device and pinned host): mid-serving that would force fresh
-    cudaMallocs into the next steps. The
-    caller captures the largest size first (the pool is sized by it) and never a size twice.
+    cudaMallocs into the next steps. The caller captures the largest size first (the pool is
+    sized by it) and never a size twice.
     """
 
     def __init__(

@@ -17,11 +17,12 @@ priority and the readiness contract (ready = the largest decode graph captured):
   capture thread (`server.background_capture`: one GPU, `--busy-capture background`), also
   while busy: the pending bucket traffic ran eagerly most often, captured off the engine
   thread, then the other buckets, largest first, without waiting for traffic to want them
-  (recorded off the engine thread, which costs the streams no GPU time: the capture thread
-  runs no eager step first). A mixed step arriving before its bucket is captured runs
-  packed, eagerly. Without
-  the thread nothing is captured while busy: an inline capture would stall every running
-  stream for it (tens of ms on the 8B), exactly the gap these graphs exist to remove.
+  (a bucket's first prompt step would otherwise run eagerly: 25-40 ms on the 8B that every
+  running stream waits for; recording all buckets right after ready costs a batch-1 stream
+  gaps of up to 2.2x its median for ~0.8 s instead, docs/benchmarks.md 8f). A mixed step
+  arriving before its bucket is captured runs packed, eagerly. Without the thread nothing is
+  captured while busy: an inline capture would stall every running stream for it (tens of ms
+  on the 8B), exactly the gap these graphs exist to remove.
 * `off`: nothing is captured (steps still run packed, eagerly).
 * No CUDA device or `--no-mixed-graphs`: no packing, no graphs; every mixed step runs the
   unpacked eager forward.

@@ -81,11 +81,12 @@ class MixedGraphRunner:
 
         `background`: on `server.background_capture`'s thread while the engine thread runs
         steps, packed ones included, on the static buffers: no eager run before the capture
-        (it would compete with the steps for the GPU: measured on the 8B, a lone stream's
-        gaps up to 2.3x its median while buckets were captured that way), and the
-        thread-local capture mode (as `DecodeGraphRunner.capture_detached`). Startup ran the
-        packed step once, so its kernels are compiled and cuBLAS has this thread's workspace
-        (`DecodeGraphRunner.prepare_capture_thread`)."""
+        (on those buffers it would race the engine's packed steps, and it would compete with
+        them for the GPU), and the thread-local capture mode (as
+        `DecodeGraphRunner.capture_detached`). Startup ran the packed step once, so its
+        kernels are compiled and cuBLAS has this thread's workspace
+        (`DecodeGraphRunner.prepare_capture_thread`); on the H200 no background bucket
+        capture failed without the eager run (docs/benchmarks.md, 8f)."""
         dg = self.decode_graphs
         if size in self.graphs or not 1 <= size <= self.max_tokens:
             raise ValueError(f"cannot capture mixed bucket {size}: captured or out of range")

@@ -551,10 +551,16 @@ class ModelRunner:
         policy.begin(size)
         if background and self.background is not None:
             runner = self.executor.mixed if mixed else self.graphs
-            self.background.start(CaptureJob(
-                size, mixed, lambda: runner.capture_detached(size, background=True),
-                lambda graph: runner.install(size, graph),
-            ))  # fmt: skip
+            try:
+                self.background.start(CaptureJob(
+                    size, mixed, lambda: runner.capture_detached(size, background=True),
+                    lambda graph: runner.install(size, graph),
+                ))  # fmt: skip
+            except RuntimeError as exc:  # the thread is gone: this size fails, the rest inline
+                log.error("capture thread unavailable (%s); capturing between steps", exc)
+                self.background = None
+                self.policy.set_busy_capture("inline")
+                policy.failed(size, f"capture thread unavailable: {exc}")
             return
         t0 = time.perf_counter()
         try:

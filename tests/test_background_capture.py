@@ -202,3 +202,22 @@ def test_mixed_policy_offers_wanted_buckets_then_the_rest_while_busy_with_a_capt
     assert sizes[0]["off_thread"] and sizes[0]["demand"] == 2
     assert sizes[1]["off_thread"] and sizes[1]["demand"] == 1
     assert not sizes[2]["off_thread"] and sizes[2]["state"] == "pending"
+
+
+async def test_a_capture_thread_that_is_gone_fails_one_capture_and_the_rest_go_inline(
+        llama_dir, reference, monkeypatch):  # noqa: F811  # fmt: skip
+    monkeypatch.setenv("GRAPHSERVE_EMULATE_GRAPHS", "1")
+    engine = start_engine(llama_dir, graph_capture="lazy", capture_min_interval_ms=0,
+                          idle_debounce_ms=60_000)  # fmt: skip
+    engine._core.runner.background.close(5)  # idle, nothing in flight: the thread just ends
+    try:
+        got = await _three_streams(engine)
+        report = engine.graph_report()
+    finally:
+        engine.shutdown()
+    prompts = [[5, 6, 7], [9, 10, 11, 12], [20, 21]]
+    assert got == [hf_greedy(reference, p, 40) for p in prompts]
+    assert report["settings"]["busy_capture"] == "inline"
+    failed = [s for s in report["sizes"] + report["mixed"]["sizes"] if s["state"] == "failed"]
+    assert len(failed) == 1 and "capture thread unavailable" in failed[0]["error"]
+    assert any(s["captured_in"] == "busy" and s["state"] == "captured" for s in report["sizes"])
