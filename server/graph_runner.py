@@ -67,6 +67,15 @@ def timed_capture(what: str, size: int, capture, pool_bytes) -> tuple[object | N
     return graph, CaptureResult(size, True, seconds, pool)
 
 
+def capture_and_install(runner, size: int) -> CaptureResult:
+    """A runner's `capture_detached` on the engine thread, then its `install` when it
+    succeeded (the decode and the mixed-step runners' `capture`)."""
+    graph, result = runner.capture_detached(size, background=False)
+    if result.ok:
+        runner.install(size, graph)
+    return result
+
+
 def segment_bytes_of_pool(pool, device) -> int | None:
     """Bytes of the caching allocator's segments on `device` that belong to graph pool `pool`
     (the id `CUDAGraph.pool()` returns); None where the snapshot has no pool ids. Read once
@@ -189,10 +198,7 @@ class DecodeGraphRunner:
         of the pool) and capturing again into that pool trips an allocator assert, so failed
         graphs are kept alive, and the caller never retries a size.
         """
-        graph, result = self.capture_detached(size, background=False)
-        if result.ok:
-            self.install(size, graph)
-        return result
+        return capture_and_install(self, size)
 
     def capture_detached(self, size: int, background: bool) -> tuple[object | None,
                                                                        CaptureResult]:

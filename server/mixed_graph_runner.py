@@ -31,7 +31,12 @@ from __future__ import annotations
 import torch
 
 from server.gc_control import no_collection
-from server.graph_runner import CaptureResult, DecodeGraphRunner, timed_capture
+from server.graph_runner import (
+    CaptureResult,
+    DecodeGraphRunner,
+    capture_and_install,
+    timed_capture,
+)
 from server.step_plan import StepPlan
 
 
@@ -70,10 +75,7 @@ class MixedGraphRunner:
         """Capture bucket `size`: an eager run of the packed step at that width first (new
         GEMM shapes and any kernel variant get their first launch outside the capture), then
         the capture into the decode graphs' pool. Errors make a failed result."""
-        graph, result = self.capture_detached(size, background=False)
-        if result.ok:
-            self.install(size, graph)
-        return result
+        return capture_and_install(self, size)
 
     def capture_detached(self, size: int, background: bool) -> tuple[object | None,
                                                                        CaptureResult]:
