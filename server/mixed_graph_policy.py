@@ -252,11 +252,14 @@ class MixedGraphPolicy:
             self._capturing = size
 
     def succeeded(self, size: int, seconds: float, pool_bytes: int,
-                  off_thread: bool = False) -> None:
-        """`seconds`: the capture's time (the engine thread's stall, unless `off_thread`)."""
+                  off_thread_s: float | None = None) -> None:
+        """As `CapturePolicy.succeeded`: `seconds` the engine thread's stall, `off_thread_s`
+        the capture's own time when the capture thread ran it. A bucket's `capture_ms` is
+        the capture's time either way."""
         with self._lock:
-            if off_thread:
+            if off_thread_s is not None:
                 self._off_thread.add(size)
+                seconds = off_thread_s
             self._state[size] = "captured"
             self._capturing = None
             self._capture_ms[size] = round(seconds * 1e3, 3)

@@ -548,9 +548,9 @@ class ModelRunner:
         FatalEngineError after the size is marked failed.
         """
         policy = self.mixed_policy if mixed else self.policy
+        runner = self.executor.mixed if mixed else self.graphs
         policy.begin(size)
         if background and self.background is not None:
-            runner = self.executor.mixed if mixed else self.graphs
             try:
                 self.background.start(CaptureJob(
                     size, mixed, lambda: runner.capture_detached(size, background=True),
@@ -566,7 +566,7 @@ class ModelRunner:
         try:
             order = {"size": size, "mixed": mixed}
             seq = self.tp.send_json(Kind.CAPTURE, order) if self.tp else None
-            local = self.executor.mixed.capture(size) if mixed else self.graphs.capture(size)
+            local = runner.capture(size)
             results = [local.to_json()]
             if self.tp is not None:
                 results += self.tp.collect(Kind.CAPTURED, seq)
@@ -596,20 +596,15 @@ class ModelRunner:
         return False
 
     def _report_background(self, job: CaptureJob, result) -> None:
-        if job.mixed:
-            if result.ok:
-                self.mixed_policy.succeeded(job.size, result.seconds, result.pool_bytes,
-                                            off_thread=True)  # fmt: skip
-            else:
-                self.mixed_policy.failed(job.size, result.error or "unknown error")
-            return
-        self._rank_captures[job.size] = [result.to_json()]
+        policy = self.mixed_policy if job.mixed else self.policy
+        if not job.mixed:
+            self._rank_captures[job.size] = [result.to_json()]
         if result.ok:
             # The engine thread stalled for none of it: it only handed the size over and
             # installed the graph. The capture's own time is reported beside that.
-            self.policy.succeeded(job.size, 0.0, result.pool_bytes, off_thread_s=result.seconds)
+            policy.succeeded(job.size, 0.0, result.pool_bytes, off_thread_s=result.seconds)
         else:
-            self.policy.failed(job.size, result.error or "unknown error")
+            policy.failed(job.size, result.error or "unknown error")
 
     def next_mixed_capture(self, idle: bool, speculative: bool = False) -> int | None:
         """The mixed-step bucket to capture now, or None: in idle time once the decode sizes

@@ -190,10 +190,10 @@ def test_mixed_policy_offers_wanted_buckets_then_the_rest_while_busy_with_a_capt
     assert p.next_capture(False, False) is None  # no capture thread: idle time only
     assert p.next_capture(False, False, background=True) == 16  # wanted twice
     p.begin(16)
-    p.succeeded(16, 0.03, 1 << 20, off_thread=True)
+    p.succeeded(16, 0.0, 1 << 20, off_thread_s=0.03)
     assert p.next_capture(False, False, background=True) == 64
     p.begin(64)
-    p.succeeded(64, 0.03, 1 << 20, off_thread=True)
+    p.succeeded(64, 0.0, 1 << 20, off_thread_s=0.03)
     # Nothing wanted is left: only a speculative ask gets the largest pending bucket.
     assert p.next_capture(False, False, background=True) is None
     assert p.next_capture(False, False, background=True, speculative=True) == 256
