@@ -21,6 +21,7 @@ import time
 
 from bench.common import BenchError, client_limits, percentile
 from bench.serve import Request, stream_completion
+from server.http.loop_lag import watch_loop_lag
 
 # How often a client loop checks its own lateness (a late timer = a loop that was busy).
 LAG_PERIOD_S = 0.005
@@ -29,12 +30,9 @@ START_MARGIN_S = 0.2
 
 
 async def watch_lag(lags: list[tuple[float, float]], period_s: float = LAG_PERIOD_S) -> None:
-    """Until cancelled: every `period_s`, append (perf_counter, seconds the timer ran late)."""
-    loop = asyncio.get_running_loop()
-    while True:
-        due = loop.time() + period_s
-        await asyncio.sleep(period_s)
-        lags.append((time.perf_counter(), max(0.0, loop.time() - due)))
+    """Until cancelled: every `period_s`, append (perf_counter, seconds the timer ran late):
+    the server's own loop-lag timer (`server.http.loop_lag`, torch-free), timestamped."""
+    await watch_loop_lag(lambda late: lags.append((time.perf_counter(), late)), period_s)
 
 
 async def drive(url: str, reqs: list[Request], start: float,
