@@ -34,8 +34,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    PROMPT_ID_HIGH,
-    PROMPT_ID_LOW,
     BenchError,
     ServerProcess,
     client_limits,
@@ -49,7 +47,7 @@ from bench.common import (
     wait_ready,
 )
 from bench.load_clients import run_open_loop
-from bench.serve import Request, stream_completion
+from bench.serve import Request, random_prompt, stream_completion
 
 SETTINGS = {
     "background": ["--graph-capture", "lazy", "--busy-capture", "background"],
@@ -58,15 +56,10 @@ SETTINGS = {
 }
 
 
-def gaps_of(req: Request) -> list[float]:
-    """Seconds between consecutive chunks (the first chunk's wait is TTFT, not a gap)."""
-    return [b - a for a, b in zip(req.chunks, req.chunks[1:], strict=False)]
-
-
 def lone_summary(req: Request) -> dict[str, Any]:
     if req.error:
         raise BenchError(f"the lone stream failed: {req.error}")
-    gaps = gaps_of(req)
+    gaps = [gap for _, gap in req.gaps()]  # seconds; the first chunk's wait is TTFT
     if not gaps:
         raise BenchError("the lone stream produced fewer than two chunks")
     p50 = percentile(gaps, 50)
@@ -102,10 +95,6 @@ def ramp_summary(reqs: list[Request], wall_offset: float) -> dict[str, Any]:
             "slow_gaps": [[round(t, 4), round(ms, 2), pre] for t, ms, pre in slow[:200]]}
 
 
-def prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(PROMPT_ID_LOW, PROMPT_ID_HIGH) for _ in range(n)]
-
-
 async def run_setting(label: str, args, model_args: list[str]) -> dict[str, Any]:
     import httpx
 
@@ -122,10 +111,11 @@ async def run_setting(label: str, args, model_args: list[str]) -> dict[str, Any]
                                      limits=client_limits(8)) as client:
             await wait_ready(client, server, timeout_s=600)
             result["ready_after_s"] = server.since_start()
-            lone = Request(prompt(rng, 16), args.lone_tokens, logprobs=0)
+            lone = Request(random_prompt(rng, 16), args.lone_tokens, logprobs=0)
             await stream_completion(client, server.url, "", lone)
             result["lone"] = lone_summary(lone)
-            ramp = [Request(prompt(rng, 16), args.tokens, i * args.join_ms / 1e3, logprobs=0)
+            ramp = [Request(random_prompt(rng, 16), args.tokens, i * args.join_ms / 1e3,
+                            logprobs=0)
                     for i in range(args.streams)]  # fmt: skip
             wall_offset = time.time() - time.perf_counter()
             _, clients = await run_open_loop(server.url, ramp, args.client_processes)
