@@ -7,10 +7,8 @@ block size works and a sequence's blocks need not be contiguous.
 
 * `decode_attention`: one query token per row (`seq_lens[row]` cached tokens, its own included).
   Flash-decoding: grid `(rows, Hkv, splits)`, each program takes the whole GQA group of one KV
-  head over one slice of the context; the last slice of a (row, KV head) to finish merges the
-  slices by log-sum-exp (an arrival counter, so one launch per layer, not two; the merge is a
-  fixed function of the partials, so the result does not depend on which slice finished
-  last). Grid and constants depend on shapes only, so the launch is capturable in a CUDA graph.
+  head over one slice of the context; a second kernel merges the slices by log-sum-exp. Grid
+  and constants depend on shapes only, so the launch is capturable in a CUDA graph.
 * `prefill_attention`: packed query chunks of several sequences (`cu_seqlens_q`), each chunk the
   last `q_len` tokens of a context of `k_len` tokens already written to the cache: query `i`
   sits at position `k_len - q_len + i` and sees every key at or before it (causal, aligned to
@@ -26,7 +24,6 @@ Same semantics as the torch references in `server.ops` (which tests compare agai
 from __future__ import annotations
 
 import os
-import threading
 
 import torch
 import triton
@@ -77,21 +74,18 @@ def _check_index(name: str, t: torch.Tensor, length: int | None = None) -> None:
 
 _BLOCK_N = 64  # cached positions per inner step (16-bit caches)
 _BLOCK_N_FP32 = 32  # fp32 caches: exact fp32 dots hold more in registers
-_MAX_SPLITS = 32  # also the merge's fixed (padded) split width: one compile per model
+_MAX_SPLITS = 32  # also the reduce kernel's fixed (padded) split width: one compile per model
 _TARGET_PROGRAMS = 2048  # split so that N * Hkv * splits reaches this (H100/H200: 132 SMs)
 _MIN_SPLITS = 4  # keeps a long sequence from serialising a mixed-length batch
 
 
 @triton.jit(do_not_specialize=["num_splits"])
 def _decode_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, lens_ptr, part_o_ptr, part_lse_ptr, arrived_ptr,
-    out_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, lens_ptr, part_o_ptr, part_lse_ptr,
     stride_qn, stride_qh,
     stride_bt,
     stride_tok,  # cache stride of one token (Hkv * D); a head's row is contiguous
-    stride_on, stride_oh,
     num_q_heads,
-    num_kv_heads,
     num_splits,
     head_dim,
     max_len,
@@ -101,7 +95,6 @@ def _decode_split_kernel(
     GROUP_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    SPLITS_PAD: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -116,7 +109,6 @@ def _decode_split_kernel(
     start = split * split_len
     if start < seq_len:
         end = tl.minimum(start + split_len, seq_len)
-        active = tl.cdiv(seq_len, split_len)
         table = bt_ptr + tl.load(rows_ptr + row).to(tl.int64) * stride_bt
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, BLOCK_D)
@@ -158,67 +150,44 @@ def _decode_split_kernel(
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
+        # Partials: the split's normalised output and its log2-sum-exp, per query head.
+        part_rows = (row * num_q_heads + heads) * num_splits + split
         out_mask = g_mask[:, None] & d_mask[None, :]
-        if active == 1:
-            # The row's only split: merging one partial is the identity (weight exp2(0) = 1,
-            # the masked ones add +0), so writing its normalised output directly gives the
-            # merge's result bit for bit, without the round trip.
-            tl.store(out_ptr + row * stride_on + heads[:, None] * stride_oh + offs_d[None, :],
-                     (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
-        else:
-            # Partials: the split's normalised output and its log2-sum-exp, per query head.
-            part_rows = (row * num_q_heads + heads) * num_splits + split
-            tl.store(part_o_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
-                     acc / l_i[:, None], mask=out_mask)
-            tl.store(part_lse_ptr + part_rows, m_i + tl.log2(l_i), mask=g_mask)
-            # The last split of (row, KV head) to finish merges them all (no second launch).
-            # Every thread's stores are issued before the barrier; the counter's acq_rel
-            # atomic publishes them GPU-wide to whichever program arrives last, which reads
-            # them past L1 (.cg: its L1 may hold older lines of this scratch). That program
-            # puts the counter back to 0, so the next launch (or graph replay) starts clean.
-            tl.debug_barrier()
-            counter = arrived_ptr + row * num_kv_heads + kvh
-            arrived = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
-            if arrived == active - 1:
-                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
-                offs_s = tl.arange(0, SPLITS_PAD)
-                s_mask = offs_s < active
-                for g in tl.static_range(GROUP):
-                    head = kvh * GROUP + g
-                    base = (row * num_q_heads + head) * num_splits
-                    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask,
-                                  other=float("-inf"), cache_modifier=".cg")
-                    weights = tl.exp2(lse - tl.max(lse, axis=0))
-                    weights = tl.where(s_mask, weights, 0.0)
-                    o = tl.load(part_o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-                                mask=s_mask[:, None], other=0.0, cache_modifier=".cg")
-                    merged = tl.sum(o * weights[:, None], axis=0) / tl.sum(weights, axis=0)
-                    tl.store(out_ptr + row * stride_on + head * stride_oh + offs_d,
-                             merged.to(out_ptr.dtype.element_ty), mask=d_mask)
+        tl.store(part_o_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
+                 acc / l_i[:, None], mask=out_mask)
+        tl.store(part_lse_ptr + part_rows, m_i + tl.log2(l_i), mask=g_mask)
 
 
-# Per device: int32 arrival counters, one per (row, KV head), all zero between launches (the
-# last split of each pair resets its own). Kept for the process's life, and a buffer outgrown
-# is kept too: a CUDA graph captured with it replays against its address.
-_COUNTERS: dict[torch.device, list[torch.Tensor]] = {}
-_COUNTERS_LOCK = threading.Lock()
-_MIN_COUNTERS = 1 << 16  # 256 KiB: 64 KV heads x 1,024 rows before the first growth
-
-
-def _arrival_counters(n: int, device: torch.device) -> torch.Tensor:
-    """At least `n` zeroed counters on `device` (any thread: the capture thread records
-    launches while the engine thread runs them).
-
-    Invariant the kernel relies on: launches sharing a device's counters never overlap in
-    time. They do not in this server: every model step runs on the engine thread's one stream
-    (a capture records launches without running them).
-    """
-    with _COUNTERS_LOCK:
-        kept = _COUNTERS.setdefault(torch.device(device), [])
-        if not kept or kept[-1].numel() < n:
-            kept.append(torch.zeros(max(n, _MIN_COUNTERS, 2 * kept[-1].numel() if kept else 0),
-                                    dtype=torch.int32, device=device))
-        return kept[-1]
+@triton.jit(do_not_specialize=["num_splits"])
+def _decode_reduce_kernel(
+    part_o_ptr, part_lse_ptr, lens_ptr, out_ptr,
+    stride_on, stride_oh,
+    num_q_heads,
+    num_splits,
+    head_dim,
+    max_len,
+    BLOCK_N: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
+    # Same split arithmetic as the split kernel: only the splits that ran are read.
+    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    active = tl.cdiv(seq_len, split_len)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, BLOCK_D)
+    s_mask = offs_s < active
+    base = (row * num_q_heads + head) * num_splits
+    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
+    weights = tl.exp2(lse - tl.max(lse, axis=0))
+    weights = tl.where(s_mask, weights, 0.0)
+    o = tl.load(part_o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                mask=s_mask[:, None], other=0.0)
+    out = tl.sum(o * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+    tl.store(out_ptr + row * stride_on + head * stride_oh + offs_d,
+             out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
 
 
 def decode_attention_splits(batch: int, num_kv_heads: int, max_len: int) -> int:
@@ -280,23 +249,29 @@ def decode_attention(
         block_n, warps, stages = _BLOCK_N_FP32, 8, 2
     else:
         block_n, warps, stages = config or (_BLOCK_N, 4, 2)
-    arrived = _arrival_counters(n_rows * num_kv_heads, q.device)
     _decode_split_kernel[(n_rows, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, rows, seq_lens, part_o, part_lse, arrived, out,
+        q, k_cache, v_cache, block_tables, rows, seq_lens, part_o, part_lse,
         q.stride(0), q.stride(1),
         block_tables.stride(0),
         k_cache.stride(1),
-        out.stride(0), out.stride(1),
-        num_q_heads, num_kv_heads, num_splits, head_dim, max_len, float(scale) * _LOG2E,
+        num_q_heads, num_splits, head_dim, max_len, float(scale) * _LOG2E,
         PAGE=page,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
         BLOCK_D=block_d,
         BLOCK_N=block_n,
-        SPLITS_PAD=_MAX_SPLITS,
         DOT_F32=dot_f32,
         num_warps=warps,
         num_stages=stages,
+    )
+    _decode_reduce_kernel[(n_rows, num_q_heads)](
+        part_o, part_lse, seq_lens, out,
+        out.stride(0), out.stride(1),
+        num_q_heads, num_splits, head_dim, max_len,
+        BLOCK_N=block_n,
+        SPLITS_PAD=_MAX_SPLITS,
+        BLOCK_D=block_d,
+        num_warps=4,
     )
     return out
 

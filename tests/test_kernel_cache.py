@@ -131,7 +131,7 @@ TINY = dict(model_type="llama", architectures=["LlamaForCausalLM"], vocab_size=4
             num_key_value_heads=2, max_position_embeddings=4096, rms_norm_eps=1e-5,
             hidden_act="silu", tie_word_embeddings=False)  # fmt: skip
 KERNELS = {"_rms_norm_kernel", "_silu_and_mul_kernel", "_rope_write_kv_kernel",
-           "_decode_split_kernel", "_prefill_kernel",
+           "_decode_split_kernel", "_decode_reduce_kernel", "_prefill_kernel",
            "_prefill_merge_kernel"}  # fmt: skip
 
 

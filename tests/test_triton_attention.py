@@ -290,20 +290,6 @@ def test_decode_attention_launch_configs(device, config):
     _check_decode(inputs, f"config {config}, 7 splits", num_splits=7, config=config)
 
 
-@pytest.mark.usefixtures("interpreter_loops")
-@pytest.mark.parametrize("device", DEVICES)
-def test_decode_merge_leaves_the_arrival_counters_at_zero(device):
-    """The last split of each (row, KV head) merges and resets its counter: after launches of
-    several split counts (one split writes its output directly) every counter is back at 0, and
-    the same launch repeated gives the same bits (the merge does not depend on arrival order)."""
-    inputs = _decode_inputs(6, 8, 2, 64, 777, 16, torch.bfloat16, device, _gen(11))
-    results = [_check_decode(inputs, f"{splits} splits", num_splits=splits)
-               for splits in (1, 5, 32, 5)]
-    assert torch.equal(results[1], results[3])
-    counters = triton_attention._COUNTERS[torch.device(device)][-1]
-    assert counters.numel() >= 6 * 2 and int(counters.abs().sum()) == 0
-
-
 def test_split_policy_is_a_function_of_shapes():
     for batch in (1, 2, 8, 64, 256):
         for max_len in (1, 63, 64, 65, 4096, 131072):

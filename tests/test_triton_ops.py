@@ -437,6 +437,7 @@ def test_batch_size_does_not_recompile():
         "silu_and_mul": triton_ops._silu_and_mul_kernel,
         "rope_write_kv": triton_ops._rope_write_kv_kernel,
         "decode_split": triton_attention._decode_split_kernel,
+        "decode_reduce": triton_attention._decode_reduce_kernel,
         "prefill": triton_attention._prefill_kernel,
         "prefill merge": triton_attention._prefill_merge_kernel,
     }
