@@ -217,17 +217,19 @@ def main() -> None:
                      "floor_ms": floor, "of_floor": floor / graph})
     result["decode"] = rows
 
-    # Attention alone at the largest batch, per split-K factor (one layer's call, 32 of them in
-    # one CUDA graph: an eager call's time is its host launch, ~150 us whatever the split).
+    # Attention alone at the largest batch, per split-K factor with one-block splits allowed
+    # (min_split 64), and the policy's own launch (one layer's call, 32 of them in one CUDA
+    # graph: an eager call's time is its host launch, ~150 us whatever the split).
     q = torch.randn(max_n, model.shape.num_heads, model.shape.head_dim, device="cuda",
                     dtype=torch.bfloat16)
     arows = torch.arange(max_n, device="cuda")
     lens = torch.full((max_n,), args.context, device="cuda")
     splits = {}
-    for n_splits in (1, 2, 4, 8, 16):
+    for n_splits in (1, 2, 4, 8, 16, "policy"):
         def attn(n_splits=n_splits):
+            explicit = {} if n_splits == "policy" else dict(num_splits=n_splits, min_split=64)
             triton_attention.decode_attention(q, kv[0][0], kv[0][1], table, arows, lens,
-                                              model.scale, num_splits=n_splits)
+                                              model.scale, **explicit)
         try:
             splits[n_splits] = graph_time_us(attn)
         except RuntimeError as exc:  # a diagnostic: never the reason the benchmark stops
@@ -236,6 +238,7 @@ def main() -> None:
         "batch": max_n, "context": args.context, "default_splits":
         triton_attention.decode_attention_splits(max_n, model.shape.num_kv_heads,
                                                  table.shape[1] * bs),
+        "default_min_split": triton_attention.decode_min_split(max_n, model.shape.num_kv_heads),
         "us": splits,
     }
 

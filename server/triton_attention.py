@@ -29,7 +29,10 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["decode_attention", "decode_attention_splits", "prefill_attention", "prefill_splits"]
+__all__ = [
+    "decode_attention", "decode_attention_splits", "decode_min_split", "prefill_attention",
+    "prefill_splits",
+]
 
 # Under the interpreter, Triton 3.x computes `tl.dot` on bfloat16 operands wrongly (it treats the
 # raw bits as integers); upcasting the operands to fp32 there keeps the CPU tests meaningful.
@@ -77,16 +80,19 @@ _BLOCK_N_FP32 = 32  # fp32 caches: exact fp32 dots hold more in registers
 _MAX_SPLITS = 32  # also the reduce kernel's fixed (padded) split width: one compile per model
 _TARGET_PROGRAMS = 2048  # split so that N * Hkv * splits reaches this (H100/H200: 132 SMs)
 _MIN_SPLITS = 4  # keeps a long sequence from serialising a mixed-length batch
+_FEW_PAIRS = 64  # (row, KV head) pairs up to which splits stay one block long
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "min_split"])
 def _decode_split_kernel(
-    q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, lens_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, kc_ptr, vc_ptr, bt_ptr, rows_ptr, lens_ptr, part_o_ptr, part_lse_ptr, out_ptr,
     stride_qn, stride_qh,
     stride_bt,
     stride_tok,  # cache stride of one token (Hkv * D); a head's row is contiguous
+    stride_on, stride_oh,
     num_q_heads,
     num_splits,
+    min_split,  # fewest keys per split (a multiple of BLOCK_N): `decode_min_split`
     head_dim,
     max_len,
     scale_log2,  # softmax scale * log2(e): the kernel works in base 2
@@ -105,10 +111,11 @@ def _decode_split_kernel(
     seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
     # The split length depends on this row's seq_len, so a short sequence is covered by a few
     # splits and the rest exit here without reading or writing anything.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, min_split)
     start = split * split_len
     if start < seq_len:
         end = tl.minimum(start + split_len, seq_len)
+        active = tl.cdiv(seq_len, split_len)
         table = bt_ptr + tl.load(rows_ptr + row).to(tl.int64) * stride_bt
         offs_g = tl.arange(0, GROUP_PAD)
         offs_d = tl.arange(0, BLOCK_D)
@@ -150,20 +157,28 @@ def _decode_split_kernel(
                 pv = tl.dot(p.to(v.dtype), v)
             acc = acc * alpha[:, None] + pv
             m_i = m_new
-        # Partials: the split's normalised output and its log2-sum-exp, per query head.
-        part_rows = (row * num_q_heads + heads) * num_splits + split
         out_mask = g_mask[:, None] & d_mask[None, :]
-        tl.store(part_o_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
-                 acc / l_i[:, None], mask=out_mask)
-        tl.store(part_lse_ptr + part_rows, m_i + tl.log2(l_i), mask=g_mask)
+        if active == 1:
+            # The row's only split: the merge of one partial is the identity (its weight is
+            # exp2(0) = 1, the masked ones add +0), so its normalised output goes straight to
+            # `out`, bit for bit what the merge would write; the merge skips this row.
+            tl.store(out_ptr + row * stride_on + heads[:, None] * stride_oh + offs_d[None, :],
+                     (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=out_mask)
+        else:
+            # Partials: the split's normalised output and its log2-sum-exp, per query head.
+            part_rows = (row * num_q_heads + heads) * num_splits + split
+            tl.store(part_o_ptr + part_rows[:, None] * BLOCK_D + offs_d[None, :],
+                     acc / l_i[:, None], mask=out_mask)
+            tl.store(part_lse_ptr + part_rows, m_i + tl.log2(l_i), mask=g_mask)
 
 
-@triton.jit(do_not_specialize=["num_splits"])
+@triton.jit(do_not_specialize=["num_splits", "min_split"])
 def _decode_reduce_kernel(
     part_o_ptr, part_lse_ptr, lens_ptr, out_ptr,
     stride_on, stride_oh,
     num_q_heads,
     num_splits,
+    min_split,
     head_dim,
     max_len,
     BLOCK_N: tl.constexpr,
@@ -173,21 +188,23 @@ def _decode_reduce_kernel(
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
-    # Same split arithmetic as the split kernel: only the splits that ran are read.
-    split_len = tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N
+    # Same split arithmetic as the split kernel: only the splits that ran are read, and a row
+    # of one split has its output written already.
+    split_len = tl.maximum(tl.cdiv(tl.cdiv(seq_len, num_splits), BLOCK_N) * BLOCK_N, min_split)
     active = tl.cdiv(seq_len, split_len)
-    offs_s = tl.arange(0, SPLITS_PAD)
-    offs_d = tl.arange(0, BLOCK_D)
-    s_mask = offs_s < active
-    base = (row * num_q_heads + head) * num_splits
-    lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
-    weights = tl.exp2(lse - tl.max(lse, axis=0))
-    weights = tl.where(s_mask, weights, 0.0)
-    o = tl.load(part_o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
-                mask=s_mask[:, None], other=0.0)
-    out = tl.sum(o * weights[:, None], axis=0) / tl.sum(weights, axis=0)
-    tl.store(out_ptr + row * stride_on + head * stride_oh + offs_d,
-             out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
+    if active > 1:
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, BLOCK_D)
+        s_mask = offs_s < active
+        base = (row * num_q_heads + head) * num_splits
+        lse = tl.load(part_lse_ptr + base + offs_s, mask=s_mask, other=float("-inf"))
+        weights = tl.exp2(lse - tl.max(lse, axis=0))
+        weights = tl.where(s_mask, weights, 0.0)
+        o = tl.load(part_o_ptr + (base + offs_s)[:, None] * BLOCK_D + offs_d[None, :],
+                    mask=s_mask[:, None], other=0.0)
+        out = tl.sum(o * weights[:, None], axis=0) / tl.sum(weights, axis=0)
+        tl.store(out_ptr + row * stride_on + head * stride_oh + offs_d,
+                 out.to(out_ptr.dtype.element_ty), mask=offs_d < head_dim)
 
 
 def decode_attention_splits(batch: int, num_kv_heads: int, max_len: int) -> int:
@@ -201,6 +218,23 @@ def decode_attention_splits(batch: int, num_kv_heads: int, max_len: int) -> int:
     return max(1, min(_MAX_SPLITS, by_len, by_occupancy))
 
 
+def decode_min_split(batch: int, num_kv_heads: int) -> int:
+    """The fewest cached positions one decode split covers, by how many (row, KV head) pairs
+    the launch has (a pure function of shapes, like the split count).
+
+    Few pairs (batch 1-8 of an 8B): 64, so a short context still spreads over many SMs. Many
+    pairs: longer splits, since the GPU is full anyway and each extra split costs a partial
+    round trip and merge work; a row whose context fits one split writes its output directly
+    and the merge skips it. Measured on the H200 (8B, per layer, section 8g of
+    docs/benchmarks.md): batch 64 at context 512 48 -> 37 us with 512-key splits, while batch 1
+    needs 64-key ones (13 us with 512). Long rows still get `num_splits` splits.
+    """
+    pairs = batch * num_kv_heads
+    if pairs <= _FEW_PAIRS:
+        return _BLOCK_N
+    return 4 * _BLOCK_N if pairs <= 4 * _FEW_PAIRS else 8 * _BLOCK_N
+
+
 def decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -212,12 +246,14 @@ def decode_attention(
     num_splits: int | None = None,
     config: tuple | None = None,
     out: torch.Tensor | None = None,
+    min_split: int | None = None,
 ) -> torch.Tensor:
     """One query token per row over the first `seq_lens[i]` tokens of table row `rows[i]`.
 
     q `[N, Hq, D]`, caches `[blocks, block_size, Hkv, D]`, block_tables `[R, max_blocks]`
     int32, rows and seq_lens `[N]`. GQA: query head h reads KV head `h // (Hq // Hkv)`.
-    `num_splits` in [1, 32] overrides the split-K policy (benchmarks and tests sweep it);
+    `num_splits` in [1, 32] and `min_split` (a multiple of 64 positions) override the split-K
+    policy (benchmarks and tests sweep them);
     `config` = (BLOCK_N, num_warps, num_stages) overrides the launch (16-bit caches). `out`
     (shaped like q, unit stride along D) receives the result instead of a new tensor.
     """
@@ -239,6 +275,10 @@ def decode_attention(
         num_splits = decode_attention_splits(n_rows, num_kv_heads, max_len)
     elif not 1 <= num_splits <= _MAX_SPLITS:
         raise ValueError(f"num_splits must be in [1, {_MAX_SPLITS}], got {num_splits}")
+    if min_split is None:
+        min_split = decode_min_split(n_rows, num_kv_heads)
+    elif min_split < 1 or min_split % _BLOCK_N:
+        raise ValueError(f"min_split must be a positive multiple of {_BLOCK_N}, got {min_split}")
     block_d = triton.next_power_of_2(head_dim)
     # Scratch for the per-split partials; written only by splits that hold positions.
     part_o = _empty((n_rows * num_q_heads * num_splits, block_d), torch.float32, q.device)
@@ -250,11 +290,12 @@ def decode_attention(
     else:
         block_n, warps, stages = config or (_BLOCK_N, 4, 2)
     _decode_split_kernel[(n_rows, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, rows, seq_lens, part_o, part_lse,
+        q, k_cache, v_cache, block_tables, rows, seq_lens, part_o, part_lse, out,
         q.stride(0), q.stride(1),
         block_tables.stride(0),
         k_cache.stride(1),
-        num_q_heads, num_splits, head_dim, max_len, float(scale) * _LOG2E,
+        out.stride(0), out.stride(1),
+        num_q_heads, num_splits, min_split, head_dim, max_len, float(scale) * _LOG2E,
         PAGE=page,
         GROUP=group,
         GROUP_PAD=max(16, triton.next_power_of_2(group)),  # tl.dot needs >= 16 rows
@@ -267,7 +308,7 @@ def decode_attention(
     _decode_reduce_kernel[(n_rows, num_q_heads)](
         part_o, part_lse, seq_lens, out,
         out.stride(0), out.stride(1),
-        num_q_heads, num_splits, head_dim, max_len,
+        num_q_heads, num_splits, min_split, head_dim, max_len,
         BLOCK_N=block_n,
         SPLITS_PAD=_MAX_SPLITS,
         BLOCK_D=block_d,

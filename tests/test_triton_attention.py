@@ -188,11 +188,12 @@ def _decode_reference(q, k_cache, v_cache, table, rows, seq_lens, scale):
     return ref, mean_abs_v
 
 
-def _check_decode(inputs, what, num_splits=None, config=None):
+def _check_decode(inputs, what, num_splits=None, config=None, min_split=None):
     q, k_cache, v_cache, table, rows, seq_lens = inputs
     scale = q.shape[-1] ** -0.5
     got = triton_attention.decode_attention(
-        q, k_cache, v_cache, table, rows, seq_lens, scale, num_splits, config=config
+        q, k_cache, v_cache, table, rows, seq_lens, scale, num_splits, config=config,
+        min_split=min_split,
     )
     ref, mean_abs_v = _decode_reference(q, k_cache, v_cache, table, rows, seq_lens, scale)
     _assert_within_bound(got, ref, mean_abs_v, q.dtype, what)
@@ -288,6 +289,50 @@ def test_decode_attention_launch_configs(device, config):
     inputs = _decode_inputs(6, 8, 2, 64, 300, 16, torch.bfloat16, device, _gen(5))
     _check_decode(inputs, f"config {config}", config=config)
     _check_decode(inputs, f"config {config}, 7 splits", num_splits=7, config=config)
+
+
+@pytest.mark.usefixtures("interpreter_loops")
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("min_split", [64, 256, 512, 4096])
+def test_decode_attention_minimum_split_length(device, min_split):
+    """Rows whose context fits one split write their output directly and the merge skips
+    them; longer rows in the same launch still merge several splits: every element is written
+    (NaN-filled outputs) and within the bound, with 16-bit and fp32 caches."""
+    lens = [1, 63, 64, 65, 300, 700, 777, 129]
+    for dtype in (torch.bfloat16, torch.float32):
+        inputs = _decode_inputs(8, 8, 2, 64, 777, 16, dtype, device, _gen(min_split), lens=lens)
+        _check_decode(inputs, f"min_split={min_split} {dtype}", num_splits=4, min_split=min_split)
+
+
+@pytest.mark.usefixtures("interpreter_loops")
+@pytest.mark.parametrize("device", DEVICES)
+def test_decode_one_split_writes_what_the_merge_would(device):
+    """A lone split's direct write is the merge of one partial bit for bit: a launch where every
+    row has one split (long minimum) equals one where the policy gives each row one split."""
+    lens = [5, 64, 200, 256]
+    inputs = _decode_inputs(4, 8, 2, 64, 256, 16, torch.bfloat16, device, _gen(9), lens=lens)
+    q, k_cache, v_cache, table, rows, seq_lens = inputs
+    scale = 0.125
+    one = triton_attention.decode_attention(q, k_cache, v_cache, table, rows, seq_lens, scale,
+                                            num_splits=1)
+    long_min = triton_attention.decode_attention(q, k_cache, v_cache, table, rows, seq_lens,
+                                                 scale, num_splits=8, min_split=256)
+    assert torch.equal(one, long_min)
+    with pytest.raises(ValueError, match="multiple of 64"):
+        triton_attention.decode_attention(q, k_cache, v_cache, table, rows, seq_lens, scale,
+                                          min_split=100)
+
+
+def test_minimum_split_grows_with_the_launch():
+    """64 keys while few (row, KV head) pairs must fill the GPU, longer once many do; a pure
+    function of shapes (a captured graph's launch never depends on lengths)."""
+    assert triton_attention.decode_min_split(1, 8) == 64
+    assert triton_attention.decode_min_split(8, 8) == 64
+    assert triton_attention.decode_min_split(16, 8) == 256
+    assert triton_attention.decode_min_split(64, 8) == 512
+    assert triton_attention.decode_min_split(64, 4) == 256  # 70B shapes under TP=2
+    sizes = [triton_attention.decode_min_split(b, 8) for b in range(1, 257)]
+    assert sizes == sorted(sizes) and all(m % 64 == 0 for m in sizes)
 
 
 def test_split_policy_is_a_function_of_shapes():
