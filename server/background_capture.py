@@ -25,6 +25,11 @@ Why this is safe:
   the new graph joins them only once installed.
 * One capture at a time, and the engine thread starts none of its own (idle or mixed-step)
   while one is in flight.
+* The worker's preparation (a GEMM and a stream sync) finishes before the constructor
+  returns, so before ready: an idle capture on the engine thread runs in global capture mode,
+  and a sync from any thread during it invalidates that capture (seen on the H200 when the
+  preparation raced the first idle capture: that size failed, and the allocator stayed
+  recording into the pool, failing every later capture).
 * Not under tensor parallelism: the capture would record collectives on the group's
   communicator while the engine thread issues the step's collectives on it from another
   stream, which NCCL does not allow; TP captures stay inline, with the ranks' agreement.
@@ -69,9 +74,14 @@ class CaptureJob:
 class BackgroundCapture:
     """The worker thread and the one capture it may have in flight."""
 
-    def __init__(self, prepare: Callable[[], None]):
-        """`prepare`: run first on the worker (`DecodeGraphRunner.prepare_capture_thread`)."""
+    def __init__(self, prepare: Callable[[], None], prepare_timeout_s: float = 30.0):
+        """`prepare`: run first on the worker (`DecodeGraphRunner.prepare_capture_thread`);
+        returns once it has (a preparation that fails or overruns the timeout stops the worker:
+        `start` then raises and the caller captures inline)."""
         self._prepare = prepare
+        self._prepared = threading.Event()
+        self._usable = False  # set by the worker once prepared
+        self._gave_up = False  # set by the constructor when the preparation overran
         self._jobs: queue.SimpleQueue[CaptureJob | None] = queue.SimpleQueue()
         self._done: queue.SimpleQueue[tuple[CaptureJob, object, CaptureResult]] = (
             queue.SimpleQueue()
@@ -79,6 +89,16 @@ class BackgroundCapture:
         self._in_flight: CaptureJob | None = None
         self._thread = threading.Thread(target=self._work, name="graph-capture", daemon=True)
         self._thread.start()
+        if not self._prepared.wait(prepare_timeout_s):
+            log.error("the capture thread did not prepare within %.0f s; busy captures run "
+                      "inline", prepare_timeout_s)
+            self._gave_up = True
+            self._jobs.put(None)  # the worker stops once its preparation returns
+
+    @property
+    def usable(self) -> bool:
+        """Whether the worker is prepared and running (else captures belong inline)."""
+        return self._usable and not self._gave_up and self._thread.is_alive()
 
     @property
     def in_flight(self) -> CaptureJob | None:
@@ -89,7 +109,7 @@ class BackgroundCapture:
         """Hand `job` to the worker; returns at once."""
         if self._in_flight is not None:
             raise RuntimeError(f"the capture of size {self._in_flight.size} is still in flight")
-        if not self._thread.is_alive():
+        if not self.usable:
             raise RuntimeError("the capture thread has stopped")
         self._in_flight = job
         self._jobs.put(job)
@@ -122,8 +142,12 @@ class BackgroundCapture:
     def _work(self) -> None:
         try:
             self._prepare()
+            self._usable = True
         except Exception:
-            log.exception("the capture thread could not prepare; its captures will fail")
+            log.exception("the capture thread could not prepare; busy captures run inline")
+            return
+        finally:
+            self._prepared.set()
         while True:
             job = self._jobs.get()
             if job is None:

@@ -287,6 +287,8 @@ class ModelRunner:
         # Busy-time captures off the engine thread (`server.background_capture`): one GPU only.
         if self.tp is None and cfg.busy_capture == "background" and self.policy.reason is None:
             self.background = BackgroundCapture(self.graphs.prepare_capture_thread)
+            if not self.background.usable:
+                self.background = None
         self.policy.set_busy_capture("background" if self.background else "inline")
         self.policy.mark_ready()
         self.timings["graphs_s"] = time.perf_counter() - t0

@@ -76,6 +76,45 @@ def test_capture_runs_on_its_thread_and_installs_on_poll():
     assert sys.getswitchinterval() == before  # ... and restored
 
 
+def test_the_worker_is_prepared_before_the_constructor_returns():
+    """An idle capture on the engine thread (global capture mode) must never overlap the
+    worker's preparation (a GEMM and a stream sync): the constructor waits for it."""
+    done = threading.Event()
+
+    def slow_prepare():
+        time.sleep(0.2)
+        done.set()
+
+    bg = BackgroundCapture(slow_prepare)
+    try:
+        assert done.is_set() and bg.usable
+    finally:
+        bg.close(5)
+
+
+@pytest.mark.parametrize("how", ["raises", "overruns"])
+def test_a_worker_that_cannot_prepare_is_not_used(how):
+    """A preparation that fails, or outlasts the constructor's wait, leaves the worker unusable:
+    `start` raises (the runner then captures inline) instead of queueing a capture."""
+    release = threading.Event()
+
+    def prepare():
+        if how == "raises":
+            raise RuntimeError("no device")
+        release.wait(5)
+
+    bg = BackgroundCapture(prepare, prepare_timeout_s=0.1)
+    try:
+        assert not bg.usable
+        with pytest.raises(RuntimeError, match="stopped"):
+            bg.start(FakeGraphs().job(8))
+        assert bg.in_flight is None
+    finally:
+        release.set()
+        bg.close(5)
+    assert not bg.usable
+
+
 def test_an_unexpected_error_is_a_failed_result_and_close_waits_for_the_capture():
     graphs = FakeGraphs(fail=True)
     bg = BackgroundCapture(graphs.prepare_capture_thread)
