@@ -255,41 +255,31 @@ class DecodeGraphRunner:
         # size). Skipping it halves the stall a busy-time capture adds to one step.
         if not background:
             self._fill_padding()
-            torch.cuda.synchronize()
-        graph = self.record(lambda: self._decode_static(size), size, self._failed_graphs,
-                            background)
+        torch.cuda.synchronize()
+        mode = "thread_local" if background else self._error_mode
+        graph = self.record(lambda: self._decode_static(size), size, self._failed_graphs, mode)
         if self._pool is None:
             self._pool = graph.pool()
         return graph
 
-    def record(self, forward, fault_arg: int, failed: list, background: bool = False):
+    def record(self, forward, fault_arg: int, failed: list, error_mode: str | None = None):
         """Capture `forward()` on the capture stream into this runner's pool (the mixed-step
         graphs share it) and return the graph. On an error the graph goes to `failed` (kept
         alive: see `capture`), the device is checked and the error re-raised. `fault_arg` is
-        what the tests' fault injector is called with inside the capture.
-
-        `background`: recorded on the capture thread while the engine thread keeps stepping:
-        thread-local capture mode, and afterwards only the capture stream is synchronized,
-        never the device. A device-wide sync there waits for the engine's step in flight
-        (4-8 ms on the 8B), and with one before and one after each capture the batch-1 stream
-        of `bench.capture_stall` showed ~25 gaps of 2-2.5x its median in the second after
-        ready while the mixed-step buckets were recorded (H200, docs/benchmarks.md 8g).
-        """
+        what the tests' fault injector is called with inside the capture; `error_mode` the
+        capture mode (default: the runner's)."""
         graph = torch.cuda.CUDAGraph()
-        mode = "thread_local" if background else self._error_mode
         try:
             with torch.cuda.stream(self._stream):
-                graph.capture_begin(pool=self._pool, capture_error_mode=mode)
+                graph.capture_begin(pool=self._pool,
+                                    capture_error_mode=error_mode or self._error_mode)
                 try:
                     if self.fault_injector is not None:
                         self.fault_injector(fault_arg)
                     forward()
                 finally:
                     graph.capture_end()
-            if background:
-                self._stream.synchronize()
-            else:
-                torch.cuda.synchronize()
+            torch.cuda.synchronize()
         except Exception:
             failed.append(graph)
             self._recover_from_failed_capture()

@@ -118,10 +118,10 @@ class MixedGraphRunner:
         if not background:
             with torch.cuda.stream(dg._stream):
                 self._forward_static(size)
-            torch.cuda.synchronize()
-        # The fault injector sees a negative size: a mixed bucket (tests). A background
-        # capture syncs no device: see `DecodeGraphRunner.record`.
-        return dg.record(lambda: self._forward_static(size), -size, self._failed, background)
+        torch.cuda.synchronize()
+        # The fault injector sees a negative size: a mixed bucket (tests).
+        mode = "thread_local" if background else None
+        return dg.record(lambda: self._forward_static(size), -size, self._failed, mode)
 
     def _fill_padding(self) -> None:
         """Buffers that describe an empty step: every sequence empty, every token padding."""
