@@ -53,7 +53,6 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from server import gil_pacing
 from server.graph_runner import CaptureResult
 
 log = logging.getLogger(__name__)
@@ -156,8 +155,7 @@ class BackgroundCapture:
             previous = sys.getswitchinterval()
             sys.setswitchinterval(SWITCH_INTERVAL_S)
             try:
-                with gil_pacing.paced():
-                    graph, result = job.capture()
+                graph, result = job.capture()
             except Exception as exc:  # capture_detached turns capture errors into results
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
                 graph, result = None, CaptureResult(job.size, False, 0.0, 0, reason)

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from server import gil_pacing, ops
+from server import ops
 from server.distributed.sharding import TPShard, pad_rows, take_sharded
 from server.hf_config import head_dim as config_head_dim
 from server.hf_config import sliding_window
@@ -378,7 +378,6 @@ class DecoderModel:
         x = ops.rms_norm(h, self.layers[0].input_norm, self.eps)
         n_layers = len(self.layers)
         for i, w in enumerate(self.layers):
-            gil_pacing.pace()  # a background capture yields here (no-op on other threads)
             q, k, v = self._layer_attention_qkv(w, x)
             k_cache, v_cache = kv_cache[i]
             q = ops.rope_write_kv(

@@ -61,7 +61,7 @@ from dataclasses import dataclass
 
 import torch
 
-from server import gil_pacing, ops
+from server import ops
 from server.background_capture import BackgroundCapture, CaptureJob
 from server.config import EngineConfig
 from server.distributed.launcher import TPLauncher, start_workers
@@ -505,8 +505,7 @@ class ModelRunner:
     def read(self, step: PendingStep) -> StepResult:
         """What the step computed for the host (blocks until the device has produced it)."""
         if step.ready is not None:
-            with gil_pacing.device_wait():  # the capture thread may record meanwhile
-                step.ready.synchronize()  # releases the GIL while the device finishes
+            step.ready.synchronize()  # releases the GIL while the device finishes
         host = step.host
         tokens = host["tokens"].tolist() if "tokens" in host else []
         result = StepResult(tokens)

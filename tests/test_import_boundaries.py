@@ -30,7 +30,6 @@ TORCH_FREE = (
     "server.graph_memory",
     "server.mixed_graph_policy",
     "server.gc_control",
-    "server.gil_pacing",
     "server.step_timing",
     "server.detokenizer",
     "server.hf_config",
