@@ -44,14 +44,13 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from server.capture_records import CapturePhase, SizeRecord, SizeState
 from server.config import GRAPH_CAPTURE_MODES, ConfigError, EngineConfig, default_capture_sizes
 from server.graph_memory import GraphMemory
 
 logger = logging.getLogger(__name__)
 
-SizeState = Literal["pending", "capturing", "captured", "failed"]
 DispatchKind = Literal["exact", "padded", "eager"]
-CapturePhase = Literal["startup", "busy", "idle", "unscheduled"]
 
 # Capture time is predicted as the (lower) median of the last few measured captures, of any
 # size. Capture cost is dominated by recording one launch per kernel, which hardly depends on
@@ -83,37 +82,6 @@ class Dispatch:
     size: int | None
     kind: DispatchKind
     padded_rows: int
-
-
-@dataclass
-class _SizeRecord:
-    size: int
-    state: SizeState = "pending"
-    capture_s: float | None = None
-    pool_bytes_after: int | None = None
-    replays: int = 0
-    padded_tokens_wasted: int = 0
-    demand: int = 0
-    wanted: int = 0  # decode steps whose exact size this is, whatever its state (saved plan)
-    error: str | None = None
-    captured_in: CapturePhase | None = None
-    off_thread_s: float | None = None  # a background capture's own time (it stalled nothing)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "size": self.size,
-            "state": self.state,
-            "capture_ms": None if self.capture_s is None else round(self.capture_s * 1e3, 3),
-            "pool_bytes_after": self.pool_bytes_after,
-            "replays": self.replays,
-            "padded_tokens_wasted": self.padded_tokens_wasted,
-            "demand": self.demand,
-            "wanted": self.wanted,
-            "error": self.error,
-            "captured_in": self.captured_in,
-            "off_thread_ms": None if self.off_thread_s is None else round(
-                self.off_thread_s * 1e3, 3),
-        }
 
 
 class CapturePolicy:
@@ -173,7 +141,7 @@ class CapturePolicy:
         self._clock = clock
         self._lock = threading.Lock()
 
-        self._records = {size: _SizeRecord(size) for size in self._sizes}
+        self._records = {size: SizeRecord(size) for size in self._sizes}
         self._off_reason: str | None = None
         if disabled_reason:
             self._off_reason = disabled_reason
@@ -643,13 +611,13 @@ class CapturePolicy:
 
     # ---------------------------------------------------------------------- internals
 
-    def _record(self, size: int) -> _SizeRecord:
+    def _record(self, size: int) -> SizeRecord:
         record = self._records.get(size)
         if record is None:
             raise ValueError(f"{size!r} is not a configured capture size {list(self._sizes)}")
         return record
 
-    def _expect_capturing(self, size: int, event: str) -> _SizeRecord:
+    def _expect_capturing(self, size: int, event: str) -> SizeRecord:
         record = self._record(size)
         if self._capturing != size:
             current = ("no capture is in progress" if self._capturing is None

@@ -77,7 +77,7 @@ from server.logits_processors import PenaltyState, process_and_sample, prompt_lo
 from server.mixed_graph_policy import MixedGraphPolicy
 from server.model_loader import load_checkpoint
 from server.request import TokenLogprob
-from server.scheduler import ChunkCost, ScheduledStep, Sequence, StepResult
+from server.scheduler import ChunkCost, ScheduledStep, Sequence, StepResult, prefill_depth_unit
 from server.step_executor import StepExecutor
 from server.step_plan import StepPlan, StepPlanner, warmup_plans
 
@@ -85,24 +85,6 @@ log = logging.getLogger("graphserve.engine")
 
 # Test seam: on CPU, "capture" graphs that replay the eager step (graph_runner's docstring).
 EMULATE_GRAPHS_ENV = "GRAPHSERVE_EMULATE_GRAPHS"
-
-# How much slower per FLOP a prompt chunk's attention runs than its linear layers in a step
-# beside decode rows (chunks of 64-256 tokens: the GEMMs near peak, the attention over a paged
-# cache far from it). Fitted on an H200 with the 8B: mixed-step graph times over chunk lengths
-# and depths (bench.decode's depth grid; docs/benchmarks.md section 8d) give a depth unit of
-# ~5,900 tokens against the 26,600 that equal per-FLOP speed would give.
-ATTENTION_FLOP_SLOWDOWN = 4.5
-
-
-def prefill_depth_unit(shape) -> int:
-    """The context depth at which a prompt token's attention costs as much as its linear
-    layers (`scheduler.ChunkCost.depth_unit`), from the model's shape: a token does 2 FLOPs per
-    linear weight and 4 per (key, query-head dimension), scaled by the measured slowdown."""
-    q = shape.num_heads * shape.head_dim
-    kv = shape.num_kv_heads * shape.head_dim
-    weights = shape.hidden_size * (2 * q + 2 * kv + 3 * shape.intermediate_size)
-    return round(2 * weights / (4 * q) / ATTENTION_FLOP_SLOWDOWN)
-
 
 def share_cpu_threads(world: int) -> None:
     """CPU ranks split the cores: with each rank's torch using every core, ranks that wait in

@@ -104,6 +104,24 @@ class ChunkCost:
         return int(take)
 
 
+# How much slower per FLOP a prompt chunk's attention runs than its linear layers in a step
+# beside decode rows (chunks of 64-256 tokens: the GEMMs near peak, the attention over a paged
+# cache far from it). Fitted on an H200 with the 8B: mixed-step graph times over chunk lengths
+# and depths (bench.decode's depth grid; docs/benchmarks.md section 8d) give a depth unit of
+# ~5,900 tokens against the 26,600 that equal per-FLOP speed would give.
+ATTENTION_FLOP_SLOWDOWN = 4.5
+
+
+def prefill_depth_unit(shape) -> int:
+    """The context depth at which a prompt token's attention costs as much as its linear
+    layers (`ChunkCost.depth_unit`), from the model's shape: a token does 2 FLOPs per
+    linear weight and 4 per (key, query-head dimension), scaled by the measured slowdown."""
+    q = shape.num_heads * shape.head_dim
+    kv = shape.num_kv_heads * shape.head_dim
+    weights = shape.hidden_size * (2 * q + 2 * kv + 3 * shape.intermediate_size)
+    return round(2 * weights / (4 * q) / ATTENTION_FLOP_SLOWDOWN)
+
+
 class Admission:
     """Counts requests submitted but not yet admitted once, to bound the waiting queue."""
 

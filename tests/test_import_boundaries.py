@@ -28,6 +28,7 @@ TORCH_FREE = (
     "server.engine",
     "server.graph_warmup",
     "server.graph_memory",
+    "server.capture_records",
     "server.mixed_graph_policy",
     "server.gc_control",
     "server.step_timing",

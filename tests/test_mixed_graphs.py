@@ -15,8 +15,8 @@ import torch
 from server.config import EngineConfig
 from server.mixed_graph_policy import EAGER_REASONS, MixedGraphPolicy, mixed_graph_sizes
 from server.model_loader import load_checkpoint
-from server.model_runner import prefill_depth_unit
 from server.request import SamplingParams
+from server.scheduler import prefill_depth_unit
 from server.step_executor import StepExecutor
 from server.step_plan import StepPlan
 from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint, hf_greedy, hf_reference
