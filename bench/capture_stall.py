@@ -41,13 +41,14 @@ from bench.common import (
     fmt,
     percentile,
     print_table,
+    random_prompt,
     ratio,
     run_and_report,
     target,
     wait_ready,
 )
 from bench.load_clients import run_open_loop
-from bench.serve import Request, random_prompt, stream_completion
+from bench.serve import Request, stream_completion
 
 SETTINGS = {
     "background": ["--graph-capture", "lazy", "--busy-capture", "background"],

@@ -12,6 +12,7 @@ import json
 import math
 import os
 import platform
+import random
 import signal
 import socket
 import subprocess
@@ -29,6 +30,12 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 # make_checkpoint.py checkpoints (which reuse that tokenizer with a 128k-row embedding).
 PROMPT_ID_LOW = 5
 PROMPT_ID_HIGH = 2000
+
+
+def random_prompt(rng: random.Random, n: int) -> list[int]:
+    """`n` token ids drawn from `rng` in [PROMPT_ID_LOW, PROMPT_ID_HIGH): a synthetic prompt
+    that shares no prefix with another (for the prefix cache) unless a bench builds one."""
+    return [rng.randrange(PROMPT_ID_LOW, PROMPT_ID_HIGH) for _ in range(n)]
 
 
 # Idle seconds before the benches' HTTP clients drop a pooled connection: below the server's

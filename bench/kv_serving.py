@@ -34,8 +34,6 @@ import time
 from typing import Any
 
 from bench.common import (
-    PROMPT_ID_HIGH,
-    PROMPT_ID_LOW,
     BenchError,
     ServerProcess,
     client_limits,
@@ -43,6 +41,7 @@ from bench.common import (
     histogram_count_above,
     histogram_quantile,
     percentile,
+    random_prompt,
     scrape_histograms_async,
     wait_ready,
     write_json,
@@ -53,9 +52,6 @@ from bench.serve import Request, stream_completion
 TTFT_LENGTHS = (512, 2048, 4096, 8000, 16000)
 SWEEP_STAGES = ((1.0, 4), (4.0, 4), (10.0, 4), (25.0, 4), (50.0, 4), (75.0, 6))  # (rate/s, s)
 
-
-def prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(PROMPT_ID_LOW, PROMPT_ID_HIGH) for _ in range(n)]
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -81,12 +77,12 @@ async def part_ttft(client, url: str, rng: random.Random, lengths, batch8: bool)
     for n in lengths:
         single = []
         for _ in range(3):
-            req = Request(prompt(rng, n), 16)
+            req = Request(random_prompt(rng, n), 16)
             await stream_completion(client, url, "", req)
             single.append(ttft_ms(req))
         entry: dict[str, Any] = {"batch1_ms": percentile([t for t in single if t], 50)}
         if batch8:
-            reqs = [Request(prompt(rng, n), 16) for _ in range(8)]
+            reqs = [Request(random_prompt(rng, n), 16) for _ in range(8)]
             await asyncio.gather(*(stream_completion(client, url, "", r) for r in reqs))
             ttfts = [t for t in map(ttft_ms, reqs) if t is not None]
             entry["batch8_p50_ms"] = percentile(ttfts, 50)
@@ -101,11 +97,11 @@ async def part_prefix(client, url: str, rng: random.Random, system_len: int) -> 
     # One request of another prompt of the same length first: the first long prompt after a
     # server starts pays a one-time cost (0.5-0.7 s on the H200, section 8c) that is not what
     # the cache-miss TTFT should measure.
-    await stream_completion(client, url, "", Request(prompt(rng, system_len + 40), 1))
-    system = prompt(rng, system_len)
+    await stream_completion(client, url, "", Request(random_prompt(rng, system_len + 40), 1))
+    system = random_prompt(rng, system_len)
     ttfts = []
     for _ in range(4):
-        req = Request(system + prompt(rng, 40), 8)
+        req = Request(system + random_prompt(rng, 40), 8)
         await stream_completion(client, url, "", req)
         ttfts.append(ttft_ms(req))
     warm = percentile([t for t in ttfts[1:] if t], 50)
@@ -124,12 +120,12 @@ async def part_interference(client, url: str, rng: random.Random, long_len: int)
     # Per-token chunks (logprobs 0): a gap is then a real wait, not a token whose text the
     # server held back (0.2 % of the random-weight model's tokens end inside a UTF-8 character
     # or decode to nothing: the text-only stream skips their chunk and shows a two-step gap).
-    streams = [Request(prompt(rng, 256), 400, logprobs=0) for _ in range(4)]
+    streams = [Request(random_prompt(rng, 256), 400, logprobs=0) for _ in range(4)]
     # The long prompt leaves from a client process of its own, made ready before the streams
     # start: drawing 8,000 ids, encoding them and opening a connection on the streams' loop
     # stamped their chunks late (runs showed all four streams' 23-26 ms gaps beginning just
     # before the prompt was sent, while neither the engine nor the server's loop was late).
-    long_req = Request(prompt(rng, long_len), 8)
+    long_req = Request(random_prompt(rng, long_len), 8)
     sender = ClientProcesses(url, [[long_req]])
     await sender.ready()
     lags: list[tuple[float, float]] = []
@@ -185,7 +181,7 @@ async def part_sweep(client, url: str, rng: random.Random, scale: float,
     for rate, seconds in SWEEP_STAGES:
         end = t + seconds * scale
         while t < end:
-            reqs.append(Request(prompt(rng, rng.randint(64, 512)), rng.randint(64, 256), t))
+            reqs.append(Request(random_prompt(rng, rng.randint(64, 512)), rng.randint(64, 256), t))
             t += rng.expovariate(rate * rate_scale)
     before = await scrape_histograms_async(client, url, [STEP_INTERVALS, LOOP_LAG])
     # Several client processes: one loop parsing ~60 streams fell behind and reported its own

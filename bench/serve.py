@@ -42,8 +42,6 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    PROMPT_ID_HIGH,
-    PROMPT_ID_LOW,
     BenchError,
     ServerProcess,
     client_limits,
@@ -54,6 +52,7 @@ from bench.common import (
     histogram_quantile,
     percentile,
     print_table,
+    random_prompt,
     run_and_report,
     scrape_histograms_async,
     summarize,
@@ -204,9 +203,6 @@ async def stream_completion(client, url: str, model: str, req: Request) -> None:
 
 
 # ============================================================================ workloads
-def random_prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(PROMPT_ID_LOW, PROMPT_ID_HIGH) for _ in range(n)]
-
 
 def sharegpt_like(rng: random.Random, n: int, max_model_len: int, args) -> list[tuple[int, int]]:
     """n (prompt_len, output_len) pairs from log-normals; prompt + output <= max_model_len."""

@@ -44,14 +44,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (
-    PROMPT_ID_HIGH,
-    PROMPT_ID_LOW,
     REPO_ROOT,
     BenchError,
     ServerProcess,
     environment,
     fmt,
     print_targets,
+    random_prompt,
     ratio,
     target,
     traffic_of,
@@ -112,14 +111,11 @@ async def step_seconds(client, url, rng, batch: int, short: int, long: int, prom
     for n in (short, long):
         times = []
         for _ in range(repeats):
-            prompts = [prompt(rng, prompt_len) for _ in range(batch)]
+            prompts = [random_prompt(rng, prompt_len) for _ in range(batch)]
             times.append(await timed_batch(client, url, prompts, n))
         best.append(min(times))
     return (best[1] - best[0]) / (long - short)
 
-
-def prompt(rng: random.Random, n: int) -> list[int]:
-    return [rng.randrange(PROMPT_ID_LOW, PROMPT_ID_HIGH) for _ in range(n)]
 
 
 def first_difference(a: list[str], b: list[str]) -> int | None:
@@ -243,7 +239,7 @@ async def part_8b(b: Bench, client) -> dict[str, Any]:
     a = b.args
     data: dict[str, Any] = {"model": a.model_8b, "runs": {}}
     rng = random.Random(0)
-    agree_prompts = [prompt(rng, 24) for _ in range(a.agree_prompts)]
+    agree_prompts = [random_prompt(rng, 24) for _ in range(a.agree_prompts)]
     configs = [("tp1", 1, []), ("tp2", 2, [])]
     if a.symm_mem:
         configs.append(("tp2_symm_mem", 2, ["--tp-allreduce", "symm-mem"]))
@@ -354,7 +350,7 @@ def waves(seed: int, max_batch: int, max_tokens: int) -> list[list[tuple[list[in
     """Fixed waves of concurrent requests: each wave's batch composition is the same in every
     run (sent together, same length), so eager and lazy runs decode the same batches."""
     rng = random.Random(seed)
-    return [[(prompt(rng, rng.randrange(8, 48)), max_tokens) for _ in range(n)]
+    return [[(random_prompt(rng, rng.randrange(8, 48)), max_tokens) for _ in range(n)]
             for n in WAVES if n <= max_batch]  # fmt: skip
 
 
