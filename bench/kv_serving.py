@@ -53,7 +53,6 @@ TTFT_LENGTHS = (512, 2048, 4096, 8000, 16000)
 SWEEP_STAGES = ((1.0, 4), (4.0, 4), (10.0, 4), (25.0, 4), (50.0, 4), (75.0, 6))  # (rate/s, s)
 
 
-
 def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1e3
 

@@ -117,7 +117,6 @@ async def step_seconds(client, url, rng, batch: int, short: int, long: int, prom
     return (best[1] - best[0]) / (long - short)
 
 
-
 def first_difference(a: list[str], b: list[str]) -> int | None:
     for i, (x, y) in enumerate(zip(a, b, strict=False)):
         if x != y:

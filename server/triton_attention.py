@@ -7,8 +7,10 @@ block size works and a sequence's blocks need not be contiguous.
 
 * `decode_attention`: one query token per row (`seq_lens[row]` cached tokens, its own included).
   Flash-decoding: grid `(rows, Hkv, splits)`, each program takes the whole GQA group of one KV
-  head over one slice of the context; a second kernel merges the slices by log-sum-exp. Grid
-  and constants depend on shapes only, so the launch is capturable in a CUDA graph.
+  head over one slice of the context; a second kernel merges the slices by log-sum-exp (a
+  row whose context fits one slice is written directly and skipped there). Slices are longer
+  when the launch has many rows (`decode_min_split`). Grid and constants depend on shapes only,
+  so the launch is capturable in a CUDA graph.
 * `prefill_attention`: packed query chunks of several sequences (`cu_seqlens_q`), each chunk the
   last `q_len` tokens of a context of `k_len` tokens already written to the cache: query `i`
   sits at position `k_len - q_len + i` and sees every key at or before it (causal, aligned to
@@ -226,8 +228,8 @@ def decode_min_split(batch: int, num_kv_heads: int) -> int:
     pairs: longer splits, since the GPU is full anyway and each extra split costs a partial
     round trip and merge work; a row whose context fits one split writes its output directly
     and the merge skips it. Measured on the H200 (8B, per layer, section 8g of
-    docs/benchmarks.md): batch 64 at context 512 48 -> 37 us with 512-key splits, while batch 1
-    needs 64-key ones (13 us with 512). Long rows still get `num_splits` splits.
+    docs/benchmarks.md): batch 64 at context 512 48 -> 39 us with 512-key splits, while batch 1
+    needs 64-key ones (13 us with 512, 6 with 64). Long rows still get `num_splits` splits.
     """
     pairs = batch * num_kv_heads
     if pairs <= _FEW_PAIRS:
