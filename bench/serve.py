@@ -203,7 +203,6 @@ async def stream_completion(client, url: str, model: str, req: Request) -> None:
 
 
 # ============================================================================ workloads
-
 def sharegpt_like(rng: random.Random, n: int, max_model_len: int, args) -> list[tuple[int, int]]:
     """n (prompt_len, output_len) pairs from log-normals; prompt + output <= max_model_len."""
     pairs = []
