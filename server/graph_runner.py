@@ -231,14 +231,16 @@ class DecodeGraphRunner:
     def prepare_capture_thread(self) -> None:
         """Ready the calling thread to capture (`server.background_capture`'s worker, once):
         the engine's device as its current one (CUDA's is per thread), and its own cuBLAS
-        handle with a workspace for the capture stream, made by one small GEMM outside any
-        capture (made inside one, the workspace would be a block of the graph pool)."""
+        handle with a workspace for the capture stream, made by small GEMMs outside any
+        capture (made inside one, the workspace would be a block of the graph pool): one on
+        cuBLAS and one on the cuBLASLt route of `ops.linear`."""
         if not self.cuda:
             return
         torch.cuda.set_device(self.device)
         with torch.cuda.stream(self._stream):
-            a = torch.zeros(16, 64, dtype=self.model.dtype, device=self.device)
+            a = torch.zeros(ops.LT_ROWS[1], 64, dtype=self.model.dtype, device=self.device)
             torch.matmul(a, a.t())
+            ops.linear(a, a, None, self.model.zero_bias)
         self._stream.synchronize()
 
     def install(self, size: int, graph) -> None:

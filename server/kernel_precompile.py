@@ -115,9 +115,21 @@ def _compile_only(arch: int, compiled: list):
         return kernel
 
     def no_lm_head(self, x, out=None):
+        # The GEMM's CPU run is skipped; its skinny-kernel variant is compiled (the LM head's
+        # width may be the only one of its block class, as under tensor parallelism).
+        if triton_ops.skinny_linear_fits(x, self.lm_head, None, None):
+            triton_ops.skinny_linear(x, self.lm_head)
         return out if out is not None else x.new_empty(x.shape[0], self.logits_width)
 
-    routed = {"rms_norm": triton_ops.rms_norm, "add_rms_norm": triton_ops.add_rms_norm,
+    torch_linear = ops.linear
+
+    def linear(x, weight, bias=None, zero_bias=None, out=None):
+        if triton_ops.skinny_linear_fits(x, weight, bias, out):
+            return triton_ops.skinny_linear(x, weight, bias, out)
+        return torch_linear(x, weight, bias, zero_bias, out)
+
+    routed = {"linear": linear, "rms_norm": triton_ops.rms_norm,
+              "add_rms_norm": triton_ops.add_rms_norm,
               "silu_and_mul": triton_ops.silu_and_mul, "rope_write_kv": triton_ops.rope_write_kv,
               "decode_attention": triton_attention.decode_attention,
               "prefill_attention": triton_attention.prefill_attention}  # fmt: skip

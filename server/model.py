@@ -247,6 +247,11 @@ class DecoderModel:
         self.weight_bytes = sum(
             t.numel() * t.element_size() for t in {id(t): t for t in self._tensors()}.values()
         )
+        # The bias that sends a bias-free projection of 17-64 rows to cuBLASLt (`ops.linear`),
+        # made here because a first use inside a graph capture would put it in the graph pool.
+        widest = max(t.shape[0] for t in self._tensors() if t.dim() == 2)
+        self.zero_bias = (torch.zeros(widest, dtype=self.dtype, device=self.device)
+                          if self.device.type == "cuda" else None)
         self.cos = self.sin = None
         self.max_model_len = 0
         if max_model_len is not None:
@@ -333,7 +338,7 @@ class DecoderModel:
 
     def _layer_attention_qkv(self, w: LayerWeights, x: torch.Tensor):
         s = self.shape
-        qkv = F.linear(x, w.qkv, w.qkv_bias)
+        qkv = ops.linear(x, w.qkv, w.qkv_bias, self.zero_bias)
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         q = qkv[:, :q_size].view(-1, s.num_heads, s.head_dim)
         k = qkv[:, q_size : q_size + kv_size].view(-1, s.num_kv_heads, s.head_dim)
@@ -362,11 +367,11 @@ class DecoderModel:
         """Logits `[T, logits_width]` (every rank's slice side by side) into `out` or a new
         tensor; the columns past `vocab_size` are padding."""
         if self.comm is None:
-            return torch.matmul(x, self.lm_head.t(), out=out)
+            return ops.linear(x, self.lm_head, None, self.zero_bias, out)
         if out is None:
             out = torch.empty(x.shape[0], self.logits_width, dtype=x.dtype, device=x.device)
         if x.shape[0]:  # every rank sees the same row count, so all skip an empty gather
-            self.comm.gather_logits(torch.matmul(x, self.lm_head.t()), out)
+            self.comm.gather_logits(ops.linear(x, self.lm_head, None, self.zero_bias), out)
         return out
 
     def _forward(self, input_ids, positions, rows, kv_cache, block_tables, attend):
@@ -384,10 +389,10 @@ class DecoderModel:
                 q, k, v, cos, sin, k_cache, v_cache, block_tables, rows, positions
             )
             attn = attend(k_cache, v_cache, q).reshape(q.shape[0], -1)
-            attn = self._reduce(F.linear(attn, w.o_proj, w.o_bias))
+            attn = self._reduce(ops.linear(attn, w.o_proj, w.o_bias, self.zero_bias))
             x, residual = ops.add_rms_norm(attn, residual, w.post_norm, self.eps)
-            mlp = ops.silu_and_mul(F.linear(x, w.gate_up, w.gate_up_bias))
-            mlp = self._reduce(F.linear(mlp, w.down, w.down_bias))
+            mlp = ops.silu_and_mul(ops.linear(x, w.gate_up, w.gate_up_bias, self.zero_bias))
+            mlp = self._reduce(ops.linear(mlp, w.down, w.down_bias, self.zero_bias))
             next_norm = self.layers[i + 1].input_norm if i + 1 < n_layers else self.final_norm
             x, residual = ops.add_rms_norm(mlp, residual, next_norm, self.eps)
         return x  # final-normed hidden states

@@ -67,6 +67,44 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
     return F.silu(gate) * up
 
 
+# Rows for which a bias-free projection goes to cuBLASLt's kernels (through addmm with a zero
+# bias, the one per-call route torch gives to them; the preferred-BLAS switch is process-wide,
+# so two threads flipping it would race). cuBLAS picks slow kernels for some of the 8B's
+# shapes there: per call in a CUDA graph on the H200, at 64 rows down 35.4 -> 32.1 us and
+# gate/up 60.7 -> 58.8, the LM head 272 -> 254; at 32-48 rows o_proj 13.7-14.3 -> 11.7-11.9
+# and down 33.0-33.7 -> 30.9-31.2 (bench/results/gemm-routes-8b-h200.json). The bias costs
+# 0.2-0.5 us where Lt's kernel is no faster (q/k/v; every GEMM of the 1B). Whole decode step,
+# 8B, one process, interleaved replays: batch 32 5.43 -> 5.31 ms, 48 5.69 -> 5.54, 64 5.91 ->
+# 5.72; from 17 or 24 rows it lost at batch 24 (5.26 -> 5.32), so the range starts at the
+# 32-row graph (decode-routes-ab-8b-h200.json). Outside it cuBLAS is as fast or faster.
+LT_ROWS = (32, 64)
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           zero_bias: torch.Tensor | None = None, out: torch.Tensor | None = None
+           ) -> torch.Tensor:
+    """`x @ weight.T (+ bias)` for `x [T, K]`, `weight [N, K]`, into `out [T, N]` or a new
+    tensor: the GEMM of every projection and the LM head, routed by row count on CUDA
+    (`server.triton_ops.skinny_linear` at up to 16 rows for the weights it suits, cuBLASLt
+    for `LT_ROWS` when the caller passes `zero_bias`, a zero vector of at least N elements,
+    else cuBLAS). Each route
+    rounds once from an fp32 sum; their summation orders differ, so a row's bits can depend
+    on how many rows share the call, as they already do between cuBLAS's own kernels."""
+    rows = x.shape[0]
+    if x.is_cuda and rows:
+        if _triton is not None and _triton.skinny_linear_fits(x, weight, bias, out):
+            return _triton.skinny_linear(x, weight, bias, out)
+        if (bias is None and zero_bias is not None and LT_ROWS[0] <= rows <= LT_ROWS[1]
+                and x.dtype in (torch.float16, torch.bfloat16)
+                and zero_bias.shape[0] >= weight.shape[0]):
+            bias = zero_bias[: weight.shape[0]]
+    if out is None:
+        return F.linear(x, weight, bias)
+    if bias is None:
+        return torch.matmul(x, weight.t(), out=out)
+    return torch.addmm(bias, x, weight.t(), out=out)
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -13,7 +13,8 @@ reuses the compiled kernel instead of compiling a variant (Triton otherwise spec
 equal to 1 or divisible by 16).
 
 Kernels per decoder layer: rms_norm / add_rms_norm 1, silu_and_mul 1, rope_write_kv 1; the
-attention kernels are in `server.triton_attention`.
+attention kernels are in `server.triton_attention`; at up to `SKINNY_MAX_ROWS` rows the four
+projections (and the LM head) are `skinny_linear` launches instead of cuBLAS GEMMs.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["add_rms_norm", "rms_norm", "rope_write_kv", "silu_and_mul"]
+__all__ = ["add_rms_norm", "rms_norm", "rope_write_kv", "silu_and_mul", "skinny_linear",
+           "skinny_linear_fits"]
 
 # Under the interpreter, Triton 3.x computes `tl.dot` on bfloat16 operands wrongly (it treats the
 # raw bits as integers); upcasting the operands to fp32 there keeps the CPU tests meaningful.
@@ -381,3 +383,108 @@ def rope_write_kv(
         num_warps=1 if half <= 64 else 2,
     )
     return q_rot
+
+
+# ---------------------------------------------------------------------------------------------
+# Skinny GEMM: the projections of a decode step of a few rows
+# ---------------------------------------------------------------------------------------------
+
+# A decode step of 1-16 rows reads every weight once and does almost no arithmetic: it is a
+# bandwidth problem. cuBLAS's kernels for these shapes leave bandwidth unused where the weight
+# has few output rows (8B on the H200, per call in a CUDA graph, 1 / 16 rows: o_proj 14.0 /
+# 13.3 -> 11.4 / 11.2 us, q/k/v 15.6 / 15.4 -> 14.7 / 15.0, down 31.0 / 31.3 -> 30.7 / 31.0,
+# LM head 243 / 245 -> 231 / 239; gate/up 55.3 -> 56.0; a TP=2 rank's down 21.8 -> 17.8 and
+# q/k/v 12.2 -> 10.0; bench/results/gemm-routes-8b-h200.json). Whole decode step of the 8B,
+# interleaved in one process: batch 1 4.53 -> 4.36 ms, 8 4.82 -> 4.59, 16 5.10 -> 4.85
+# (decode-routes-ab-8b-h200.json).
+# This kernel computes C^T = W @ X^T ("swap AB"): the weight's output rows fill the MMA's
+# 64-row side, the few activation rows its narrow side (16), and each program streams one
+# BLOCK_N-row slice of the weight through shared memory in BLOCK_K steps.
+SKINNY_MAX_ROWS = 16
+_SKINNY_ROWS = 16  # the MMA's narrow side: rows past M are masked, never read or written
+# Below these the kernel has too few programs, or too little to stream per program, to beat
+# cuBLAS (H200: the 1B's down, 32 programs of 1 MiB, 14.9 -> 17.1 us; its q/k/v, 12 MiB, 6.2
+# -> 6.4; a TP rank's q/k/v, 48 programs over 24 MiB, gains 12.2 -> 10.0).
+_SKINNY_MIN_PROGRAMS = 48
+_SKINNY_MIN_WEIGHT_BYTES = 16 * 2**20
+
+
+def _skinny_config(n: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, stages): the fastest of a sweep on the H200 for each weight class
+    (few output rows: 64 x 256 keeps ~100+ programs busy; wide weights: 128 x 128)."""
+    return (128, 128, 3) if n >= 16384 else (64, 256, 4)
+
+
+def skinny_linear_fits(x: torch.Tensor, weight: torch.Tensor, bias, out) -> bool:
+    """Whether `skinny_linear` takes these operands (else the caller uses cuBLAS): 1 to
+    `SKINNY_MAX_ROWS` rows of a 2-D activation, a row-major weight whose shape the blocks
+    tile exactly and that is large enough to gain, one float dtype throughout."""
+    if x.dim() != 2 or weight.dim() != 2 or not 0 < x.shape[0] <= SKINNY_MAX_ROWS:
+        return False
+    n, k = weight.shape
+    block_n, block_k, _ = _skinny_config(n)
+    if x.shape[1] != k or n % block_n or k % block_k:
+        return False
+    if n // block_n < _SKINNY_MIN_PROGRAMS or n * k * weight.element_size() < (
+            _SKINNY_MIN_WEIGHT_BYTES):
+        return False
+    if x.stride(1) != 1 or weight.stride(1) != 1 or x.dtype != weight.dtype:
+        return False
+    if x.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if bias is not None and (bias.shape != (n,) or bias.stride(0) != 1 or bias.dtype != x.dtype):
+        return False
+    return out is None or (out.shape == (x.shape[0], n) and out.stride(1) == 1
+                           and out.dtype == x.dtype)
+
+
+@triton.jit(do_not_specialize=["m"])
+def _skinny_linear_kernel(
+    x_ptr, w_ptr, b_ptr, out_ptr, m, k, stride_x, stride_w, stride_out,
+    HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    DOT_F32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, ROWS)
+    offs_k = tl.arange(0, BLOCK_K)
+    w_ptrs = w_ptr + offs_n[:, None].to(tl.int64) * stride_w + offs_k[None, :]
+    x_ptrs = x_ptr + offs_m[None, :] * stride_x + offs_k[:, None]
+    x_mask = offs_m[None, :] < m
+    acc = tl.zeros((BLOCK_N, ROWS), dtype=tl.float32)
+    for _ in range(0, k, BLOCK_K):
+        w = tl.load(w_ptrs)
+        xt = tl.load(x_ptrs, mask=x_mask, other=0.0)
+        if DOT_F32:  # only under the interpreter (see _INTERPRET)
+            w, xt = w.to(tl.float32), xt.to(tl.float32)
+        acc = tl.dot(w, xt, acc)
+        w_ptrs += BLOCK_K
+        x_ptrs += BLOCK_K
+    if HAS_BIAS:  # cuBLAS's epilogue: the bias joins the fp32 sum before the one rounding
+        acc += tl.load(b_ptr + offs_n).to(tl.float32)[:, None]
+    out_ptrs = out_ptr + offs_m[None, :] * stride_out + offs_n[:, None]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=x_mask)
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+    """`x @ weight.T (+ bias)` for `x [M, K]` with M <= SKINNY_MAX_ROWS, `weight [N, K]`,
+    into `out [M, N]` (may have a row stride) or a new tensor; fp32 accumulation, one rounding
+    to the output dtype (as cuBLAS; the sums' order differs). Operands must pass
+    `skinny_linear_fits`."""
+    if not skinny_linear_fits(x, weight, bias, out):
+        raise ValueError(
+            f"skinny_linear does not take x {tuple(x.shape)} {x.dtype}, weight "
+            f"{tuple(weight.shape)} {weight.dtype}"
+        )
+    n, k = weight.shape
+    if out is None:
+        out = _empty((x.shape[0], n), x.dtype, x.device)
+    block_n, block_k, stages = _skinny_config(n)
+    _skinny_linear_kernel[(n // block_n,)](
+        x, weight, bias if bias is not None else weight, out, x.shape[0], k,
+        x.stride(0), weight.stride(0), out.stride(0),
+        HAS_BIAS=bias is not None, ROWS=_SKINNY_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
+        DOT_F32=_INTERPRET and x.dtype == torch.bfloat16, num_stages=stages, num_warps=4,
+    )
+    return out

@@ -218,7 +218,8 @@ def test_scripts_run_as_modules_without_path_edits():
     # One readiness poll for every script (cold_start.py records phases on its own way there).
     assert sum(text.count("def wait_ready") for text in sources.values()) == 1
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for name in ("decode", "make_checkpoint", *SCRIPTS):  # op_timing needs Triton at import
+    for name in ("decode", "make_checkpoint", "gemm_routes", "decode_routes_ab", *SCRIPTS):
+        # (op_timing needs Triton at import)
         out = subprocess.run(
             [sys.executable, "-m", f"bench.{name}", "--help"],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120,

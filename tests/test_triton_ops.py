@@ -331,6 +331,137 @@ def test_input_validation(device):
 
 
 # ---------------------------------------------------------------------------------------------
+# Skinny GEMM (the projections of a decode step of up to 16 rows)
+# ---------------------------------------------------------------------------------------------
+
+# The kernel sums in fp32 in another order than the fp32 reference and rounds once: 1 ulp of
+# the output, plus the fp32 reordering (K products of magnitude <= max|x| max|w|, eps32 each).
+def _linear_tolerance(x, w, out_dtype):
+    k = x.shape[1]
+    reorder = k * torch.finfo(torch.float32).eps * x.float().abs().max() * w.float().abs().max()
+    return torch.finfo(out_dtype).eps, float(reorder) + 1e-6
+
+
+def small_weights_fit(monkeypatch):
+    """Let weights small enough for the interpreter take the kernel (by default it leaves
+    them to cuBLAS, which is faster there)."""
+    monkeypatch.setattr(triton_ops, "_SKINNY_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(triton_ops, "_SKINNY_MIN_WEIGHT_BYTES", 0)
+
+
+SKINNY_CASES = [  # (rows, N, K): both block configs, rows 1 to SKINNY_MAX_ROWS
+    (1, 128, 512), (5, 192, 256), (16, 64, 768), (3, 16384, 128),
+]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", SKINNY_CASES, ids=lambda c: "M{}-N{}-K{}".format(*c))
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+def test_skinny_linear(device, dtype, case, bias, monkeypatch):
+    small_weights_fit(monkeypatch)
+    m, n, k = case
+    gen = _gen(21)
+    x = _randn(m, k, dtype=dtype, device=device, gen=gen)
+    w = _randn(n, k, dtype=dtype, device=device, gen=gen, scale=0.05)
+    b = _randn(n, dtype=dtype, device=device, gen=gen) if bias else None
+    assert triton_ops.skinny_linear_fits(x, w, b, None)
+    ref = x.double() @ w.double().t() + (b.double() if bias else 0)
+    rtol, atol = _linear_tolerance(x, w, dtype)
+    if INTERPRET and dtype == torch.bfloat16:  # the interpreter truncates (see the docstring)
+        atol += 4 * torch.finfo(dtype).eps * float(ref.abs().max())
+    out = triton_ops.skinny_linear(x, w, b)
+    assert out.shape == (m, n) and out.dtype == dtype
+    torch.testing.assert_close(out.double().cpu(), ref.cpu(), rtol=rtol, atol=atol)
+    # Into a wider caller-owned buffer (the logits rows of a graph): only [M, N] is written.
+    wide = torch.full((m, n + 64), 7.0, dtype=dtype, device=device)
+    assert triton_ops.skinny_linear(x, w, b, out=wide[:, :n]).data_ptr() == wide.data_ptr()
+    assert torch.equal(wide[:, :n], out)
+    assert bool((wide[:, n:] == 7.0).all())
+
+
+@pytest.mark.parametrize("device", [DEVICES[0], "cpu"])  # decided before any kernel runs
+def test_skinny_linear_fits(device, monkeypatch):
+    if device == "cuda" and _CUDA_SKIP is not None:
+        pytest.skip(str(_CUDA_SKIP))
+    dt = torch.bfloat16
+
+    def t(*shape, dtype=dt):
+        return torch.zeros(*shape, dtype=dtype, device=device)
+
+    fits = triton_ops.skinny_linear_fits
+    # Too few programs or too few bytes: cuBLAS is faster (an 8B's o_proj, a 1B's down).
+    assert fits(t(1, 4096), t(4096, 4096), None, None)
+    assert not fits(t(1, 8192), t(2048, 8192), None, None)  # 32 programs
+    assert not fits(t(1, 2048), t(3072, 2048), None, None)  # 12 MiB
+    assert fits(t(1, 2048), t(16384, 2048), None, None)  # the wide class: 128 programs
+    small_weights_fit(monkeypatch)
+    assert fits(t(16, 256), t(128, 256), None, None)
+    assert fits(t(1, 256), t(128, 256), t(128), t(1, 128))
+    assert not fits(t(0, 256), t(128, 256), None, None)  # nothing to compute
+    assert not fits(t(17, 256), t(128, 256), None, None)  # past SKINNY_MAX_ROWS: cuBLAS's
+    assert not fits(t(2, 256), t(100, 256), None, None)  # N not a whole number of blocks
+    assert not fits(t(2, 200), t(128, 200), None, None)  # K not a whole number of steps
+    assert not fits(t(2, 256), t(128, 512), None, None)  # K mismatch
+    assert not fits(t(2, 256, dtype=torch.float32), t(128, 256, dtype=torch.float32), None,
+                    None)  # fp32 keeps cuBLAS (its TF32 settings apply)
+    assert not fits(t(2, 256), t(128, 256, dtype=torch.float16), None, None)
+    assert not fits(t(2, 512)[:, ::2], t(128, 256), None, None)  # strided columns
+    assert not fits(t(2, 256), t(256, 128).t(), None, None)  # column-major weight
+    assert not fits(t(2, 256), t(128, 256), t(64), None)  # bias of the wrong length
+    assert not fits(t(2, 256), t(128, 256), None, t(2, 64))  # out of the wrong shape
+    with pytest.raises(ValueError, match="does not take"):
+        triton_ops.skinny_linear(t(17, 256), t(128, 256))
+
+
+def test_ops_linear_on_cpu_is_torch():
+    """The CPU path (CI, the fp32 references) stays F.linear whatever the routes' inputs."""
+    gen = _gen(22)
+    x = torch.randn(32, 64, generator=gen)
+    w = torch.randn(48, 64, generator=gen)
+    b = torch.randn(48, generator=gen)
+    zero = torch.zeros(64)
+    assert torch.equal(ops.linear(x, w, None, zero), torch.nn.functional.linear(x, w))
+    assert torch.equal(ops.linear(x, w, b, zero), torch.nn.functional.linear(x, w, b))
+    out = torch.empty(32, 48)
+    assert ops.linear(x, w, None, zero, out=out) is out
+    assert torch.equal(out, x @ w.t())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
+def test_ops_linear_routes_by_rows(monkeypatch):
+    """On CUDA `ops.linear` takes the skinny kernel up to 16 rows, cuBLASLt (the zero-bias
+    addmm) for 17-64 and cuBLAS beyond; every route agrees with the fp64 product, the Lt
+    route is the addmm bit for bit, and each replays unchanged inside a CUDA graph."""
+    monkeypatch.setattr(ops, "_triton", triton_ops)
+    gen = _gen(23)
+    dtype, n, k = torch.bfloat16, 6144, 4096
+    w = _randn(n, k, dtype=dtype, device="cuda", gen=gen, scale=0.02)
+    zero = torch.zeros(n, dtype=dtype, device="cuda")
+    for m in (1, 8, 16, 17, 32, 64, 65, 300):
+        x = _randn(m, k, dtype=dtype, device="cuda", gen=gen)
+        got = ops.linear(x, w, None, zero)
+        ref = x.double() @ w.double().t()
+        rtol, atol = _linear_tolerance(x, w, dtype)
+        torch.testing.assert_close(got.double(), ref, rtol=rtol, atol=atol)
+        if ops.LT_ROWS[0] <= m <= ops.LT_ROWS[1]:
+            assert torch.equal(got, torch.addmm(zero, x, w.t()))
+        elif m > ops.LT_ROWS[1]:
+            assert torch.equal(got, x @ w.t())
+        out = torch.empty(m, n, dtype=dtype, device="cuda")
+        ops.linear(x, w, None, zero, out=out)  # warm-up outside the graph
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            ops.linear(x, w, None, zero, out=out)
+        out.zero_()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, got), f"{m} rows replayed differently"
+
+
+# ---------------------------------------------------------------------------------------------
 # CUDA graphs and compile variants (GPU only)
 # ---------------------------------------------------------------------------------------------
 
@@ -433,6 +564,7 @@ def test_batch_size_does_not_recompile():
     max_len = page * width
     gen = _gen(77)
     kernels = {
+        "skinny_linear": triton_ops._skinny_linear_kernel,
         "rms_norm": triton_ops._rms_norm_kernel,
         "silu_and_mul": triton_ops._silu_and_mul_kernel,
         "rope_write_kv": triton_ops._rope_write_kv_kernel,
@@ -446,10 +578,14 @@ def test_batch_size_does_not_recompile():
     k_cache = torch.zeros(num_blocks, page, hkv, d, dtype=dtype, device="cuda")
     v_cache = torch.zeros_like(k_cache)
     static = torch.zeros(4, max_n, dtype=torch.int64, device="cuda")  # ids, positions, rows, src
+    skinny_w = _randn(3072, 4096, dtype=dtype, device="cuda", gen=gen)  # big enough to fit
 
     def layer_ops(t):
         x = _randn(t, hidden, dtype=dtype, device="cuda", gen=gen)
         w = _randn(hidden, dtype=dtype, device="cuda", gen=gen)
+        if t <= triton_ops.SKINNY_MAX_ROWS:  # the decode projections of a few rows
+            triton_ops.skinny_linear(_randn(t, 4096, dtype=dtype, device="cuda", gen=gen),
+                                     skinny_w)
         triton_ops.rms_norm(x, w, 1e-6)
         triton_ops.add_rms_norm(x, x, w, 1e-6)
         triton_ops.silu_and_mul(_randn(t, 2 * inter, dtype=dtype, device="cuda", gen=gen))
