@@ -247,11 +247,14 @@ class DecoderModel:
         self.weight_bytes = sum(
             t.numel() * t.element_size() for t in {id(t): t for t in self._tensors()}.values()
         )
-        # The bias that sends a bias-free projection of 17-64 rows to cuBLASLt (`ops.linear`),
-        # made here because a first use inside a graph capture would put it in the graph pool.
+        # The bias that sends a bias-free projection of `ops.LT_ROWS` rows to cuBLASLt, made
+        # here because a first use inside a graph capture would put it in the graph pool. Not
+        # under tensor parallelism: a TP=2 rank's halves lost there at 64 rows (2.2 us per
+        # layer on the 8B, bench/results/gemm-routes-8b-h200.json), which is the batch its
+        # throughput target is measured at.
         widest = max(t.shape[0] for t in self._tensors() if t.dim() == 2)
         self.zero_bias = (torch.zeros(widest, dtype=self.dtype, device=self.device)
-                          if self.device.type == "cuda" else None)
+                          if self.device.type == "cuda" and world == 1 else None)
         self.cos = self.sin = None
         self.max_model_len = 0
         if max_model_len is not None:
