@@ -363,15 +363,19 @@ def _prefill_tile(
 
 
 @triton.jit
-def _find_sequence(cu_q_ptr, n_seqs, block, BLOCK_T: tl.constexpr):
-    """The sequence that owns flat query block `block`: the last s whose first block
-    `cu_q[s] // BLOCK_T + s` is <= block (a binary search over the packed offsets)."""
+def _find_sequence(cu_q_ptr, n_seqs, target, BLOCK_T: tl.constexpr, BY_BLOCK: tl.constexpr):
+    """The last sequence s that starts at or before `target` (a binary search over the packed
+    offsets). BY_BLOCK: `target` is a flat query block and s starts at block
+    `cu_q[s] // BLOCK_T + s`; else `target` is a token and s starts at token `cu_q[s]` (a
+    sequence with an empty chunk has the next one's start, so it is passed over)."""
     lo = 0
     hi = n_seqs
     while lo < hi:
         mid = (lo + hi) // 2
-        first = tl.load(cu_q_ptr + mid).to(tl.int32) // BLOCK_T + mid
-        if first <= block:
+        start = tl.load(cu_q_ptr + mid).to(tl.int32)
+        if BY_BLOCK:
+            start = start // BLOCK_T + mid
+        if start <= target:
             lo = mid + 1
         else:
             hi = mid
@@ -423,7 +427,7 @@ def _prefill_kernel(
     block = tl.program_id(0)
     hg = tl.program_id(1)
     split = tl.program_id(2)
-    seq = _find_sequence(cu_q_ptr, n_seqs, block, BLOCK_T)
+    seq = _find_sequence(cu_q_ptr, n_seqs, block, BLOCK_T, True)
     q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
     q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
     tb = block - (q_start // BLOCK_T + seq)  # this program's block within the chunk
@@ -486,21 +490,6 @@ def _prefill_kernel(
                          + offs_d[None, :], out.to(out_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
-def _find_token_sequence(cu_q_ptr, n_seqs, token):
-    """The sequence whose chunk holds `token`: the last s with cu_q[s] <= token (a sequence
-    with an empty chunk before it has cu_q equal to its own, so it is passed over)."""
-    lo = 0
-    hi = n_seqs
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if tl.load(cu_q_ptr + mid) <= token:
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo - 1
-
-
 @triton.jit(do_not_specialize=["n_seqs", "num_splits"])
 def _prefill_merge_kernel(
     part_o_ptr, part_lse_ptr, cu_q_ptr, k_lens_ptr, out_ptr,
@@ -523,7 +512,7 @@ def _prefill_merge_kernel(
     token = tl.program_id(0)
     head = tl.program_id(1)
     if token < tl.load(cu_q_ptr + n_seqs):
-        seq = _find_token_sequence(cu_q_ptr, n_seqs, token)
+        seq = _find_sequence(cu_q_ptr, n_seqs, token, BLOCK_T, False)
         q_start = tl.load(cu_q_ptr + seq).to(tl.int32)
         q_len = tl.load(cu_q_ptr + seq + 1).to(tl.int32) - q_start
         tb = (token - q_start) // BLOCK_T
