@@ -87,9 +87,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     tensor: the GEMM of every projection and the LM head, routed by row count on CUDA
     (`server.triton_ops.skinny_linear` at up to 16 rows for the weights it suits, cuBLASLt
     for `LT_ROWS` when the caller passes `zero_bias`, a zero vector of at least N elements,
-    else cuBLAS). Each route
-    rounds once from an fp32 sum; their summation orders differ, so a row's bits can depend
-    on how many rows share the call, as they already do between cuBLAS's own kernels."""
+    else cuBLAS; the CPU always takes F.linear). Each route rounds once from an fp32 sum;
+    their summation orders differ, so a row's bits can depend on how many rows share the
+    call, as they already do between cuBLAS's own kernels."""
     rows = x.shape[0]
     if x.is_cuda and rows:
         if _triton is not None and _triton.skinny_linear_fits(x, weight, bias, out):

@@ -410,8 +410,9 @@ _SKINNY_MIN_WEIGHT_BYTES = 16 * 2**20
 
 
 def _skinny_config(n: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, stages): the fastest of a sweep on the H200 for each weight class
-    (few output rows: 64 x 256 keeps ~100+ programs busy; wide weights: 128 x 128)."""
+    """(BLOCK_N, BLOCK_K, stages): the fastest of a sweep on the H200 (`bench.gemm_routes
+    --sweep`) for each weight class: up to 16K output rows 64-row slices in 256-wide K steps
+    (64-96 programs on the 8B's projections), wider weights 128 x 128."""
     return (128, 128, 3) if n >= 16384 else (64, 256, 4)
 
 
