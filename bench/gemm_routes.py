@@ -14,13 +14,14 @@ from).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import statistics
 import sys
 
 import torch
 
 from bench.common import environment
+from bench.decode import graph_time_us
 from server import ops
 
 ROWS = (1, 2, 4, 8, 16, 17, 32, 48, 64, 65, 128, 512, 2048)
@@ -42,29 +43,10 @@ def projections(raw: dict, tp: int) -> dict[str, tuple[int, int]]:
 
 
 def per_call_us(fn, x, weights, out) -> float:
-    """Median over 15 replays of a graph of one call per weight, per call."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up outside the graph (workspaces, compiles)
-        for w in weights[:2]:
-            fn(x, w, out)
-    torch.cuda.current_stream().wait_stream(side)
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for w in weights:
-            fn(x, w, out)
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(15):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) * 1000 / len(weights))
-    return statistics.median(times)
+    """Microseconds per call of `fn(x, w, out)` inside one CUDA graph of one call per weight
+    (`bench.decode.graph_time_us`, the weights taken in turn), median of 15 replays."""
+    turn = itertools.cycle(weights)
+    return graph_time_us(lambda: fn(x, next(turn), out), calls=len(weights), iters=15)
 
 
 def with_blas(library: str):
