@@ -329,15 +329,15 @@ def _prefill_tile(
     acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, offs_m_pos, k_len,
     stride_tok, scale_log2, d_mask,
     PAGE: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_F32: tl.constexpr,
-    EVEN_D: tl.constexpr,
 ):
     """One BLOCK_N tile of keys folded into the running softmax of a query block.
 
     CAUSAL=False is only called for tiles wholly below the block's first query (every key
-    exists and every query sees it): no key mask, no -inf guard, and with EVEN_D (head_dim ==
-    BLOCK_D) no mask at all on the K/V loads. That tile runs ~128 times per query block deep in
-    a long context, so every elementwise pass over the 128 x 128 scores counts (H200, 8B heads:
-    2048 queries after 14,336 keys 8-11 % faster than with the masks, docs/benchmarks.md 8i).
+    exists and every query sees it): no key mask and no -inf guard. That tile runs ~128 times
+    per query block deep in a long context, so every elementwise pass over the 128 x 128 scores
+    counts (H200, 8B heads: 2048 queries after 14,336 keys 11 % faster than with both,
+    docs/benchmarks.md 8i). The head-dim mask stays on the loads: dropping it when head_dim is
+    a power of two measured no faster here and 5-6 % slower in the decode kernel.
     """
     offs_n = n0 + tl.arange(0, BLOCK_N)
     if CAUSAL:
@@ -348,10 +348,7 @@ def _prefill_tile(
         page = tl.load(table + offs_n // PAGE).to(tl.int64)
         kv_mask = d_mask[None, :]
     tok = (page * PAGE + offs_n % PAGE) * stride_tok
-    if EVEN_D and not CAUSAL:
-        k = tl.load(kc_ptr + tok[:, None] + head_off)
-    else:
-        k = tl.load(kc_ptr + tok[:, None] + head_off, mask=kv_mask, other=0.0)
+    k = tl.load(kc_ptr + tok[:, None] + head_off, mask=kv_mask, other=0.0)
     if DOT_F32:
         qk = tl.dot(q, tl.trans(k.to(tl.float32)), input_precision="ieee")
     else:
@@ -372,10 +369,7 @@ def _prefill_tile(
     alpha = tl.math.exp2(m_i - m_safe)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     acc = acc * alpha[:, None]
-    if EVEN_D and not CAUSAL:
-        v = tl.load(vc_ptr + tok[:, None] + head_off)
-    else:
-        v = tl.load(vc_ptr + tok[:, None] + head_off, mask=kv_mask, other=0.0)
+    v = tl.load(vc_ptr + tok[:, None] + head_off, mask=kv_mask, other=0.0)
     # Accumulating inside the dot lets the MMA add into acc (no separate 128 x 128 add).
     if DOT_F32:
         acc = tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
@@ -434,7 +428,6 @@ def _prefill_kernel(
     BLOCK_D: tl.constexpr,
     MIN_SPLIT: tl.constexpr,
     DOT_F32: tl.constexpr,
-    EVEN_D: tl.constexpr,  # head_dim == BLOCK_D: unmasked K/V loads in full tiles
 ):
     # Grid (flat query blocks, Hq // HEADS, splits). Sequence s owns the flat blocks from
     # `cu_q[s] // BLOCK_T + s` on, one per BLOCK_T of its tokens, so the grid needs at most
@@ -461,7 +454,7 @@ def _prefill_kernel(
         # mask. From there up to its last query's position the causal mask applies; beyond,
         # nothing is visible and nothing is loaded. The unmasked tiles are whole and below
         # k_len (split starts are tile-aligned and a split that ends before full_end ends on
-        # a tile boundary), which is what lets `_prefill_tile` skip every mask there.
+        # a tile boundary), which is what lets `_prefill_tile` skip the key mask there.
         first = ctx + tb * BLOCK_T
         full_end = (first // BLOCK_N) * BLOCK_N
         hi = tl.minimum(k_len, ctx + tl.minimum((tb + 1) * BLOCK_T, q_len))
@@ -491,12 +484,12 @@ def _prefill_kernel(
             for n0 in range(lo, tl.minimum(end, full_end), BLOCK_N):
                 acc, m_i, l_i = _prefill_tile(
                     acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
-                    stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, False, DOT_F32, EVEN_D,
+                    stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, False, DOT_F32,
                 )
             for n0 in range(tl.maximum(lo, full_end), end, BLOCK_N):
                 acc, m_i, l_i = _prefill_tile(
                     acc, m_i, l_i, q, kc_ptr, vc_ptr, table, head_off, n0, pos, k_len,
-                    stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, True, DOT_F32, EVEN_D,
+                    stride_tok, scale_log2, d_mask, PAGE, BLOCK_N, True, DOT_F32,
                 )
             if split_len < hi:  # several active splits: partials for the merge
                 # A row that sees none of this slice's keys (its position is below the
@@ -677,8 +670,8 @@ def prefill_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(1), num_q_heads, head_dim, float(scale) * _LOG2E, n_seqs, num_splits,
         PAGE=k_cache.shape[1], GROUP=group, HEADS=heads, BLOCK_T=block_t, BLOCK_N=block_n,
-        BLOCK_D=block_d, MIN_SPLIT=min_split, DOT_F32=dot_f32, EVEN_D=block_d == head_dim,
-        num_warps=warps, num_stages=stages,
+        BLOCK_D=block_d, MIN_SPLIT=min_split, DOT_F32=dot_f32, num_warps=warps,
+        num_stages=stages,
     )
     if num_splits > 1:
         _prefill_merge_kernel[(n_tokens, num_q_heads)](
