@@ -107,9 +107,10 @@ class ChunkCost:
 # How much slower per FLOP a prompt chunk's attention runs than its linear layers in a step
 # beside decode rows (chunks of 64-256 tokens: the GEMMs near peak, the attention over a paged
 # cache far from it). Fitted on an H200 with the 8B: mixed-step graph times over chunk lengths
-# and depths (bench.decode's depth grid; docs/benchmarks.md section 8d) give a depth unit of
-# ~5,900 tokens against the 26,600 that equal per-FLOP speed would give.
-ATTENTION_FLOP_SLOWDOWN = 4.5
+# and depths (bench.decode's depth grid) give a depth unit of ~6,400 tokens against the 26,600
+# that equal per-FLOP speed would give (docs/benchmarks.md 8i; 5,740-5,900 before the prefill
+# kernel's full tiles lost their masks, 8d).
+ATTENTION_FLOP_SLOWDOWN = 4.2
 
 
 def prefill_depth_unit(shape) -> int:
