@@ -36,18 +36,24 @@ async def watch_lag(lags: list[tuple[float, float]], period_s: float = LAG_PERIO
 
 
 async def drive(url: str, reqs: list[Request], start: float,
-                client=None) -> list[tuple[float, float]]:
-    """Send each request at `start + req.arrival` from this loop (on `client`, or a new one);
-    return the loop's lags."""
+                client=None, cap: int | None = None) -> list[tuple[float, float]]:
+    """Send each request at `start + req.arrival` from this loop (on `client`, or a new one),
+    with at most `cap` in flight (a request due while `cap` run waits for one to end; its
+    `sent` says when it went); return the loop's lags."""
 
     lags: list[tuple[float, float]] = []
     watcher = asyncio.ensure_future(watch_lag(lags))
+    slots = asyncio.Semaphore(cap) if cap else None
 
     async def one(client, req: Request) -> None:
         delay = start + req.arrival - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
-        await stream_completion(client, url, "", req)
+        if slots is None:
+            await stream_completion(client, url, "", req)
+            return
+        async with slots:
+            await stream_completion(client, url, "", req)
 
     try:
         if client is not None:
@@ -67,23 +73,25 @@ def new_client(connections: int):
                              limits=client_limits(max(1, connections)))
 
 
-async def _worker_async(url: str, reqs: list[Request], conn) -> list[tuple[float, float]]:
-    async with new_client(len(reqs)) as client:
+async def _worker_async(url: str, reqs: list[Request], conn,
+                        cap: int | None = None) -> list[tuple[float, float]]:
+    async with new_client(cap or len(reqs)) as client:
         # Warm before the start: the client's first request pays its lazy imports and a new
         # connection (70-170 ms measured on the GPU box), which the timed requests must not.
         await client.get(f"{url}/health")
         conn.send("ready")
         start = await asyncio.to_thread(conn.recv)
-        return await drive(url, reqs, start, client)
+        return await drive(url, reqs, start, client, cap)
 
 
-def _worker(url: str, items: list[tuple[list[int], int, float, int | None]], conn) -> None:
+def _worker(url: str, items: list[tuple[list[int], int, float, int | None]], conn,
+            cap: int | None = None) -> None:
     """A client process: warm up, say ready, wait for the start time, drive its share, send
     the results back."""
     try:
         reqs = [Request(prompt, max_tokens, arrival, logprobs)
                 for prompt, max_tokens, arrival, logprobs in items]
-        lags = asyncio.run(_worker_async(url, reqs, conn))
+        lags = asyncio.run(_worker_async(url, reqs, conn, cap))
         fields = [(r.sent, r.chunks, r.done, r.completion_tokens, r.finish_reason, r.error,
                    r.chunk_tokens) for r in reqs]
         conn.send(("ok", fields, [lag for _, lag in lags]))
@@ -107,14 +115,14 @@ class ClientProcesses:
     the `Request` objects and returns the processes' loop-lag summary. Owned by one task.
     """
 
-    def __init__(self, url: str, shares: list[list[Request]]) -> None:
+    def __init__(self, url: str, shares: list[list[Request]], cap: int | None = None) -> None:
         ctx = multiprocessing.get_context("spawn")  # no copy of this process's loop or sockets
         self.shares = shares
         self._pipes, self._procs = [], []
         for share in shares:
             parent, child = ctx.Pipe()
             items = [(r.prompt, r.max_tokens, r.arrival, r.logprobs) for r in share]
-            proc = ctx.Process(target=_worker, args=(url, items, child), daemon=True)
+            proc = ctx.Process(target=_worker, args=(url, items, child, cap), daemon=True)
             proc.start()
             child.close()
             self._pipes.append(parent)
@@ -159,14 +167,20 @@ class ClientProcesses:
                 proc.kill()
 
 
-async def run_open_loop(url: str, reqs: list[Request], processes: int) -> tuple[float, dict]:
+async def run_open_loop(url: str, reqs: list[Request], processes: int,
+                        cap: int | None = None) -> tuple[float, dict]:
     """Run `reqs` (each sent at its `arrival` after a common start) from `processes` client
-    processes (1: this process's loop). Returns (start perf_counter, client-side summary)."""
+    processes (1: this process's loop), with at most `cap` in flight (split evenly over the
+    processes, which get the requests round-robin). Returns (start perf_counter, client-side
+    summary)."""
+    if cap is not None and cap % max(1, processes):
+        raise BenchError(f"cap {cap} does not split over {processes} client processes")
     if processes <= 1:
         start = time.perf_counter() + START_MARGIN_S
-        lags = await drive(url, reqs, start)
+        lags = await drive(url, reqs, start, cap=cap)
         return start, {"client_processes": 1, **lag_summary([lag for _, lag in lags])}
-    clients = ClientProcesses(url, [reqs[i::processes] for i in range(processes)])
+    per_process = None if cap is None else cap // processes
+    clients = ClientProcesses(url, [reqs[i::processes] for i in range(processes)], per_process)
     await clients.ready()
     start = time.perf_counter() + START_MARGIN_S
     clients.go(start)

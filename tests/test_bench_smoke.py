@@ -20,10 +20,13 @@ import pytest
 
 from bench import common
 from bench.cold_start import evict_page_cache, fresh_caches, vllm_like_sizes
-from bench.serve import itl_pair, parse_args, sharegpt_requests
+from bench.serve import Request, itl_pair, parse_args, sharegpt_requests
+from bench.sharegpt_sweep import client_processes, level_metrics, level_requests
+from bench.sharegpt_sweep import parse_args as sweep_args
 from tests.helpers import REPO
 
-SCRIPTS = ("cold_start", "serve", "peers", "tp", "openai_overheads", "capture_stall")
+SCRIPTS = ("cold_start", "serve", "peers", "tp", "openai_overheads", "capture_stall",
+           "sharegpt_sweep")
 TIMEOUT_S = 240
 
 
@@ -153,6 +156,66 @@ def test_serve_smoke(smoke_runs):
     assert any("concurrency 8" in n for n in names)
     assert "conc" in text and "open loop" in text
     _check_verdict_lines(text, 4)
+
+
+@pytest.mark.slow
+def test_sharegpt_sweep_smoke(smoke_runs):
+    text, data = _get(smoke_runs, "sharegpt_sweep")
+    args = sweep_args(["--smoke"])
+    # The smoke's baseline is this checkout: both servers ran the same levels on the same mix.
+    for server in ("graphserve", "baseline"):
+        levels = data[server]["levels"]
+        assert [lvl["concurrency"] for lvl in levels] == [1, 8]
+        for lvl in levels:
+            c = lvl["concurrency"]
+            assert lvl["errors"] == 0, lvl.get("first_error")
+            reqs = level_requests(args.seed, c, lvl["requests"], lvl["arrival_rate_per_s"],
+                                  args.max_model_len, args)
+            # ignore_eos: every request produced exactly what it asked for.
+            assert lvl["output_tokens"] == sum(r.max_tokens for r in reqs)
+            assert 0 < lvl["mean_in_flight"] <= c + 0.05  # the client's cap held
+            assert lvl["ttft_p50_ms"] <= lvl["ttft_p99_ms"]
+            assert lvl["itl_p50_ms"] <= lvl["itl_p99_ms"] <= lvl["itl_max_ms"]
+    assert data["request_s_at_concurrency_1"] > 0
+    _check_targets(data["targets"], 1)
+    assert "tok/s ratio" in text
+    _check_verdict_lines(text, 1)
+
+
+def test_sharegpt_sweep_levels_are_seeded_poisson_and_capped_per_process():
+    args = sweep_args([])
+    a = level_requests(3, 16, 400, 50.0, 4096, args)
+    assert [(r.arrival, r.prompt, r.max_tokens) for r in a] == [
+        (r.arrival, r.prompt, r.max_tokens) for r in level_requests(3, 16, 400, 50.0, 4096, args)]
+    assert [r.prompt for r in a] != [r.prompt for r in level_requests(3, 32, 400, 50.0, 4096,
+                                                                      args)]
+    gaps = [b.arrival - x.arrival for x, b in zip(a, a[1:])]
+    assert a[0].arrival == 0.0 and min(gaps) >= 0
+    assert 0.015 < sum(gaps) / len(gaps) < 0.025  # mean 1/rate
+    assert all(len(r.prompt) + r.max_tokens <= 4096 for r in a)
+    assert [client_processes(c, 4) for c in (1, 4, 8, 12, 32, 64)] == [1, 1, 4, 4, 4, 4]
+    assert client_processes(10, 4) == 2
+
+
+def test_sharegpt_sweep_level_metrics():
+    def req(sent, chunks, tokens, arrival=0.0, error=None):
+        r = Request([1] * 10, tokens, arrival)
+        r.sent, r.chunks, r.done = sent, chunks, chunks[-1] if chunks else sent
+        r.completion_tokens, r.error = (None if error else tokens), error
+        return r
+
+    start = 100.0
+    reqs = [req(100.0, [100.1, 100.2, 100.3], 3),       # TTFT 100 ms, gaps 100 ms
+            req(100.5, [100.55, 100.6], 2, arrival=0.2),  # waited 300 ms for a slot
+            req(101.0, [], 4, error="HTTP 500: boom")]
+    m = level_metrics(reqs, start)
+    assert m["requests"] == 3 and m["errors"] == 1 and m["first_error"] == "HTTP 500: boom"
+    assert m["output_tokens"] == 5 and m["span_s"] == 0.6
+    assert m["output_tok_s"] == round(5 / 0.6, 1)
+    assert m["ttft_p50_ms"] == 75.0  # 100 and 50 ms
+    assert m["itl_max_ms"] == 100.0 and m["itl_p50_ms"] == 100.0
+    assert m["mean_in_flight"] == round((0.3 + 0.1) / 0.6, 2)
+    assert m["client_wait_p99_ms"] > 290 and m["client_wait_p50_ms"] == 150.0
 
 
 @pytest.mark.slow
