@@ -174,11 +174,13 @@ def test_sharegpt_sweep_smoke(smoke_runs):
             # ignore_eos: every request produced exactly what it asked for.
             assert lvl["output_tokens"] == sum(r.max_tokens for r in reqs)
             assert 0 < lvl["mean_in_flight"] <= c + 0.05  # the client's cap held
+            assert lvl["window_mean_in_flight"] <= c + 0.05
+            assert len(lvl["per_request"]) == lvl["requests"]
             assert lvl["ttft_p50_ms"] <= lvl["ttft_p99_ms"]
             assert lvl["itl_p50_ms"] <= lvl["itl_p99_ms"] <= lvl["itl_max_ms"]
     assert data["request_s_at_concurrency_1"] > 0
     _check_targets(data["targets"], 1)
-    assert "tok/s ratio" in text
+    assert "chunks/s ratio" in text
     _check_verdict_lines(text, 1)
 
 
@@ -189,7 +191,7 @@ def test_sharegpt_sweep_levels_are_seeded_poisson_and_capped_per_process():
         (r.arrival, r.prompt, r.max_tokens) for r in level_requests(3, 16, 400, 50.0, 4096, args)]
     assert [r.prompt for r in a] != [r.prompt for r in level_requests(3, 32, 400, 50.0, 4096,
                                                                       args)]
-    gaps = [b.arrival - x.arrival for x, b in zip(a, a[1:])]
+    gaps = [b.arrival - x.arrival for x, b in zip(a, a[1:], strict=False)]
     assert a[0].arrival == 0.0 and min(gaps) >= 0
     assert 0.015 < sum(gaps) / len(gaps) < 0.025  # mean 1/rate
     assert all(len(r.prompt) + r.max_tokens <= 4096 for r in a)
@@ -216,6 +218,10 @@ def test_sharegpt_sweep_level_metrics():
     assert m["itl_max_ms"] == 100.0 and m["itl_p50_ms"] == 100.0
     assert m["mean_in_flight"] == round((0.3 + 0.1) / 0.6, 2)
     assert m["client_wait_p99_ms"] > 290 and m["client_wait_p50_ms"] == 150.0
+    # Steady part: first to last send (100.0 .. 100.5): 3 chunks in it, both in flight to 100.3.
+    assert m["window_s"] == 0.5 and m["window_chunks_per_s"] == 6.0
+    assert m["window_mean_in_flight"] == round(0.3 / 0.5, 2)
+    assert len(m["per_request"]) == 3 and m["per_request"][2][-1] == "HTTP 500: boom"
 
 
 @pytest.mark.slow
