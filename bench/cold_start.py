@@ -456,6 +456,11 @@ def main() -> None:
         "targets": [],
         "truncated": False,
     }
+    missing = [k for k, v in result["environment"]["bytecode_cached"].items() if v is False]
+    if missing:
+        print(f"note: no bytecode cache for {', '.join(missing)}: every launch compiles their "
+              "Python sources, which an image's pip install would not (run `python -m "
+              "compileall` on them to measure what a container sees)", flush=True)
     for v in variants:
         result["variants"][v] = {
             "server_args": variant_args(args, v),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.util
 import json
 import math
 import os
@@ -396,7 +397,28 @@ def environment() -> dict[str, Any]:
         )
         if r.returncode == 0:
             env["gpus"] = [line.strip() for line in r.stdout.splitlines() if line.strip()]
+    env["bytecode_cached"] = bytecode_cached()
     return env
+
+
+BYTECODE_PACKAGES = ("torch", "fastapi", "server")
+
+
+def bytecode_cached(packages: Sequence[str] = BYTECODE_PACKAGES) -> dict[str, bool | None]:
+    """Whether each package's `__init__` has a compiled bytecode file next to it (None: not
+    installed). Without one every launch compiles the package's Python sources on import:
+    on the H200 box, whose wheels go in with `--no-compile` under PYTHONDONTWRITEBYTECODE=1,
+    that added ~3.3 s to an 8B server's exec -> ready (docs/benchmarks.md 9c). An image's
+    `pip install` writes the bytecode; `python -m compileall` does it for a bare checkout.
+    Looked up without importing anything."""
+    out: dict[str, bool | None] = {}
+    for name in packages:
+        spec = importlib.util.find_spec(name)
+        if spec is None or not spec.origin or not spec.origin.endswith(".py"):
+            out[name] = None
+            continue
+        out[name] = os.path.exists(importlib.util.cache_from_source(spec.origin))
+    return out
 
 
 def write_json(path: str | os.PathLike[str] | None, data: Any) -> None:

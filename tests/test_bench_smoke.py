@@ -421,3 +421,20 @@ def test_capture_stall_smoke(smoke_runs):
     _check_targets(data["targets"], 3)
     _check_verdict_lines(text, 3)
 
+
+
+def test_bytecode_cached_tells_compiled_packages_from_bare_sources(tmp_path, monkeypatch):
+    import compileall
+    import importlib
+
+    pkg = tmp_path / "gs_bytecode_probe"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("X = 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    importlib.invalidate_caches()
+    names = ("gs_bytecode_probe", "gs_no_such_package")
+    assert common.bytecode_cached(names) == {"gs_bytecode_probe": False,
+                                             "gs_no_such_package": None}
+    assert compileall.compile_dir(str(pkg), quiet=1)
+    assert common.bytecode_cached(names)["gs_bytecode_probe"] is True
+    assert "gs_bytecode_probe" not in sys.modules  # looked up, never imported

@@ -27,10 +27,14 @@ from __future__ import annotations
 import collections
 import functools
 import json
+import logging
 import threading
+import time
 from typing import Any
 
 from server.errors import GrammarError
+
+log = logging.getLogger("graphserve.grammar")
 
 __all__ = ["GrammarError", "GrammarBackend", "SequenceGrammar", "check_grammar",
            "json_object_grammar", "json_schema_grammar", "tokenizer_json"]
@@ -127,6 +131,9 @@ class GrammarBackend:
         ).start()
 
     def _build(self, tokenizer_json: str) -> None:
+        # Logged with its span: the build holds the GIL (0.3-0.6 s for a 128k vocabulary), so
+        # one that outlasts the weight load stalls whatever runs right after ready.
+        t0 = time.perf_counter()
         try:
             import llguidance
 
@@ -142,6 +149,8 @@ class GrammarBackend:
             self._error = f"grammar tokenizer could not be built: {exc}"
         finally:
             self._built.set()
+        log.info("grammar tokenizer %s in %.2f s", "built" if self._error is None else "failed",
+                 time.perf_counter() - t0)
 
     def matcher(self, grammar: str) -> SequenceGrammar:
         """A fresh matcher for `grammar` (waits for the tokenizer the first time; raises
