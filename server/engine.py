@@ -69,6 +69,11 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("graphserve.engine")
 
+# A step that holds the engine thread this long is logged (a decode step of an 8B is ~5 ms, a
+# mixed one ~10-20, a 2048-token prompt step ~50; past this something else held it).
+SLOW_STEP_S = 0.25
+SLOW_STEP_LOG_EVERY_S = 10.0
+
 # While a background capture is in flight and the engine idles: how often to look for its end.
 CAPTURE_POLL_S = 0.002
 
@@ -358,6 +363,7 @@ class EngineCore:
         self._pending_kind = "decode"  # its kind, for the step cadence
         self.step_intervals = StepIntervals()  # read by other threads (snapshot)
         self._clock = StepClock(self.step_intervals, time.perf_counter)
+        self._slow_logged_at = -SLOW_STEP_LOG_EVERY_S  # when a slow step was last logged
 
     def serve(self, commands: queue.SimpleQueue, deliver_outputs) -> None:
         """Run until a shutdown command; raises FatalEngineError when the engine cannot go on
@@ -441,6 +447,7 @@ class EngineCore:
         prev_kind = self._pending_kind
         step: ScheduledStep | None = None
         sched, runner = self.scheduler, self.runner
+        t0 = time.perf_counter()
         try:
             step = sched.schedule()
             read: StepResult | None = None
@@ -463,6 +470,7 @@ class EngineCore:
                     sched.advance_grammars(prev.seqs, read.tokens)
                 self._clock.read(prev_kind, more_in_flight=self._pending is not None)
                 sched.complete(prev.seqs, read)
+            self._log_if_slow(time.perf_counter() - t0, step)
         except FatalEngineError:
             raise
         except Exception as exc:
@@ -481,6 +489,22 @@ class EngineCore:
             failed = list({id(s): s for s in failed}.values())
             log.exception("engine step failed; failing its %d requests", len(failed))
             self.scheduler.fail(failed, f"internal error during generation: {exc}")
+
+    def _log_if_slow(self, seconds: float, step: ScheduledStep | None) -> None:
+        """One warning (at most every SLOW_STEP_LOG_EVERY_S) for a step that held the engine
+        thread past SLOW_STEP_S: every running stream waited that long, and the log says when
+        and what the step carried (a kernel compiled at first use, a stall of the process)."""
+        if seconds < SLOW_STEP_S:
+            return
+        now = time.perf_counter()
+        if now - self._slow_logged_at < SLOW_STEP_LOG_EVERY_S:
+            return
+        self._slow_logged_at = now
+        what = "no new step" if step is None else (
+            f"{len(step.decode)} decode rows and "
+            f"{sum(item.length for item in step.prefill)} prompt tokens")
+        log.warning("engine step took %.2f s (launching %s, reading the previous step)",
+                    seconds, what)
 
     def _offer_capture(self, commands: queue.SimpleQueue) -> None:
         """Give the gap between steps (or idle time) to the capture policy.

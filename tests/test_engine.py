@@ -471,3 +471,28 @@ async def test_a_long_prompt_rides_with_running_streams_in_mixed_steps(llama_dir
         assert tokens_of(second) == hf_greedy(ref, long_prompt, 4)
     finally:
         engine.shutdown()
+
+
+def test_a_slow_step_is_logged_once_per_interval(caplog, monkeypatch):
+    """A step that held the engine thread past SLOW_STEP_S is a warning with what it carried;
+    a run of slow steps is one warning per interval, not one per step."""
+    import logging
+    from types import SimpleNamespace
+
+    from server import engine as engine_mod
+
+    core = engine_mod.EngineCore.__new__(engine_mod.EngineCore)
+    core._slow_logged_at = -engine_mod.SLOW_STEP_LOG_EVERY_S
+    clock = iter([100.0, 101.0, 111.5])
+    monkeypatch.setattr(engine_mod, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    step = SimpleNamespace(decode=[1, 2], prefill=[SimpleNamespace(length=512)])
+    with caplog.at_level(logging.WARNING, logger="graphserve.engine"):
+        core._log_if_slow(0.01, step)  # fast: not even the clock is read
+        core._log_if_slow(1.3, step)  # t = 100: logged
+        core._log_if_slow(2.0, None)  # t = 101: within the interval
+        core._log_if_slow(0.4, None)  # t = 111.5: logged again
+    assert [r.getMessage() for r in caplog.records if r.name == "graphserve.engine"] == [
+        "engine step took 1.30 s (launching 2 decode rows and 512 prompt tokens, reading the "
+        "previous step)",
+        "engine step took 0.40 s (launching no new step, reading the previous step)",
+    ]
