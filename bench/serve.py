@@ -203,6 +203,27 @@ async def stream_completion(client, url: str, model: str, req: Request) -> None:
 
 
 # ============================================================================ workloads
+def add_sharegpt_args(ap: argparse.ArgumentParser) -> None:
+    """The ShareGPT-like mix's length distributions (`sharegpt_like` reads them)."""
+    ap.add_argument("--sg-input-median", type=float, default=250.0)
+    ap.add_argument("--sg-input-sigma", type=float, default=1.0,
+                    help="log-normal sigma; 1.0 puts p99 near 10x the median")
+    ap.add_argument("--sg-output-median", type=float, default=200.0)
+    ap.add_argument("--sg-output-sigma", type=float, default=0.9)
+    ap.add_argument("--sg-max-output", type=int, default=1024)
+
+
+def parse_concurrency(ap: argparse.ArgumentParser, text: str) -> list[int]:
+    """`--concurrency` ("1,2,4"): positive integers, or an argparse error."""
+    try:
+        levels = [int(c) for c in text.split(",") if c.strip()]
+    except ValueError:
+        ap.error(f"--concurrency must be a comma list of integers, got {text!r}")
+    if not levels or min(levels) < 1:
+        ap.error("--concurrency needs positive integers")
+    return levels
+
+
 def sharegpt_like(rng: random.Random, n: int, max_model_len: int, args) -> list[tuple[int, int]]:
     """n (prompt_len, output_len) pairs from log-normals; prompt + output <= max_model_len."""
     pairs = []
@@ -913,16 +934,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=60.0,
         help="warmstart: seconds of arrivals from ready (and of the steady rerun)",
     )
-    ap.add_argument("--sg-input-median", type=float, default=250.0)
-    ap.add_argument(
-        "--sg-input-sigma",
-        type=float,
-        default=1.0,
-        help="log-normal sigma; 1.0 puts p99 near 10x the median",
-    )
-    ap.add_argument("--sg-output-median", type=float, default=200.0)
-    ap.add_argument("--sg-output-sigma", type=float, default=0.9)
-    ap.add_argument("--sg-max-output", type=int, default=1024)
+    add_sharegpt_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument(
@@ -956,12 +968,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.max_model_len, args.max_num_seqs = 256, 8
         args.ready_timeout = min(args.ready_timeout, 180.0)
         args.steady_timeout = min(args.steady_timeout, 30.0)
-    try:
-        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    except ValueError:
-        ap.error(f"--concurrency must be a comma list of integers, got {args.concurrency!r}")
-    if not args.concurrency or min(args.concurrency) < 1:
-        ap.error("--concurrency needs positive integers")
+    args.concurrency = parse_concurrency(ap, args.concurrency)
     args.part = [p.strip() for p in args.part.split(",") if p.strip()]
     for p in args.part:
         if p not in PARTS:

@@ -48,7 +48,13 @@ from bench.common import (
     wait_ready,
 )
 from bench.load_clients import run_open_loop
-from bench.serve import Request, sharegpt_like, stream_completion
+from bench.serve import (
+    Request,
+    add_sharegpt_args,
+    parse_concurrency,
+    sharegpt_like,
+    stream_completion,
+)
 
 CALIBRATION_REQUESTS = 4
 
@@ -224,11 +230,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--client-processes", type=int, default=4)
     ap.add_argument("--max-model-len", type=int, default=4096)
     ap.add_argument("--max-num-seqs", type=int, default=64)
-    ap.add_argument("--sg-input-median", type=float, default=250.0)
-    ap.add_argument("--sg-input-sigma", type=float, default=1.0)
-    ap.add_argument("--sg-output-median", type=float, default=200.0)
-    ap.add_argument("--sg-output-sigma", type=float, default=0.9)
-    ap.add_argument("--sg-max-output", type=int, default=1024)
+    add_sharegpt_args(ap)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--ready-timeout", type=float, default=300.0)
     ap.add_argument("--request-timeout", type=float, default=300.0)
@@ -244,12 +246,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.max_model_len, args.max_num_seqs = 256, 8
         args.baseline_dir = args.baseline_dir or "."
         args.ready_timeout = min(args.ready_timeout, 180.0)
-    try:
-        args.concurrency = [int(c) for c in args.concurrency.split(",") if c.strip()]
-    except ValueError:
-        ap.error(f"--concurrency must be a comma list of integers, got {args.concurrency!r}")
-    if not args.concurrency or min(args.concurrency) < 1:
-        ap.error("--concurrency needs positive integers")
+    args.concurrency = parse_concurrency(ap, args.concurrency)
     if args.load <= 0 or args.client_processes < 1:
         ap.error("--load must be > 0 and --client-processes >= 1")
     return args
