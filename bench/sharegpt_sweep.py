@@ -3,7 +3,7 @@
 Workload (identical for every server of the run): prompt and output lengths from log-normals
 shaped like published ShareGPT summaries (`bench.serve.sharegpt_like`: input median ~250
 tokens, output ~200, heavy tails, clipped to `--max-model-len`), distinct random prompts,
-`ignore_eos`. Per concurrency level c: `max(--requests-factor x c, --min-requests)` requests
+`ignore_eos`. Per concurrency level c: `max(--requests-factor x c, --min-requests)` requests (4c by default)
 with **Poisson arrivals** at `--load x c / S` per second, where S is the mean request time of a
 few sequential requests measured first on the first server (so the offered load is about c
 requests in flight), and **at most c in flight**: a request that arrives while c are running
@@ -222,7 +222,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--baseline-dir", default=None,
                     help="another checkout whose server runs the same levels after this one")
     ap.add_argument("--concurrency", default="1,2,4,8,16,32,64")
-    ap.add_argument("--requests-factor", type=int, default=3,
+    ap.add_argument("--requests-factor", type=int, default=4,
                     help="requests per level = max(factor x concurrency, --min-requests)")
     ap.add_argument("--min-requests", type=int, default=8)
     ap.add_argument("--load", type=float, default=1.5,
