@@ -3,11 +3,12 @@
 Workload (identical for every server of the run): prompt and output lengths from log-normals
 shaped like published ShareGPT summaries (`bench.serve.sharegpt_like`: input median ~250
 tokens, output ~200, heavy tails, clipped to `--max-model-len`), distinct random prompts,
-`ignore_eos`. Per concurrency level c: `max(--requests-factor x c, --min-requests)` requests (4c by default)
-with **Poisson arrivals** at `--load x c / S` per second, where S is the mean request time of a
-few sequential requests measured first on the first server (so the offered load is about c
-requests in flight), and **at most c in flight**: a request that arrives while c are running
-waits in the client; its TTFT counts from when it is sent and the wait is reported apart.
+`ignore_eos`. Per concurrency level c: `max(--requests-factor x c, --min-requests)` requests
+(4c by default) with **Poisson arrivals** at `--load x c / S` per second, S being the mean
+request time of a few sequential requests measured first on the first server (so the offered
+load is about c requests in flight), and **at most c in flight**: a request that arrives while
+c are running waits in the client; its TTFT counts from when it is sent and the wait is
+reported apart.
 From 8 up the requests are dealt over client processes (`bench.load_clients`), so one client
 loop parsing every stream's chunks does not put its own lateness into the tail.
 
