@@ -29,7 +29,10 @@ Triton cache at startup. `--page-cache cold` evicts
 the checkpoint's files from the page cache before every launch (`posix_fadvise(DONTNEED)`, no
 root needed; the bytes still resident afterwards are in the server's own load log line).
 `--first-request-tokens N` sends one completion of an N-token prompt right after ready and
-records exec -> its answer (target: within 0.1 s of ready).
+records exec -> its answer (target: within 0.1 s of ready). `--bytecode compile` (the default)
+first writes the bytecode of the packages a server imports on its way to ready, as an image's
+pip install has it: without it every launch compiles their sources (~3.3 s of an 8B start on
+the H200 box, docs/benchmarks.md 9c); `as-is` measures whatever is installed.
 
 Wall time: warm-up + runs x 3 policies x 2 size lists launches; with the 8B checkpoint each takes
 roughly weights-load + capture + a few seconds, so `--runs 2` keeps it well inside 10 minutes.
@@ -50,6 +53,8 @@ from typing import Any
 from bench.common import (
     BenchError,
     ServerProcess,
+    bytecode_cached,
+    compile_bytecode,
     coverage_complete,
     drop_from_page_cache,
     environment,
@@ -411,6 +416,9 @@ def main() -> None:
                     help="serve --kernel-cache DIR: kernels compiled ahead")
     ap.add_argument("--page-cache", choices=("warm", "cold"), default="warm",
                     help="cold: evict the checkpoint from the page cache before each launch")
+    ap.add_argument("--bytecode", choices=("compile", "as-is"), default="compile",
+                    help="compile: write the startup packages' bytecode first, as an image "
+                         "has it (default); as-is: launch on whatever is installed")
     ap.add_argument("--first-request-tokens", type=int, default=0, metavar="N",
                     help="right after ready, time one completion of an N-token prompt "
                     "(target: its answer within 0.1 s of ready)")
@@ -456,6 +464,13 @@ def main() -> None:
         "targets": [],
         "truncated": False,
     }
+    if args.bytecode == "compile":
+        result["bytecode"] = compile_bytecode()
+        result["environment"]["bytecode_cached"] = bytecode_cached()
+        written = result["bytecode"]["compiled"] + result["bytecode"][
+            "compiled_but_some_files_failed"]
+        print(f"bytecode written for {', '.join(written) or 'nothing'} in "
+              f"{result['bytecode']['seconds']} s", flush=True)
     missing = [k for k, v in result["environment"]["bytecode_cached"].items() if v is False]
     if missing:
         print(f"note: no bytecode cache for {', '.join(missing)}: every launch compiles their "

@@ -99,6 +99,9 @@ def _check_verdict_lines(text: str, expected: int):
 def test_cold_start_smoke(smoke_runs):
     text, data = _get(smoke_runs, "cold_start")
     assert data["warmup"] is None and data["truncated"] is False
+    # Launches measure what an image has: the startup packages' bytecode written first.
+    assert "server" in data["bytecode"]["compiled"] and "bytecode written for" in text
+    assert data["environment"]["bytecode_cached"]["server"] is True
     variant = data["variants"]["default"]
     assert "--max-model-len" in variant["server_args"]
     for mode in ("lazy", "eager", "off"):
