@@ -69,9 +69,12 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("graphserve.engine")
 
-# A step that holds the engine thread this long is logged (a decode step of an 8B is ~5 ms, a
-# mixed one ~10-20, a 2048-token prompt step ~50; past this something else held it).
+# A step that holds the engine thread past SLOW_STEP_S and SLOW_STEP_FACTOR times the recent
+# average is logged (an 8B's decode step is ~5 ms, a mixed one ~10-20, a 2048-token prompt step
+# ~50: past this something else held it; the average keeps a model whose steps are all long,
+# on a CPU, from warning at every step).
 SLOW_STEP_S = 0.25
+SLOW_STEP_FACTOR = 10.0
 SLOW_STEP_LOG_EVERY_S = 10.0
 
 # While a background capture is in flight and the engine idles: how often to look for its end.
@@ -364,6 +367,7 @@ class EngineCore:
         self.step_intervals = StepIntervals()  # read by other threads (snapshot)
         self._clock = StepClock(self.step_intervals, time.perf_counter)
         self._slow_logged_at = -SLOW_STEP_LOG_EVERY_S  # when a slow step was last logged
+        self._step_avg = 0.0  # moving average of a step's seconds (`_log_if_slow`)
 
     def serve(self, commands: queue.SimpleQueue, deliver_outputs) -> None:
         """Run until a shutdown command; raises FatalEngineError when the engine cannot go on
@@ -492,9 +496,11 @@ class EngineCore:
 
     def _log_if_slow(self, seconds: float, step: ScheduledStep | None) -> None:
         """One warning (at most every SLOW_STEP_LOG_EVERY_S) for a step that held the engine
-        thread past SLOW_STEP_S: every running stream waited that long, and the log says when
-        and what the step carried (a kernel compiled at first use, a stall of the process)."""
-        if seconds < SLOW_STEP_S:
+        thread past SLOW_STEP_S and SLOW_STEP_FACTOR x the recent average: every running
+        stream waited that long, and the log says when and what the step carried (a kernel
+        compiled at first use, a stall of the process)."""
+        average, self._step_avg = self._step_avg, 0.9 * self._step_avg + 0.1 * seconds
+        if seconds < max(SLOW_STEP_S, SLOW_STEP_FACTOR * average):
             return
         now = time.perf_counter()
         if now - self._slow_logged_at < SLOW_STEP_LOG_EVERY_S:

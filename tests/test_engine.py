@@ -483,6 +483,7 @@ def test_a_slow_step_is_logged_once_per_interval(caplog, monkeypatch):
 
     core = engine_mod.EngineCore.__new__(engine_mod.EngineCore)
     core._slow_logged_at = -engine_mod.SLOW_STEP_LOG_EVERY_S
+    core._step_avg = 0.0
     clock = iter([100.0, 101.0, 111.5])
     monkeypatch.setattr(engine_mod, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     step = SimpleNamespace(decode=[1, 2], prefill=[SimpleNamespace(length=512)])
@@ -490,9 +491,28 @@ def test_a_slow_step_is_logged_once_per_interval(caplog, monkeypatch):
         core._log_if_slow(0.01, step)  # fast: not even the clock is read
         core._log_if_slow(1.3, step)  # t = 100: logged
         core._log_if_slow(2.0, None)  # t = 101: within the interval
-        core._log_if_slow(0.4, None)  # t = 111.5: logged again
+        core._log_if_slow(0.3, None)  # long, but under 10x the average (0.32 s) by now
+        core._log_if_slow(4.0, None)  # t = 111.5: logged again
     assert [r.getMessage() for r in caplog.records if r.name == "graphserve.engine"] == [
         "engine step took 1.30 s (launching 2 decode rows and 512 prompt tokens, reading the "
         "previous step)",
-        "engine step took 0.40 s (launching no new step, reading the previous step)",
+        "engine step took 4.00 s (launching no new step, reading the previous step)",
     ]
+
+
+def test_steps_that_are_all_long_do_not_warn(caplog):
+    """A model whose every step is long (a big model on a CPU) warns at most while the average
+    catches up, not at every step."""
+    import logging
+
+    from server import engine as engine_mod
+
+    core = engine_mod.EngineCore.__new__(engine_mod.EngineCore)
+    core._slow_logged_at = -engine_mod.SLOW_STEP_LOG_EVERY_S
+    core._step_avg = 0.0
+    with caplog.at_level(logging.WARNING, logger="graphserve.engine"):
+        for _ in range(200):
+            core._log_if_slow(0.6, None)
+    warned = [r for r in caplog.records if r.name == "graphserve.engine"]
+    assert len(warned) == 1  # the first: no average yet
+    assert core._step_avg == pytest.approx(0.6, rel=1e-3)
