@@ -27,6 +27,7 @@ ready: no capture while serving, the baseline), with idle capture held off
 from __future__ import annotations
 
 import argparse
+import collections
 import random
 import shutil
 import time
@@ -135,9 +136,7 @@ async def run_setting(label: str, args, model_args: list[str]) -> dict[str, Any]
         {"tokens": s["tokens"], "capture_ms": s["capture_ms"], "demand": s.get("demand")}
         for s in graphs["mixed"]["sizes"] if s.get("off_thread")
     ]  # fmt: skip
-    result["mixed_states"] = {}
-    for entry in graphs["mixed"]["sizes"]:
-        result["mixed_states"][entry["state"]] = result["mixed_states"].get(entry["state"], 0) + 1
+    result["mixed_states"] = dict(collections.Counter(e["state"] for e in graphs["mixed"]["sizes"]))
     result["mixed_traffic"] = graphs["mixed"].get("traffic")
     result["traffic"] = graphs.get("traffic")
     result["pool_bytes_total"] = graphs.get("pool_bytes_total")

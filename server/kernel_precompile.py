@@ -118,14 +118,14 @@ def _compile_only(arch: int, compiled: list):
         # The GEMM's CPU run is skipped; its skinny-kernel variant is compiled (the LM head's
         # width may be the only one of its block class, as under tensor parallelism).
         if triton_ops.skinny_linear_fits(x, self.lm_head, None, None):
-            triton_ops.skinny_linear(x, self.lm_head)
+            triton_ops.skinny_linear(x, self.lm_head, checked=True)
         return out if out is not None else x.new_empty(x.shape[0], self.logits_width)
 
     torch_linear = ops.linear
 
     def linear(x, weight, bias=None, zero_bias=None, out=None):
         if triton_ops.skinny_linear_fits(x, weight, bias, out):
-            return triton_ops.skinny_linear(x, weight, bias, out)
+            return triton_ops.skinny_linear(x, weight, bias, out, checked=True)
         return torch_linear(x, weight, bias, zero_bias, out)
 
     routed = {"linear": linear, "rms_norm": triton_ops.rms_norm,

@@ -206,19 +206,16 @@ class MixedGraphPolicy:
         if self._reason is not None:
             return None
         with self._lock:
+            pending = [s for s in self.sizes if self._state[s] == "pending"]
             if not idle:
                 self._idle_since = None
                 if not background:
                     return None
-                pending = [s for s in self.sizes if self._state[s] == "pending"]
                 wanted = [s for s in pending if self._demand[s]]
                 if wanted:
                     return max(wanted, key=lambda s: (self._demand[s], s))
                 return pending[-1] if speculative and pending else None
-            if not decode_settled:
-                return None
-            pending = [s for s in self.sizes if self._state[s] == "pending"]
-            if not pending:
+            if not decode_settled or not pending:
                 return None
             now = self._clock()
             if self._idle_since is None:

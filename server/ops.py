@@ -93,7 +93,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     rows = x.shape[0]
     if x.is_cuda and rows:
         if _triton is not None and _triton.skinny_linear_fits(x, weight, bias, out):
-            return _triton.skinny_linear(x, weight, bias, out)
+            return _triton.skinny_linear(x, weight, bias, out, checked=True)
         if (bias is None and zero_bias is not None and LT_ROWS[0] <= rows <= LT_ROWS[1]
                 and x.dtype in (torch.float16, torch.bfloat16)
                 and zero_bias.shape[0] >= weight.shape[0]):

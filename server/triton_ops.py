@@ -468,12 +468,13 @@ def _skinny_linear_kernel(
 
 
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None) -> torch.Tensor:
+                  out: torch.Tensor | None = None, checked: bool = False) -> torch.Tensor:
     """`x @ weight.T (+ bias)` for `x [M, K]` with M <= SKINNY_MAX_ROWS, `weight [N, K]`,
     into `out [M, N]` (may have a row stride) or a new tensor; fp32 accumulation, one rounding
     to the output dtype (as cuBLAS; the sums' order differs). Operands must pass
-    `skinny_linear_fits`."""
-    if not skinny_linear_fits(x, weight, bias, out):
+    `skinny_linear_fits`; `checked`: the caller has just asked it (the routers do, on every
+    eager projection), so it is not asked again."""
+    if not checked and not skinny_linear_fits(x, weight, bias, out):
         raise ValueError(
             f"skinny_linear does not take x {tuple(x.shape)} {x.dtype}, weight "
             f"{tuple(weight.shape)} {weight.dtype}"
