@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from server import prefetch
+from server import prefetch, warm_start
 from server.block_manager import BlockManager
 from server.config import EngineConfig
 from server.engine_protocol import PhaseCallback, RequestStream, deliver
@@ -141,6 +141,10 @@ class AsyncEngine:
             # Torch-free, beside the torch import; joined before any Triton lookup (the
             # workers' come later still: they warm up when rank 0 tells them to).
             seeding = start_seeding(self.config.kernel_cache)
+            # GIL-free: the CUDA driver and the primary context come up while torch imports;
+            # Triton's cache key is computed while the weights stream (both joined later).
+            gpu = self.config.device != "cpu"
+            cuda_init = warm_start.start_cuda_init(0) if gpu else None
             # Torch-free: the checkpoint streams into the page cache while torch imports.
             if self.config.load_format != "dummy" and self.config.prefetch_threads > 0:
                 prefetch.start(self.config.model, self.config.prefetch_threads)
@@ -161,10 +165,13 @@ class AsyncEngine:
                 # on the H200, 57-92 ms with the build here; docs/benchmarks.md 8e).
                 grammars.append(GrammarBackend(tokenizer_json(tokenizer), vocab_size, eos_ids))
 
+            triton_prime = warm_start.start_triton_prime(0) if gpu else None
             runner = ModelRunner(self.config, self._set_phase, launcher, build_grammars)
             if seeding is not None:
                 seeding.join()
-            runner.load(t_start)
+            if cuda_init is not None:
+                cuda_init.finish()
+            runner.load(t_start, triton_prime=triton_prime)
         except Exception as exc:  # startup failure: report it, the server decides to exit
             if launcher is not None:
                 launcher.kill()

@@ -140,16 +140,19 @@ class ModelRunner:
         self._stopped_tp: TPLauncher | None = None
         self._owed = 0  # tokens a launched step owes the workers' broadcast (see `settle`)
         self.background: BackgroundCapture | None = None  # busy captures' thread (one GPU)
+        self._triton_prime = None  # a server.warm_start thread, joined before the warm-ups
 
     # -- startup ----------------------------------------------------------------------------
 
-    def load(self, t_start: float | None = None) -> None:
+    def load(self, t_start: float | None = None, *, triton_prime=None) -> None:
         """Weights, KV cache, startup graphs; raises StartupError (or ModelLoadError).
 
         The caller has reported "loading_weights" already: importing this module (torch) is
         part of loading. `t_start`: when that import began, so `timings["import_s"]` holds it.
-        A failing start stops any workers it started.
+        A failing start stops any workers it started. `triton_prime`: a
+        `server.warm_start.WarmStart` computing Triton's cache key, joined before the warm-ups.
         """
+        self._triton_prime = triton_prime
         try:
             self._load(time.perf_counter() if t_start is None else t_start)
         except FatalEngineError as exc:  # a worker failed or missed a deadline while starting
@@ -326,6 +329,9 @@ class ModelRunner:
 
     def _startup_graphs(self, graphs_possible: bool) -> None:
         """Warm-ups on every rank, then the policy's startup captures (lazy: the largest)."""
+        if self._triton_prime is not None:  # the warm-ups' first kernel looks Triton's key up
+            self._triton_prime.finish()
+            self._triton_prime = None
         self._warm_mixed_step()
         if not graphs_possible:
             self._warm(self.max_num_seqs)  # still exercise the step, so the first one is fast
