@@ -66,17 +66,12 @@ def create_app(
     engine_class: str = DEFAULT_ENGINE_CLASS,
     lifecycle: Lifecycle | None = None,
     on_exit: Callable[[int], None] | None = None,
-    engine: Any = None,
-    engine_phases: Any = None,
 ) -> FastAPI:
     """Build the app. `engine_factory(engine_config, on_phase=cb)` overrides `engine_class`
-    (a 'module:Name' imported in the background); `engine`: one already started, whose phases
-    `engine_phases` (a `server.health.PhaseRelay`) holds from `ready` on until the app serves
-    (`server.launch`), overrides both; `on_exit(code)` asks the process to exit."""
+    (a 'module:Name' imported in the background); `on_exit(code)` asks the process to exit."""
     config = config or ServerConfig()
     state = ServerState(config, lifecycle=lifecycle, engine_factory=engine_factory,
-                        engine_class=engine_class, on_exit=on_exit, engine=engine,
-                        engine_phases=engine_phases)
+                        engine_class=engine_class, on_exit=on_exit)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):

@@ -108,10 +108,6 @@ class AsyncEngine:
         self.phase = "starting"
         self.error: str | None = None
         self.ready = threading.Event()
-        # Set once the engine thread has imported the model stack (torch), or failed before:
-        # `server.launch` starts the engine first and imports the HTTP stack after this, so the
-        # two GIL-bound imports do not interleave (docs/benchmarks.md 9d).
-        self.model_stack_imported = threading.Event()
         # Filled in once the model is loaded:
         self.model_name: str | None = None
         self.max_model_len: int | None = None
@@ -160,8 +156,6 @@ class AsyncEngine:
                 launcher = start_workers(self.config, on_failure=self._on_worker_failure)
             from server.model_runner import ModelRunner  # torch: part of loading, see above
 
-            self.model_stack_imported.set()
-
             grammars: list[GrammarBackend] = []
 
             def build_grammars(tokenizer, eos_ids, vocab_size: int) -> None:
@@ -179,7 +173,6 @@ class AsyncEngine:
                 cuda_init.finish()
             runner.load(t_start, triton_prime=triton_prime)
         except Exception as exc:  # startup failure: report it, the server decides to exit
-            self.model_stack_imported.set()
             if launcher is not None:
                 launcher.kill()
             prefetch.discard()

@@ -202,39 +202,6 @@ class Lifecycle:
         return (200 if rec.phase == READY else 503), body
 
 
-class PhaseRelay:
-    """The phase callback of an engine started before the HTTP app serves (`server.launch`).
-
-    Phases go straight to the `Lifecycle` (so probes see loading progress and failures at once)
-    except `ready` and whatever follows it, which are held until `open()`: the app calls it when
-    it takes the engine over, after the early responder has handed the socket to uvicorn. So
-    `ready` never names a server whose `/v1` routes are not yet served. Callable from any
-    thread; `open()` replays the held phases in order under the relay's lock, so a phase
-    reported meanwhile cannot overtake them.
-    """
-
-    def __init__(self, lifecycle: Lifecycle) -> None:
-        self._lifecycle = lifecycle
-        self._lock = threading.Lock()
-        self._held: list[tuple[str, str | None]] = []
-        self._open = False
-
-    def __call__(self, phase: str, detail: Any = None) -> None:
-        text = None if detail is None else str(detail)
-        with self._lock:
-            if not self._open and (self._held or phase == READY):
-                self._held.append((phase, text))
-                return
-            self._lifecycle.set_phase(phase, text)
-
-    def open(self) -> None:
-        with self._lock:
-            self._open = True
-            held, self._held = self._held, []
-            for phase, detail in held:
-                self._lifecycle.set_phase(phase, detail)
-
-
 def graphs_body(lifecycle: Lifecycle, engine: Any) -> dict[str, Any]:
     """`/health/graphs`: the engine's graph report plus the phase; valid without an engine."""
     body: dict[str, Any] = {"phase": lifecycle.phase}

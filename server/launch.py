@@ -2,12 +2,9 @@
 
 Start-up order matters: bind the listening socket, start the stdlib health responder on it
 (`server/early_health.py`), and only then import FastAPI/uvicorn and build the app; the
-responder steps aside right before uvicorn accepts. Torch is never imported here. The real
-engine is started before the HTTP stack is imported (`_prestart_engine`: its thread imports
-torch first, then the HTTP stack imports while the weights stream) and handed to the app;
-another engine class is imported and started by the app in the background once it serves. So
-`/health` answers as soon as the interpreter is up and the port is bound, however long the
-imports take.
+responder steps aside right before uvicorn accepts. Torch is never imported here; the app
+imports the engine in the background once it is serving. So `/health` answers as soon as the
+interpreter is up and the port is bound, however long the HTTP stack takes to import.
 
 SIGTERM/SIGINT are taken over from uvicorn (which would close the socket at once and re-raise
 the signal, exiting non-zero): the first one drains (readiness 503, new `/v1` requests 503,
@@ -105,9 +102,6 @@ def raise_open_file_limit(wanted: int) -> int:
 # Descriptors kept free beside client connections: model files, the engine, logs, the early
 # responder and the sockets it hands over.
 _RESERVED_FDS = 256
-# How long the HTTP stack's imports wait for the engine's (`_prestart_engine`): well past
-# `import torch` on a slow machine (4 s on a cold H200 box), short of a stuck start.
-PRESTART_IMPORT_WAIT_S = 15.0
 
 
 def serve(config: ServerConfig, *, engine_class: str | None = None,
@@ -147,9 +141,8 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
             logger.warning("early health responder not started (%s); /health waits for "
                            "uvicorn", exc)
             early = None
-        engine = _prestart_engine(config, lifecycle) if engine_class is None else None
         return _serve_app(config, sock, lifecycle, early, held, engine_class=engine_class,
-                          access_log=access_log, tls=tls, engine=engine)
+                          access_log=access_log, tls=tls)
     except _ExitNow:
         logger.warning("signal again before serving: exiting without waiting")
         return 0
@@ -199,40 +192,10 @@ class HeldSignals:
         self._previous.clear()
 
 
-def _prestart_engine(config: ServerConfig, lifecycle: Lifecycle) -> tuple[Any, Any] | None:
-    """Start the engine before the HTTP stack is imported, and let its `import torch` go first.
-
-    Both imports are Python work under one GIL, so running them side by side only interleaves
-    them: torch, which is on the path to ready, would finish ~0.45 s later (the HTTP stack's
-    share on the H200 box). Imported after it instead, the HTTP stack runs while the weights
-    stream, whose reader threads need the GIL only between reads (docs/benchmarks.md 9d).
-    Meanwhile the early responder answers the probes. Returns the engine and its
-    `PhaseRelay` (phases go to `lifecycle`, `ready` only once the app opens the relay), or
-    None if it could not be started (the lifecycle says why).
-    """
-    from server.engine import AsyncEngine
-    from server.health import PhaseRelay
-
-    relay = PhaseRelay(lifecycle)  # holds `ready` until the app serves (it opens the relay)
-    try:
-        engine = AsyncEngine(config.engine, on_phase=relay)
-        engine.start()
-    except Exception as exc:  # e.g. an invalid engine config: reported as the app would
-        logger.error("engine failed to start: %s: %s", type(exc).__name__, exc)
-        lifecycle.fail(f"engine failed to start: {type(exc).__name__}: {exc}")
-        return None
-    if not engine.model_stack_imported.wait(PRESTART_IMPORT_WAIT_S):
-        logger.warning("the engine's imports took over %.0f s; importing the HTTP stack beside "
-                       "them", PRESTART_IMPORT_WAIT_S)
-    return engine, relay
-
-
 def _serve_app(config: ServerConfig, sock: socket.socket, lifecycle: Lifecycle,
                early: EarlyHealthResponder | None, held: HeldSignals, *,
-               engine_class: str | None, access_log: bool, tls: ssl.SSLContext | None,
-               engine: tuple[Any, Any] | None = None) -> int:
-    """Import the HTTP stack, build the app and run uvicorn on `sock` until it exits.
-    `engine`: what `_prestart_engine` started (the app serves it instead of booting one)."""
+               engine_class: str | None, access_log: bool, tls: ssl.SSLContext | None) -> int:
+    """Import the HTTP stack, build the app and run uvicorn on `sock` until it exits."""
     host, port = sock.getsockname()[:2]
     # Heavy-ish imports only now that probes are answered (FastAPI, pydantic, uvicorn).
     from server.api import create_app
@@ -247,9 +210,7 @@ def _serve_app(config: ServerConfig, sock: socket.socket, lifecycle: Lifecycle,
         _start_exit_watchdog(code, EXIT_WATCHDOG_S)
 
     app = create_app(config, engine_class=engine_class or DEFAULT_ENGINE_CLASS,
-                     lifecycle=lifecycle, on_exit=on_exit,
-                     engine=engine[0] if engine else None,
-                     engine_phases=engine[1] if engine else None)
+                     lifecycle=lifecycle, on_exit=on_exit)
     uv_config, _ = uvicorn_config(app, config, host, port, access_log=access_log, tls=tls)
     server = DrainingServer(uv_config, state=app.state.graphserve,
                             drain_timeout=config.drain_timeout, held_signals=held.take,

@@ -14,7 +14,6 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from server.health import Lifecycle, graphs_body, jsonable, process_uptime
 from server.metrics import ServerMetrics
-from tests.helpers import REPO
 from tests.helpers.app import assert_error, serve_app, wait_for_phase, wait_until
 
 ENGINE_ORDER = ["loading_weights", "allocating_kv_cache", "capturing_graphs", "ready"]
@@ -306,94 +305,3 @@ def test_http_layer_imports_no_torch_transformers_or_numpy():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == "", f"heavy modules imported: {out.stdout.strip()}"
-
-
-# ------------------------------------------------------------------ engine started before the app
-def test_phase_relay_holds_ready_and_what_follows_until_opened():
-    from server.health import Lifecycle, PhaseRelay
-
-    lc = Lifecycle()
-    relay = PhaseRelay(lc)
-    relay("loading_weights")
-    relay("capturing_graphs", 3)  # details are text, as the app's forwarder made them
-    assert (lc.phase, lc.detail) == ("capturing_graphs", "3")
-    relay("ready")
-    relay("failed", "CUDA error after ready")
-    assert lc.phase == "capturing_graphs"  # /v1 is not served yet: not ready, not failed
-    relay.open()
-    assert [r.phase for r in lc.history()][-2:] == ["ready", "failed"]
-    assert lc.detail == "CUDA error after ready"
-
-
-def test_phase_relay_passes_a_failure_before_ready_at_once():
-    from server.health import Lifecycle, PhaseRelay
-
-    lc = Lifecycle()
-    relay = PhaseRelay(lc)
-    relay("failed", "no such model")
-    assert lc.failed and lc.detail == "no such model"
-    relay.open()
-    assert lc.failed
-
-
-async def test_prestarted_engine_is_served_not_restarted_and_ready_waits_for_the_app():
-    import httpx
-
-    from server.api import create_app
-    from server.config import EngineConfig, ServerConfig
-    from server.health import Lifecycle, PhaseRelay
-    from tests.helpers.fake_engine import FakeEngine
-
-    lc = Lifecycle()
-    relay = PhaseRelay(lc)
-    engine = FakeEngine(EngineConfig(), on_phase=relay)
-    engine.start()  # as server.launch does, before the HTTP stack exists
-    await wait_until(lambda: "ready" in engine.phases)
-    assert lc.phase == "capturing_graphs"  # held: nothing serves /v1 yet
-    app = create_app(ServerConfig(), lifecycle=lc, engine=engine, engine_phases=relay,
-                     engine_class="server.no_such_module:Engine")  # must not be booted
-    async with app.router.lifespan_context(app):
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
-                                     base_url="http://t") as c:
-            await wait_for_phase(c, "ready")
-            resp = await c.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2})
-            assert resp.status_code == 200, resp.text
-    assert engine.shut_down
-
-
-async def test_prestarted_engine_that_failed_before_the_app_still_exits():
-    from server.api import create_app
-    from server.config import EngineConfig, ServerConfig
-    from server.health import Lifecycle, PhaseRelay
-    from tests.helpers.fake_engine import FakeEngine
-
-    lc = Lifecycle()
-    relay = PhaseRelay(lc)
-    engine = FakeEngine(EngineConfig(), on_phase=relay, fail_in="loading_weights")
-    engine.start()
-    await wait_until(lambda: lc.failed)  # before any app (or listener) existed
-    exits: list[int] = []
-    app = create_app(ServerConfig(startup_failure_grace=0.05), lifecycle=lc, engine=engine,
-                     engine_phases=relay, on_exit=exits.append)
-    async with app.router.lifespan_context(app):
-        await wait_until(lambda: exits)
-    assert exits == [1]
-
-
-def test_launch_imports_torch_before_the_http_stack():
-    """serve() starts the real engine first and imports FastAPI only once the engine thread has
-    imported torch (they would interleave under the GIL otherwise)."""
-    code = """
-import sys
-from server.config import ServerConfig, EngineConfig
-from server.health import Lifecycle
-from server import launch
-lc = Lifecycle()
-started = launch._prestart_engine(ServerConfig(engine=EngineConfig(model="/no/such/model")), lc)
-assert started is not None
-print("torch" in sys.modules, "fastapi" in sys.modules)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=300, cwd=REPO)
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["True", "False"]

@@ -40,7 +40,6 @@ TORCH_FREE = (
     "server.prefetch",
     "server.state_dir",
     "server.kernel_cache",
-    "server.warm_start",
     "server.default_model",
     "server.step_plan",
     "server.distributed.protocol",

@@ -19,7 +19,7 @@ from typing import Any
 from server.config import ServerConfig
 from server.engine_protocol import EngineProtocol
 from server.errors import EngineNotReadyError, InvalidRequestError, QueueFullError
-from server.health import DRAINING, FAILED, READY, Lifecycle, PhaseRelay
+from server.health import DRAINING, FAILED, READY, Lifecycle
 from server.http.errors import (
     RETRY_AFTER_UNAVAILABLE,
     ApiError,
@@ -52,8 +52,6 @@ class ServerState:
         engine_factory: Callable[..., Any] | None = None,
         engine_class: str = DEFAULT_ENGINE_CLASS,
         on_exit: Callable[[int], None] | None = None,
-        engine: EngineProtocol | None = None,
-        engine_phases: PhaseRelay | None = None,
     ):
         self.config = config
         self.lifecycle = lifecycle or Lifecycle()
@@ -63,10 +61,6 @@ class ServerState:
         self._idle = asyncio.Event()
         self._idle.set()
         self._engine_factory = engine_factory
-        # Started before the app existed (`server.launch`); its relay holds `ready` until
-        # `startup` opens it.
-        self._prestarted = engine
-        self._prestarted_phases = engine_phases
         self._engine_class = engine_class
         self._on_exit = on_exit
         self._boot_task: asyncio.Task | None = None
@@ -106,20 +100,11 @@ class ServerState:
         self.prompt_workers = WorkerPool()  # anew: a lifespan may run again after a shutdown
         self.lifecycle.bind_loop(loop)
         self.lifecycle.add_listener(self._on_phase_change)
-        if self._prestarted is not None:
-            self.engine, self._prestarted = self._prestarted, None
-            relay, self._prestarted_phases = self._prestarted_phases, None
-            if relay is not None:  # uvicorn has the socket by now: `ready` may be told
-                relay.open()
-            if self.lifecycle.phase == FAILED:  # failed before there was a listener to hear it
-                self._on_phase_change(FAILED, self.lifecycle.detail)
         self._boot_task = loop.create_task(self._boot(), name="graphserve-engine-boot")
         self._lag_task = loop.create_task(watch_loop_lag(self.metrics.loop_lag.observe),
                                           name="graphserve-loop-lag")
 
     async def _boot(self) -> None:
-        if self.engine is not None:  # pre-started (`server.launch`): nothing to boot
-            return
         try:
             factory = self._engine_factory
             if factory is None:
