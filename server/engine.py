@@ -171,7 +171,8 @@ class AsyncEngine:
                 seeding.join()
             if cuda_init is not None:
                 cuda_init.finish()
-            runner.load(t_start, triton_prime=triton_prime)
+            with warm_start.quick_gil_handoff():
+                runner.load(t_start, triton_prime=triton_prime)
         except Exception as exc:  # startup failure: report it, the server decides to exit
             if launcher is not None:
                 launcher.kill()

@@ -25,9 +25,11 @@ own caches and their result attributes; callers join them.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
+import sys
 import threading
 import time
 
@@ -132,6 +134,24 @@ def _capability(lib, ordinal: int) -> int | None:
     if lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev) != 0:
         return None
     return major.value * 10 + minor.value
+
+
+# While loading: a thread that wants the GIL asks the holder to drop it after this long (Python's
+# default is 5 ms). The weight pipeline's readers need it for a moment after every read; with the
+# default they waited up to 5 ms each time another thread was running Python (an import).
+LOAD_SWITCH_INTERVAL_S = 0.0005
+
+
+@contextlib.contextmanager
+def quick_gil_handoff(interval: float = LOAD_SWITCH_INTERVAL_S):
+    """Lower the interpreter's switch interval for the duration (process-wide; startup only:
+    the previous value is back before the engine serves)."""
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, interval))
+    try:
+        yield
+    finally:
+        sys.setswitchinterval(previous)
 
 
 def _check(status: int, call: str) -> None:
