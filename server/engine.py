@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from server import prefetch, warm_start
+from server import early_weights, prefetch, warm_start
 from server.block_manager import BlockManager
 from server.config import EngineConfig
 from server.engine_protocol import PhaseCallback, RequestStream, deliver
@@ -145,9 +145,16 @@ class AsyncEngine:
             # Triton's cache key is computed while the weights stream (both joined later).
             gpu = self.config.device != "cpu"
             cuda_init = warm_start.start_cuda_init(0) if gpu else None
-            # Torch-free: the checkpoint streams into the page cache while torch imports.
-            if self.config.load_format != "dummy" and self.config.prefetch_threads > 0:
-                prefetch.start(self.config.model, self.config.prefetch_threads)
+            cfg = self.config
+            # Torch-free: on one GPU the weights go straight to the device while torch imports
+            # (`server.early_weights`); where that does not apply, the checkpoint at least
+            # streams into the page cache meanwhile.
+            early = None
+            if (gpu and cfg.tensor_parallel_size == 1 and cfg.load_format != "dummy"
+                    and cfg.loader != "transformers"):
+                early = early_weights.start(cfg.model, cfg.dtype)
+            if early is None and cfg.load_format != "dummy" and cfg.prefetch_threads > 0:
+                prefetch.start(cfg.model, cfg.prefetch_threads)
             self._set_phase("loading_weights")
             if self.config.tensor_parallel_size > 1:
                 # Torch-free: the other ranks import torch and read their weights meanwhile.
@@ -177,6 +184,7 @@ class AsyncEngine:
             if launcher is not None:
                 launcher.kill()
             prefetch.discard()
+            early_weights.discard()
             reason = str(exc) or type(exc).__name__
             expected = isinstance(exc, (StartupError, ValueError))
             log.error("engine startup failed: %s", reason, exc_info=not expected)

@@ -44,10 +44,13 @@ def plan_kv_cache(
     weight_bytes: int,
     tp_world: int = 1,
     mixed_graph_tokens: int = 0,
+    external_bytes: int = 0,
 ) -> KVPlan:
     """Choose max_model_len and the block count (for one rank of `tp_world`: its KV heads,
     its slice of the activations, its own GPU's memory). `mixed_graph_tokens`: the largest
     mixed-step graph bucket (0: none), whose graphs' private pool is reserved too.
+    `external_bytes`: device memory in use outside torch's caching allocator (weights read by
+    `server.early_weights`), counted against the budget as the allocator's own is.
 
     Context: `--max-model-len`, else the model's limit (its sliding window if it has one);
     on CPU capped at `DEVICE_DEFAULTS["cpu"].max_model_len`. Blocks: `--num-kv-blocks`, else
@@ -78,7 +81,7 @@ def plan_kv_cache(
 
     free, total = torch.cuda.mem_get_info()
     budget = int(total * cfg.gpu_memory_utilization)
-    in_use = torch.cuda.memory_reserved()
+    in_use = torch.cuda.memory_reserved() + external_bytes
     h, inter = hf_config.hidden_size, hf_config.intermediate_size // tp_world
     qkv = (hf_config.num_attention_heads // tp_world + 2 * kv_heads) * dim
     vocab = hf_config.vocab_size

@@ -183,6 +183,19 @@ def _fuse(parts: list[torch.Tensor]) -> torch.Tensor:
     return fused
 
 
+def _take_fused(weights, shard: TPShard, parts: list[tuple[str, tuple[int, ...]]]):
+    """This rank's rows of each part, fused along dim 0 in order: one view when the source
+    holds the parts back to back (`server.early_weights`, one process), else taken and
+    concatenated."""
+    adjacent = getattr(weights, "take_adjacent", None)
+    if adjacent is not None and shard.world == 1:
+        fused = adjacent(parts)
+        if fused is not None:
+            return fused
+    return _fuse([take_sharded(weights, name, shape, 0, *shard.part(shape[0]))
+                  for name, shape in parts])
+
+
 class DecoderModel:
     """Owns the weights of a loaded checkpoint and runs its forward over a slot KV cache.
 
@@ -217,6 +230,9 @@ class DecoderModel:
         self.eps = config.rms_norm_eps
         self.scale = head_dim**-0.5
         self.comm = None  # the tensor-parallel collectives (`attach_comm`); None: one process
+        # Device bytes of these weights outside torch's caching allocator (set by the loader
+        # when `server.early_weights` read them; the KV planner counts them).
+        self.external_weight_bytes = 0
         # This rank's vocabulary rows [vocab_start, vocab_start + rows), zero-padded to `rows`
         # on the last rank so every rank's logits slice has the same width.
         self.vocab_start, stop, rows = shard.vocab_rows(vocab)
@@ -294,10 +310,6 @@ class DecoderModel:
         def take(name, shape):
             return weights.take(p + name, shape)
 
-        def rows(name, shape):
-            """This rank's output rows (its heads, its intermediate slice): dim 0."""
-            return take_sharded(weights, p + name, shape, 0, *shard.part(shape[0]))
-
         def cols(name, shape):
             """This rank's input columns of a row-parallel matrix: dim 1."""
             return take_sharded(weights, p + name, shape, 1, *shard.part(shape[1]))
@@ -310,15 +322,18 @@ class DecoderModel:
         qkv = (("q_proj", q_out), ("k_proj", kv_out), ("v_proj", kv_out))
         # Each part is sliced on its own, then fused: the fused matrix holds this rank's q heads,
         # then its k heads, then its v heads, the layout the forward splits.
-        qkv_w = _fuse([rows(f"self_attn.{n}.weight", (o, hidden)) for n, o in qkv])
-        qkv_b = _fuse([rows(f"self_attn.{n}.bias", (o,)) for n, o in qkv]) if qkv_bias else None
+        qkv_w = _take_fused(weights, shard,
+                            [(f"{p}self_attn.{n}.weight", (o, hidden)) for n, o in qkv])
+        qkv_b = (_take_fused(weights, shard, [(f"{p}self_attn.{n}.bias", (o,)) for n, o in qkv])
+                 if qkv_bias else None)  # fmt: skip
         has_qk_norm = model_type == "qwen3"
-        gate_up = _fuse([
-            rows("mlp.gate_proj.weight", (inter, hidden)),
-            rows("mlp.up_proj.weight", (inter, hidden)),
+        gate_up = _take_fused(weights, shard, [
+            (f"{p}mlp.gate_proj.weight", (inter, hidden)),
+            (f"{p}mlp.up_proj.weight", (inter, hidden)),
         ])
         gate_up_b = (
-            _fuse([rows("mlp.gate_proj.bias", (inter,)), rows("mlp.up_proj.bias", (inter,))])
+            _take_fused(weights, shard, [(f"{p}mlp.gate_proj.bias", (inter,)),
+                                         (f"{p}mlp.up_proj.bias", (inter,))])
             if mlp_bias
             else None
         )

@@ -253,6 +253,9 @@ def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load
         if on_tokenizer is not None:
             on_tokenizer(tokenizer, eos_ids, config.vocab_size)
         model_obj = _build(path, config, weights, shard)
+        # Device memory the weights hold outside torch's caching allocator (the early reader's
+        # buffer): the KV planner counts it as in use.
+        model_obj.external_weight_bytes = getattr(weights, "external_bytes", 0)
         unused = unused_tensors(weights, config)
         stats = _weight_stats(weights, warmer)
     finally:
@@ -267,7 +270,8 @@ def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load
             config.model_type,
             ", ".join(sorted(unused)[:5]) + (", ..." if len(unused) > 5 else ""),
         )
-    source = "dummy" if isinstance(weights, DummyWeights) else "pipeline"
+    source = ("dummy" if isinstance(weights, DummyWeights)
+              else "early" if hasattr(weights, "external_bytes") else "pipeline")
     log.info("loaded %s without transformers%s (%s weights%s)", path,
              "" if fallback is None else " except for the tokenizer", source,
              _describe(stats))
@@ -338,6 +342,17 @@ def _open_weights(path: Path, config, device: str, torch_dtype, load_format: str
 
     if load_format == "dummy":
         return DummyWeights(device, torch_dtype)
+    from server import early_weights
+
+    reader = early_weights.claim(path)
+    if reader is not None:  # started before torch by the engine thread (one GPU only)
+        if device == "cuda" and early_weights.raw_dtype(torch_dtype) == reader.raw_dtype:
+            try:
+                return early_weights.EarlyWeights(reader, torch_dtype)
+            except ModelLoadError as exc:
+                log.warning("%s: weights read through the pipeline instead: %s", path, exc)
+        else:
+            reader.stop(free=True)
     from server.distributed.sharding import planned_slice
     from server.weight_pipeline import PipelinedWeights
 

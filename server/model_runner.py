@@ -229,6 +229,7 @@ class ModelRunner:
             self.checkpoint.weight_bytes,
             self.world,
             self.mixed_policy.max_tokens,
+            external_bytes=getattr(model, "external_weight_bytes", 0),
         )
         if self.tp is not None:
             plan = self._join_workers(plan, model, emulate)

@@ -457,3 +457,64 @@ async def test_chunked_prefill_gives_the_same_tokens(long_context_model_dir):
             engine.shutdown()
     assert mixed == {512: 6, 4096: 1}  # ceil(3000 / 512) chunks, or one
     assert results[512] == results[4096]
+
+
+# -- weights read before torch (server.early_weights) -----------------------------------------
+
+
+def _bf16_copy(src, dst):
+    """`src`'s checkpoint with its safetensors rewritten in bf16 (the early path's case)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        save_file({k: v.to(torch.bfloat16) for k, v in load_file(str(f)).items()}, str(f),
+                  metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "qwen3"])
+def test_early_weights_equal_the_pipelines(tmp_path, arch):
+    """Every tensor the model holds (fused q/k/v with biases, gate/up, norms, embedding, head)
+    is bit-identical whether the driver-API reader or the pipeline read it; the fused parts are
+    views of the reader's buffer, which the KV planner is told about."""
+    from server import early_weights
+    from server.model_loader import load_checkpoint
+
+    model_dir = _bf16_copy(build_checkpoint(tmp_path / "fp32", arch, seed=3, **GPU_SHAPE),
+                           tmp_path / "bf16")  # fmt: skip
+    piped = load_checkpoint(str(model_dir), "cuda", "bfloat16").model
+    assert piped.external_weight_bytes == 0
+    reader = early_weights.start(str(model_dir), "bfloat16")
+    assert reader is not None
+    early = load_checkpoint(str(model_dir), "cuda", "bfloat16").model
+    assert early.external_weight_bytes == reader.nbytes > 0
+    assert reader.stats.bytes_read == reader.stats.bytes_planned
+    a, b = piped._tensors(), early._tensors()
+    assert len(a) == len(b)
+    for x, y in zip(a, b, strict=True):
+        assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
+    qkv = early.layers[1].qkv
+    assert reader.base <= qkv.data_ptr() < reader.base + reader.nbytes  # a view, not a copy
+
+
+async def test_engine_on_early_weights_gives_the_pipelines_tokens(separated_model_dir, tmp_path):
+    """The server path: a bf16 checkpoint is read by the engine thread before torch is imported
+    (one GPU); its greedy tokens equal those of the same weights through the pipeline (the fp32
+    checkpoint served in bf16 rounds to the same values)."""
+    bf16_dir = _bf16_copy(separated_model_dir, tmp_path / "bf16")
+    prompts = mixed_prompts(6, seed=11)
+    piped = start(separated_model_dir, dtype="bfloat16")
+    try:
+        assert piped._core.runner.model.external_weight_bytes == 0
+        want = await run_batch(piped, prompts)
+    finally:
+        piped.shutdown()
+    early = start(bf16_dir)
+    try:
+        assert early._core.runner.model.external_weight_bytes > 0
+        assert await run_batch(early, prompts) == want
+    finally:
+        early.shutdown()

@@ -40,6 +40,8 @@ TORCH_FREE = (
     "server.prefetch",
     "server.state_dir",
     "server.kernel_cache",
+    "server.warm_start",
+    "server.early_weights",
     "server.default_model",
     "server.step_plan",
     "server.distributed.protocol",
