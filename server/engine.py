@@ -141,10 +141,13 @@ class AsyncEngine:
             # Torch-free, beside the torch import; joined before any Triton lookup (the
             # workers' come later still: they warm up when rank 0 tells them to).
             seeding = start_seeding(self.config.kernel_cache)
-            # GIL-free: the CUDA driver and the primary context come up while torch imports;
-            # Triton's cache key is computed while the weights stream (both joined later).
+            # GIL-free: the CUDA driver and the primary context come up while torch imports, and
+            # Triton's cache key is computed (both joined later).
             gpu = self.config.device != "cpu"
             cuda_init = warm_start.start_cuda_init(0) if gpu else None
+            # Beside the torch import too: with the weights read meanwhile
+            # (`server.early_weights`), the load after it is too short to hide the key's hash.
+            triton_prime = warm_start.start_triton_prime(0) if gpu else None
             cfg = self.config
             # Torch-free: on one GPU the weights go straight to the device while torch imports
             # (`server.early_weights`); where that does not apply, the checkpoint at least
@@ -172,7 +175,6 @@ class AsyncEngine:
                 # on the H200, 57-92 ms with the build here; docs/benchmarks.md 8e).
                 grammars.append(GrammarBackend(tokenizer_json(tokenizer), vocab_size, eos_ids))
 
-            triton_prime = warm_start.start_triton_prime(0) if gpu else None
             runner = ModelRunner(self.config, self._set_phase, launcher, build_grammars)
             if seeding is not None:
                 seeding.join()

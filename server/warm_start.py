@@ -15,8 +15,8 @@ of an 8B start on the H200 box, sampled with py-spy, docs/benchmarks.md 9d):
   `libtriton.so` (SHA-256 in 1 MiB reads, ~0.3 s, GIL released) the first time any kernel is
   looked up in the cache, plus the `ptxas --version` subprocess behind the backend's hash.
   Both are `functools.lru_cache`d in Triton, so computing them here means the startup warm-ups'
-  first launch finds them. Started after `import torch` (so the two imports never interleave)
-  and joined before the warm-ups.
+  first launch finds them. Started beside `import torch` (Triton imports no torch; its own
+  import is ~0.15 s of the GIL, the hash none) and joined before the warm-ups.
 
 Torch-free. Every failure is swallowed (logged at debug): the engine thread then pays the cost
 itself, as before. Thread ownership: the threads started here touch only the driver, Triton's

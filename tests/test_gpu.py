@@ -492,7 +492,7 @@ def test_early_weights_equal_the_pipelines(tmp_path, arch):
     early = load_checkpoint(str(model_dir), "cuda", "bfloat16").model
     assert early.external_weight_bytes == reader.nbytes > 0
     assert reader.stats.bytes_read == reader.stats.bytes_planned
-    a, b = piped._tensors(), early._tensors()
+    a, b = list(piped._tensors()), list(early._tensors())
     assert len(a) == len(b)
     for x, y in zip(a, b, strict=True):
         assert x.dtype == y.dtype and x.shape == y.shape and torch.equal(x, y)
