@@ -51,10 +51,13 @@ log = logging.getLogger("graphserve.loader")
 
 PIECE_BYTES = 64 * 2**20
 ALIGN = 256
-# Few readers, niced: they finish inside the torch import anyway (4 x 64 MiB read the 8B's 16 GB
-# with 0.00 s left to wait at the load, H200 box), and every extra busy thread slows that import,
-# which is on the path to ready (16 readers: import 2.7-3.8 s vs 2.5-2.9 s with 4, one call).
-MAX_THREADS = 4
+# Few readers, niced, when the checkpoint is in the page cache: they finish inside the torch
+# import anyway (4 x 64 MiB read the 8B's 16 GB with 0.00 s left to wait at the load, H200
+# box), and every extra busy thread slows that import, which is on the path to ready (16
+# readers: import 2.7-3.8 s vs 2.5-2.9 s with 4, one call). From disk, reading is the longer
+# part: more requests in flight (4 readers: 8.8 s for the 8B from NVMe, 16 in the pipeline 7.8 s).
+CACHED_THREADS = 4
+DISK_THREADS = 16
 NICE = 10
 # Safetensors dtype of the raw bytes that are the served tensors, per `--dtype`.
 RAW_DTYPE = {"auto": "BF16", "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -112,7 +115,7 @@ class EarlyReader:
     """Reads `plan` into one device allocation with the driver API (see the module docstring)."""
 
     def __init__(self, model_dir: Path, plan: list[TensorEntry], raw_dtype: str, ordinal: int,
-                 threads: int, lib=None):
+                 threads: int | None, lib=None):
         self.model_dir = model_dir
         self.raw_dtype = raw_dtype
         self.offsets, self.nbytes = layout(plan)
@@ -129,7 +132,7 @@ class EarlyReader:
             if e.nbytes == 0:
                 slot.pieces = 0
                 slot.done.set()
-        self.stats = EarlyStats(threads, sum(e.nbytes for e in plan))
+        self.stats = EarlyStats(threads or 0, sum(e.nbytes for e in plan))
         self.error: str | None = None
         self.base = 0  # device pointer, once allocated
         self.ready = threading.Event()  # the buffer exists (or setup failed: see `error`)
@@ -152,6 +155,9 @@ class EarlyReader:
     def _setup(self) -> None:
         t0 = time.perf_counter()
         try:
+            if self._threads is None:  # here, not on the engine thread: mincore takes a moment
+                self._threads = default_threads([s.entry for s in self.slots.values()])
+                self.stats.threads = self._threads
             lib = self._lib or ctypes.CDLL("libcuda.so.1")
             self._lib = lib
             _check(lib.cuInit(0), "cuInit")
@@ -309,15 +315,22 @@ def start(model: str | None, dtype: str, *, ordinal: int = 0,
     plan = load_plan(entries, frozenset({"lm_head.weight"}) if tied else frozenset())
     if not plan or any(e.dtype != raw for e in plan):
         return None
-    if threads is None:
-        try:
-            cpus = len(os.sched_getaffinity(0))
-        except (AttributeError, OSError):
-            cpus = os.cpu_count() or 2
-        threads = max(2, min(MAX_THREADS, cpus // 4))
     reader = EarlyReader(path.resolve(), plan, raw, ordinal, threads, lib)
     _local.reader = reader
     return reader
+
+
+def default_threads(plan: list[TensorEntry]) -> int:
+    """Readers for `plan`: a few if the page cache holds it all (mincore), more if not."""
+    from server.prefetch import not_resident
+
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 2
+    if not_resident(plan):
+        return max(2, min(DISK_THREADS, cpus))
+    return max(2, min(CACHED_THREADS, cpus // 4))
 
 
 def claim(model_dir: Path) -> EarlyReader | None:

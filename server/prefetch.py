@@ -117,7 +117,7 @@ class PageCacheWarmer:
             self._entries = entries
             self.stats.files = sorted({e.file for e in entries.values()})
             self.stats.planned_bytes = sum(e.nbytes for e in plan)
-            cold = _not_resident(plan)
+            cold = not_resident(plan)
             self.stats.resident_bytes = self.stats.planned_bytes - sum(e.nbytes for e in cold)
         except (ModelLoadError, OSError) as exc:
             self.stats.error = str(exc)
@@ -223,7 +223,7 @@ def _lower_priority() -> None:
 # -- mincore(2): which pages of a file are in the page cache ---------------------------------
 
 
-def _not_resident(plan: list[TensorEntry]) -> list[TensorEntry]:
+def not_resident(plan: list[TensorEntry]) -> list[TensorEntry]:
     """The entries of `plan` with at least one page not in the page cache (all of them when
     residency cannot be checked: reading a cached page again is only wasted memory bandwidth)."""
     by_file: dict[Path, bytes | None] = {}

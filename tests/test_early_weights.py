@@ -235,3 +235,19 @@ def test_claim_for_another_directory_stops_and_frees(tmp_path):
     assert early_weights.claim(tmp_path / "elsewhere") is None
     assert driver.freed == [base] and reader.base == 0
     assert early_weights.claim(tmp_path) is None  # handed over (or dropped) once only
+
+
+def test_reader_count_follows_the_page_cache(tmp_path, monkeypatch):
+    from server import prefetch
+
+    _checkpoint(tmp_path)
+    reader = early_weights.start(str(tmp_path), "auto", threads=2, lib=FakeDriver())
+    early_weights.discard()
+    plan = [s.entry for s in reader.slots.values()]
+    monkeypatch.setattr(early_weights.os, "sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr(prefetch, "not_resident", lambda p: [])
+    assert early_weights.default_threads(plan) == early_weights.CACHED_THREADS
+    monkeypatch.setattr(prefetch, "not_resident", lambda p: p[:1])  # a page on disk: read wide
+    assert early_weights.default_threads(plan) == early_weights.DISK_THREADS
+    monkeypatch.setattr(early_weights.os, "sched_getaffinity", lambda pid: {0, 1})
+    assert early_weights.default_threads(plan) == 2

@@ -275,7 +275,7 @@ def test_warmer_reads_what_is_not_cached_and_skips_what_is(tmp_path):
     assert warmer.wait(30)
     assert warmer.stats.error is None and warmer.stats.read_bytes > 0
     assert warmer.stats.planned_bytes == sum(e.nbytes for e in plan)
-    assert prefetch._not_resident(plan) == []
+    assert prefetch.not_resident(plan) == []
     again = prefetch.PageCacheWarmer(path, threads=2)  # everything cached: nothing to read
     assert again.wait(30)
     assert again.stats.read_bytes == 0
@@ -287,7 +287,7 @@ def test_warmer_skips_what_the_pipeline_took_over(tmp_path):
                             intermediate_size=512)
     plan = load_plan(read_checkpoint(path))
     drop_from_page_cache(path / "model.safetensors")
-    if not prefetch._not_resident(plan):
+    if not prefetch.not_resident(plan):
         pytest.skip("this filesystem does not drop cached pages on request")
     warmer = prefetch.PageCacheWarmer(path, threads=1, start=False)
     taken = [e for e in plan if e.name.startswith(("model.embed", "model.layers.0."))]
