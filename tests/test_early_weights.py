@@ -184,12 +184,21 @@ def test_tied_lm_head_is_not_read_and_a_dtype_mismatch_is_left_to_the_pipeline(t
     assert early_weights.start(str(tmp_path / "nope"), "auto", lib=FakeDriver()) is None
 
 
-def test_a_failed_setup_frees_nothing_twice_and_makes_the_source_unusable(tmp_path):
+def _failing(tmp_path, call: str):
+    """A claimed reader over a fake driver whose `call` fails, once a reader has hit it."""
     _checkpoint(tmp_path)
-    driver = FakeDriver(fail="cuMemAlloc_v2")
+    driver = FakeDriver(fail=call)
     reader = _start(tmp_path, driver)
     early_weights.claim(tmp_path)
     reader.ready.wait(10)
+    deadline = time.monotonic() + 10
+    while reader.error is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return reader, driver
+
+
+def test_a_failed_setup_frees_nothing_twice_and_makes_the_source_unusable(tmp_path):
+    reader, driver = _failing(tmp_path, "cuMemAlloc_v2")
     assert "cuMemAlloc" in reader.error
     with pytest.raises(ModelLoadError, match="unusable"):
         early_weights.EarlyWeights(reader, torch.bfloat16,
@@ -198,14 +207,7 @@ def test_a_failed_setup_frees_nothing_twice_and_makes_the_source_unusable(tmp_pa
 
 
 def test_a_copy_failing_before_the_load_leaves_it_to_the_pipeline(tmp_path):
-    _checkpoint(tmp_path)
-    driver = FakeDriver(fail="cuMemcpyHtoDAsync_v2")
-    reader = _start(tmp_path, driver)
-    early_weights.claim(tmp_path)
-    reader.ready.wait(10)
-    deadline = time.monotonic() + 10
-    while reader.error is None and time.monotonic() < deadline:  # a reader hits the failure
-        time.sleep(0.01)
+    reader, driver = _failing(tmp_path, "cuMemcpyHtoDAsync_v2")
     base = reader.base
     with pytest.raises(ModelLoadError, match="unusable.*cuMemcpyHtoDAsync"):
         _weights(reader, driver)
