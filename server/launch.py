@@ -130,8 +130,12 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
     held = HeldSignals()
     early: EarlyHealthResponder | None = None
     try:
+        from server import stall_watch
         from server.early_health import EarlyHealthResponder
         from server.health import Lifecycle
+
+        # For the process's life: names the thread behind any stall of the whole process.
+        stall_watch.start()
 
         lifecycle = Lifecycle()
         try:

@@ -42,6 +42,7 @@ TORCH_FREE = (
     "server.kernel_cache",
     "server.warm_start",
     "server.early_weights",
+    "server.stall_watch",
     "server.default_model",
     "server.step_plan",
     "server.distributed.protocol",

@@ -1,0 +1,103 @@
+"""Name the thread behind a process-wide stall.
+
+When one thread holds the GIL inside a long C call (a tokenizer build, a big allocation, a
+library's first use), every other thread stops: engine steps, graph captures, the event loop,
+health probes. The engine's slow-step warning (`server.engine`) only sees stalls inside a step;
+the intermittent 0.3-1.3 s pause right after ready (docs/benchmarks.md 9c, 9d) was outside any.
+
+`StallWatch` is one daemon thread that sleeps in short periods and notices when a wake-up comes
+far later than asked: nothing could run Python meanwhile (or the process got no CPU). Right
+then it records where every thread is (`sys._current_frames`): the thread that held the GIL has
+only just let go, so it is still at (or next to) the call that held it. One WARNING line per
+stall, at most every `min_interval_s`, names each thread with its innermost frames in the
+server (else its innermost frame).
+
+Torch-free and cheap: 20 wake-ups a second, each a few microseconds of Python. Started by
+`server.launch` for the process's life. Thread ownership: its own thread only; `stop()` from any.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import sysconfig
+import threading
+import time
+import traceback
+
+log = logging.getLogger("graphserve.stall")
+
+PERIOD_S = 0.05
+THRESHOLD_S = 0.25  # late by more than this: a stall worth a line
+MIN_INTERVAL_S = 10.0
+
+
+class StallWatch(threading.Thread):
+    """Logs wake-ups later than `threshold_s` (see the module docstring). `stalls` keeps
+    `(seconds late, description)` of the last few, for tests and diagnostics."""
+
+    def __init__(self, period_s: float = PERIOD_S, threshold_s: float = THRESHOLD_S,
+                 min_interval_s: float = MIN_INTERVAL_S):
+        super().__init__(name="graphserve-stall-watch", daemon=True)
+        self.period_s = period_s
+        self.threshold_s = threshold_s
+        self.min_interval_s = min_interval_s
+        self.stalls: list[tuple[float, str]] = []
+        self._stop_event = threading.Event()
+        self._logged_at = float("-inf")
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+    def run(self) -> None:
+        expected = time.perf_counter() + self.period_s
+        while not self._stop_event.wait(max(0.0, expected - time.perf_counter())):
+            now = time.perf_counter()
+            late = now - expected
+            expected = now + self.period_s
+            if late < self.threshold_s:
+                continue
+            where = describe_threads(sys._current_frames(), threading.get_ident())
+            self.stalls = [*self.stalls[-9:], (late, where)]
+            if now - self._logged_at >= self.min_interval_s:
+                self._logged_at = now
+                log.warning("process stalled %.2f s (no thread ran Python, or no CPU); threads "
+                            "right after: %s", late, where)
+
+
+def describe_threads(frames: dict[int, object], skip: int) -> str:
+    """`name at file:line (function)` for every thread but `skip`: its innermost frame in the
+    server, else its innermost frame outside the standard library, else its innermost frame;
+    followed by the innermost frame when that is another."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    stdlib = sysconfig.get_paths()["stdlib"]
+    parts = []
+    for ident, frame in frames.items():
+        if ident == skip:
+            continue
+        stack = traceback.extract_stack(frame)
+        ours = [f for f in stack if "/server/" in f.filename.replace("\\", "/")]
+        outside = [f for f in stack
+                   if not f.filename.startswith((stdlib, "<frozen"))]  # fmt: skip
+        pick = (ours or outside or stack)[-1]
+        inner = stack[-1]
+        text = f"{names.get(ident, ident)} at {_short(pick.filename)}:{pick.lineno} ({pick.name})"
+        if inner is not pick:
+            text += f" in {_short(inner.filename)}:{inner.lineno} ({inner.name})"
+        parts.append(text)
+    return "; ".join(sorted(parts))
+
+
+def _short(path: str) -> str:
+    path = path.replace("\\", "/")
+    for marker in ("/server/", "/site-packages/", "/dist-packages/", "/lib/python"):
+        i = path.rfind(marker)
+        if i >= 0:
+            return path[i + 1:]
+    return path
+
+
+def start() -> StallWatch:
+    watch = StallWatch()
+    watch.start()
+    return watch
