@@ -9,7 +9,7 @@ the intermittent 0.3-1.3 s pause right after ready (docs/benchmarks.md 9c, 9d) w
 far later than asked: nothing could run Python meanwhile (or the process got no CPU). Right
 then it records where every thread is (`sys._current_frames`): the thread that held the GIL has
 only just let go, so it is still at (or next to) the call that held it. One WARNING line per
-stall, at most every `min_interval_s`, names each thread with its innermost frames in the
+stall, at most every `min_interval_s` (1 s), names each thread with its innermost frames in the
 server (else its innermost frame).
 
 Torch-free and cheap: 20 wake-ups a second, each a few microseconds of Python. Started by
@@ -29,7 +29,7 @@ log = logging.getLogger("graphserve.stall")
 
 PERIOD_S = 0.05
 THRESHOLD_S = 0.25  # late by more than this: a stall worth a line
-MIN_INTERVAL_S = 10.0
+MIN_INTERVAL_S = 1.0
 
 
 class StallWatch(threading.Thread):
