@@ -34,17 +34,26 @@ first writes the bytecode of the packages a server imports on its way to ready, 
 pip install has it: without it every launch compiles their sources (~3.3 s of an 8B start on
 the H200 box, docs/benchmarks.md 9c); `as-is` measures whatever is installed.
 
+`--baseline-dir DIR` launches another checkout (its `server` package first on the path), with
+the same flags, right after each of this checkout's launches, and prints the median ready ratio:
+the before/after of a change measured in one run on one box (startup times on the GPU boxes vary
+by ~1 s between calls, docs/benchmarks.md 9d).
+
 Wall time: warm-up + runs x 3 policies x 2 size lists launches; with the 8B checkpoint each takes
 roughly weights-load + capture + a few seconds, so `--runs 2` keeps it well inside 10 minutes.
 `--time-budget-s` stops launching (output marked truncated) rather than overrun.
 
     python -m bench.cold_start --model /tmp/llama-8b --out bench/results/cold-start-8b.json
     python -m bench.cold_start --smoke --out /tmp/cold.json     # CPU, embedded model, seconds
+    python -m bench.cold_start --model /tmp/llama-8b --modes lazy --variants default --no-warmup \
+        --caches fresh --kernel-cache /tmp/k8 --first-request-tokens 512 --runs 3 \
+        --baseline-dir ../previous-checkout --out bench/results/cold-start-8b-ab.json
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -145,13 +154,19 @@ def evict_page_cache(model_dir: str | None) -> dict[str, Any]:
 
 
 def measure_launch(
-    args: argparse.Namespace, server_args: list[str], mode: str, log_path: Path
+    args: argparse.Namespace, server_args: list[str], mode: str, log_path: Path,
+    tree: str | None = None,
 ) -> dict[str, Any]:
-    """Start one server, poll it to readiness and (if capturing) full coverage, stop it."""
+    """Start one server, poll it to readiness and (if capturing) full coverage, stop it.
+    `tree`: another checkout whose server to start (its own `server` package first on the
+    path), else this one's."""
     with tempfile.TemporaryDirectory(prefix="graphserve-fresh-") as tmp:
         env = fresh_caches(Path(tmp)) if args.caches == "fresh" else {}
+        if tree is not None:
+            path = os.environ.get("PYTHONPATH")
+            env["PYTHONPATH"] = str(Path(tree).resolve()) + (os.pathsep + path if path else "")
         evicted = evict_page_cache(args.model) if args.page_cache == "cold" else None
-        run = _measure(args, server_args, mode, log_path, env)
+        run = _measure(args, server_args, mode, log_path, env, tree)
     run["caches"] = args.caches + (" + kernels compiled ahead" if args.kernel_cache else "")
     run["page_cache"] = args.page_cache
     run["evicted"] = evicted
@@ -172,10 +187,11 @@ def first_request(client, server: ServerProcess, run: dict[str, Any], tokens: in
 
 
 def _measure(args: argparse.Namespace, server_args: list[str], mode: str, log_path: Path,
-             env: dict[str, str]) -> dict[str, Any]:  # fmt: skip
+             env: dict[str, str], tree: str | None = None) -> dict[str, Any]:  # fmt: skip
     import httpx
 
-    server = ServerProcess([*server_args, "--graph-capture", mode], log_path=log_path, env=env)
+    server = ServerProcess([*server_args, "--graph-capture", mode], log_path=log_path, env=env,
+                           cwd=tree)  # fmt: skip
     run: dict[str, Any] = {
         "mode": mode,
         "health_s": None,
@@ -354,6 +370,18 @@ def evaluate(variant: str, summary: dict[str, dict[str, Any]]) -> list[dict[str,
     return checks
 
 
+def ready_ratios(result: dict[str, Any]) -> list[tuple[str, str, float | None]]:
+    """(variant, policy, median ready of this checkout / the baseline's) where both ran."""
+    out = []
+    for v, data in (result.get("baseline") or {}).get("variants", {}).items():
+        ours = result["variants"][v]["summary"]
+        for m, base in data["summary"].items():
+            a = (ours.get(m) or {}).get("ready_s", {}).get("median")
+            b = base["ready_s"]["median"]
+            out.append((v, m, a / b if a is not None and b else None))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -425,6 +453,10 @@ def main() -> None:
     ap.add_argument("--ready-target-s", type=float, default=None,
                     help="also check exec -> ready (lazy median) against this many seconds")
     ap.add_argument("--log-dir", default=None, help="server logs (default: next to --out)")
+    ap.add_argument("--baseline-dir", default=None, metavar="DIR",
+                    help="another checkout (e.g. the previous commit's tree) launched with the "
+                    "same flags right after each of this checkout's launches; medians and the "
+                    "ready ratio are reported side by side")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument(
         "--smoke",
@@ -476,28 +508,33 @@ def main() -> None:
         print(f"note: no bytecode cache for {', '.join(missing)}: every launch compiles their "
               "Python sources, which an image's pip install would not (run `python -m "
               "compileall` on them to measure what a container sees)", flush=True)
+    trees = {"variants": None}
+    if args.baseline_dir:
+        result["baseline"] = {"dir": str(Path(args.baseline_dir).resolve()), "variants": {}}
+        trees["baseline"] = args.baseline_dir
     for v in variants:
-        result["variants"][v] = {
-            "server_args": variant_args(args, v),
-            "runs": {m: [] for m in modes},
-            "summary": {},
-        }
+        for key in ["variants", *(["baseline"] if args.baseline_dir else [])]:
+            slot = result[key] if key == "variants" else result["baseline"]["variants"]
+            slot[v] = {"server_args": variant_args(args, v), "runs": {m: [] for m in modes},
+                       "summary": {}}  # fmt: skip
     longest = 0.0
 
     def budget_allows() -> bool:
         return time.perf_counter() - t_start + longest * 1.2 <= args.time_budget_s
 
-    def launch(variant: str, mode: str, label: str) -> dict[str, Any]:
+    def launch(variant: str, mode: str, label: str, tree: str | None = None) -> dict[str, Any]:
         nonlocal longest
         t0 = time.perf_counter()
+        tag = "baseline-" if tree else ""
         run = measure_launch(
-            args, variant_args(args, variant), mode, log_dir / f"cold-{variant}-{mode}-{label}.log"
-        )
+            args, variant_args(args, variant), mode,
+            log_dir / f"cold-{tag}{variant}-{mode}-{label}.log", tree,
+        )  # fmt: skip
         run["wall_s"] = time.perf_counter() - t0
         longest = max(longest, run["wall_s"])
         status = run["error"] or "ok"
         print(
-            f"[{variant} {mode} {label}] health {fmt(run['health_s'])} s, ready "
+            f"[{tag}{variant} {mode} {label}] health {fmt(run['health_s'])} s, ready "
             f"{fmt(run['ready_s'])} s, full coverage {fmt(run['coverage_complete_s'])} s "
             f"({fmt(run.get('effective_mode'))}); {status.splitlines()[0]}",
             flush=True,
@@ -515,9 +552,15 @@ def main() -> None:
                     result["truncated"] = True
                     break
                 result["variants"][v]["runs"][m].append(launch(v, m, f"run{i + 1}"))
+                if args.baseline_dir:  # right after, so both see the same box state
+                    result["baseline"]["variants"][v]["runs"][m].append(
+                        launch(v, m, f"run{i + 1}", args.baseline_dir))
                 write_json(args.out, result)
 
     for v in variants:
+        if args.baseline_dir:
+            base = result["baseline"]["variants"][v]
+            base["summary"] = {m: summarize_runs(r) for m, r in base["runs"].items() if r}
         summary = {m: summarize_runs(r) for m, r in result["variants"][v]["runs"].items() if r}
         result["variants"][v]["summary"] = summary
         result["targets"] += evaluate(v, summary)
@@ -562,18 +605,24 @@ def main() -> None:
     )
     rows = []
     for v in variants:
-        for m, s in result["variants"][v]["summary"].items():
-            mode = m if s["effective_mode"] in (None, m) else f"{m}->{s['effective_mode']}"
-            rows.append(
-                [v, mode, f"{s['runs'] - s['failed']}/{s['runs']}", fmt(s["n_sizes"])]
-                + [fmt(s[k]["median"], ".2f") for k in METRICS]
-                + ["/".join(f"{x:.2f}" for x in s["ready_s"]["values"]) or "-"]
-            )
+        sides = [("", result["variants"][v]["summary"])]
+        if args.baseline_dir:
+            sides.append(("baseline ", result["baseline"]["variants"][v]["summary"]))
+        for tag, summaries in sides:
+            for m, s in summaries.items():
+                mode = m if s["effective_mode"] in (None, m) else f"{m}->{s['effective_mode']}"
+                rows.append(
+                    [tag + v, mode, f"{s['runs'] - s['failed']}/{s['runs']}", fmt(s["n_sizes"])]
+                    + [fmt(s[k]["median"], ".2f") for k in METRICS]
+                    + ["/".join(f"{x:.2f}" for x in s["ready_s"]["values"]) or "-"]
+                )
     print(
         "medians in seconds from exec (cov-ready: full coverage minus ready; capt sum: sum of "
         "per-size capture times; 1st tok: first completion's answer minus ready)"
     )
     print_table(header, rows)
+    for v, m, ratio in ready_ratios(result):
+        print(f"[{v} {m}] exec -> ready, median: this checkout / baseline = {fmt(ratio, '.3f')}")
     if result["truncated"]:
         print(f"TRUNCATED: time budget {args.time_budget_s:.0f} s reached; fewer runs than asked")
     print_targets(result["targets"], "(smoke: CPU numbers, not meaningful)" if args.smoke else "")

@@ -48,8 +48,8 @@ def smoke_runs(tmp_path_factory):
         ]
         if name not in ("peers", "openai_overheads", "capture_stall"):
             cmd += ["--log-dir", str(out_dir / "logs")]
-        if name == "cold_start":
-            cmd += ["--first-request-tokens", "16"]
+        if name == "cold_start":  # this checkout as its own baseline: the A/B path runs too
+            cmd += ["--first-request-tokens", "16", "--baseline-dir", "."]
         procs[name] = (
             subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT),
             log,
@@ -123,6 +123,13 @@ def test_cold_start_smoke(smoke_runs):
         assert run["first_token_s"] == pytest.approx(
             run["ready_s"] + run["first_token_after_ready_s"])
         assert 0 < run["first_token_after_ready_s"] < 30
+        # The baseline checkout launched right after, with the same flags, into its own log.
+        (base,) = data["baseline"]["variants"]["default"]["runs"][mode]
+        assert base["error"] is None and 0 < base["ready_s"]
+        assert "cold-baseline-default" in base["log"] and base["log"] != run["log"]
+        assert data["baseline"]["variants"]["default"]["summary"][mode]["ready_s"]["values"] == [
+            base["ready_s"]]
+        assert f"[default {mode}] exec -> ready, median: this checkout / baseline = " in text
     _check_targets(data["targets"], 5)
     assert "graph phase" in data["targets"][2]["target"]
     assert data["targets"][3]["passed"] is None  # lazy coverage: n/a without CUDA
