@@ -136,6 +136,10 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
     model.add_argument("--prefetch-threads", type=int, default=eng.prefetch_threads, metavar="N",
                        help="threads pulling the checkpoint into the page cache while torch "
                        "imports (0: none)")
+    model.add_argument("--no-early-weights", dest="early_weights", action="store_false",
+                       help="on one GPU, do not read the weights onto it while torch imports "
+                       "(CUDA driver API through ctypes); the pipeline reads them after the "
+                       "import instead (~1 s later to ready for an 8B on an H200)")
     model.add_argument("--kernel-cache", default=None, metavar="DIR",
                        help="Triton kernels compiled ahead (`graphserve precompile-kernels`), "
                        "copied into TRITON_CACHE_DIR at startup so nothing is JIT-compiled "
@@ -309,6 +313,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         load_format=args.load_format,
         state_dir="" if args.no_state_dir else args.state_dir,
         prefetch_threads=args.prefetch_threads,
+        early_weights=args.early_weights,
         kernel_cache=args.kernel_cache,
     )
     max_request_bytes = None

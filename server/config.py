@@ -133,6 +133,9 @@ class EngineConfig:
     # ($XDG_CACHE_HOME/graphserve), "" = keep nothing.
     state_dir: str | None = None
     prefetch_threads: int = 4  # page-cache warmers during the torch import (0: none)
+    # One GPU: read the weights onto it with the driver API while torch imports
+    # (`server.early_weights`); off: the pipeline reads them after the import, as before.
+    early_weights: bool = True
     # Kernels compiled ahead (server.kernel_cache); None: $GRAPHSERVE_KERNEL_CACHE, if set.
     kernel_cache: str | None = None
 

@@ -81,6 +81,14 @@ SLOW_STEP_LOG_EVERY_S = 10.0
 CAPTURE_POLL_S = 0.002
 
 
+def reads_early(cfg: EngineConfig) -> bool:
+    """Whether the engine thread starts `server.early_weights` before importing torch: one
+    process on a GPU (or `auto`), real weights, the fast loader, and not `--no-early-weights`.
+    (`early_weights.start` itself still declines what it cannot read as served.)"""
+    return (cfg.device != "cpu" and cfg.early_weights and cfg.tensor_parallel_size == 1
+            and cfg.load_format != "dummy" and cfg.loader != "transformers")  # fmt: skip
+
+
 # ---------------------------------------------------------------------------------------------
 # Event-loop side
 # ---------------------------------------------------------------------------------------------
@@ -152,10 +160,7 @@ class AsyncEngine:
             # Torch-free: on one GPU the weights go straight to the device while torch imports
             # (`server.early_weights`); where that does not apply, the checkpoint at least
             # streams into the page cache meanwhile.
-            early = None
-            if (gpu and cfg.tensor_parallel_size == 1 and cfg.load_format != "dummy"
-                    and cfg.loader != "transformers"):
-                early = early_weights.start(cfg.model, cfg.dtype)
+            early = early_weights.start(cfg.model, cfg.dtype) if reads_early(cfg) else None
             if early is None and cfg.load_format != "dummy" and cfg.prefetch_threads > 0:
                 prefetch.start(cfg.model, cfg.prefetch_threads)
             self._set_phase("loading_weights")

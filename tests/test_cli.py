@@ -45,7 +45,7 @@ def test_every_flag_maps_onto_the_config():
         "--capture-min-interval-ms", "100", "--idle-debounce-ms", "7", "--api-key", "k",
         "--drain-timeout", "12", "--startup-failure-grace", "1.5", "--log-format", "json",
         "--log-level", "debug", "--seed", "42", "--loader", "transformers", "--no-mixed-graphs",
-        "--decode-prefill-tokens", "64", "--decode-prefill-depth", "0",
+        "--decode-prefill-tokens", "64", "--decode-prefill-depth", "0", "--no-early-weights",
     )
     e = cfg.engine
     assert (e.model, e.served_model_name, e.dtype, e.device) == ("/models/x", "x", "float16", "cpu")
@@ -58,6 +58,7 @@ def test_every_flag_maps_onto_the_config():
     assert e.cuda_graph_sizes == [1, 2, 4]
     assert (e.capture_budget_ms, e.capture_min_interval_ms, e.idle_debounce_ms) == (20, 100, 7)
     assert e.seed == 42 and e.loader == "transformers"
+    assert e.early_weights is False and config().engine.early_weights is True
     assert (cfg.host, cfg.port, cfg.api_key, cfg.drain_timeout) == ("0.0.0.0", 8123, "k", 12)
     assert cfg.startup_failure_grace == 1.5
     assert (cfg.log_format, cfg.log_level) == ("json", "debug")

@@ -253,3 +253,15 @@ def test_reader_count_follows_the_page_cache(tmp_path, monkeypatch):
     assert early_weights.default_threads(plan) == early_weights.DISK_THREADS
     monkeypatch.setattr(early_weights.os, "sched_getaffinity", lambda pid: {0, 1})
     assert early_weights.default_threads(plan) == 2
+
+
+def test_the_engine_reads_early_only_where_it_applies():
+    from server.config import EngineConfig
+    from server.engine import reads_early
+
+    assert reads_early(EngineConfig(device="cuda")) and reads_early(EngineConfig())  # auto
+    assert not reads_early(EngineConfig(device="cpu"))
+    assert not reads_early(EngineConfig(device="cuda", early_weights=False))
+    assert not reads_early(EngineConfig(device="cuda", load_format="dummy"))
+    assert not reads_early(EngineConfig(device="cuda", loader="transformers"))
+    assert not reads_early(EngineConfig(device="cuda", tensor_parallel_size=2))
