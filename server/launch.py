@@ -132,12 +132,11 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
     try:
         from server import stall_watch
         from server.early_health import EarlyHealthResponder
-        from server.health import Lifecycle
-
-        # For the process's life: names the thread behind any stall of the whole process.
-        stall_watch.start()
+        from server.health import DRAINING, READY, Lifecycle
 
         lifecycle = Lifecycle()
+        # For the process's life: names the thread behind any stall of the whole process.
+        stall_watch.start(serving=lambda: lifecycle.phase in (READY, DRAINING))
         try:
             early = EarlyHealthResponder(sock, lifecycle, config.api_key, tls=tls)
             early.start()

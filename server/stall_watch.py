@@ -10,7 +10,7 @@ far later than asked: nothing could run Python meanwhile (or the process got no 
 then it records where every thread is (`sys._current_frames`): the thread that held the GIL has
 only just let go, so it is still at (or next to) the call that held it. One WARNING line per
 stall, at most every `min_interval_s` (1 s), names each thread with its innermost frames in the
-server (else its innermost frame).
+server (else its innermost frame): a WARNING while serving, INFO before (a start has a few).
 
 Torch-free and cheap: 20 wake-ups a second, each a few microseconds of Python. Started by
 `server.launch` for the process's life. Thread ownership: its own thread only; `stop()` from any.
@@ -37,8 +37,11 @@ class StallWatch(threading.Thread):
     `(seconds late, description)` of the last few, for tests and diagnostics."""
 
     def __init__(self, period_s: float = PERIOD_S, threshold_s: float = THRESHOLD_S,
-                 min_interval_s: float = MIN_INTERVAL_S):
+                 min_interval_s: float = MIN_INTERVAL_S, serving=None):
         super().__init__(name="graphserve-stall-watch", daemon=True)
+        # `serving()`: True once requests may be waiting (WARNING); before that a stall only
+        # delays readiness and is logged at INFO (every start has a few: docs 9d).
+        self._serving = serving or (lambda: True)
         self.period_s = period_s
         self.threshold_s = threshold_s
         self.min_interval_s = min_interval_s
@@ -61,8 +64,9 @@ class StallWatch(threading.Thread):
             self.stalls = [*self.stalls[-9:], (late, where)]
             if now - self._logged_at >= self.min_interval_s:
                 self._logged_at = now
-                log.warning("process stalled %.2f s (no thread ran Python, or no CPU); threads "
-                            "right after: %s", late, where)
+                level = logging.WARNING if self._serving() else logging.INFO
+                log.log(level, "process stalled %.2f s (no thread ran Python, or no CPU); "
+                        "threads right after: %s", late, where)
 
 
 def describe_threads(frames: dict[int, object], skip: int) -> str:
@@ -97,7 +101,7 @@ def _short(path: str) -> str:
     return path
 
 
-def start() -> StallWatch:
-    watch = StallWatch()
+def start(serving=None) -> StallWatch:
+    watch = StallWatch(serving=serving)
     watch.start()
     return watch
