@@ -134,6 +134,7 @@ class EarlyReader:
                 slot.done.set()
         self.stats = EarlyStats(threads or 0, sum(e.nbytes for e in plan))
         self.error: str | None = None
+        self.checkpoint_names: list[str] = [e.name for e in plan]  # every tensor in the files
         self.base = 0  # device pointer, once allocated
         self.ready = threading.Event()  # the buffer exists (or setup failed: see `error`)
         self._lib = lib
@@ -316,6 +317,7 @@ def start(model: str | None, dtype: str, *, ordinal: int = 0,
     if not plan or any(e.dtype != raw for e in plan):
         return None
     reader = EarlyReader(path.resolve(), plan, raw, ordinal, threads, lib)
+    reader.checkpoint_names = list(entries)  # for `names()`: what the model did not take
     _local.reader = reader
     return reader
 
@@ -388,8 +390,8 @@ class EarlyWeights:
         self._taken: set[str] = set()
 
     def names(self) -> list[str]:
-        """Tensors not taken (yet)."""
-        return [n for n in self._reader.slots if n not in self._taken]
+        """Tensors of the checkpoint not taken (yet), read or not (as the pipeline's)."""
+        return [n for n in self._reader.checkpoint_names if n not in self._taken]
 
     def take(self, name: str, shape: tuple[int, ...]):
         slot = self._slot(name, shape)

@@ -161,6 +161,27 @@ def test_fused_parts_are_one_view_equal_to_their_concatenation(tmp_path):
                             (p + "mlp.gate_proj.weight", (96, 64))]) is None
 
 
+def test_untaken_tensors_are_named_whether_read_or_not(tmp_path, monkeypatch):
+    from safetensors.torch import save_file as save
+
+    _checkpoint(tmp_path)
+    # A tensor no model takes (a vision tower's, say): not read, still reported as unused.
+    save({"vision.proj.weight": torch.zeros(4, 4, dtype=torch.bfloat16)},
+         str(tmp_path / "extra.safetensors"))
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    index["weight_map"]["vision.proj.weight"] = "extra.safetensors"
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps(index))
+    driver = FakeDriver()
+    reader = _start(tmp_path, driver)
+    early_weights.claim(tmp_path)
+    assert "vision.proj.weight" not in reader.slots
+    w = _weights(reader, driver)
+    w.take("model.norm.weight", (64,))
+    names = w.names()
+    assert "vision.proj.weight" in names and "model.norm.weight" not in names
+    assert "model.embed_tokens.weight" in names
+
+
 def test_take_checks_names_and_shapes(tmp_path):
     _checkpoint(tmp_path)
     driver = FakeDriver()
