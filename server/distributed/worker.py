@@ -79,12 +79,6 @@ class Worker:
         write_all(self.reply, frame_json(kind, seq, obj))
 
     def run(self, cfg: dict) -> None:
-        from server import warm_start
-
-        # As rank 0 (`server.engine`): the driver and this rank's context come up while torch
-        # imports, GIL-free.
-        gpu = cfg["engine"].get("device") != "cpu"
-        cuda_init = warm_start.start_cuda_init(self.rank) if gpu else None
         import torch
 
         from server import ops
@@ -103,8 +97,6 @@ class Worker:
         # Rank 0's rule, on the same host: the same answer.
         cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
         device = torch.device("cuda", self.rank) if cuda else torch.device("cpu")
-        if cuda_init is not None:
-            cuda_init.finish()
         if cuda:
             torch.cuda.set_device(device)
             torch.backends.cuda.enable_cudnn_sdp(False)  # as rank 0 (model_runner.load)
