@@ -1,6 +1,6 @@
 """Startup work that needs no Python time, started early on threads so that it stops costing
-readiness: the CUDA driver's initialisation beside `import torch`, Triton's cache key beside the
-weight load.
+readiness: the CUDA driver's initialisation and Triton's cache key, both beside `import torch`;
+and `quick_gil_handoff`, a short switch interval while the model loads.
 
 Both are fixed costs a fresh process pays once, and both run in C without the GIL, so on a
 thread of their own they overlap the engine thread's own work instead of following it (timeline
