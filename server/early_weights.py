@@ -46,6 +46,7 @@ from pathlib import Path
 
 from server.errors import ModelLoadError
 from server.safetensors_index import TensorEntry, load_plan, read_checkpoint
+from server.warm_start import check, load_driver, retain_primary_context
 
 log = logging.getLogger("graphserve.loader")
 
@@ -112,10 +113,11 @@ def layout(plan: list[TensorEntry]) -> tuple[dict[str, int], int]:
 
 
 class EarlyReader:
-    """Reads `plan` into one device allocation with the driver API (see the module docstring)."""
+    """Reads `plan` into one device allocation with the driver API (`lib`, from
+    `warm_start.load_driver`; see the module docstring)."""
 
     def __init__(self, model_dir: Path, plan: list[TensorEntry], raw_dtype: str, ordinal: int,
-                 threads: int | None, lib=None):
+                 threads: int | None, lib):
         self.model_dir = model_dir
         self.raw_dtype = raw_dtype
         self.offsets, self.nbytes = layout(plan)
@@ -159,16 +161,11 @@ class EarlyReader:
             if self._threads is None:  # here, not on the engine thread: mincore takes a moment
                 self._threads = default_threads([s.entry for s in self.slots.values()])
                 self.stats.threads = self._threads
-            lib = self._lib or ctypes.CDLL("libcuda.so.1")
-            self._lib = lib
-            _check(lib.cuInit(0), "cuInit")
-            dev = ctypes.c_int()
-            _check(lib.cuDeviceGet(ctypes.byref(dev), self._ordinal), "cuDeviceGet")
-            _check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(self._ctx), dev),
-                   "cuDevicePrimaryCtxRetain")  # fmt: skip
-            _check(lib.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+            lib = self._lib
+            self._ctx = retain_primary_context(lib, self._ordinal)
+            check(lib.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
             ptr = ctypes.c_uint64()
-            _check(lib.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(self.nbytes)),
+            check(lib.cuMemAlloc_v2(ctypes.byref(ptr), ctypes.c_size_t(self.nbytes)),
                    f"cuMemAlloc({self.nbytes} bytes)")  # fmt: skip
             self.base = ptr.value
             for path in sorted({s.entry.path for s in self.slots.values()}):
@@ -198,12 +195,12 @@ class EarlyReader:
         except (AttributeError, OSError):
             pass
         try:
-            _check(lib.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
-            _check(lib.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")  # non-blocking
+            check(lib.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
+            check(lib.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")  # non-blocking
             for i in range(2):
-                _check(lib.cuMemHostAlloc(ctypes.byref(host[i]), ctypes.c_size_t(PIECE_BYTES), 0),
+                check(lib.cuMemHostAlloc(ctypes.byref(host[i]), ctypes.c_size_t(PIECE_BYTES), 0),
                        "cuMemHostAlloc")  # fmt: skip
-                _check(lib.cuEventCreate(ctypes.byref(events[i]), 2), "cuEventCreate")  # no timing
+                check(lib.cuEventCreate(ctypes.byref(events[i]), 2), "cuEventCreate")  # no timing
             views = [memoryview((ctypes.c_char * PIECE_BYTES).from_address(h.value)).cast("B")
                      for h in host]  # fmt: skip
             i = 0
@@ -213,17 +210,17 @@ class EarlyReader:
                         break
                     slot, start, n, dest = self._jobs.popleft()
                 if pending[i] is not None:  # this buffer's last copy must be done first
-                    _check(lib.cuEventSynchronize(events[i]), "cuEventSynchronize")
+                    check(lib.cuEventSynchronize(events[i]), "cuEventSynchronize")
                     self._finished(*pending[i])
                     pending[i] = None
                 _pread(self._fds[slot.entry.path], views[i][:n], start)
-                _check(lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(self.base + dest), host[i],
+                check(lib.cuMemcpyHtoDAsync_v2(ctypes.c_uint64(self.base + dest), host[i],
                                                 ctypes.c_size_t(n), stream),
                        "cuMemcpyHtoDAsync")  # fmt: skip
-                _check(lib.cuEventRecord(events[i], stream), "cuEventRecord")
+                check(lib.cuEventRecord(events[i], stream), "cuEventRecord")
                 pending[i] = (slot, n)
                 i ^= 1
-            _check(lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
+            check(lib.cuStreamSynchronize(stream), "cuStreamSynchronize")
             for p in pending:
                 if p is not None:
                     self._finished(*p)
@@ -302,8 +299,10 @@ def start(model: str | None, dtype: str, *, ordinal: int = 0,
     raw = RAW_DTYPE.get(dtype)
     if model is None or raw is None:
         return None
-    if lib is None and not _has_driver():
-        return None
+    if lib is None:
+        lib = load_driver()
+        if lib is None:
+            return None
     path = Path(model).expanduser()
     try:
         import json
@@ -464,18 +463,3 @@ def _pread(fd: int, view: memoryview, offset: int) -> None:
         if n <= 0:
             raise OSError(f"file ended at byte {offset + done} (the checkpoint changed?)")
         done += n
-
-
-def _has_driver() -> bool:
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
-        return False
-    try:
-        ctypes.CDLL("libcuda.so.1")
-    except OSError:
-        return False
-    return True
-
-
-def _check(status: int, call: str) -> None:
-    if status != 0:
-        raise RuntimeError(f"{call} returned CUDA error {status}")

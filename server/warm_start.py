@@ -61,43 +61,55 @@ class WarmStart(threading.Thread):
         log.debug("%s: %s after %.3f s", self.name, self.error or "done", self.seconds or -1.0)
 
 
-def start_cuda_init(ordinal: int = 0) -> WarmStart | None:
-    """Initialise the CUDA driver and retain device `ordinal`'s primary context on a thread.
-    None where there is no driver library (a CPU machine) or CUDA is hidden."""
+def load_driver():
+    """The CUDA driver library through ctypes, or None where there is none (a CPU machine) or
+    CUDA is hidden (`CUDA_VISIBLE_DEVICES=""`). Sets `CUDA_MODULE_LOADING` as torch would
+    before its own CUDA init: the driver reads it in `cuInit`, so it must be set before any
+    `cuInit` made here (lazy loading is the driver's default since CUDA 12.2 anyway)."""
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         return None
     try:
         lib = ctypes.CDLL("libcuda.so.1")
     except OSError:
         return None
-    # Torch sets this before its own CUDA init; the driver reads it in cuInit, so it must be
-    # set before ours (lazy loading is the driver's default since CUDA 12.2 anyway).
     os.environ.setdefault("CUDA_MODULE_LOADING", "LAZY")
+    return lib
 
-    def init() -> None:
-        _check(lib.cuInit(0), "cuInit")
-        dev = ctypes.c_int()
-        _check(lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
-        ctx = ctypes.c_void_p()
-        # The reference is kept for the process's life: torch's runtime retains the same
-        # context and nothing here ever releases it.
-        _check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
 
-    thread = WarmStart("graphserve-cuda-init", init)
+def retain_primary_context(lib, ordinal: int) -> ctypes.c_void_p:
+    """`cuInit`, then device `ordinal`'s primary context, retained (the one torch's runtime
+    uses). The reference is kept for the process's life: nothing here releases it."""
+    check(lib.cuInit(0), "cuInit")
+    dev = ctypes.c_int()
+    check(lib.cuDeviceGet(ctypes.byref(dev), ordinal), "cuDeviceGet")
+    ctx = ctypes.c_void_p()
+    check(lib.cuDevicePrimaryCtxRetain(ctypes.byref(ctx), dev), "cuDevicePrimaryCtxRetain")
+    return ctx
+
+
+def start_cuda_init(ordinal: int = 0) -> WarmStart | None:
+    """Initialise the CUDA driver and retain device `ordinal`'s primary context on a thread.
+    None where `load_driver` finds no driver."""
+    lib = load_driver()
+    if lib is None:
+        return None
+    thread = WarmStart("graphserve-cuda-init", lambda: retain_primary_context(lib, ordinal))
     thread.start()
     return thread
 
 
 def start_triton_prime(ordinal: int = 0) -> WarmStart | None:
     """Import Triton and compute its cache key and device `ordinal`'s backend hash on a
-    thread. None without Triton or a CUDA driver."""
+    thread. None without Triton or where `load_driver` finds no driver."""
     try:
         import importlib.util
 
         if importlib.util.find_spec("triton") is None:
             return None
-        lib = ctypes.CDLL("libcuda.so.1")
-    except (ImportError, ValueError, OSError):
+    except (ImportError, ValueError):
+        return None
+    lib = load_driver()
+    if lib is None:
         return None
 
     def prime() -> None:
@@ -154,6 +166,7 @@ def quick_gil_handoff(interval: float = LOAD_SWITCH_INTERVAL_S):
         sys.setswitchinterval(previous)
 
 
-def _check(status: int, call: str) -> None:
+def check(status: int, call: str) -> None:
+    """Raise RuntimeError for a driver call's non-zero status."""
     if status != 0:
         raise RuntimeError(f"{call} returned CUDA error {status}")
