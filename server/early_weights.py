@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from server.errors import ModelLoadError
-from server.safetensors_index import TensorEntry, load_plan, read_checkpoint
+from server.safetensors_index import TensorEntry, check_shape, load_plan, read_checkpoint
 from server.warm_start import check, load_driver, retain_primary_context
 
 log = logging.getLogger("graphserve.loader")
@@ -421,11 +421,7 @@ class EarlyWeights:
         if slot is None:
             raise ModelLoadError(f"{self._reader.model_dir}: tensor {name!r} is missing from "
                                  "the checkpoint")  # fmt: skip
-        if tuple(slot.entry.shape) != tuple(shape):
-            raise ModelLoadError(
-                f"{self._reader.model_dir}: tensor {name!r} has shape {list(slot.entry.shape)}, "
-                f"expected {list(shape)} from config.json"
-            )
+        check_shape(slot.entry, shape)
         t0 = time.perf_counter()
         self._reader.wait(name)
         self.stats.wait_s += time.perf_counter() - t0

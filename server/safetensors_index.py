@@ -204,6 +204,16 @@ def is_model_tensor(name: str) -> bool:
     return m is not None and m.group(2) in _LAYER_RANK
 
 
+def check_shape(entry: TensorEntry, shape: tuple[int, ...]) -> None:
+    """ModelLoadError unless the checkpoint's tensor has the shape config.json implies (both
+    weight sources check before reading into it)."""
+    if tuple(entry.shape) != tuple(shape):
+        raise ModelLoadError(
+            f"{entry.path}: tensor {entry.name!r} has shape {list(entry.shape)}, expected "
+            f"{list(shape)} from config.json"
+        )
+
+
 def load_plan(entries: dict[str, TensorEntry], exclude: frozenset[str] = frozenset()
               ) -> list[TensorEntry]:
     """The tensors worth reading ahead, in the order the model takes them.

@@ -66,6 +66,7 @@ from server.safetensors_index import (
     DTYPES,
     FLOAT_DTYPES,
     TensorEntry,
+    check_shape,
     load_plan,
     read_checkpoint,
 )
@@ -254,11 +255,7 @@ class PipelinedWeights:
                 f"{', '.join(self._files) or 'the safetensors files'}"
             )
         origin = str(entry.path)
-        if tuple(entry.shape) != tuple(shape):
-            raise ModelLoadError(
-                f"{origin}: tensor {name!r} has shape {list(entry.shape)}, expected "
-                f"{list(shape)} from config.json"
-            )
+        check_shape(entry, shape)
         torch_name = DTYPES.get(entry.dtype, (0, None))[1]
         if entry.dtype not in FLOAT_DTYPES or not hasattr(torch, torch_name or ""):
             shown = f"torch.{torch_name}" if torch_name else entry.dtype
