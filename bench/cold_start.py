@@ -508,14 +508,13 @@ def main() -> None:
         print(f"note: no bytecode cache for {', '.join(missing)}: every launch compiles their "
               "Python sources, which an image's pip install would not (run `python -m "
               "compileall` on them to measure what a container sees)", flush=True)
-    trees = {"variants": None}
+    sides = [result["variants"]]  # this checkout's, then the baseline's
     if args.baseline_dir:
         result["baseline"] = {"dir": str(Path(args.baseline_dir).resolve()), "variants": {}}
-        trees["baseline"] = args.baseline_dir
+        sides.append(result["baseline"]["variants"])
     for v in variants:
-        for key in ["variants", *(["baseline"] if args.baseline_dir else [])]:
-            slot = result[key] if key == "variants" else result["baseline"]["variants"]
-            slot[v] = {"server_args": variant_args(args, v), "runs": {m: [] for m in modes},
+        for side in sides:
+            side[v] = {"server_args": variant_args(args, v), "runs": {m: [] for m in modes},
                        "summary": {}}  # fmt: skip
     longest = 0.0
 
