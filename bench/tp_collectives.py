@@ -10,7 +10,9 @@ and reports the median replay time divided by K, in microseconds per collective:
   brought to rank 0, by all-gather (what `server.distributed.comm` does) or by gather;
 * `broadcast_us`: rank 0's sampled tokens (`[n]` int64) to the other rank;
 * with `symm_mem`: torch's symmetric-memory one-shot all-reduce at the same shapes (NVLink
-  multicast stays off: `TORCH_SYMM_MEM_DISABLE_MULTICAST=1`).
+  multicast stays off: `TORCH_SYMM_MEM_DISABLE_MULTICAST=1`), and a decode layer's all-reduce
+  + residual add + RMSNorm three ways: that op then `add_rms_norm`, NCCL then `add_rms_norm`,
+  and the server's fused kernel (`server.distributed.symm_allreduce`), checked against the first.
 
 Rank 0 also measures HBM read bandwidth, and prints a `COLLECTIVES {json}` line after every
 section (the last one holds everything). A failing measurement records its error instead of
@@ -125,30 +127,73 @@ def _rank(rank: int, world: int, port: int, symm_mem: bool) -> None:
 
 
 def _symm_mem(rank: int, world: int) -> dict:
+    """Per call, in µs, inside graphs of 64 calls: torch's one-shot all-reduce alone; the
+    decode layer's previous route, that op then `add_rms_norm`; NCCL then `add_rms_norm`; and
+    the server's fused kernel (`server.distributed.symm_allreduce`), whose output is checked
+    against the previous route's."""
     import torch
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm
 
+    from server import ops
+    from server.distributed.symm_allreduce import SymmAllReduce
+
+    ops.use_triton(True)
     group = dist.group.WORLD.group_name
     symm.enable_symm_mem_for_group(group)
     one_shot = torch.ops.symm_mem.one_shot_all_reduce_copy_out
     out = {}
+    k = 64
     for hidden in (4096, 8192):
+        rows_max = 64
+        fused = SymmAllReduce.create(group, rank, world, rows_max, hidden, torch.bfloat16,
+                                     torch.device("cuda", rank), 60.0)  # fmt: skip
         for rows in (1, 64):
             buf = symm.empty(rows, hidden, dtype=torch.bfloat16, device=f"cuda:{rank}")
             symm.rendezvous(buf, group)
-            local = torch.ones(rows, hidden, dtype=torch.bfloat16, device="cuda")
+            gen = torch.Generator(device="cuda").manual_seed(rank)
+            local = torch.randn(rows, hidden, dtype=torch.bfloat16, device="cuda", generator=gen)
+            residual = torch.randn(rows, hidden, dtype=torch.bfloat16, device="cuda",
+                                   generator=torch.Generator(device="cuda").manual_seed(7))
+            weight = torch.rand(hidden, dtype=torch.bfloat16, device="cuda") + 0.5
             summed = torch.empty_like(local)
-            k = 64
 
-            def body(buf=buf, local=local, summed=summed, k=k):
+            def torch_op(buf=buf, local=local, summed=summed):
                 for _ in range(k):
                     one_shot(buf, local, "sum", group, summed)
 
+            def torch_op_norm(buf=buf, local=local, summed=summed, residual=residual,
+                              weight=weight):  # fmt: skip
+                for _ in range(k):
+                    one_shot(buf, local, "sum", group, summed)
+                    ops.add_rms_norm(summed, residual, weight, 1e-5)
+
+            def nccl_norm(local=local, residual=residual, weight=weight):
+                x = local.clone()
+                for _ in range(k):
+                    dist.all_reduce(x)
+                    ops.add_rms_norm(x, residual, weight, 1e-5)
+
+            def fused_norm(local=local, residual=residual, weight=weight, fused=fused):
+                fused.start_forward()
+                for _ in range(k):
+                    fused.reduce_rms_norm(local, residual, weight, 1e-5)
+
             key = f"h{hidden}_rows{rows}"
-            out[key] = _guarded(lambda body=body, k=k: _graph_us(body, k))
+            out[key] = _guarded(lambda: _graph_us(torch_op, k))
+            out[key + "_one_shot_then_norm"] = _guarded(lambda: _graph_us(torch_op_norm, k))
+            out[key + "_nccl_then_norm"] = _guarded(lambda: _graph_us(nccl_norm, k))
+            out[key + "_fused"] = _guarded(lambda: _graph_us(fused_norm, k))
             torch.cuda.synchronize()
-            out[key + "_sum_ok"] = bool((summed == world).all())
+            one_shot(buf, local, "sum", group, summed)
+            want = ops.add_rms_norm(summed, residual, weight, 1e-5)
+            for _ in range(3):  # several calls: slots rotate, flags must come back to zero
+                got = fused.reduce_rms_norm(local, residual, weight, 1e-5)
+            torch.cuda.synchronize()
+            pairs = list(zip(got, want, strict=True))
+            out[key + "_fused_equal"] = [bool(torch.equal(g, w)) for g, w in pairs]
+            out[key + "_fused_max_diff"] = max(float((g.float() - w.float()).abs().max())
+                                               for g, w in pairs)  # fmt: skip
     return out
 
 

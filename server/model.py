@@ -367,11 +367,24 @@ class DecoderModel:
             k = ops.rms_norm(k, w.k_norm, self.eps)
         return q, k, v
 
-    def _reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum the ranks' partial results (in place); the identity in one process."""
-        return x if self.comm is None else self.comm.all_reduce(x)
+    def _reduce_norm(self, partial: torch.Tensor, residual: torch.Tensor | None, weight):
+        """`s = residual + partial` summed over the ranks (no residual: the sum alone);
+        returns `(rms_norm(s), s)`. One process: no sum. Tensor parallelism: one fused kernel
+        where the group has one for `partial` (`TPComm.reduce_rms_norm`), else an all-reduce
+        in place, then the norm."""
+        comm = self.comm
+        if comm is not None:
+            fused = comm.reduce_rms_norm(partial, residual, weight, self.eps)
+            if fused is not None:
+                return fused
+            partial = comm.all_reduce(partial)
+        if residual is None:
+            return ops.rms_norm(partial, weight, self.eps), partial
+        return ops.add_rms_norm(partial, residual, weight, self.eps)
 
     def _embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The embedding rows; under tensor parallelism this rank's part of them (the caller
+        sums the ranks' parts)."""
         if self.comm is None:
             return F.embedding(input_ids, self.embed)
         # Vocabulary-parallel: ids outside this rank's rows look up row 0 and are zeroed, so
@@ -379,7 +392,7 @@ class DecoderModel:
         local = input_ids - self.vocab_start
         outside = (local < 0) | (local >= self.embed.shape[0])
         h = F.embedding(local.clamp(0, self.embed.shape[0] - 1), self.embed)
-        return self.comm.all_reduce(h.masked_fill_(outside[:, None], 0))
+        return h.masked_fill_(outside[:, None], 0)
 
     def _lm_head(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """Logits `[T, logits_width]` (every rank's slice side by side) into `out` or a new
@@ -396,9 +409,9 @@ class DecoderModel:
         """Run all layers; `attend(k_cache, v_cache, q_rot)` computes attention for the rows."""
         cos = self.cos[positions]
         sin = self.sin[positions]
-        h = self._embed(input_ids)
-        residual = h
-        x = ops.rms_norm(h, self.layers[0].input_norm, self.eps)
+        if self.comm is not None:
+            self.comm.start_forward()
+        x, residual = self._reduce_norm(self._embed(input_ids), None, self.layers[0].input_norm)
         n_layers = len(self.layers)
         for i, w in enumerate(self.layers):
             q, k, v = self._layer_attention_qkv(w, x)
@@ -407,12 +420,12 @@ class DecoderModel:
                 q, k, v, cos, sin, k_cache, v_cache, block_tables, rows, positions
             )
             attn = attend(k_cache, v_cache, q).reshape(q.shape[0], -1)
-            attn = self._reduce(ops.linear(attn, w.o_proj, w.o_bias, self.zero_bias))
-            x, residual = ops.add_rms_norm(attn, residual, w.post_norm, self.eps)
+            attn = ops.linear(attn, w.o_proj, w.o_bias, self.zero_bias)
+            x, residual = self._reduce_norm(attn, residual, w.post_norm)
             mlp = ops.silu_and_mul(ops.linear(x, w.gate_up, w.gate_up_bias, self.zero_bias))
-            mlp = self._reduce(ops.linear(mlp, w.down, w.down_bias, self.zero_bias))
+            mlp = ops.linear(mlp, w.down, w.down_bias, self.zero_bias)
             next_norm = self.layers[i + 1].input_norm if i + 1 < n_layers else self.final_norm
-            x, residual = ops.add_rms_norm(mlp, residual, next_norm, self.eps)
+            x, residual = self._reduce_norm(mlp, residual, next_norm)
         return x  # final-normed hidden states
 
     @torch.inference_mode()

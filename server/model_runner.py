@@ -314,7 +314,7 @@ class ModelRunner:
         self.comm = init_group(0, self.world, self.device, cfg.tp_timeout_s, store=store)
         if cfg.tp_allreduce == "symm-mem":  # every rank, right after joining (collective)
             self.comm.enable_symm_mem(self.max_num_seqs, model.shape.hidden_size, model.dtype,
-                                      self.device)  # fmt: skip
+                                      self.device, cfg.tp_timeout_s)  # fmt: skip
         model.attach_comm(self.comm)
         self._rank_devices = [r["device"] for r in tp.collect(Kind.READY, seq)]
         log.info("tensor-parallel group of %d ranks ready (workers: %s)", self.world,

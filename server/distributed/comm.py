@@ -11,12 +11,10 @@ Every rank must issue the same collectives in the same order: the forward does, 
 rank runs the same step plan (`server.step_plan`); the token broadcast follows each step that
 samples. Ordering across ranks is the caller's invariant, not checked here.
 
-All-reduce: NCCL by default. `enable_symm_mem` (`--tp-allreduce symm-mem`, CUDA) switches the
-tensors of up to `rows` rows (decode steps) to torch's symmetric-memory one-shot all-reduce:
-each rank copies its tensor into a buffer every peer maps, the ranks meet at a device-side
-barrier, and each sums the peers' buffers straight over NVLink (no multicast): one kernel
-instead of NCCL's launch, proxy and protocol machinery, which is what a decode step's 2L+1
-all-reduces of a few KiB each are made of. Larger tensors (prompt chunks) stay on NCCL.
+All-reduce: NCCL by default. `enable_symm_mem` (`--tp-allreduce symm-mem`, CUDA) gives the
+decode-sized ones (up to `rows` rows) to `server.distributed.symm_allreduce`: each all-reduce
+there is one kernel that also adds the residual and RMS-normalises, as the forward does right
+after every all-reduce (`reduce_rms_norm`). Larger tensors (prompt chunks) stay on NCCL.
 
 Logits: all-gather (every rank gets every slice, one NCCL collective, capturable) rather than a
 gather to rank 0: on one host the bytes rank 0 receives are the same, and `bench/tp.py`
@@ -46,34 +44,33 @@ class TPComm:
         self.world = world
         self._broadcast_opts = dist.BroadcastOptions()
         self._broadcast_opts.rootRank = 0
-        self._symm: torch.Tensor | None = None  # the symmetric buffer, once enabled
-        self._one_shot = None
+        self._fused = None  # symm_allreduce.SymmAllReduce, once enabled
 
-    def enable_symm_mem(self, rows: int, hidden: int, dtype, device) -> None:
-        """Route all-reduces of `[<= rows, hidden]` tensors through a symmetric buffer.
+    def enable_symm_mem(self, rows: int, hidden: int, dtype, device, timeout_s: float) -> None:
+        """Route the `[<= rows, hidden]` all-reduces and the norms after them through a
+        symmetric buffer (`server.distributed.symm_allreduce`).
 
         Collective (the buffer's rendezvous): every rank calls it at the same point.
         """
-        import torch.distributed._symmetric_memory as symm
+        from server.distributed.symm_allreduce import SymmAllReduce
 
-        name = self.group.group_name
-        symm.enable_symm_mem_for_group(name)
-        buffer = symm.empty(rows, hidden, dtype=dtype, device=device)
-        symm.rendezvous(buffer, name)
-        self._symm_group = name
-        self._one_shot = torch.ops.symm_mem.one_shot_all_reduce_copy_out
-        self._symm = buffer
+        self._fused = SymmAllReduce.create(self.group.group_name, self.rank, self.world, rows,
+                                           hidden, dtype, device, timeout_s)  # fmt: skip
+
+    def start_forward(self) -> None:
+        """Called at the start of every forward, before its first collective."""
+        if self._fused is not None:
+            self._fused.start_forward()
+
+    def reduce_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, weight, eps: float):
+        """`(rms_norm(s), s)` with `s = residual + all_reduce(x)` from one fused kernel, or
+        None where that kernel does not take `x` (then: `all_reduce`, then the norm)."""
+        if self._fused is None or not self._fused.fits(x):
+            return None
+        return self._fused.reduce_rms_norm(x, residual, weight, eps)
 
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
         """Sum `x` over the ranks, in place; returns `x`."""
-        buf = self._symm
-        if buf is not None and x.dim() == 2 and x.shape[0] <= buf.shape[0] and (
-            x.shape[1] == buf.shape[1]
-        ):
-            # In place is safe: each thread copies its elements of x into the shared buffer
-            # before the device-side barrier and writes the same elements' sums after it.
-            self._one_shot(buf[: x.shape[0]], x, "sum", self._symm_group, x)
-            return x
         self.group.allreduce([x]).wait()
         return x
 

@@ -130,7 +130,8 @@ class Worker:
         s = setup.json()
         comm = init_group(self.rank, world, device, config.tp_timeout_s, port=s["store_port"])
         if config.tp_allreduce == "symm-mem":  # as rank 0, right after joining (collective)
-            comm.enable_symm_mem(max_num_seqs, model.shape.hidden_size, model.dtype, device)
+            comm.enable_symm_mem(max_num_seqs, model.shape.hidden_size, model.dtype, device,
+                                 config.tp_timeout_s)  # fmt: skip
         model.attach_comm(comm)
         model.init_rope(s["max_model_len"])
         ops.use_triton(cuda)
