@@ -6,9 +6,11 @@ Parts (each writes its section of the JSON as soon as it ends, so a cut-off run 
   the all-reduce of one decode step's hidden state, and the LM head's logits slices gathered to
   rank 0 by all-gather vs gather, at batch 1..64 x 128256/2 columns (which one the server uses
   is `server.distributed.comm`'s choice; this keeps it honest); the token broadcast.
-  `--symm-mem` adds torch's symmetric-memory one-shot all-reduce (P2P, no multicast).
-* `8b`: Llama-3.1-8B shapes at TP=1 and TP=2 (`--graph-capture eager`; with `--symm-mem`
-  also TP=2 `--tp-allreduce symm-mem`): greedy agreement over
+  `--symm-mem` adds the symmetric-memory all-reduces (P2P, no multicast): torch's one-shot op,
+  and a decode layer's all-reduce + residual add + RMSNorm as the previous route (that op, then
+  `add_rms_norm`), NCCL then `add_rms_norm`, and the server's fused kernel.
+* `8b`: Llama-3.1-8B shapes at TP=1, TP=2 with the server's default all-reduce (`auto`) and
+  TP=2 with `--tp-allreduce nccl` (`--graph-capture eager`): greedy agreement over
   `--agree-tokens` tokens per prompt (first divergence per prompt), decode ms/step at batch 1
   and tokens/s at batch 64, each from the difference of two request lengths (prefill, admission
   and HTTP cancel out).
@@ -239,9 +241,9 @@ async def part_8b(b: Bench, client) -> dict[str, Any]:
     data: dict[str, Any] = {"model": a.model_8b, "runs": {}}
     rng = random.Random(0)
     agree_prompts = [random_prompt(rng, 24) for _ in range(a.agree_prompts)]
-    configs = [("tp1", 1, []), ("tp2", 2, [])]
-    if a.symm_mem:
-        configs.append(("tp2_symm_mem", 2, ["--tp-allreduce", "symm-mem"]))
+    # tp2 runs the server's default all-reduce (auto: symm-mem where the GPUs have peer
+    # access); tp2_nccl is NCCL everywhere, the all-reduce it replaced, in the same run.
+    configs = [("tp1", 1, []), ("tp2", 2, []), ("tp2_nccl", 2, ["--tp-allreduce", "nccl"])]
     pieces = {}
     for name, tp, extra in configs:
         run: dict[str, Any] = {"args": extra}
@@ -268,6 +270,7 @@ async def part_8b(b: Bench, client) -> dict[str, Any]:
             run["coverage"] = report.get("coverage")
             run["ranks"] = rank_summary(report)
             run["weights_bytes_per_gpu"] = report.get("weights_bytes")
+            run["allreduce"] = (report.get("tensor_parallel") or {}).get("allreduce")
         except Exception as exc:  # a failing variant keeps the others' numbers
             if name == "tp1":
                 raise
@@ -427,14 +430,14 @@ def evaluate(result: dict[str, Any]) -> list[dict[str, Any]]:
                           TARGET_B64_RATIO, lower_is_better=False,
                           detail=f"{fmt(d['runs']['tp2']['b64_tokens_per_s'], '.0f')} vs "
                           f"{fmt(d['runs']['tp1']['b64_tokens_per_s'], '.0f')} tok/s"))
-        symm = d["runs"].get("tp2_symm_mem")
-        if symm is not None:  # the experimental all-reduce against the same target
-            agree = d.get("agreement_symm_mem", [])
-            out.append(target("8B batch-1 ms/step TP=2 symm-mem / TP=1",
-                              d.get("b1_ratio_symm_mem"), TARGET_B1_RATIO,
-                              detail=symm.get("error") or
+        nccl = d["runs"].get("tp2_nccl")
+        if nccl is not None:  # NCCL everywhere, against the same target
+            agree = d.get("agreement_nccl", [])
+            out.append(target("8B batch-1 ms/step TP=2 nccl / TP=1",
+                              d.get("b1_ratio_nccl"), TARGET_B1_RATIO,
+                              detail=nccl.get("error") or
                               f"agreement {sum(x['equal'] for x in agree)}/{len(agree)} prompts; "
-                              f"b64 ratio {fmt(d.get('b64_throughput_ratio_symm_mem'))}"))
+                              f"b64 ratio {fmt(d.get('b64_throughput_ratio_nccl'))}"))
     if "70b" in parts and "error" not in parts["70b"]:
         d = parts["70b"]
         out.append(target("70B TP=2 batch-1 step / bandwidth floor", d.get("floor_ratio"),
@@ -504,7 +507,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--hang-timeout", type=float, default=180,
                     help="a workload (or request) taking longer counts as a hang")
     ap.add_argument("--symm-mem", action="store_true",
-                    help="collectives: also time torch's symmetric-memory one-shot all-reduce")
+                    help="collectives: also time the symmetric-memory all-reduces")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU, the embedded model, tiny workloads (checks the script, not speed)")
     ap.add_argument("--log-dir", default="/tmp/graphserve-tp-logs")
@@ -549,7 +552,7 @@ def print_summary(result: dict[str, Any]) -> None:
         print(f"logits to rank 0 in graph (us/op): all_gather {c.get('logits_all_gather_us')}, "
               f"gather {c.get('logits_gather_us')}; token broadcast {c.get('broadcast_us')}")
         if c.get("symm_mem"):
-            print(f"symm-mem one-shot all-reduce (us/op): {c['symm_mem']}")
+            print(f"symm-mem all-reduces (us/op): {c['symm_mem']}")
     d = parts.get("8b") or {}
     for name, run in (d.get("runs") or {}).items():
         print(f"8B {name}: ready {fmt(run.get('ready_s'), '.1f')} s, b1 "

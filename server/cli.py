@@ -190,8 +190,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                      "peer that misses it fails the server instead of hanging it")
 
     par.add_argument("--tp-allreduce", default=eng.tp_allreduce, choices=TP_ALLREDUCE,
-                     help="nccl; symm-mem (experimental, CUDA): torch's symmetric-memory one-shot "
-                     "all-reduce over NVLink for decode-sized tensors, nccl for the rest")
+                     help="symm-mem (CUDA, GPUs with peer access, e.g. NVLink): decode steps' "
+                     "all-reduces as one kernel each over symmetric memory, fused with the "
+                     "residual add and RMSNorm after them, nccl for prompt chunks; nccl: nccl "
+                     "everywhere; auto: symm-mem where every pair of the GPUs has peer access "
+                     f"(default: {eng.tp_allreduce})")
 
     graphs = p.add_argument_group("CUDA graphs")
     graphs.add_argument("--graph-capture", default=None, choices=GRAPH_CAPTURE_MODES,

@@ -20,9 +20,11 @@ LOADERS = ("auto", "fast", "transformers")
 # auto: the checkpoint's safetensors files; dummy: random weights of config.json's shapes, no
 # weight file read (config.json and tokenizer files are enough).
 LOAD_FORMATS = ("auto", "dummy")
-# How tensor-parallel ranks all-reduce: nccl everywhere, or torch's symmetric-memory one-shot
-# all-reduce (P2P loads over NVLink, no multicast) for decode-sized tensors, nccl for the rest.
-TP_ALLREDUCE = ("nccl", "symm-mem")
+# How tensor-parallel ranks all-reduce: nccl everywhere, or, for decode-sized tensors, one
+# kernel over symmetric memory (peer stores over NVLink, no multicast) fused with the norm after
+# it (server.distributed.symm_allreduce), nccl for the rest; auto: symm-mem where every pair of
+# the group's GPUs has peer access, else nccl (server.distributed.comm.choose_allreduce).
+TP_ALLREDUCE = ("auto", "nccl", "symm-mem")
 
 
 class ConfigError(ValueError):
@@ -102,7 +104,7 @@ class EngineConfig:
     loader: str = "auto"  # auto | fast | transformers (see LOADERS)
     tensor_parallel_size: int = 1  # processes (GPUs) the model is sharded over
     tp_timeout_s: float = 60.0  # longest wait for a tensor-parallel peer at any agreement
-    tp_allreduce: str = "nccl"  # nccl | symm-mem (see TP_ALLREDUCE)
+    tp_allreduce: str = "auto"  # auto | nccl | symm-mem (see TP_ALLREDUCE)
     max_model_len: int | None = None  # None: the model's limit, shrunk to fit the KV budget
     max_num_seqs: int | None = None  # None: 64 on CUDA, 8 on CPU
     max_queue: int = 1024  # waiting requests beyond this are rejected (HTTP 429)

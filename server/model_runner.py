@@ -136,6 +136,7 @@ class ModelRunner:
         self.tp: TPLauncher | None = launcher
         self.comm = None
         self._rank_devices: list[dict] = []
+        self.tp_allreduce: str | None = None  # nccl | symm-mem, once rank 0 has chosen
         self._rank_captures: dict[int, list[dict]] = {}  # size -> each rank's CaptureResult
         self._stopped_tp: TPLauncher | None = None
         self._owed = 0  # tokens a launched step owes the workers' broadcast (see `settle`)
@@ -298,9 +299,10 @@ class ModelRunner:
     def _join_workers(self, plan: KVPlan, model, emulate: bool) -> KVPlan:
         """Agree on the KV pool (the smallest any rank fits), join the process group, and
         wait until every worker has its cache; returns the agreed plan."""
-        from server.distributed.comm import create_store, init_group
+        from server.distributed.comm import choose_allreduce, create_store, init_group
 
         cfg, tp = self.config, self.tp
+        self.tp_allreduce = choose_allreduce(cfg.tp_allreduce, self.device.type, self.world)
         # Workers started loading before rank 0 did; a generous multiple of the agreement
         # deadline covers a slower disk under one of them.
         loaded = tp.collect(Kind.LOADED, 0, timeout_s=10 * cfg.tp_timeout_s)
@@ -309,10 +311,10 @@ class ModelRunner:
         seq = tp.send_json(Kind.SETUP, {
             "num_blocks": plan.num_blocks, "max_model_len": plan.max_model_len,
             "store_port": store.port, "emulate_graphs": emulate,
-            "mixed_tokens": self.mixed_policy.max_tokens,
+            "mixed_tokens": self.mixed_policy.max_tokens, "tp_allreduce": self.tp_allreduce,
         })  # fmt: skip
         self.comm = init_group(0, self.world, self.device, cfg.tp_timeout_s, store=store)
-        if cfg.tp_allreduce == "symm-mem":  # every rank, right after joining (collective)
+        if self.tp_allreduce == "symm-mem":  # every rank, right after joining (collective)
             self.comm.enable_symm_mem(self.max_num_seqs, model.shape.hidden_size, model.dtype,
                                       self.device, cfg.tp_timeout_s)  # fmt: skip
         model.attach_comm(self.comm)
@@ -685,7 +687,8 @@ class ModelRunner:
         procs += tp.describe() if tp is not None else []
         devices = [self.graphs.device_info(), *self._rank_devices]
         return tensor_parallel_report(sizes, self._rank_captures.copy(), procs, devices,
-                                      self.world, tp.failure if tp else None)  # fmt: skip
+                                      self.world, tp.failure if tp else None,
+                                      self.tp_allreduce)  # fmt: skip
 
 
 def _entries(ks, tokens, lps, top_ids, top_lps) -> list[TokenLogprob | None]:

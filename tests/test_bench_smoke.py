@@ -278,6 +278,8 @@ def test_tp_smoke(smoke_runs):
         assert all(isinstance(run[k], float) and math.isfinite(run[k])
                    for k in ("b1_ms_per_step", "b64_tokens_per_s"))  # fmt: skip
     assert [r["rank"] for r in b8["runs"]["tp2"]["ranks"]] == [0, 1]
+    # The default all-reduce (auto: NCCL's gloo off CUDA) and NCCL asked for, side by side.
+    assert [b8["runs"][n]["allreduce"] for n in ("tp2", "tp2_nccl")] == ["nccl", "nccl"]
     b70 = parts["70b"]
     assert b70["largest_captured_on_every_rank"] is True and b70["exec_to_ready_s"] > 0
     assert b70["floor_ms"] if b70["hbm_read_gb_s"] else "floor_ms" not in b70
@@ -285,9 +287,9 @@ def test_tp_smoke(smoke_runs):
     assert run["hang"] is False and run["equal_to_eager"] is True
     assert run["traffic"]["eager_steps"] == 0 and run["returncode"] == 0
     assert parts["lazy"]["reference"] == "8b part, TP=2 eager server"
-    _check_targets(data["targets"], 7)
+    _check_targets(data["targets"], 8)
     assert "lazy restart 0" in text
-    _check_verdict_lines(text, 7)
+    _check_verdict_lines(text, 8)
 
 
 # ---------------------------------------------------------------------------- helpers (fast)

@@ -2,10 +2,11 @@
 
 A real group needs two GPUs (tests/test_gpu_tp.py runs the server on them with
 `--tp-allreduce symm-mem`). Here one process plays rank 0 or rank 1 of a group of two: the
-"peer" buffer and signal pad are ordinary tensors the test fills as the peer's kernel would
-have (its partial in its slot, its flag set in our pad), so the kernel's data path, its flags and
-its slot rotation are checked byte for byte. Runs on CUDA (marked `gpu`: one GPU is enough), or
-on CPU under Triton's interpreter, opt-in as tests/test_triton_ops.py
+buffers and signal pads are ordinary tensors, and the test does what the peer's kernel would
+have done before the call waits (its partial pushed into our buffer, its epoch into our pad),
+so the kernel's data path, its epochs and its slot rotation are checked byte for byte. Runs on
+CUDA (marked `gpu`: one GPU is enough; there the PTX waits and the deadline run), or on CPU
+under Triton's interpreter, opt-in as tests/test_triton_ops.py
 (`TRITON_INTERPRET=1 pytest tests/test_symm_allreduce.py`); skipped otherwise.
 
 Tolerances: `s` (the residual stream) must equal the reference bit for bit, the sum being the
@@ -46,28 +47,42 @@ class Group:
 
     def __init__(self, rows: int, hidden: int, dtype: torch.dtype):
         self.rows, self.hidden = rows, hidden
-        self.bufs = [torch.zeros(SLOTS * rows * hidden, dtype=dtype, device=DEVICE)
+        self.bufs = [torch.zeros(SLOTS * WORLD * rows * hidden, dtype=dtype, device=DEVICE)
                      for _ in range(WORLD)]  # fmt: skip
         self.pads = [torch.zeros(rows * WORLD, dtype=torch.int32, device=DEVICE)
                      for _ in range(WORLD)]  # fmt: skip
+        self.epochs = [0] * rows  # calls so far, per row
         ptrs = [b.data_ptr() for b in self.bufs], [p.data_ptr() for p in self.pads]
         self.ranks = [SymmAllReduce(r, WORLD, rows, hidden, dtype, DEVICE, *ptrs, 60.0)
                       for r in range(WORLD)]  # fmt: skip
 
-    def slot(self, rank: int, slot: int) -> torch.Tensor:
+    def region(self, rank: int, slot: int, writer: int) -> torch.Tensor:
+        """What `writer` pushed into `rank`'s buffer for a call on `slot`."""
         n = self.rows * self.hidden
-        return self.bufs[rank][slot * n : (slot + 1) * n].view(self.rows, self.hidden)
+        start = (slot * WORLD + writer) * n
+        return self.bufs[rank][start : start + n].view(self.rows, self.hidden)
 
     def peer_arrives(self, rank: int, peer: int, slot: int, partial: torch.Tensor) -> None:
-        """What `peer`'s kernel does before its barrier: its partial into its slot, its flag
-        into `rank`'s pad for every row."""
-        self.slot(peer, slot)[: partial.shape[0]] = partial
-        self.pads[rank].view(self.rows, WORLD)[: partial.shape[0], peer] = 1
+        """What `peer`'s kernel does before its wait: its partial into `rank`'s buffer (its
+        region of the slot), its call count per row into `rank`'s pad."""
+        n = partial.shape[0]
+        self.region(rank, slot, writer=peer)[:n] = partial
+        flags = self.pads[rank].view(self.rows, WORLD)
+        for row in range(n):
+            self.epochs[row] += 1
+            flags[row, peer] = self.epochs[row]
 
     def run_as(self, rank: int, slot: int, partials, residual, weight):
-        peer = 1 - rank
-        self.peer_arrives(rank, peer, slot, partials[peer])
+        self.peer_arrives(rank, 1 - rank, slot, partials[1 - rank])
         return self.ranks[rank].reduce_rms_norm(partials[rank], residual, weight, 1e-5)
+
+    def check_pushed(self, rank: int, slot: int, partial: torch.Tensor) -> None:
+        """This rank's partial went into the peer's buffer, and both pads hold its call count
+        per row: its own as the count, the peer's as the epoch it was sent."""
+        n, peer = partial.shape[0], 1 - rank
+        assert torch.equal(self.region(peer, slot, writer=rank)[:n], partial)
+        assert self.pads[rank].view(self.rows, WORLD)[:, rank].tolist() == self.epochs
+        assert self.pads[peer].view(self.rows, WORLD)[:, rank].tolist() == self.epochs
 
 
 def _reference(partials, residual, weight):
@@ -110,13 +125,7 @@ def test_both_ranks_get_the_reference_sum_and_norm_bit_identical(dtype, with_res
         if not INTERPRET or dtype == torch.float32:
             assert torch.equal(s, want_s)
         _assert_close(out, want_out)
-        # Its own partial went to its slot 0, the peer's flags were taken (its pad is all zeros
-        # again), its own flags were set in the peer's pad for exactly the call's rows.
-        assert torch.equal(group.slot(rank, 0)[:rows], partials[rank])
-        assert int(group.pads[rank].abs().sum()) == 0
-        flags = group.pads[1 - rank].view(8, WORLD)
-        assert flags[:rows, rank].tolist() == [1] * rows
-        assert int(flags.sum()) == rows
+        group.check_pushed(rank, 0, partials[rank])
     assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
 
 
@@ -142,13 +151,13 @@ def test_a_forward_writes_each_call_into_its_slot():
     group = Group(rows, hidden, torch.float32)
     partials, residual, weight = _inputs(rows, hidden, torch.float32)
     group.ranks[0].start_forward()
-    for slot in (0, 1, 2, 1):
-        scaled = [p * (slot + 1) for p in partials]
-        out, s = group.run_as(0, slot, scaled, residual, weight)
-        assert torch.equal(group.slot(0, slot), scaled[0])
-        assert torch.equal(s, _reference(scaled, residual, weight)[1])
-        # The peer takes our flags before its next call (its kernel's wait does that).
-        group.pads[1].zero_()
+    for call, slot in enumerate((0, 1, 2, 1)):
+        scaled = [p * (call + 1) for p in partials]
+        n = rows - call % 2  # calls of 2 and 1 rows: the counts move per row
+        scaled = [p[:n].contiguous() for p in scaled]
+        out, s = group.run_as(0, slot, scaled, residual[:n].contiguous(), weight)
+        assert torch.equal(s, _reference(scaled, residual[:n], weight)[1])
+        group.check_pushed(0, slot, scaled[0])
 
 
 def test_fits_only_contiguous_decode_sized_rows_of_its_dtype():
@@ -171,7 +180,7 @@ def test_a_peer_that_never_arrives_fails_the_call_instead_of_hanging():
     code = textwrap.dedent("""
         import time, torch
         from server.distributed.symm_allreduce import SLOTS, SymmAllReduce
-        bufs = [torch.zeros(SLOTS * 64, device="cuda") for _ in range(2)]
+        bufs = [torch.zeros(SLOTS * 2 * 64, device="cuda") for _ in range(2)]
         pads = [torch.zeros(2, dtype=torch.int32, device="cuda") for _ in range(2)]
         ar = SymmAllReduce(0, 2, 1, 64, torch.float32, "cuda", [b.data_ptr() for b in bufs],
                            [p.data_ptr() for p in pads], 0.5)

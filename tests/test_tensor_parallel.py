@@ -279,6 +279,20 @@ def test_a_group_that_cannot_work_is_a_clear_startup_error(checkpoints, override
     assert message in engine.error
 
 
+def test_auto_all_reduce_takes_symmetric_memory_only_where_every_gpu_pair_has_peer_access(
+    monkeypatch,
+):
+    from server.distributed import comm
+
+    peers = {(0, 1), (1, 0), (0, 2), (2, 0)}  # GPUs 1 and 2 cannot reach each other
+    monkeypatch.setattr(torch.cuda, "can_device_access_peer", lambda i, j: (i, j) in peers)
+    assert comm.choose_allreduce("auto", "cuda", 2) == "symm-mem"
+    assert comm.choose_allreduce("auto", "cuda", 3) == "nccl"
+    assert comm.choose_allreduce("auto", "cpu", 2) == "nccl"
+    assert comm.choose_allreduce("nccl", "cuda", 2) == "nccl"  # asked for: not second-guessed
+    assert comm.choose_allreduce("symm-mem", "cuda", 3) == "symm-mem"
+
+
 # -- the engine at --tensor-parallel-size 2 ------------------------------------------------------
 
 
@@ -327,6 +341,7 @@ def test_two_ranks_give_the_one_process_greedy_tokens(checkpoints, arch):
         assert asyncio.run(_greedy(engine)) == expected
         report = engine.graph_report()["tensor_parallel"]
         assert report["world_size"] == 2 and [r["alive"] for r in report["ranks"]] == [True] * 2
+        assert report["allreduce"] == "nccl"  # auto, off CUDA
     finally:
         engine.shutdown()
     assert [w["returncode"] for w in launcher.describe()] == [0]  # stopped in order

@@ -24,12 +24,15 @@ measures both inside CUDA graphs (`logits_gather` in its JSON) to keep that choi
 from __future__ import annotations
 
 import datetime
+import logging
 import threading
 
 import torch
 import torch.distributed as dist
 
 from server.distributed.launcher import apply_env_defaults
+
+log = logging.getLogger("graphserve.tp")
 
 
 class TPComm:
@@ -87,6 +90,29 @@ class TPComm:
         """Rank 0's `tensor` into every rank's `tensor` (same shape and dtype everywhere)."""
         self.group.broadcast([tensor], self._broadcast_opts).wait()
         return tensor
+
+
+def choose_allreduce(requested: str, device_type: str, world: int) -> str:
+    """`nccl` or `symm-mem` for `--tp-allreduce`, logged with why (rank 0 decides; the workers
+    are told).
+
+    `auto` takes symm-mem only on CUDA where every pair of the group's GPUs (the first `world`
+    this process sees, one per rank) can access each other's memory: the kernel stores into
+    its peers' buffers. An explicit `symm-mem` is not second-guessed (a missing peer access
+    then fails the start, at the buffer's rendezvous)."""
+    choice, why = requested, "asked for"
+    if requested == "auto":
+        choice, why = "symm-mem", "every pair of GPUs has peer access"
+        if device_type != "cuda":
+            choice, why = "nccl", "not on CUDA"
+        else:
+            blocked = [(i, j) for i in range(world) for j in range(world)
+                       if i != j and not torch.cuda.can_device_access_peer(i, j)]  # fmt: skip
+            if blocked:
+                i, j = blocked[0]
+                choice, why = "nccl", f"GPU {i} has no peer access to GPU {j}"
+    log.info("tensor-parallel all-reduce: %s (%s)", choice, why)
+    return choice
 
 
 def create_store(world: int, timeout_s: float):

@@ -12,7 +12,7 @@ from typing import Any
 
 def tensor_parallel_report(sizes: list[dict], captures: dict[int, list[dict]],
                            procs: list[dict], devices: list[dict], world: int,
-                           failure: str | None) -> dict[str, Any]:
+                           failure: str | None, allreduce: str | None = None) -> dict[str, Any]:
     """Adds each size's per-rank results to its entry of `sizes` (in place) and returns the
     section. `captures` must be a copy the caller will not mutate (it is read on the event
     loop while the engine thread may record a capture)."""
@@ -34,4 +34,4 @@ def tensor_parallel_report(sizes: list[dict], captures: dict[int, list[dict]],
             "failed": {str(s): res["error"] for s, res in sorted(done.items()) if not res["ok"]},
             "pool_bytes": max((res["pool_bytes"] for res in done.values()), default=0),
         })  # fmt: skip
-    return {"world_size": world, "failure": failure, "ranks": ranks}
+    return {"world_size": world, "allreduce": allreduce, "failure": failure, "ranks": ranks}

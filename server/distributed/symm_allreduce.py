@@ -4,35 +4,43 @@ Each half of a sharded decoder layer ends the same way: the ranks' partial o_pro
 outputs are summed, the residual is added, and the sum is RMS-normalised for the next
 projection. With NCCL that is an all-reduce launch (plus NCCL's proxy and protocol) and an
 `add_rms_norm` launch; with torch's symmetric-memory one-shot op it is still two kernels, and
-that op meets its peers at two device-side barriers. A decode step issues 2L + 1 of these on
-rows of a few KiB, so their fixed costs, not their bytes, are what a TP=2 step pays for them
-(about 0.45 ms of a 3.3 ms 8B step with the one-shot op, `docs/benchmarks.md` 8f).
+that op meets its peers at two device-side barriers and then pulls their data across the link.
+A decode step issues 2L + 1 of these on rows of a few KiB, so their fixed costs, not their
+bytes, are what a TP=2 step pays (H200 pair, 8B rows, per call: 8.4 µs for the one-shot op and
+`add_rms_norm`, 4.6 µs here; `docs/benchmarks.md` 10b).
 
-Here, one launch per call, one program per row:
+Here, one launch per call, one program per row, over a buffer every rank maps
+(`torch.distributed._symmetric_memory`; peer stores over NVLink, multicast not used):
 
-1. the program copies its row of `x` (this rank's partial) into this rank's slot of a buffer
-   every rank maps (`torch.distributed._symmetric_memory`, peer loads over NVLink; multicast is
-   not used);
-2. it meets the same program on every other rank at a barrier made of per-(row, peer) flags in
-   the buffer's signal pad: a flag is set 0 -> 1 by the sender (release, system scope) and
-   taken 1 -> 0 by the receiver (acquire), so the pad is all zeros again after every call and
-   nothing on the host has to count calls: the same launch replays in a CUDA graph;
-3. it sums the row over the ranks' slots *in rank order* in fp32 (every rank computes the same
-   bits, as NCCL's all-reduce gives every rank the same result), rounds the sum to the
-   activation dtype as the all-reduce's output would be, then does exactly what
-   `triton_ops.add_rms_norm` (or `rms_norm`, with no residual) does with it.
+1. push: the program stores its row of `x` (this rank's partial) straight into every peer's
+   buffer, in this rank's region of the call's slot: posted writes, no round trip;
+2. it counts the call in its own signal pad (entry `[row, rank]`, which no peer writes) and,
+   after a CTA barrier (so the release below orders every thread's pushes), stores that count,
+   the epoch, into each peer's pad at `[row, rank]` (release, system scope);
+3. every thread waits until its own pad's `[row, peer]` has reached the epoch (acquire, a
+   wrap-safe compare), so each thread's later loads see what the peer pushed;
+4. it sums the row over the ranks *in rank order* in fp32, its own partial from registers and
+   the peers' from its own buffer (every rank computes the same bits, as NCCL's all-reduce
+   gives every rank the same result), rounds the sum to the activation dtype as the
+   all-reduce's output would be, then does exactly what `triton_ops.add_rms_norm` (or
+   `rms_norm`, with no residual) does with it.
+
+Epochs rather than flags the receiver resets: the sender never waits for its previous flag to
+be taken, and no signal can be lost (a second 0 -> 1 on a flag still at 1 would be). The counts
+live in device memory and advance in the kernel, so the same launch replays in a CUDA graph
+with nothing counted on the host. Program i counts only calls of more than i rows, on every
+rank alike (all ranks make the same calls).
 
 Why one barrier is enough: calls rotate over three slots, and two consecutive calls never use
 the same one (the first call of a forward uses slot 0, later calls alternate 1 and 2; see
-`SymmAllReduce.start_forward`). A rank can only rewrite slot s at call k + 2 after passing
-call k + 1's barrier, which its peer reaches only after its call-k kernel (the one reading
-slot s) has finished: kernels on one stream run in order. torch's op needs its second barrier
-because it reuses one slot for every call.
+`SymmAllReduce.start_forward`). A rank rewrites its region of a peer's slot s at call k + 2
+only after call k + 1's wait, whose epoch the peer sends from its call-(k + 1) kernel, which
+starts after its call-k kernel (the one reading slot s) has finished: kernels on one stream run
+in order. torch's op needs its second barrier because it reuses one buffer for every call.
 
-Never a hang: a wait (for a peer's flag, or for a peer to take the previous flag) longer than
-the group's timeout (`--tp-timeout`) executes `trap`, which fails the step with a CUDA error
-(the engine then goes to `failed`, as it does when NCCL's watchdog aborts a collective) instead
-of spinning forever on a dead peer.
+Never a hang: a wait longer than the group's timeout (`--tp-timeout`) executes `trap`, which
+fails the step with a CUDA error (the engine then goes to `failed`, as it does when NCCL's
+watchdog aborts a collective) instead of spinning forever on a dead peer.
 
 Limits, checked by `fits`: the rows of one call (one program each, all resident at once, so no
 program waits for a peer program that cannot be scheduled), a contiguous `[rows, hidden]`
@@ -44,6 +52,7 @@ Thread ownership: the engine thread (rank 0) or the worker's main thread, as `TP
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import triton
@@ -56,46 +65,49 @@ SLOTS = 3
 
 
 @triton.jit
-def _now_ns():
-    return tl.inline_asm_elementwise(
-        "mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1
-    )
+def _send_epoch(addr, epoch, ASM: tl.constexpr):
+    """Store `epoch` at `addr` (a peer's pad), ordered after this program's earlier writes."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            "st.release.sys.global.u32 [$1], $2; mov.u32 $0, 0;", "=r,l,r", [addr, epoch],
+            dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    else:
+        tl.atomic_xchg(addr, epoch, sem="release", scope="sys")
 
 
 @triton.jit
-def _trap():
-    tl.inline_asm_elementwise("trap;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
+def _wait_epoch(addr, epoch, ASM: tl.constexpr, TIMEOUT_NS: tl.constexpr):
+    """Spin until the flag at `addr` (this rank's pad) reaches `epoch` (wrap-safe compare);
+    trap past the deadline. Every thread waits, so each one's later loads follow its acquire."""
+    if ASM:
+        tl.inline_asm_elementwise(
+            f"""{{
+            .reg .u32 %v;
+            .reg .pred %p;
+            .reg .u64 %t0, %t1;
+            mov.u64 %t0, %globaltimer;
+            Lwait:
+            ld.acquire.sys.global.u32 %v, [$1];
+            sub.u32 %v, %v, $2;
+            setp.ge.s32 %p, %v, 0;
+            @%p bra Ldone;
+            mov.u64 %t1, %globaltimer;
+            sub.u64 %t1, %t1, %t0;
+            setp.gt.u64 %p, %t1, {TIMEOUT_NS};
+            @%p trap;
+            bra Lwait;
+            Ldone:
+            mov.u32 $0, 0;
+            }}""",
+            "=r,l,r", [addr, epoch], dtype=tl.int32, is_pure=False, pack=1,
+        )  # fmt: skip
+    else:
+        while tl.atomic_add(addr, 0, sem="acquire", scope="sys") - epoch < 0:
+            pass
 
 
-@triton.jit
-def _flag_swap(addr, expect, new, SEM: tl.constexpr, TIMEOUT_NS: tl.constexpr):
-    """Spin until the flag at `addr` goes `expect` -> `new` (one thread does the atomic; the
-    program waits with it). TIMEOUT_NS == 0: no deadline (the interpreter has no timer)."""
-    if TIMEOUT_NS > 0:
-        start = _now_ns()
-    while tl.atomic_cas(addr, expect, new, sem=SEM, scope="sys") != expect:
-        if TIMEOUT_NS > 0:
-            if _now_ns() - start > TIMEOUT_NS:
-                _trap()
-
-
-@triton.jit
-def _barrier(pads_ptr, block, rank, WORLD: tl.constexpr, TIMEOUT_NS: tl.constexpr):
-    """Meet program `block` of every other rank; this program's earlier global writes are
-    visible to them, and theirs to this program's later reads."""
-    tl.debug_barrier()  # every thread's slot stores are issued before the release below
-    for peer in tl.static_range(WORLD):
-        if peer != rank:
-            theirs = tl.load(pads_ptr + peer).to(tl.pointer_type(tl.int32))
-            _flag_swap(theirs + block * WORLD + rank, 0, 1, "release", TIMEOUT_NS)
-    mine = tl.load(pads_ptr + rank).to(tl.pointer_type(tl.int32))
-    for peer in tl.static_range(WORLD):
-        if peer != rank:
-            _flag_swap(mine + block * WORLD + peer, 1, 0, "acquire", TIMEOUT_NS)
-    tl.debug_barrier()  # no thread reads a peer's slot before the acquire above
-
-
-@triton.jit(do_not_specialize=["rank", "slot_offset"])
+@triton.jit(do_not_specialize=["rank", "slot_offset", "region"])
 def _reduce_norm_kernel(
     x_ptr,
     res_ptr,
@@ -106,6 +118,7 @@ def _reduce_norm_kernel(
     pads_ptr,  # int64 [WORLD]: each rank's signal pad
     rank,
     slot_offset,  # elements from a buffer's start to this call's slot
+    region,  # elements of one rank's region in a slot: rows * hidden
     hidden,
     eps,
     WORLD: tl.constexpr,
@@ -113,6 +126,7 @@ def _reduce_norm_kernel(
     ROUND_TY: tl.constexpr,
     BLOCK_H: tl.constexpr,
     TIMEOUT_NS: tl.constexpr,
+    ASM: tl.constexpr,
 ):
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
@@ -120,17 +134,33 @@ def _reduce_norm_kernel(
     offs = row.to(tl.int64) * hidden + cols
     elem = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    # Push: this rank's partial goes straight into every peer's buffer (posted writes over
+    # NVLink), in this rank's region of the slot; nothing is read across the link.
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            theirs = tl.load(bufs_ptr + peer).to(tl.pointer_type(elem))
+            tl.store(theirs + slot_offset + rank * region + offs, x, mask=mask)
+    mine_pad = tl.load(pads_ptr + rank).to(tl.pointer_type(tl.int32))
+    count = mine_pad + row * WORLD + rank  # this program's call count (no peer writes there)
+    epoch = tl.load(count) + 1
+    tl.debug_barrier()  # every thread has read the count and issued its pushes
+    tl.store(count, epoch)
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            theirs_pad = tl.load(pads_ptr + peer).to(tl.pointer_type(tl.int32))
+            _send_epoch(theirs_pad + row * WORLD + rank, epoch, ASM)
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            _wait_epoch(mine_pad + row * WORLD + peer, epoch, ASM, TIMEOUT_NS)
     mine = tl.load(bufs_ptr + rank).to(tl.pointer_type(elem))
-    tl.store(mine + slot_offset + offs, x, mask=mask)
-    _barrier(pads_ptr, row, rank, WORLD, TIMEOUT_NS)
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    for peer in tl.static_range(WORLD):  # rank order on every rank: the same bits everywhere
-        base = tl.load(bufs_ptr + peer).to(tl.pointer_type(elem))
-        acc += tl.load(base + slot_offset + offs, mask=mask, other=0.0).to(tl.float32)
-    reduced = acc.to(elem)  # the all-reduce's output
+    for r in tl.static_range(WORLD):  # rank order on every rank: the same bits everywhere
+        theirs_row = tl.load(mine + slot_offset + r * region + offs, mask=mask & (r != rank),
+                             other=0.0)  # fmt: skip
+        acc += tl.where(r == rank, x, theirs_row).to(tl.float32)
+    reduced = acc.to(elem)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + offs, mask=mask, other=0.0)
-        # From here on as triton_ops._rms_norm_kernel: `residual + x`, rounded, normalised.
         s = (r.to(tl.float32) + reduced.to(tl.float32)).to(sum_ptr.dtype.element_ty)
     else:
         s = reduced.to(sum_ptr.dtype.element_ty)
@@ -147,8 +177,9 @@ class SymmAllReduce:
     """The symmetric buffer of one group and the fused launches over it.
 
     `buffer_ptrs` / `signal_pad_ptrs`: every rank's buffer and signal pad as this GPU addresses
-    them (from torch's rendezvous; tests pass host memory under the interpreter). The buffer
-    holds `SLOTS` slots of `[rows, hidden]`; the signal pad `rows * world` int32 flags.
+    them (from torch's rendezvous; tests pass memory of their own). A buffer holds `SLOTS`
+    slots of `world` regions of `[rows, hidden]` (region r: what rank r pushed); a signal pad
+    `[rows, world]` int32 epochs.
     """
 
     def __init__(self, rank: int, world: int, rows: int, hidden: int, dtype: torch.dtype,
@@ -161,7 +192,7 @@ class SymmAllReduce:
             self.device = torch.device("cuda", torch.cuda.current_device())
         self._bufs = torch.tensor(list(buffer_ptrs), dtype=torch.int64, device=self.device)
         self._pads = torch.tensor(list(signal_pad_ptrs), dtype=torch.int64, device=self.device)
-        self._timeout_ns = 0 if _INTERPRET else max(1, int(timeout_s * 1e9))
+        self._timeout_ns = max(1, int(timeout_s * 1e9))
         self._calls = 0
         self.keep_alive: object = None  # the rendezvous' buffer and handle, owned here
 
@@ -171,8 +202,10 @@ class SymmAllReduce:
         """Allocate and rendezvous the buffer (collective: every rank, at the same point)."""
         import torch.distributed._symmetric_memory as symm
 
-        symm.enable_symm_mem_for_group(group_name)
-        buffer = symm.empty(SLOTS * rows * hidden, dtype=dtype, device=device)
+        with warnings.catch_warnings():  # needed by older torch, a deprecated no-op in 2.11
+            warnings.simplefilter("ignore", FutureWarning)
+            symm.enable_symm_mem_for_group(group_name)
+        buffer = symm.empty(SLOTS * world * rows * hidden, dtype=dtype, device=device)
         handle = symm.rendezvous(buffer, group_name)
         need = rows * world * 4
         if handle.signal_pad_size < need:
@@ -223,15 +256,17 @@ class SymmAllReduce:
         s = _empty(x.shape, sum_dtype, x.device)
         out = _empty(x.shape, torch.promote_types(weight.dtype, sum_dtype), x.device)
         block_h = triton.next_power_of_2(self.hidden)
+        region = self.rows * self.hidden
         _reduce_norm_kernel[(n,)](
             x, residual if residual is not None else x, weight.contiguous(), out, s,
-            self._bufs, self._pads, self.rank, self.next_slot() * self.rows * self.hidden,
+            self._bufs, self._pads, self.rank, self.next_slot() * self.world * region, region,
             self.hidden, float(eps),
             WORLD=self.world,
             HAS_RESIDUAL=residual is not None,
             ROUND_TY=_TORCH_TO_TL[round_dtype],
             BLOCK_H=block_h,
             TIMEOUT_NS=self._timeout_ns,
+            ASM=not _INTERPRET,  # the interpreter runs no PTX: Triton's atomics instead
             num_warps=8 if block_h >= 4096 else 4,
         )  # fmt: skip
         return out, s

@@ -129,7 +129,7 @@ class Worker:
             raise RuntimeError(f"expected SETUP, got {setup!r}")
         s = setup.json()
         comm = init_group(self.rank, world, device, config.tp_timeout_s, port=s["store_port"])
-        if config.tp_allreduce == "symm-mem":  # as rank 0, right after joining (collective)
+        if s["tp_allreduce"] == "symm-mem":  # rank 0's choice, right after joining (collective)
             comm.enable_symm_mem(max_num_seqs, model.shape.hidden_size, model.dtype, device,
                                  config.tp_timeout_s)  # fmt: skip
         model.attach_comm(comm)
