@@ -48,6 +48,22 @@ def outputs(model_dir, **overrides):
         engine.shutdown()
 
 
+def test_symmetric_memory_all_reduce_gives_the_nccl_tokens(model_dir):
+    """The fused all-reduce + norm kernel (`server.distributed.symm_allreduce`) against NCCL
+    and the separate norm, decode and mixed steps from graphs; `auto` picks it on a pair of
+    GPUs with peer access. First in this file, and its auto engine first: only a process's
+    first tensor-parallel group may use symmetric memory (`comm.choose_allreduce`), so the
+    later tests here run on NCCL."""
+    symm, report = outputs(model_dir, graph_capture="eager", tensor_parallel_size=2,
+                           max_num_batched_tokens=64)  # fmt: skip
+    nccl, _ = outputs(model_dir, graph_capture="eager", tensor_parallel_size=2,
+                      tp_allreduce="nccl", max_num_batched_tokens=64)  # fmt: skip
+    assert symm == nccl and report["traffic"]["eager_steps"] == 0
+    assert report["mixed"]["traffic"]["graph_steps"] >= 5
+    if torch.cuda.can_device_access_peer(0, 1) and torch.cuda.can_device_access_peer(1, 0):
+        assert report["tensor_parallel"]["allreduce"] == "symm-mem"
+
+
 def test_two_gpus_give_the_one_gpu_greedy_tokens_with_graphs(model_dir):
     one, _ = outputs(model_dir, graph_capture="eager")
     two, report = outputs(model_dir, graph_capture="eager", tensor_parallel_size=2)
@@ -82,19 +98,6 @@ def test_lazy_capture_on_two_gpus_equals_eager_and_agrees_on_failures(model_dir,
         assert states[4]["state"] == "failed" and "rank 1" in states[4]["error"]
     ranks = report["tensor_parallel"]["ranks"]
     assert 4 not in ranks[1]["captured"] and ranks[0]["captured"][-1] == 16
-
-
-def test_symmetric_memory_all_reduce_gives_the_nccl_tokens(model_dir):
-    """The fused all-reduce + norm kernel (`server.distributed.symm_allreduce`) against NCCL
-    and the separate norm, decode and mixed steps from graphs; `auto` picks it on a pair of
-    GPUs with peer access (the other tests here run on it)."""
-    nccl, _ = outputs(model_dir, graph_capture="eager", tensor_parallel_size=2,
-                      tp_allreduce="nccl", max_num_batched_tokens=64)  # fmt: skip
-    symm, report = outputs(model_dir, graph_capture="eager", tensor_parallel_size=2,
-                           max_num_batched_tokens=64)  # fmt: skip
-    assert symm == nccl and report["traffic"]["eager_steps"] == 0
-    if torch.cuda.can_device_access_peer(0, 1) and torch.cuda.can_device_access_peer(1, 0):
-        assert report["tensor_parallel"]["allreduce"] == "symm-mem"
 
 
 def test_two_gpus_match_one_gpu_on_the_openai_surface(model_dir):

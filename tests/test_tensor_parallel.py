@@ -291,6 +291,13 @@ def test_auto_all_reduce_takes_symmetric_memory_only_where_every_gpu_pair_has_pe
     assert comm.choose_allreduce("auto", "cpu", 2) == "nccl"
     assert comm.choose_allreduce("nccl", "cuda", 2) == "nccl"  # asked for: not second-guessed
     assert comm.choose_allreduce("symm-mem", "cuda", 3) == "symm-mem"
+    # A second symmetric-memory group in one process is not supported: auto takes NCCL, an
+    # explicit symm-mem is refused with the reason.
+    monkeypatch.setattr(comm, "_symm_groups", 1)
+    assert comm.choose_allreduce("auto", "cuda", 2) == "nccl"
+    assert comm.choose_allreduce("nccl", "cuda", 2) == "nccl"
+    with pytest.raises(RuntimeError, match="already formed a symmetric-memory group"):
+        comm.choose_allreduce("symm-mem", "cuda", 2)
 
 
 # -- the engine at --tensor-parallel-size 2 ------------------------------------------------------

@@ -34,6 +34,9 @@ from server.distributed.launcher import apply_env_defaults
 
 log = logging.getLogger("graphserve.tp")
 
+# Groups of this process that enabled symmetric memory (see `choose_allreduce`).
+_symm_groups = 0
+
 
 class TPComm:
     """One group's collectives; `group` is a `torch.distributed` process group object.
@@ -57,6 +60,8 @@ class TPComm:
         """
         from server.distributed.symm_allreduce import SymmAllReduce
 
+        global _symm_groups
+        _symm_groups += 1
         self._fused = SymmAllReduce.create(self.group.group_name, self.rank, self.world, rows,
                                            hidden, dtype, device, timeout_s)  # fmt: skip
 
@@ -99,9 +104,21 @@ def choose_allreduce(requested: str, device_type: str, world: int) -> str:
     `auto` takes symm-mem only on CUDA where every pair of the group's GPUs (the first `world`
     this process sees, one per rank) can access each other's memory: the kernel stores into
     its peers' buffers. An explicit `symm-mem` is not second-guessed (a missing peer access
-    then fails the start, at the buffer's rendezvous)."""
+    then fails the start, at the buffer's rendezvous).
+
+    Once per process: a second group with symmetric memory in one process (tests; an engine
+    started again in-process, which the server never does: rank 0 is its process) failed to
+    form on the H200 pair, while NCCL groups after it formed. `auto` then takes NCCL; an
+    explicit `symm-mem` is refused with that reason.
+    """
     choice, why = requested, "asked for"
-    if requested == "auto":
+    if _symm_groups and requested != "nccl":
+        if requested == "symm-mem":
+            raise RuntimeError("--tp-allreduce symm-mem: this process already formed a "
+                               "symmetric-memory group, and a second one is not supported; use "
+                               "nccl, or a new process")  # fmt: skip
+        choice, why = "nccl", "this process already formed a symmetric-memory group"
+    elif requested == "auto":
         choice, why = "symm-mem", "every pair of GPUs has peer access"
         if device_type != "cuda":
             choice, why = "nccl", "not on CUDA"
