@@ -159,7 +159,9 @@ def drive_startup(raw: dict, block_size: int = 16, max_num_seqs: int = 64,
     """The startup warm-ups of a server of this shape, for each table width (on "cuda": real
     launches, which is how the GPU test checks a seeded cache serves them all). Under tensor
     parallelism every rank runs the same kernels on its head and column slices: rank 0's
-    shard stands for all (no collectives here: compiling needs none)."""
+    shard stands for all; on "cpu" its collectives are `_CompileOnlyComm`'s, which compiles the
+    fused all-reduce + norm kernel that `--tp-allreduce auto` picks on GPUs with peer access
+    (for the default `--tp-timeout`: its deadline is a compile-time constant)."""
     from server.config import DEVICE_DEFAULTS
     from server.distributed.sharding import TPShard
     from server.hf_config import ModelConfig
@@ -178,6 +180,9 @@ def drive_startup(raw: dict, block_size: int = 16, max_num_seqs: int = 64,
         max_model_len = width * block_size
         weights = _EmptyWeights(torch.bfloat16, device)
         model = DecoderModel(config, weights, max_model_len, shard=shard)
+        if tensor_parallel_size > 1 and device == "cpu":
+            model.attach_comm(_CompileOnlyComm(tensor_parallel_size, max_num_seqs,
+                                               config.hidden_size))  # fmt: skip
         executor = StepExecutor.build(model, 8, block_size, max_model_len, max_num_seqs,
                                       emulate=False, tensor_parallel=tensor_parallel_size > 1,
                                       mixed_tokens=max(buckets, default=0))  # fmt: skip
@@ -186,6 +191,30 @@ def drive_startup(raw: dict, block_size: int = 16, max_num_seqs: int = 64,
             executor.execute(plan, None)
         for n in sorted({max_num_seqs, 1}, reverse=True):
             executor.graphs.warm(n)
+
+
+class _CompileOnlyComm:
+    """A sharded model's collectives while kernels are only compiled (`_compile_only`): the
+    decode-sized all-reduces go to `SymmAllReduce` as on GPUs with peer access (its launches
+    compile and run nothing, so its peer pointers are never used), the rest are identities."""
+
+    def __init__(self, world: int, rows: int, hidden: int):
+        from server.config import EngineConfig
+        from server.distributed.symm_allreduce import SymmAllReduce
+
+        self._fused = SymmAllReduce(0, world, rows, hidden, torch.bfloat16, "cpu", [0] * world,
+                                    [0] * world, EngineConfig.tp_timeout_s)  # fmt: skip
+
+    def start_forward(self) -> None:
+        self._fused.start_forward()
+
+    def reduce_rms_norm(self, x, residual, weight, eps):
+        if not self._fused.fits(x):
+            return None
+        return self._fused.reduce_rms_norm(x, residual, weight, eps)
+
+    def all_reduce(self, x):
+        return x
 
 
 def _build_launchers(kernels: list) -> int:
