@@ -76,7 +76,7 @@ from server.kv_cache import KVPlan, agree, plan_kv_cache
 from server.logits_processors import PenaltyState, process_and_sample, prompt_logprobs
 from server.mixed_graph_policy import MixedGraphPolicy
 from server.model_loader import load_checkpoint
-from server.request import TokenLogprob
+from server.request import token_logprobs
 from server.scheduler import ChunkCost, ScheduledStep, Sequence, StepResult, prefill_depth_unit
 from server.step_executor import StepExecutor
 from server.step_plan import StepPlan, StepPlanner, warmup_plans
@@ -501,13 +501,13 @@ class ModelRunner:
         tokens = host["tokens"].tolist() if "tokens" in host else []
         result = StepResult(tokens)
         if "lp" in host:
-            result.logprobs = _entries(
+            result.logprobs = token_logprobs(
                 [s.params.logprobs for s in step.seqs], tokens, host["lp"].tolist(),
                 host["top_ids"].tolist() if "top_ids" in host else None,
                 host["top_lp"].tolist() if "top_lp" in host else None,
             )
         if step.prompt_rows:
-            entries = _entries(
+            entries = token_logprobs(
                 [seq.params.prompt_logprobs for seq, _ in step.prompt_rows],
                 [seq.prompt_ids[pos] for seq, pos in step.prompt_rows],
                 host["p_lp"].tolist(),
@@ -690,14 +690,3 @@ class ModelRunner:
                                       self.world, tp.failure if tp else None,
                                       self.tp_allreduce)  # fmt: skip
 
-
-def _entries(ks, tokens, lps, top_ids, top_lps) -> list[TokenLogprob | None]:
-    """Host lists -> one TokenLogprob per row (None where the row asked for no logprobs)."""
-    out: list[TokenLogprob | None] = []
-    for i, k in enumerate(ks):
-        if k is None:
-            out.append(None)
-            continue
-        top = list(zip(top_ids[i][:k], top_lps[i][:k], strict=True)) if k and top_ids else []
-        out.append(TokenLogprob(tokens[i], lps[i], top))
-    return out

@@ -148,6 +148,19 @@ class TokenLogprob:
     top: list[tuple[int, float]] = field(default_factory=list)
 
 
+def token_logprobs(ks, tokens, lps, top_ids, top_lps) -> list[TokenLogprob | None]:
+    """Host lists of a step's rows -> one TokenLogprob per row (None where the row asked for
+    no logprobs; `ks[i]` top entries where it did)."""
+    out: list[TokenLogprob | None] = []
+    for i, k in enumerate(ks):
+        if k is None:
+            out.append(None)
+            continue
+        top = list(zip(top_ids[i][:k], top_lps[i][:k], strict=True)) if k and top_ids else []
+        out.append(TokenLogprob(tokens[i], lps[i], top))
+    return out
+
+
 @dataclass
 class RequestOutput:
     """One increment of a request's output, as streamed by the engine.
