@@ -106,10 +106,12 @@ def choose_allreduce(requested: str, device_type: str, world: int) -> str:
     its peers' buffers. An explicit `symm-mem` is not second-guessed (a missing peer access
     then fails the start, at the buffer's rendezvous).
 
-    Once per process: a second group with symmetric memory in one process (tests; an engine
-    started again in-process, which the server never does: rank 0 is its process) failed to
-    form on the H200 pair, while NCCL groups after it formed. `auto` then takes NCCL; an
-    explicit `symm-mem` is refused with that reason.
+    Once per process: torch keeps each group name's symmetric-memory info (rank, size, store)
+    from the first time it is set and refuses to set it again, and a new default group reuses
+    the old one's name, so a second symmetric-memory group in one process (tests; an engine
+    started again in-process, which the server never does: rank 0 is its process) would meet
+    at the first group's store, which is gone; on the H200 pair it failed to form. `auto` then
+    takes NCCL; an explicit `symm-mem` is refused with that reason.
     """
     choice, why = requested, "asked for"
     if _symm_groups and requested != "nccl":
