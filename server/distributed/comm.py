@@ -11,10 +11,11 @@ Every rank must issue the same collectives in the same order: the forward does, 
 rank runs the same step plan (`server.step_plan`); the token broadcast follows each step that
 samples. Ordering across ranks is the caller's invariant, not checked here.
 
-All-reduce: NCCL by default. `enable_symm_mem` (`--tp-allreduce symm-mem`, CUDA) gives the
-decode-sized ones (up to `rows` rows) to `server.distributed.symm_allreduce`: each all-reduce
-there is one kernel that also adds the residual and RMS-normalises, as the forward does right
-after every all-reduce (`reduce_rms_norm`). Larger tensors (prompt chunks) stay on NCCL.
+All-reduce: NCCL, unless `enable_symm_mem` (`--tp-allreduce symm-mem`, or the default `auto`
+on GPUs with peer access: `choose_allreduce`) gives the decode-sized ones (up to `rows` rows)
+to `server.distributed.symm_allreduce`: each all-reduce there is one kernel that also adds the
+residual and RMS-normalises, as the forward does right after every all-reduce
+(`reduce_rms_norm`). Larger tensors (prompt chunks) stay on NCCL.
 
 Logits: all-gather (every rank gets every slice, one NCCL collective, capturable) rather than a
 gather to rank 0: on one host the bytes rank 0 receives are the same, and `bench/tp.py`
