@@ -99,6 +99,7 @@ TORCH_MODULES = (
     "server.weight_pipeline",
     "server.step_executor",
     "server.distributed.comm",
+    "server.distributed.symm_allreduce",
     "server.kernel_precompile",
     "server.background_capture",
 )
