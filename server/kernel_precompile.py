@@ -159,7 +159,7 @@ def drive_startup(raw: dict, block_size: int = 16, max_num_seqs: int = 64,
     """The startup warm-ups of a server of this shape, for each table width (on "cuda": real
     launches, which is how the GPU test checks a seeded cache serves them all). Under tensor
     parallelism every rank runs the same kernels on its head and column slices: rank 0's
-    shard stands for all; on "cpu" its collectives are `_CompileOnlyComm`'s, which compiles the
+    shard stands for all; on "cpu" its collectives are `_compile_only_comm`'s, which compiles the
     fused all-reduce + norm kernel that `--tp-allreduce auto` picks on GPUs with peer access
     (for the default `--tp-timeout`: its deadline is a compile-time constant)."""
     from server.config import DEVICE_DEFAULTS
@@ -181,8 +181,8 @@ def drive_startup(raw: dict, block_size: int = 16, max_num_seqs: int = 64,
         weights = _EmptyWeights(torch.bfloat16, device)
         model = DecoderModel(config, weights, max_model_len, shard=shard)
         if tensor_parallel_size > 1 and device == "cpu":
-            model.attach_comm(_CompileOnlyComm(tensor_parallel_size, max_num_seqs,
-                                               config.hidden_size))  # fmt: skip
+            model.attach_comm(_compile_only_comm(tensor_parallel_size, max_num_seqs,
+                                                 config.hidden_size))  # fmt: skip
         executor = StepExecutor.build(model, 8, block_size, max_model_len, max_num_seqs,
                                       emulate=False, tensor_parallel=tensor_parallel_size > 1,
                                       mixed_tokens=max(buckets, default=0))  # fmt: skip
@@ -193,28 +193,23 @@ def drive_startup(raw: dict, block_size: int = 16, max_num_seqs: int = 64,
             executor.graphs.warm(n)
 
 
-class _CompileOnlyComm:
-    """A sharded model's collectives while kernels are only compiled (`_compile_only`): the
-    decode-sized all-reduces go to `SymmAllReduce` as on GPUs with peer access (its launches
-    compile and run nothing, so its peer pointers are never used), the rest are identities."""
+def _compile_only_comm(world: int, rows: int, hidden: int):
+    """A sharded model's collectives while kernels are only compiled (`_compile_only`):
+    `TPComm`'s own routing, with the decode-sized all-reduces going to `SymmAllReduce` as on
+    GPUs with peer access (its launches compile and run nothing, so its peer pointers are never
+    used) and the rest (prompt chunks) identities instead of NCCL calls."""
+    from server.config import EngineConfig
+    from server.distributed.comm import TPComm
+    from server.distributed.symm_allreduce import SymmAllReduce
 
-    def __init__(self, world: int, rows: int, hidden: int):
-        from server.config import EngineConfig
-        from server.distributed.symm_allreduce import SymmAllReduce
+    class CompileOnlyComm(TPComm):
+        def all_reduce(self, x):
+            return x
 
-        self._fused = SymmAllReduce(0, world, rows, hidden, torch.bfloat16, "cpu", [0] * world,
-                                    [0] * world, EngineConfig.tp_timeout_s)  # fmt: skip
-
-    def start_forward(self) -> None:
-        self._fused.start_forward()
-
-    def reduce_rms_norm(self, x, residual, weight, eps):
-        if not self._fused.fits(x):
-            return None
-        return self._fused.reduce_rms_norm(x, residual, weight, eps)
-
-    def all_reduce(self, x):
-        return x
+    comm = CompileOnlyComm(None, 0, world)
+    comm._fused = SymmAllReduce(0, world, rows, hidden, torch.bfloat16, "cpu", [0] * world,
+                                [0] * world, EngineConfig.tp_timeout_s)  # fmt: skip
+    return comm
 
 
 def _build_launchers(kernels: list) -> int:
