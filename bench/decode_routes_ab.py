@@ -6,7 +6,9 @@ size of what a GEMM route changes. Here every variant's graphs are captured in o
 one loaded model, and their replays are interleaved (each round replays every batch size under
 every variant), so drift hits all variants alike. Variants: `cublas` (every GEMM on cuBLAS, the
 design before the routes), `skinny` (the skinny Triton GEMM up to 16 rows, cuBLAS beyond), and
-`skinny+lt<N>` (plus cuBLASLt from N to 64 rows; `--lt-starts`).
+`skinny+lt<N>` (plus cuBLASLt from N to 64 rows; `--lt-starts`). `--pdl-ab` compares instead
+the routing as it ships with programmatic dependent launch off (`routed`) and on
+(`routed+pdl`, `server.pdl`).
 
     python -m bench.decode_routes_ab --model /tmp/llama-8b --out bench/results/x.json
 """
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=512, help="cached tokens per row")
     ap.add_argument("--lt-starts", default="17,24,32")
     ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--pdl-ab", action="store_true",
+                    help="the shipped routing with PDL off and on (instead of the GEMM routes)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
 
@@ -34,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch.nn.functional as F
 
     from bench.common import environment
-    from server import ops
+    from server import ops, pdl
     from server.config import EngineConfig
     from server.model_runner import ModelRunner
 
@@ -66,14 +70,21 @@ def main(argv: list[str] | None = None) -> int:
             return F.linear(x, w, b)
         return torch.matmul(x, w.t(), out=out) if b is None else torch.addmm(b, x, w.t(), out=out)
 
-    variants = {"cublas": (cublas_linear, routed_rows), "skinny": (routed, (10**9, 10**9))}
-    for start in (int(s) for s in args.lt_starts.split(",")):
-        variants[f"skinny+lt{start}"] = (routed, (start, 64))
+    # name -> (linear, Lt rows, PDL: None keeps the process's default)
+    if args.pdl_ab:
+        variants = {"routed": (routed, routed_rows, False),
+                    "routed+pdl": (routed, routed_rows, True)}
+    else:
+        variants = {"cublas": (cublas_linear, routed_rows, None),
+                    "skinny": (routed, (10**9, 10**9), None)}
+        for start in (int(s) for s in args.lt_starts.split(",")):
+            variants[f"skinny+lt{start}"] = (routed, (start, 64), None)
     captured = {}
     stream = torch.cuda.Stream()
     try:
-        for name, (fn, lt_rows) in variants.items():
+        for name, (fn, lt_rows, pdl_on) in variants.items():
             ops.linear, ops.LT_ROWS = fn, lt_rows
+            pdl.set_enabled(pdl_on)
             pool = torch.cuda.graph_pool_handle()
             for n in SIZES:
                 with torch.cuda.stream(stream):  # warm-up: workspaces, compiles
@@ -85,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 captured[name, n] = graph
     finally:
         ops.linear, ops.LT_ROWS = routed, routed_rows
+        pdl.set_enabled(None)
     torch.cuda.synchronize()
     times: dict = {key: [] for key in captured}
     for round_ in range(args.rounds + 2):  # the first two rounds are warm-up

@@ -31,6 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
+from server import pdl
+from server.pdl import wait_for_previous
+
 __all__ = [
     "decode_attention", "decode_attention_splits", "decode_min_split", "prefill_attention",
     "prefill_splits",
@@ -104,7 +107,9 @@ def _decode_split_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_N: tl.constexpr,
     DOT_F32: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL, False)  # fills the GPU: its dependents launch as it retires
     row = tl.program_id(0).to(tl.int64)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
@@ -186,7 +191,9 @@ def _decode_reduce_kernel(
     BLOCK_N: tl.constexpr,
     SPLITS_PAD: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL, True)  # small: release the next kernel now
     row = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     seq_len = tl.minimum(tl.maximum(tl.load(lens_ptr + row).to(tl.int32), 1), max_len)
@@ -291,6 +298,7 @@ def decode_attention(
         block_n, warps, stages = _BLOCK_N_FP32, 8, 2
     else:
         block_n, warps, stages = config or (_BLOCK_N, 4, 2)
+    on = pdl.use(n_rows)  # server.pdl: small steps only
     _decode_split_kernel[(n_rows, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, rows, seq_lens, part_o, part_lse, out,
         q.stride(0), q.stride(1),
@@ -304,8 +312,10 @@ def decode_attention(
         BLOCK_D=block_d,
         BLOCK_N=block_n,
         DOT_F32=dot_f32,
+        PDL=on,
         num_warps=warps,
         num_stages=stages,
+        **pdl.launch_options(on),
     )
     _decode_reduce_kernel[(n_rows, num_q_heads)](
         part_o, part_lse, seq_lens, out,
@@ -314,7 +324,9 @@ def decode_attention(
         BLOCK_N=block_n,
         SPLITS_PAD=_MAX_SPLITS,
         BLOCK_D=block_d,
+        PDL=on,
         num_warps=4,
+        **pdl.launch_options(on),
     )
     return out
 

@@ -25,6 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
+from server import pdl
+from server.pdl import wait_for_previous
+
 __all__ = ["add_rms_norm", "rms_norm", "rope_write_kv", "silu_and_mul", "skinny_linear",
            "skinny_linear_fits"]
 
@@ -86,7 +89,9 @@ def _rms_norm_kernel(
     ROUND_TY: tl.constexpr,  # dtype the normalised value is rounded to (that of x, or of s)
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL, True)  # small: release the next kernel now
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_H)
     row_mask = rows < n_rows
@@ -174,13 +179,16 @@ def _rms_norm_launch(x, residual, weight, eps):
         return out, s
     block_h, block_r, num_warps = _norm_launch_params(hidden)
     grid = (triton.cdiv(n_rows, block_r),)
+    on = pdl.use(x.shape[0] if x.dim() > 1 else 1)  # tokens (a q/k norm's rows are heads too)
     _rms_norm_kernel[grid](
         x3, r3, weight, out, s, n_rows, inner, sxa, sxb, sra, srb, hidden, float(eps),
         HAS_RESIDUAL=residual is not None,
         ROUND_TY=_TORCH_TO_TL[round_dtype],
         BLOCK_R=block_r,
         BLOCK_H=block_h,
+        PDL=on,
         num_warps=num_warps,
+        **pdl.launch_options(on),
     )
     return out, s
 
@@ -213,7 +221,9 @@ def add_rms_norm(
 
 
 @triton.jit
-def _silu_and_mul_kernel(gu_ptr, out_ptr, stride_gu, inter, BLOCK: tl.constexpr):
+def _silu_and_mul_kernel(gu_ptr, out_ptr, stride_gu, inter, BLOCK: tl.constexpr,
+                         PDL: tl.constexpr):
+    wait_for_previous(PDL, True)  # small: release the next kernel now
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = cols < inter
@@ -239,7 +249,9 @@ def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
         return out
     block = min(1024, triton.next_power_of_2(inter))
     grid = (n_rows, triton.cdiv(inter, block))
-    _silu_and_mul_kernel[grid](rows2d, out, rows2d.stride(0), inter, BLOCK=block, num_warps=4)
+    on = pdl.use(n_rows)
+    _silu_and_mul_kernel[grid](rows2d, out, rows2d.stride(0), inter, BLOCK=block, PDL=on,
+                               num_warps=4, **pdl.launch_options(on))
     return out
 
 
@@ -272,7 +284,9 @@ def _rope_write_kv_kernel(
     PAGE: tl.constexpr,  # tokens per KV block
     HALF: tl.constexpr,
     BLOCK_HALF: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL, True)  # small: release the next kernel now
     # One program per (token, head): heads [0, Hq) rotate q, heads [Hq, Hq + Hkv) rotate k and
     # store k and v into the cache.
     t = tl.program_id(0).to(tl.int64)
@@ -368,6 +382,7 @@ def rope_write_kv(
         return q_rot
     half = head_dim // 2
     grid = (n_tokens, num_q_heads + num_kv_heads)
+    on = pdl.use(n_tokens)
     _rope_write_kv_kernel[grid](
         q, k, v, cos, sin, k_cache, v_cache, block_tables, rows, positions, q_rot,
         q.stride(0), q.stride(1),
@@ -379,8 +394,8 @@ def rope_write_kv(
         num_q_heads, head_dim,
         K_TY=_TORCH_TO_TL[torch.promote_types(k.dtype, cos.dtype)],
         PAGE=k_cache.shape[1],
-        HALF=half, BLOCK_HALF=triton.next_power_of_2(half),
-        num_warps=1 if half <= 64 else 2,
+        HALF=half, BLOCK_HALF=triton.next_power_of_2(half), PDL=on,
+        num_warps=1 if half <= 64 else 2, **pdl.launch_options(on),
     )
     return q_rot
 
@@ -443,8 +458,9 @@ def skinny_linear_fits(x: torch.Tensor, weight: torch.Tensor, bias, out) -> bool
 def _skinny_linear_kernel(
     x_ptr, w_ptr, b_ptr, out_ptr, m, k, stride_x, stride_w, stride_out,
     HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    DOT_F32: tl.constexpr,
+    DOT_F32: tl.constexpr, PDL: tl.constexpr,
 ):
+    wait_for_previous(PDL, False)  # fills the GPU: its dependents launch as it retires
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, ROWS)
@@ -483,10 +499,12 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if out is None:
         out = _empty((x.shape[0], n), x.dtype, x.device)
     block_n, block_k, stages = _skinny_config(n)
+    on = pdl.use(x.shape[0])
     _skinny_linear_kernel[(n // block_n,)](
         x, weight, bias if bias is not None else weight, out, x.shape[0], k,
         x.stride(0), weight.stride(0), out.stride(0),
         HAS_BIAS=bias is not None, ROWS=_SKINNY_ROWS, BLOCK_N=block_n, BLOCK_K=block_k,
-        DOT_F32=_INTERPRET and x.dtype == torch.bfloat16, num_stages=stages, num_warps=4,
+        DOT_F32=_INTERPRET and x.dtype == torch.bfloat16, PDL=on,
+        num_stages=stages, num_warps=4, **pdl.launch_options(on),
     )
     return out

@@ -208,6 +208,37 @@ def test_graph_replay_equals_eager_for_every_size(gpu_model_dir):
             assert torch.equal(graph_logits.argmax(-1), eager_logits.argmax(-1))
 
 
+def test_pdl_changes_no_bit_of_a_graph_step(gpu_model_dir):
+    """Programmatic dependent launch (`server.pdl`) only moves when a kernel's blocks start:
+    graphs captured with it replay to the logits the same graphs captured without it give, bit
+    for bit, at every captured size and padded into them, over many replays (a kernel touching
+    memory before its wait, or a release that let a kernel overtake its predecessor, would race
+    and show here)."""
+    from server import pdl
+
+    if not pdl.enabled():
+        pytest.skip("PDL needs compute capability 9.0+ and Triton's griddepcontrol")
+    sizes = [1, 8, 32]
+    runners = {}
+    try:
+        for on in (False, True):
+            pdl.set_enabled(on)
+            torch.manual_seed(0)  # the same random K/V in both caches
+            runners[on] = _runner(gpu_model_dir, sizes)[0]
+    finally:
+        pdl.set_enabled(None)
+    g = torch.Generator().manual_seed(1)
+    for n in (1, 3, 8, 17, 32):
+        ids = torch.randint(2, 400, (n,), generator=g).tolist()
+        positions = torch.randint(0, RUNNER_MAX_LEN, (n,), generator=g).tolist()
+        rows = torch.randperm(32, generator=g)[:n].tolist()
+        size = min(s for s in sizes if s >= n)
+        off = runners[False].run(ids, positions, rows, size=size).clone()
+        for _ in range(20):
+            on = runners[True].run(ids, positions, rows, size=size)
+            assert torch.equal(on, off), f"batch {n} (graph {size}): PDL changed the logits"
+
+
 def test_graph_pool_reading_ignores_eager_memory_and_stays_within_the_estimate(gpu_model_dir):
     """The pool reading is the graph pool's own segments: memory eager steps leave cached
     outside it between captures (busy-time captures under traffic) does not count. The

@@ -58,6 +58,8 @@ import torch
 import triton
 import triton.language as tl
 
+from server import pdl
+from server.pdl import wait_for_previous
 from server.triton_ops import _TORCH_TO_TL, _empty
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -127,7 +129,11 @@ def _reduce_norm_kernel(
     BLOCK_H: tl.constexpr,
     TIMEOUT_NS: tl.constexpr,
     ASM: tl.constexpr,
+    PDL: tl.constexpr,
 ):
+    # Small (one program per row): the next kernel's blocks may launch and wait while this one
+    # waits for its peers. Call order is kept (server.pdl), which the slots rely on.
+    wait_for_previous(PDL, True)
     row = tl.program_id(0)
     cols = tl.arange(0, BLOCK_H)
     mask = cols < hidden
@@ -257,6 +263,7 @@ class SymmAllReduce:
         out = _empty(x.shape, torch.promote_types(weight.dtype, sum_dtype), x.device)
         block_h = triton.next_power_of_2(self.hidden)
         region = self.rows * self.hidden
+        on = pdl.use(n)
         _reduce_norm_kernel[(n,)](
             x, residual if residual is not None else x, weight.contiguous(), out, s,
             self._bufs, self._pads, self.rank, self.next_slot() * self.world * region, region,
@@ -267,6 +274,8 @@ class SymmAllReduce:
             BLOCK_H=block_h,
             TIMEOUT_NS=self._timeout_ns,
             ASM=not _INTERPRET,  # the interpreter runs no PTX: Triton's atomics instead
+            PDL=on,
             num_warps=8 if block_h >= 4096 else 4,
+            **pdl.launch_options(on),
         )  # fmt: skip
         return out, s
