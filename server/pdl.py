@@ -1,39 +1,52 @@
 """Programmatic dependent launch (PDL) for our Triton kernels: a launch overlaps the one before.
 
 Between two kernels of a decode graph the GPU normally drains the first (every block retired,
-its writes flushed) before it starts launching the second, so each of the ~10 kernels of a
-decoder layer pays that gap (~320 per 8B step at batch 1, where every kernel is ours). On
-Hopper and later a kernel launched with the programmatic-stream-serialization attribute may
-start while its predecessor is still running; it must then execute `griddepcontrol.wait`
-before touching anything the predecessor may read or write, and that wait returns once the
-predecessor has completed and its memory is visible. Stream capture keeps the relation as a
-programmatic edge of the CUDA graph, so replays overlap the same way.
+its writes flushed) before it starts the second, so each of the ~10 kernels of a decoder layer
+pays that gap (~320 per 8B step at batch 1, where every kernel is ours). On Hopper and later a
+kernel launched with the programmatic-stream-serialization attribute may start while its
+predecessor still runs; it must then execute `griddepcontrol.wait` before touching anything the
+predecessor may read or write, and that wait returns once the predecessor has completed and its
+memory is visible. Stream capture keeps the relation as a programmatic edge of the CUDA graph,
+so replays overlap the same way. Measured on the H200 (8B, one process, replays interleaved,
+`bench.decode_routes_ab --pdl-ab`): the decode graph step 4.368 -> 4.209 ms at batch 1, 4.593 ->
+4.504 at 8, 4.863 -> 4.817 at 16.
 
 The rule every kernel here follows (`wait_for_previous` first, nothing before it):
 
 * **Wait at the top.** No load or store precedes the wait, so there is no hazard with the
   predecessor in either direction (it may read a buffer this kernel writes: the graph pool
-  reuses buffers). Weights could be loaded before the wait, but prefetching them (into L2 or
-  registers) measured slower than not (H200: a 32-layer chain of a TP=2 rank's four skinny
-  GEMMs, 62.8 us per layer plain, 61.8 with the wait at the top, 65.7-92.3 with a 64 KiB-1 MiB
-  L2 prefetch of each program's slice before it).
-* **Small kernels release their dependents at once** (`early=True`): norms, SiLU, RoPE, the
-  attention's reduce, the all-reduce: their successor's blocks then get onto the SMs while they
+  reuses buffers). Weights could be loaded before the wait, but prefetching them measured
+  slower than not (a 32-layer chain of a TP=2 rank's four skinny GEMMs: 62.8 us per layer
+  plain, 61.8 with the wait at the top, 65.7-92.3 with a 64 KiB-1 MiB L2 prefetch of each
+  program's slice before the wait).
+* **Small kernels release their dependents at once** (`EARLY`): norms, SiLU, RoPE, the
+  attention's reduce, the all-reduce; the next kernel's blocks then reach the SMs while they
   run and wait there. Kernels that fill the GPU (the GEMMs, the attention's split kernel) do
-  not (`early=False`: the dependents launch as their last blocks retire): released early, the
-  waiting blocks of the next GEMM took SM slots the current one's later blocks needed (the same
-  chain: 74.5 us per layer).
+  not; their dependents launch as their last blocks retire. In the same chain with SiLU
+  between gate/up and down, every kernel releasing early gave 61.8 us per layer; without it,
+  where a GEMM follows a GEMM, 74.5 (the waiting successors hold SM slots the running GEMM's
+  later blocks need). Keeping the GEMMs out is the safe side; whether they gain in the
+  server's layer (where no GEMM follows a GEMM) is not measured.
+* **Only steps of up to `MAX_ROWS` rows take part** (`use`): there every kernel of a decode
+  step is ours. Above it the projections are cuBLAS kernels, and with PDL at every size the
+  steps of 32-64 rows measured 0.5-1.6 % slower (24 rows even), so those launches stay
+  ordinary. Prefill attention never takes part.
 * The order of kernels is unchanged: a kernel's wait returns only after its predecessor has
   completed, which waited for its own predecessor, and so on, so every kernel still sees all
   earlier kernels' writes (the symmetric-memory all-reduce's slot argument relies on this).
   Kernels of torch, cuBLAS and NCCL do not take part; next to them a launch is an ordinary one.
 
+The cost is at startup: the kernels launched on both sides of `MAX_ROWS` (norms, SiLU, RoPE,
+decode attention) have two compiled variants each, which the warm-ups at the largest size and
+at 1 load (8B, kernels compiled ahead: warm-ups 1.06 -> 1.19 s; empty cache: 16 -> 24
+compiles).
+
 `enabled()` decides per process and target: Triton's active driver targets CUDA compute
 capability 9.0 or later, Triton has the `griddepcontrol` builtins, not the interpreter, and
-`$GRAPHSERVE_PDL` is not `0` (the escape hatch). The
-answer follows the active driver, so `graphserve precompile-kernels` (which swaps in a driver
-for the target architecture) compiles the same variants a server on that GPU launches:
-`launch_pdl` is part of a compiled kernel's options and so of Triton's cache key.
+`$GRAPHSERVE_PDL` is not `0` (the escape hatch). The answer follows the active driver, so
+`graphserve precompile-kernels` (which swaps in a driver for the target architecture) compiles
+the variants a server on that GPU launches: `launch_pdl` is one of a compiled kernel's options
+and so part of Triton's cache key.
 
 Thread ownership: none; `enabled()` caches per driver object and is safe from any thread.
 """
@@ -49,7 +62,7 @@ try:  # Triton >= 3.3
     from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
     _HAVE_GDC = True
-except ImportError:  # an older Triton: never enabled, the jit helper below is never traced
+except ImportError:  # an older Triton: never enabled, so `if PDL:` below is never emitted
     gdc_launch_dependents = gdc_wait = None
     _HAVE_GDC = False
 

@@ -83,7 +83,7 @@ TORCH_FREE = (
     "server.cli",
     "server.__main__",
 )
-# The project's modules that import torch at module level.
+# The project's modules that import torch at module level (server.pdl: Triton, the same stack).
 TORCH_MODULES = (
     "server.model_runner",
     "server.kv_cache",
@@ -93,6 +93,7 @@ TORCH_MODULES = (
     "server.ops",
     "server.triton_ops",
     "server.triton_attention",
+    "server.pdl",
     "server.sampling",
     "server.logits_processors",
     "server.weights",
