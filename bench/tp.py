@@ -371,11 +371,14 @@ def lazy_plan(args):
 async def part_lazy(b: Bench, client) -> dict[str, Any]:
     a = b.args
     plan = lazy_plan(a)
-    data: dict[str, Any] = {"model": a.model_8b, "waves": [len(w) for w in plan], "runs": []}
-    reference = b.lazy_reference  # the 8b part's TP=2 server (--graph-capture eager), if it ran
+    data: dict[str, Any] = {"model": a.model_8b, "waves": [len(w) for w in plan], "runs": [],
+                            "dtype": a.lazy_dtype or "the checkpoint's"}
+    extra = ["--dtype", a.lazy_dtype] if a.lazy_dtype else []
+    # The 8b part's TP=2 server (--graph-capture eager), if it ran in the same dtype.
+    reference = None if a.lazy_dtype else b.lazy_reference
     data["reference"] = "8b part, TP=2 eager server" if reference else "own eager server"
     if reference is None:
-        server = b.server("lazy-reference-eager", a.model_8b, 2, "eager")
+        server = b.server("lazy-reference-eager", a.model_8b, 2, "eager", extra)
         try:
             await b.ready(client, server)
             reference = await asyncio.wait_for(run_waves(client, server.url, plan),
@@ -385,7 +388,7 @@ async def part_lazy(b: Bench, client) -> dict[str, Any]:
     for i in range(a.restarts):
         run: dict[str, Any] = {"restart": i}
         data["runs"].append(run)
-        server = b.server(f"lazy-{i}", a.model_8b, 2, "lazy")
+        server = b.server(f"lazy-{i}", a.model_8b, 2, "lazy", extra)
         try:
             run["ready_s"] = await b.ready(client, server)
             t0 = time.perf_counter()
@@ -494,6 +497,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--model-70b", default="/tmp/llama-70b",
                     help="made with bench.make_checkpoint --shape 70b --config-only if missing")
     ap.add_argument("--restarts", type=int, default=5)
+    ap.add_argument("--lazy-dtype", default=None, choices=("float32",),
+                    help="the lazy part's servers and their eager reference in this dtype "
+                         "(float32: random bf16 weights' near-ties no longer decide whether lazy "
+                         "output equals eager)")
     ap.add_argument("--agree-prompts", type=int, default=4)
     ap.add_argument("--agree-tokens", type=int, default=300)
     ap.add_argument("--batch", type=int, default=64)

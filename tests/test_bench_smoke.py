@@ -287,6 +287,7 @@ def test_tp_smoke(smoke_runs):
     assert run["hang"] is False and run["equal_to_eager"] is True
     assert run["traffic"]["eager_steps"] == 0 and run["returncode"] == 0
     assert parts["lazy"]["reference"] == "8b part, TP=2 eager server"
+    assert parts["lazy"]["dtype"] == "the checkpoint's"  # no --lazy-dtype: the 8b part's dtype
     _check_targets(data["targets"], 8)
     assert "lazy restart 0" in text
     _check_verdict_lines(text, 8)
