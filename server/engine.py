@@ -80,6 +80,11 @@ SLOW_STEP_LOG_EVERY_S = 10.0
 # While a background capture is in flight and the engine idles: how often to look for its end.
 CAPTURE_POLL_S = 0.002
 
+# Longest that readiness waits for the grammar tokenizer's build (0.3-0.7 s for a 128k
+# vocabulary, started while the weights load, so normally over by then); past it the server
+# becomes ready and constrained requests wait for the build instead.
+GRAMMAR_BUILD_WAIT_S = 10.0
+
 
 def reads_early(cfg: EngineConfig) -> bool:
     """Whether the engine thread starts `server.early_weights` before importing torch: one
@@ -212,8 +217,8 @@ class AsyncEngine:
                 plan.num_blocks, plan.block_size, self.config.enable_prefix_caching
             ),
             # Its tokenizer is built on a thread of its own, started while the weights streamed
-            # (`build_grammars`); readiness does not wait for it. The transformers loader has
-            # no early hook: then it starts here, after the load.
+            # (`build_grammars`); readiness waits for the end of it below. The transformers
+            # loader has no early hook: then it starts here, after the load.
             grammars=grammars[0] if grammars else GrammarBackend(
                 tokenizer_json(runner.checkpoint.tokenizer), runner.vocab_size, runner.eos_ids
             ),
@@ -225,6 +230,9 @@ class AsyncEngine:
         self.tokenizer = runner.checkpoint.api_tokenizer
         self.vocab_size = runner.vocab_size
         self._accepting = True
+        # Normally built long ago; one still building would hold the GIL into the first
+        # requests (GrammarBackend.wait_built).
+        scheduler.grammars.wait_built(GRAMMAR_BUILD_WAIT_S)
         freeze_startup_heap()  # no full collection scans the startup heap while serving
         self.ready.set()
         self._set_phase("ready")

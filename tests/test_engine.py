@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 
 import pytest
 import torch
@@ -270,6 +271,35 @@ def test_startup_failure_reports_reason(tmp_path):
     assert phases[-1][0] == "failed"
     assert "does not exist" in phases[-1][1]
     assert not engine.ready.is_set()
+
+
+def test_ready_waits_for_the_grammar_tokenizer(llama_dir, monkeypatch):
+    """The grammar tokenizer's build holds the GIL (0.3-0.7 s for a 128k vocabulary); one still
+    running at ready would stall the first requests, so the engine is ready only once it has
+    ended. Here the build is held back past the rest of the startup."""
+    from server.structured import grammar
+
+    build = grammar.GrammarBackend._build
+    started = []
+
+    def late_build(self, tokenizer_json):
+        time.sleep(3.0)
+        started.append(time.monotonic())  # the real build starts now
+        build(self, tokenizer_json)
+
+    monkeypatch.setattr(grammar.GrammarBackend, "_build", late_build)
+    phases = []
+    engine = AsyncEngine(
+        EngineConfig(model=str(llama_dir), device="cpu", max_num_seqs=3, max_model_len=128),
+        on_phase=lambda phase, detail: phases.append((phase, time.monotonic())),
+    )
+    engine.start()
+    try:
+        assert engine.ready.wait(120), (engine.phase, engine.error)
+        ready_at = next(t for phase, t in phases if phase == "ready")
+        assert started and started[0] < ready_at
+    finally:
+        engine.shutdown()
 
 
 # -- one step ahead: the host reads step N's tokens after launching step N+1 -----------------

@@ -121,6 +121,32 @@ def test_json_schema_grammar_and_errors():
         GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS}).matcher("start: %json {\"x\"")
 
 
+def test_wait_built_waits_for_the_build_and_gives_up_at_its_timeout(monkeypatch, caplog):
+    """Readiness waits for the tokenizer build (it holds the GIL) but not forever: past the
+    timeout it goes on, logs why, and the build still finishes for the requests that need it."""
+    import threading
+
+    import llguidance
+
+    release = threading.Event()
+    real = llguidance.LLTokenizer
+
+    def slow(*args, **kwargs):
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(llguidance, "LLTokenizer", slow)
+    backend = GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS})
+    with caplog.at_level("INFO", logger="graphserve.grammar"):
+        assert 0.05 <= backend.wait_built(0.05) < 1.0
+        assert "still building after 0.1 s" in caplog.text
+        threading.Timer(0.2, release.set).start()
+        assert 0.1 <= backend.wait_built(10) < 5.0
+        assert "ready waited" in caplog.text
+    assert backend.wait_built(10) < 0.01  # built: no wait
+    assert backend.matcher(json_schema_grammar({"type": "boolean"})) is not None
+
+
 def test_bitmask_application_matches_a_per_row_reference():
     rng = random.Random(0)
     vocab, n = 1000, 5

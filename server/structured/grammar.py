@@ -13,7 +13,8 @@ Two sides:
   build grammar strings; `check_grammar` validates one (cached by the grammar text) and
   raises `GrammarError` with llguidance's message, which the HTTP layer turns into a 400.
 * Engine thread: `GrammarBackend` owns the llguidance tokenizer (built on a background thread
-  at startup: ~0.4 s for a 128k vocabulary, with the GIL released) and hands out one
+  at startup: 0.3-0.7 s for a 128k vocabulary, holding the GIL, so readiness waits for it:
+  `wait_built`) and hands out one
   `SequenceGrammar` per constrained sequence, copied from a cached prototype matcher per
   grammar. Masks are int32 bitmasks, bit `t % 32` of word `t // 32` set when token t is
   allowed, the layout `server.logits_processors.apply_bitmask` unpacks on the device.
@@ -151,6 +152,22 @@ class GrammarBackend:
             self._built.set()
         log.info("grammar tokenizer %s in %.2f s", "built" if self._error is None else "failed",
                  time.perf_counter() - t0)
+
+    def wait_built(self, timeout_s: float) -> float:
+        """Wait up to `timeout_s` for the tokenizer build to end (built or failed); returns the
+        seconds waited. The engine calls it before it reports ready: the build holds the GIL,
+        so one still running at ready would stall the first requests for the rest of it (8e:
+        a 512-token prompt sent at ready answered in 560-712 ms). It normally ends long before
+        (it starts while the weights load). Past the timeout readiness goes ahead and the
+        build goes on."""
+        t0 = time.perf_counter()
+        if not self._built.wait(timeout_s):
+            log.warning("grammar tokenizer still building after %.1f s; ready without it "
+                        "(constrained requests wait for it)", timeout_s)
+        waited = time.perf_counter() - t0
+        if waited >= 0.01:
+            log.info("ready waited %.2f s for the grammar tokenizer", waited)
+        return waited
 
     def matcher(self, grammar: str) -> SequenceGrammar:
         """A fresh matcher for `grammar` (waits for the tokenizer the first time; raises
