@@ -42,8 +42,9 @@ at 1 load (8B, kernels compiled ahead: warm-ups 1.06 -> 1.19 s; empty cache: 16 
 compiles).
 
 `enabled()` decides per process and target: Triton's active driver targets CUDA compute
-capability 9.0 or later, Triton has the `griddepcontrol` builtins, not the interpreter, and
-`$GRAPHSERVE_PDL` is not `0` (the escape hatch). The answer follows the active driver, so
+capability 9.0 or later, the CUDA driver is 12.3 or later (programmatic edges in captured
+graphs), Triton has the `griddepcontrol` builtins, not the interpreter, and `$GRAPHSERVE_PDL`
+is not `0` (the escape hatch). The answer follows the active driver, so
 `graphserve precompile-kernels` (which swaps in a driver for the target architecture) compiles
 the variants a server on that GPU launches: `launch_pdl` is one of a compiled kernel's options
 and so part of Triton's cache key.
@@ -70,6 +71,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # = triton_ops.SKINNY_MAX_ROWS (a test holds them equal): up to this many rows every kernel of
 # a decode step is ours; beyond it the projections are cuBLAS kernels (see the module docstring).
 MAX_ROWS = 16
+MIN_DRIVER = 12030  # CUDA 12.3: programmatic edges in captured graphs (see _decide)
 _forced: bool | None = None  # set_enabled(); None: decide from the target and the environment
 _cache: tuple[object, bool] | None = None  # (the driver it was decided for, the answer)
 
@@ -90,7 +92,25 @@ def _decide(driver) -> bool:
     except Exception:  # no GPU driver: nothing launches anyway
         return False
     arch = target.arch if isinstance(target.arch, int) else 0
-    return target.backend == "cuda" and arch >= 90
+    if target.backend != "cuda" or arch < 90:
+        return False
+    version = _cuda_driver_version()
+    # Stream capture keeps PDL as a programmatic graph edge from CUDA 12.3 on; under an older
+    # driver it is not worth finding out what a capture makes of it. No libcuda (a machine
+    # compiling kernels ahead for another): compile the variants a current stack launches.
+    return version is None or version >= MIN_DRIVER
+
+
+def _cuda_driver_version() -> int | None:
+    """The CUDA driver's version (12030 for 12.3), or None where there is no libcuda."""
+    import ctypes
+
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+    version = ctypes.c_int(0)
+    return version.value if lib.cuDriverGetVersion(ctypes.byref(version)) == 0 else 0
 
 
 def enabled() -> bool:

@@ -30,6 +30,7 @@ def driver(monkeypatch):
     monkeypatch.setattr(pdl, "_INTERPRET", False)
     monkeypatch.setattr(pdl, "_HAVE_GDC", True)
     monkeypatch.delenv("GRAPHSERVE_PDL", raising=False)
+    monkeypatch.setattr(pdl, "_cuda_driver_version", lambda: 13000)
     previous = config._active
     pdl.set_enabled(None)
 
@@ -107,3 +108,12 @@ def test_only_steps_of_few_rows_take_part(driver):
     assert pdl.launch_options(False) == {}  # a Triton without the option never sees it
     driver("cuda", 80)
     assert not pdl.use(1)
+
+
+def test_a_cuda_driver_older_than_12_3_keeps_it_off(driver, monkeypatch):
+    """Programmatic edges in captured graphs need CUDA 12.3; without libcuda (compiling ahead
+    on a machine without a GPU) the variants of a current stack are compiled."""
+    for version, want in ((12020, False), (12030, True), (13000, True), (None, True), (0, False)):
+        monkeypatch.setattr(pdl, "_cuda_driver_version", lambda v=version: v)
+        driver("cuda", 90)
+        assert pdl.enabled() is want, version
