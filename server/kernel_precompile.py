@@ -289,7 +289,10 @@ def precompile(shapes: dict[str, dict], out: Path, *, arch: int = 90, block_size
             os.environ["TRITON_CACHE_DIR"] = previous
     import triton
 
-    kernels = sorted({(k.src.name, k.hash) for k in compiled})
+    # launch_pdl: one of a compiled kernel's options (server.pdl), named so a reader can tell
+    # the two variants of a kernel apart.
+    kernels = sorted({(k.src.name, k.hash, bool(getattr(k.metadata, "launch_pdl", False)))
+                      for k in compiled})  # fmt: skip
     manifest = {
         "runtime": runtime_fingerprint(),
         "triton": triton.__version__,
@@ -297,7 +300,7 @@ def precompile(shapes: dict[str, dict], out: Path, *, arch: int = 90, block_size
         "shapes": sorted(shapes),
         "block_size": block_size,
         "tensor_parallel_sizes": list(tensor_parallel_sizes),
-        "kernels": [{"name": name, "hash": h} for name, h in kernels],
+        "kernels": [{"name": name, "hash": h, "launch_pdl": p} for name, h, p in kernels],
         "launchers": n_launchers,
         "seconds": round(time.perf_counter() - t0, 2),
     }

@@ -174,6 +174,36 @@ def test_precompile_builds_every_startup_kernel_and_a_rerun_compiles_nothing(tmp
     assert again["kernels"] == manifest["kernels"]
 
 
+def _launch_pdl_variants(manifest: dict) -> dict[str, set[bool]]:
+    """{kernel name: the `launch_pdl` values of its compiled variants} from a manifest."""
+    found: dict[str, set[bool]] = {}
+    for kernel in manifest["kernels"]:
+        found.setdefault(kernel["name"], set()).add(kernel["launch_pdl"])
+    return found
+
+
+def test_precompile_compiles_the_launch_variants_a_hopper_server_uses(tmp_path, monkeypatch):
+    """`launch_pdl` is part of a compiled kernel (server.pdl): for sm_90 the kernels of steps
+    of up to 16 rows come with it and those of larger steps without, as a server launches them
+    (the warm-ups run both sizes); prefill attention never has it; for sm_80 nothing has it."""
+    _nvidia_triton()
+    from server import pdl, triton_ops
+    from server.kernel_precompile import precompile
+
+    monkeypatch.setattr(triton_ops, "_SKINNY_MIN_PROGRAMS", 1)
+    monkeypatch.setattr(triton_ops, "_SKINNY_MIN_WEIGHT_BYTES", 0)
+    monkeypatch.setattr(pdl, "_cuda_driver_version", lambda: None)  # as on a box without a GPU
+    monkeypatch.delenv("GRAPHSERVE_PDL", raising=False)
+    sm90 = precompile({"tiny": TINY}, tmp_path / "sm90", launchers=False)
+    both = {"_rms_norm_kernel", "_silu_and_mul_kernel", "_rope_write_kv_kernel",
+            "_decode_split_kernel", "_decode_reduce_kernel"}
+    assert _launch_pdl_variants(sm90) == {
+        **{name: {False, True} for name in both}, "_skinny_linear_kernel": {True},
+        "_prefill_kernel": {False}, "_prefill_merge_kernel": {False}}
+    sm80 = precompile({"tiny": TINY}, tmp_path / "sm80", arch=80, launchers=False)
+    assert set().union(*_launch_pdl_variants(sm80).values()) == {False}
+
+
 def test_precompile_covers_tensor_parallel_ranks_whose_heads_split(tmp_path):
     """Rank-shaped kernels (a quarter of the heads and of the MLP per rank here: head counts
     no longer divisible by 16 and a smaller MLP block make other variants) land beside the
