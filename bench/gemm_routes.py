@@ -75,7 +75,7 @@ def sweep_skinny(x, weights, out) -> list[dict]:
                     triton_ops._skinny_linear_kernel[(n // bn,)](
                         x, w, w, out, x.shape[0], k, x.stride(0), w.stride(0), out.stride(0),
                         HAS_BIAS=False, ROWS=triton_ops._SKINNY_ROWS, BLOCK_N=bn, BLOCK_K=bk,
-                        DOT_F32=False, num_stages=st, num_warps=4)
+                        DOT_F32=False, PDL=False, num_stages=st, num_warps=4)
 
                 try:
                     us = per_call_us(launch, x, weights, out)

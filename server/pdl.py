@@ -19,14 +19,16 @@ The rule every kernel here follows (`wait_for_previous` first, nothing before it
   slower than not (a 32-layer chain of a TP=2 rank's four skinny GEMMs: 62.8 us per layer
   plain, 61.8 with the wait at the top, 65.7-92.3 with a 64 KiB-1 MiB L2 prefetch of each
   program's slice before the wait).
-* **Small kernels release their dependents at once** (`EARLY`): norms, SiLU, RoPE, the
-  attention's reduce, the all-reduce; the next kernel's blocks then reach the SMs while they
-  run and wait there. Kernels that fill the GPU (the GEMMs, the attention's split kernel) do
-  not; their dependents launch as their last blocks retire. In the same chain with SiLU
-  between gate/up and down, every kernel releasing early gave 61.8 us per layer; without it,
-  where a GEMM follows a GEMM, 74.5 (the waiting successors hold SM slots the running GEMM's
-  later blocks need). Keeping the GEMMs out is the safe side; whether they gain in the
-  server's layer (where no GEMM follows a GEMM) is not measured.
+* **Kernels release their dependents at once** (`EARLY`): norms, SiLU, RoPE, the skinny
+  GEMM, the attention's reduce, the all-reduce; the next kernel's blocks then reach the SMs
+  while they run and wait there. The attention's split kernel does not; its dependents launch
+  as its last blocks retire. Measured: in a chain of GEMMs where a GEMM follows a GEMM, early
+  release cost 74.5 against 61.8 us a layer (the waiting GEMM's blocks hold SM slots the
+  running one's later blocks need), but no GEMM follows a GEMM in the server's decode layer,
+  and there (8B, one H200, one process, replays interleaved) the GEMMs releasing early took
+  the step from 4.262 to 4.226 ms at batch 1, 4.540 -> 4.502 at 8, 4.866 -> 4.772 at 16; the
+  split kernel releasing early gained 0.02 ms at batch 1 and lost 0.08 at 8, so it stays out
+  (`bench/results/probe-skinny-early-h200.json`).
 * **Only steps of up to `MAX_ROWS` rows take part** (`use`): there every kernel of a decode
   step is ours. Above it the projections are cuBLAS kernels, and with PDL at every size the
   steps of 32-64 rows measured 0.5-1.6 % slower (24 rows even), so those launches stay

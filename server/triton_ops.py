@@ -460,7 +460,9 @@ def _skinny_linear_kernel(
     HAS_BIAS: tl.constexpr, ROWS: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     DOT_F32: tl.constexpr, PDL: tl.constexpr,
 ):
-    wait_for_previous(PDL, False)  # fills the GPU: its dependents launch as it retires
+    # Releases the next kernel at once: in a decode layer no GEMM follows a GEMM, so what
+    # waits on the SMs meanwhile is a small kernel's blocks (server.pdl says what it gains).
+    wait_for_previous(PDL, True)
     pid = tl.program_id(0)
     offs_n = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, ROWS)
