@@ -130,14 +130,12 @@ def _symm_mem(rank: int, world: int) -> dict:
     """Per call, in µs, inside graphs of 64 calls: torch's one-shot all-reduce alone; the
     decode layer's previous route, that op then `add_rms_norm`; NCCL then `add_rms_norm`; and
     the server's fused kernel (`server.distributed.symm_allreduce`), whose output is checked
-    against the previous route's, as it runs (flagged words up to `LL_MAX_ROWS` rows) and with
-    every call on its push-then-epoch path."""
+    against the previous route's."""
     import torch
     import torch.distributed as dist
     import torch.distributed._symmetric_memory as symm
 
     from server import ops
-    from server.distributed import symm_allreduce
     from server.distributed.symm_allreduce import SymmAllReduce
 
     ops.use_triton(True)
@@ -186,12 +184,6 @@ def _symm_mem(rank: int, world: int) -> dict:
             out[key + "_one_shot_then_norm"] = _guarded(lambda: _graph_us(torch_op_norm, k))
             out[key + "_nccl_then_norm"] = _guarded(lambda: _graph_us(nccl_norm, k))
             out[key + "_fused"] = _guarded(lambda: _graph_us(fused_norm, k))
-            # The same kernel with every call on its push-then-epoch path (no flagged words).
-            ll_max_rows, symm_allreduce.LL_MAX_ROWS = symm_allreduce.LL_MAX_ROWS, 0
-            try:
-                out[key + "_fused_push_then_epoch"] = _guarded(lambda: _graph_us(fused_norm, k))
-            finally:
-                symm_allreduce.LL_MAX_ROWS = ll_max_rows
             torch.cuda.synchronize()
             one_shot(buf, local, "sum", group, summed)
             want = ops.add_rms_norm(summed, residual, weight, 1e-5)

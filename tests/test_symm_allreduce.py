@@ -28,8 +28,7 @@ import torch
 triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from server import ops  # noqa: E402
-from server.distributed import symm_allreduce  # noqa: E402
-from server.distributed.symm_allreduce import SymmAllReduce, layout  # noqa: E402
+from server.distributed.symm_allreduce import SLOTS, SymmAllReduce  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 WORLD = 2
@@ -43,31 +42,12 @@ else:
     pytest.skip("needs CUDA, or TRITON_INTERPRET=1 on CPU", allow_module_level=True)
 
 
-@pytest.fixture(params=["flagged-words", "push-then-epoch"])
-def path(request, monkeypatch):
-    """Each test runs over both ways a call meets its peer: calls of up to LL_MAX_ROWS rows
-    push flagged words; larger ones (here: every call, with LL_MAX_ROWS at 0) push the rows,
-    then an epoch into the peer's signal pad."""
-    if request.param == "push-then-epoch":
-        monkeypatch.setattr(symm_allreduce, "LL_MAX_ROWS", 0)
-    return request.param
-
-
-def pack_words(x: torch.Tensor, epochs) -> torch.Tensor:
-    """The kernel's flagged words for rows `x` `[n, hidden]`: 4 bytes of a row (little-endian:
-    a 16-bit pair's first element in the low bits) under each row's epoch."""
-    payload = x.contiguous().view(torch.int32).to(torch.int64) & 0xFFFFFFFF
-    flags = torch.tensor(epochs, dtype=torch.int64, device=x.device)[:, None] << 32
-    return payload | flags
-
-
 class Group:
     """Two ranks' buffers and signal pads in this process, and one `SymmAllReduce` per rank."""
 
     def __init__(self, rows: int, hidden: int, dtype: torch.dtype):
         self.rows, self.hidden = rows, hidden
-        self.layout = layout(WORLD, rows, hidden, dtype)
-        self.bufs = [torch.zeros(self.layout["elements"], dtype=dtype, device=DEVICE)
+        self.bufs = [torch.zeros(SLOTS * WORLD * rows * hidden, dtype=dtype, device=DEVICE)
                      for _ in range(WORLD)]  # fmt: skip
         self.pads = [torch.zeros(rows * WORLD, dtype=torch.int32, device=DEVICE)
                      for _ in range(WORLD)]  # fmt: skip
@@ -76,51 +56,32 @@ class Group:
         self.ranks = [SymmAllReduce(r, WORLD, rows, hidden, dtype, DEVICE, *ptrs, 60.0)
                       for r in range(WORLD)]  # fmt: skip
 
-    def flagged(self, n: int) -> bool:
-        """Whether a call of `n` rows pushes flagged words."""
-        return n <= min(self.layout["ll_rows"], symm_allreduce.LL_MAX_ROWS)
-
     def region(self, rank: int, slot: int, writer: int) -> torch.Tensor:
-        """What `writer` pushed into `rank`'s buffer for a call on `slot` (rows, then epoch)."""
+        """What `writer` pushed into `rank`'s buffer for a call on `slot`."""
         n = self.rows * self.hidden
         start = (slot * WORLD + writer) * n
         return self.bufs[rank][start : start + n].view(self.rows, self.hidden)
 
-    def words(self, rank: int, slot: int, writer: int) -> torch.Tensor:
-        """The flagged words `writer` pushed into `rank`'s buffer for a call on `slot`."""
-        lay = self.layout
-        start = lay["ll_base"] + (slot * WORLD + writer) * lay["ll_region"]
-        words = self.bufs[rank].view(torch.int64)[start : start + lay["ll_region"]]
-        return words.view(lay["ll_rows"], lay["words_per_row"])
-
     def peer_arrives(self, rank: int, peer: int, slot: int, partial: torch.Tensor) -> None:
         """What `peer`'s kernel does before its wait: its partial into `rank`'s buffer (its
-        region of the slot) and its call count per row as the epoch: inside the words, or
-        into `rank`'s pad after the rows."""
+        region of the slot), its call count per row into `rank`'s pad."""
         n = partial.shape[0]
+        self.region(rank, slot, writer=peer)[:n] = partial
+        flags = self.pads[rank].view(self.rows, WORLD)
         for row in range(n):
             self.epochs[row] += 1
-        if self.flagged(n):
-            self.words(rank, slot, writer=peer)[:n] = pack_words(partial, self.epochs[:n])
-            return
-        self.region(rank, slot, writer=peer)[:n] = partial
-        self.pads[rank].view(self.rows, WORLD)[:n, peer] = torch.tensor(
-            self.epochs[:n], dtype=torch.int32, device=DEVICE)
+            flags[row, peer] = self.epochs[row]
 
     def run_as(self, rank: int, slot: int, partials, residual, weight):
         self.peer_arrives(rank, 1 - rank, slot, partials[1 - rank])
         return self.ranks[rank].reduce_rms_norm(partials[rank], residual, weight, 1e-5)
 
     def check_pushed(self, rank: int, slot: int, partial: torch.Tensor) -> None:
-        """This rank's partial went into the peer's buffer under its call count per row, which
-        its own pad holds (and, without flagged words, the peer's pad as the epoch sent)."""
+        """This rank's partial went into the peer's buffer, and both pads hold its call count
+        per row: its own as the count, the peer's as the epoch it was sent."""
         n, peer = partial.shape[0], 1 - rank
-        assert self.pads[rank].view(self.rows, WORLD)[:, rank].tolist() == self.epochs
-        if self.flagged(n):
-            got = self.words(peer, slot, writer=rank)[:n]
-            assert torch.equal(got, pack_words(partial, self.epochs[:n]))
-            return
         assert torch.equal(self.region(peer, slot, writer=rank)[:n], partial)
+        assert self.pads[rank].view(self.rows, WORLD)[:, rank].tolist() == self.epochs
         assert self.pads[peer].view(self.rows, WORLD)[:, rank].tolist() == self.epochs
 
 
@@ -150,7 +111,7 @@ def _inputs(rows: int, hidden: int, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("with_residual", [True, False], ids=["residual", "embedding"])
-def test_both_ranks_get_the_reference_sum_and_norm_bit_identical(dtype, with_residual, path):
+def test_both_ranks_get_the_reference_sum_and_norm_bit_identical(dtype, with_residual):
     rows, hidden = 5, 96  # hidden not a power of two: the masked tail
     partials, residual, weight = _inputs(rows, hidden, dtype)
     residual = residual if with_residual else None
@@ -185,7 +146,7 @@ def test_calls_rotate_over_three_slots_and_never_reuse_the_last_one():
         ar.start_forward()
 
 
-def test_a_forward_writes_each_call_into_its_slot(path):
+def test_a_forward_writes_each_call_into_its_slot():
     rows, hidden = 2, 64
     group = Group(rows, hidden, torch.float32)
     partials, residual, weight = _inputs(rows, hidden, torch.float32)
@@ -213,17 +174,13 @@ def test_fits_only_contiguous_decode_sized_rows_of_its_dtype():
 
 
 @pytest.mark.skipif(DEVICE != "cuda", reason="the deadline is the GPU's clock")
-@pytest.mark.parametrize("ll_max_rows", [16, 0], ids=["flagged-words", "push-then-epoch"])
-def test_a_peer_that_never_arrives_fails_the_call_instead_of_hanging(ll_max_rows):
+def test_a_peer_that_never_arrives_fails_the_call_instead_of_hanging():
     """No flag from the peer: the kernel traps at the deadline, which surfaces as a CUDA error
     at the next sync. In a child process: a trap leaves the CUDA context unusable."""
-    code = textwrap.dedent(f"""
+    code = textwrap.dedent("""
         import time, torch
-        from server.distributed import symm_allreduce
-        from server.distributed.symm_allreduce import SymmAllReduce, layout
-        symm_allreduce.LL_MAX_ROWS = {ll_max_rows}
-        n = layout(2, 1, 64, torch.float32)["elements"]
-        bufs = [torch.zeros(n, device="cuda") for _ in range(2)]
+        from server.distributed.symm_allreduce import SLOTS, SymmAllReduce
+        bufs = [torch.zeros(SLOTS * 2 * 64, device="cuda") for _ in range(2)]
         pads = [torch.zeros(2, dtype=torch.int32, device="cuda") for _ in range(2)]
         ar = SymmAllReduce(0, 2, 1, 64, torch.float32, "cuda", [b.data_ptr() for b in bufs],
                            [p.data_ptr() for p in pads], 0.5)

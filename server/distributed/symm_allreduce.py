@@ -25,15 +25,6 @@ Here, one launch per call, one program per row, over a buffer every rank maps
    all-reduce's output would be, then does exactly what `triton_ops.add_rms_norm` (or
    `rms_norm`, with no residual) does with it.
 
-**Calls of up to `LL_MAX_ROWS` rows (decode steps) push flagged words instead** (the idea of
-NCCL's low-latency protocol): each 8-byte word carries 4 bytes of the row and the call's epoch,
-and a store writes a word whole, so the receiver polls its own buffer until every word of the
-peer's row shows this call's epoch, and then has the data too. Steps 2 and 3 above cost a
-system-scope release (waiting for the pushes to be acknowledged across the link) and a second
-trip for the epoch; here one trip carries both, at twice the bytes, which is why larger calls
-keep the rows-then-epoch path. The words live in an area of their own after the slots
-(`layout`), so rows pushed by a large call are never read as words.
-
 Epochs rather than flags the receiver resets: the sender never waits for its previous flag to
 be taken, and no signal can be lost (a second 0 -> 1 on a flag still at 1 would be). The counts
 live in device memory and advance in the kernel, so the same launch replays in a CUDA graph
@@ -73,25 +64,6 @@ from server.triton_ops import _TORCH_TO_TL, _empty
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 SLOTS = 3
-# Calls of up to this many rows push flagged words (LL, see the module docstring); larger ones
-# push the rows and then an epoch. = pdl.MAX_ROWS: the decode steps where every kernel is ours.
-LL_MAX_ROWS = 16
-
-
-def layout(world: int, rows: int, hidden: int, dtype: torch.dtype) -> dict[str, int]:
-    """Where things live in one rank's symmetric buffer of `dtype` elements: `SLOTS` slots of
-    `world` regions of `[rows, hidden]` elements (region r: what rank r pushed), then, 8-byte
-    aligned, the flagged-word area: `SLOTS` slots of `world` regions of `ll_rows` rows of
-    `words_per_row` int64 words. Returns those numbers and the buffer's length in elements."""
-    elem = torch.empty(0, dtype=dtype).element_size()
-    row_bytes = hidden * elem
-    ll_rows = min(rows, LL_MAX_ROWS) if row_bytes % 4 == 0 else 0
-    words_per_row = row_bytes // 4
-    ll_base = -(-SLOTS * world * rows * row_bytes // 8)
-    ll_region = ll_rows * words_per_row
-    total_bytes = 8 * (ll_base + SLOTS * world * ll_region)
-    return dict(elements=-(-total_bytes // elem), ll_rows=ll_rows, ll_base=ll_base,
-                ll_region=ll_region, words_per_row=words_per_row)  # fmt: skip
 
 
 @triton.jit
@@ -137,60 +109,7 @@ def _wait_epoch(addr, epoch, ASM: tl.constexpr, TIMEOUT_NS: tl.constexpr):
             pass
 
 
-@triton.jit
-def _clock_ns(ASM: tl.constexpr):
-    """The GPU's global timer in ns (0 under the interpreter, which has no deadline)."""
-    if ASM:
-        return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64,
-                                         is_pure=False, pack=1)  # fmt: skip
-    return tl.zeros([], dtype=tl.int64)
-
-
-@triton.jit
-def _ll_pack(x, epoch, ELEM: tl.constexpr, BLOCK_H: tl.constexpr):
-    """A row as flagged words: each int64 holds 4 bytes of the row (one fp32, or two 16-bit
-    values in order) in its low half and `epoch` in its high half."""
-    if ELEM == 4:
-        payload = x.to(tl.int32, bitcast=True)
-    else:
-        lo, hi = tl.split(tl.reshape(x.to(tl.int16, bitcast=True), (BLOCK_H // 2, 2)))
-        payload = (lo.to(tl.int32) & 0xFFFF) | (hi.to(tl.int32) << 16)
-    return (epoch.to(tl.int64) << 32) | (payload.to(tl.int64) & 0xFFFFFFFF)
-
-
-@triton.jit
-def _ll_unpack(words, ELEM_TY: tl.constexpr, ELEM: tl.constexpr, BLOCK_H: tl.constexpr):
-    """`_ll_pack`'s row back (the flags dropped)."""
-    payload = words.to(tl.int32)  # the low half
-    if ELEM == 4:
-        row = payload.to(ELEM_TY, bitcast=True)
-    else:
-        lo = payload.to(tl.int16)
-        hi = (payload >> 16).to(tl.int16)
-        row = tl.reshape(tl.join(lo, hi), (BLOCK_H,)).to(ELEM_TY, bitcast=True)
-    return row
-
-
-@triton.jit
-def _ll_wait(ptrs, mask, epoch, TIMEOUT_NS: tl.constexpr, ASM: tl.constexpr):
-    """Spin until every flagged word at `ptrs` (this rank's buffer) carries `epoch`; trap past
-    the deadline. Data and flag share one 8-byte word, which a store writes whole, so a word
-    that shows the epoch shows the data sent with it: no fence on either side."""
-    start = _clock_ns(ASM)
-    words = tl.load(ptrs, mask=mask, other=0, volatile=True)
-    missing = tl.sum(tl.where(mask & ((words >> 32).to(tl.int32) != epoch), 1, 0), axis=0)
-    while missing > 0:
-        if ASM:
-            if _clock_ns(ASM) - start > TIMEOUT_NS:
-                tl.inline_asm_elementwise("trap; mov.u32 $0, 0;", "=r", [], dtype=tl.int32,
-                                          is_pure=False, pack=1)  # fmt: skip
-        words = tl.load(ptrs, mask=mask, other=0, volatile=True)
-        missing = tl.sum(tl.where(mask & ((words >> 32).to(tl.int32) != epoch), 1, 0), axis=0)
-
-
-@triton.jit(do_not_specialize=["rank", "slot_offset", "region", "ll_slot_offset", "ll_base",
-                               "ll_region", "words_per_row"])
-
+@triton.jit(do_not_specialize=["rank", "slot_offset", "region"])
 def _reduce_norm_kernel(
     x_ptr,
     res_ptr,
@@ -202,10 +121,6 @@ def _reduce_norm_kernel(
     rank,
     slot_offset,  # elements from a buffer's start to this call's slot
     region,  # elements of one rank's region in a slot: rows * hidden
-    ll_base,  # LL: int64 words from a buffer's start to the flagged-word area
-    ll_slot_offset,  # LL: words from that area's start to this call's slot
-    ll_region,  # LL: words of one rank's region in a slot
-    words_per_row,  # LL: hidden * element bytes / 4
     hidden,
     eps,
     WORLD: tl.constexpr,
@@ -215,9 +130,6 @@ def _reduce_norm_kernel(
     TIMEOUT_NS: tl.constexpr,
     ASM: tl.constexpr,
     PDL: tl.constexpr,
-    LL: tl.constexpr,  # flagged words (calls of up to LL_MAX_ROWS rows), else push + epoch
-    ELEM: tl.constexpr,  # bytes per element
-    BLOCK_W: tl.constexpr,  # LL: words per row, padded: BLOCK_H * ELEM // 4
 ):
     # Small (one program per row): the next kernel's blocks may launch and wait while this one
     # waits for its peers. Call order is kept (server.pdl), which the slots rely on.
@@ -228,52 +140,30 @@ def _reduce_norm_kernel(
     offs = row.to(tl.int64) * hidden + cols
     elem = x_ptr.dtype.element_ty
     x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    # Push: this rank's partial goes straight into every peer's buffer (posted writes over
+    # NVLink), in this rank's region of the slot; nothing is read across the link.
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            theirs = tl.load(bufs_ptr + peer).to(tl.pointer_type(elem))
+            tl.store(theirs + slot_offset + rank * region + offs, x, mask=mask)
     mine_pad = tl.load(pads_ptr + rank).to(tl.pointer_type(tl.int32))
     count = mine_pad + row * WORLD + rank  # this program's call count (no peer writes there)
     epoch = tl.load(count) + 1
-    tl.debug_barrier()  # every thread has read the count
+    tl.debug_barrier()  # every thread has read the count and issued its pushes
     tl.store(count, epoch)
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            theirs_pad = tl.load(pads_ptr + peer).to(tl.pointer_type(tl.int32))
+            _send_epoch(theirs_pad + row * WORLD + rank, epoch, ASM)
+    for peer in tl.static_range(WORLD):
+        if peer != rank:
+            _wait_epoch(mine_pad + row * WORLD + peer, epoch, ASM, TIMEOUT_NS)
+    mine = tl.load(bufs_ptr + rank).to(tl.pointer_type(elem))
     acc = tl.zeros([BLOCK_H], dtype=tl.float32)
-    if LL:
-        # Push flagged words into each peer's buffer and wait for theirs in ours: one trip
-        # across the link, nothing to fence.
-        words = _ll_pack(x, epoch, ELEM, BLOCK_H)
-        wcols = tl.arange(0, BLOCK_W)
-        wmask = wcols < words_per_row
-        woffs = ll_base + ll_slot_offset + row.to(tl.int64) * words_per_row + wcols
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                theirs = tl.load(bufs_ptr + peer).to(tl.pointer_type(tl.int64))
-                tl.store(theirs + woffs + rank * ll_region, words, mask=wmask)
-        mine = tl.load(bufs_ptr + rank).to(tl.pointer_type(tl.int64))
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                _ll_wait(mine + woffs + peer * ll_region, wmask, epoch, TIMEOUT_NS, ASM)
-        for r in tl.static_range(WORLD):  # rank order on every rank: the same bits everywhere
-            theirs_words = tl.load(mine + woffs + r * ll_region, mask=wmask & (r != rank),
-                                   other=0, volatile=True)  # fmt: skip
-            theirs_row = _ll_unpack(theirs_words, elem, ELEM, BLOCK_H)
-            acc += tl.where(r == rank, x, theirs_row).to(tl.float32)
-    else:
-        # Push: this rank's partial goes straight into every peer's buffer (posted writes
-        # over NVLink), in this rank's region of the slot; nothing is read across the link.
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                theirs = tl.load(bufs_ptr + peer).to(tl.pointer_type(elem))
-                tl.store(theirs + slot_offset + rank * region + offs, x, mask=mask)
-        tl.debug_barrier()  # every thread has issued its pushes (the release below orders them)
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                theirs_pad = tl.load(pads_ptr + peer).to(tl.pointer_type(tl.int32))
-                _send_epoch(theirs_pad + row * WORLD + rank, epoch, ASM)
-        for peer in tl.static_range(WORLD):
-            if peer != rank:
-                _wait_epoch(mine_pad + row * WORLD + peer, epoch, ASM, TIMEOUT_NS)
-        mine = tl.load(bufs_ptr + rank).to(tl.pointer_type(elem))
-        for r in tl.static_range(WORLD):  # rank order on every rank: the same bits everywhere
-            theirs_row = tl.load(mine + slot_offset + r * region + offs,
-                                 mask=mask & (r != rank), other=0.0)  # fmt: skip
-            acc += tl.where(r == rank, x, theirs_row).to(tl.float32)
+    for r in tl.static_range(WORLD):  # rank order on every rank: the same bits everywhere
+        theirs_row = tl.load(mine + slot_offset + r * region + offs, mask=mask & (r != rank),
+                             other=0.0)  # fmt: skip
+        acc += tl.where(r == rank, x, theirs_row).to(tl.float32)
     reduced = acc.to(elem)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + offs, mask=mask, other=0.0)
@@ -309,7 +199,6 @@ class SymmAllReduce:
         self._bufs = torch.tensor(list(buffer_ptrs), dtype=torch.int64, device=self.device)
         self._pads = torch.tensor(list(signal_pad_ptrs), dtype=torch.int64, device=self.device)
         self._timeout_ns = max(1, int(timeout_s * 1e9))
-        self._layout = layout(world, rows, hidden, dtype)
         self._calls = 0
         self.keep_alive: object = None  # the rendezvous' buffer and handle, owned here
 
@@ -322,8 +211,7 @@ class SymmAllReduce:
         with warnings.catch_warnings():  # needed by older torch, a deprecated no-op in 2.11
             warnings.simplefilter("ignore", FutureWarning)
             symm.enable_symm_mem_for_group(group_name)
-        buffer = symm.empty(layout(world, rows, hidden, dtype)["elements"], dtype=dtype,
-                            device=device)
+        buffer = symm.empty(SLOTS * world * rows * hidden, dtype=dtype, device=device)
         handle = symm.rendezvous(buffer, group_name)
         need = rows * world * 4
         if handle.signal_pad_size < need:
@@ -375,15 +263,11 @@ class SymmAllReduce:
         out = _empty(x.shape, torch.promote_types(weight.dtype, sum_dtype), x.device)
         block_h = triton.next_power_of_2(self.hidden)
         region = self.rows * self.hidden
-        lay, elem = self._layout, x.element_size()
-        ll = n <= min(lay["ll_rows"], LL_MAX_ROWS)
-        slot = self.next_slot()
         on = pdl.use(n)
         _reduce_norm_kernel[(n,)](
             x, residual if residual is not None else x, weight.contiguous(), out, s,
-            self._bufs, self._pads, self.rank, slot * self.world * region, region,
-            lay["ll_base"], slot * self.world * lay["ll_region"], lay["ll_region"],
-            lay["words_per_row"], self.hidden, float(eps),
+            self._bufs, self._pads, self.rank, self.next_slot() * self.world * region, region,
+            self.hidden, float(eps),
             WORLD=self.world,
             HAS_RESIDUAL=residual is not None,
             ROUND_TY=_TORCH_TO_TL[round_dtype],
@@ -391,9 +275,6 @@ class SymmAllReduce:
             TIMEOUT_NS=self._timeout_ns,
             ASM=not _INTERPRET,  # the interpreter runs no PTX: Triton's atomics instead
             PDL=on,
-            LL=ll,
-            ELEM=elem,
-            BLOCK_W=block_h * elem // 4,
             num_warps=8 if block_h >= 4096 else 4,
             **pdl.launch_options(on),
         )  # fmt: skip
