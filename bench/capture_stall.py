@@ -49,7 +49,7 @@ from bench.common import (
     wait_ready,
 )
 from bench.load_clients import run_open_loop
-from bench.serve import Request, stream_completion
+from bench.traffic import Request, stream_completion
 
 SETTINGS = {
     "background": ["--graph-capture", "lazy", "--busy-capture", "background"],

@@ -47,7 +47,7 @@ from bench.common import (
     write_json,
 )
 from bench.load_clients import ClientProcesses, lag_summary, run_open_loop, watch_lag
-from bench.serve import Request, stream_completion
+from bench.traffic import Request, stream_completion
 
 TTFT_LENGTHS = (512, 2048, 4096, 8000, 16000)
 SWEEP_STAGES = ((1.0, 4), (4.0, 4), (10.0, 4), (25.0, 4), (50.0, 4), (75.0, 6))  # (rate/s, s)

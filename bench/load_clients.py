@@ -20,7 +20,7 @@ import multiprocessing
 import time
 
 from bench.common import BenchError, client_limits, percentile
-from bench.serve import Request, stream_completion
+from bench.traffic import Request, stream_completion
 from server.http.loop_lag import watch_loop_lag
 
 # How often a client loop checks its own lateness (a late timer = a loop that was busy).

@@ -1,7 +1,7 @@
 """A ShareGPT-like mix at concurrency 1 ... 64: this server against the previous design (issue 12).
 
 Workload (identical for every server of the run): prompt and output lengths from log-normals
-shaped like published ShareGPT summaries (`bench.serve.sharegpt_like`: input median ~250
+shaped like published ShareGPT summaries (`bench.traffic.sharegpt_like`: input median ~250
 tokens, output ~200, heavy tails, clipped to `--max-model-len`), distinct random prompts,
 `ignore_eos`. Per concurrency level c: `max(--requests-factor x c, --min-requests)` requests
 (4c by default) with **Poisson arrivals** at `--load x c / S` per second, S being the mean
@@ -49,7 +49,7 @@ from bench.common import (
     wait_ready,
 )
 from bench.load_clients import run_open_loop
-from bench.serve import (
+from bench.traffic import (
     Request,
     add_sharegpt_args,
     parse_concurrency,

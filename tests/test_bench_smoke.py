@@ -20,9 +20,10 @@ import pytest
 
 from bench import common
 from bench.cold_start import evict_page_cache, fresh_caches, vllm_like_sizes
-from bench.serve import Request, itl_pair, parse_args, sharegpt_requests
+from bench.serve import parse_args
 from bench.sharegpt_sweep import client_processes, level_metrics, level_requests
 from bench.sharegpt_sweep import parse_args as sweep_args
+from bench.traffic import Request, itl_pair, sharegpt_requests
 from tests.helpers import REPO
 
 SCRIPTS = ("cold_start", "serve", "peers", "tp", "openai_overheads", "capture_stall",

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from bench.load_clients import ClientProcesses, lag_summary, run_open_loop
-from bench.serve import Request
+from bench.traffic import Request
 from tests.helpers.fake_engine import FAKE_ENGINE
 from tests.helpers.server_process import ServerProcess
 
