@@ -22,9 +22,10 @@ Tolerances, and why:
 * rope_write_kv writes through the block table into a paged cache (`[blocks, block_size, Hkv,
   D]`); the caches start as NaN, so a write to the wrong block or offset shows twice: the
   entry that should hold k/v is NaN, and an entry that should have stayed NaN does not.
-The attention kernels (`server.triton_attention`) have their own file,
-tests/test_triton_attention.py; the compile-variant check here covers them too, since a decoder
-layer launches them beside these kernels.
+The attention kernels (`server.triton_attention`) have their own files,
+tests/test_triton_attention.py (decode) and tests/test_triton_prefill_attention.py; the
+compile-variant check here covers them too, since a decoder layer launches them beside these
+kernels.
 """
 
 from __future__ import annotations
