@@ -22,32 +22,22 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from server import ops, triton_attention  # noqa: E402  (after the importorskip)
 from tests.helpers import triton_testing  # noqa: E402
-from tests.helpers.paged_attention import (  # noqa: E402
+from tests.helpers.paged_attention import (  # noqa: E402, F401  (fixtures too)
     assert_within_bound,
     check_decode,
     decode_inputs,
     decode_reference,
+    interpreter_loops,
+    poison_outputs,
     prefill_inputs,
 )
-
-INTERPRET, _CUDA_SKIP, DEVICES, DTYPES = (
-    triton_testing.INTERPRET, triton_testing.CUDA_SKIP, triton_testing.DEVICES,
-    triton_testing.DTYPES,
+from tests.helpers.triton_testing import (  # noqa: E402
+    CUDA_SKIP,
+    DEVICES,
+    DTYPES,
 )
-gpu_only = triton_testing.GPU_ONLY
-torch_reference, _gen = triton_testing.torch_reference, triton_testing.gen
 
-
-@pytest.fixture
-def interpreter_loops():
-    triton_testing.skip_without_interpreter_loops()
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    """Every buffer the kernels allocate starts as NaN, so an element left unwritten shows."""
-    triton_testing.poison(monkeypatch, triton_attention)
-
+_gen = triton_testing.gen
 
 # ---------------------------------------------------------------------------------------------
 # decode_attention
@@ -87,7 +77,7 @@ def test_decode_attention(device, dtype, case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", GPU_DECODE_CASES, ids=_case_id)
 @pytest.mark.gpu
-@pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
+@pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
 def test_decode_attention_8b_shapes(dtype, case):
     n, hq, hkv, d, max_len, page = case
     inputs = decode_inputs(n, hq, hkv, d, max_len, page, dtype, "cuda", _gen(sum(case)))
@@ -267,7 +257,7 @@ def test_input_validation(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
+@pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_decode_attention_graph_replay_with_new_lengths_rows_and_tables(dtype, monkeypatch):
     """A graph captured once replays correctly with other queries, lengths, rows, block tables
@@ -348,7 +338,7 @@ def test_decode_and_prefill_write_into_one_step_buffer(device):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
+@pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
 def test_ops_dispatch_attention_to_triton_on_cuda(monkeypatch):
     enabled = ops.triton_enabled()
     calls = []

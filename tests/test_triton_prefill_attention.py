@@ -2,14 +2,7 @@
 one program per query head, or GQA-packed, one per KV head; split-KV for deep chunks), over the
 paged cache, against the torch reference of `server.ops`.
 
-Two ways to run (as tests/test_triton_ops.py):
-* on CUDA (tests marked `gpu`): the compiled kernels, the 8B shapes, long contexts, CUDA-graph
-  replay;
-* on CPU under Triton's interpreter, opt-in:
-  `TRITON_INTERPRET=1 pytest tests/test_triton_prefill_attention.py` (the variable must be set
-  before triton is imported). The interpreter cases are small: the file runs in well under a minute.
-Without triton the module is skipped.
-
+How to run (CUDA, or Triton's interpreter on CPU, opt-in): as tests/test_triton_attention.py.
 Inputs, references and the error bound: `tests.helpers.paged_attention`.
 """
 
@@ -22,33 +15,23 @@ triton = pytest.importorskip("triton", reason="triton is not installed")
 
 from server import ops, triton_attention  # noqa: E402  (after the importorskip)
 from tests.helpers import triton_testing  # noqa: E402
-from tests.helpers.paged_attention import (  # noqa: E402
+from tests.helpers.paged_attention import (  # noqa: E402, F401  (fixtures too)
     assert_within_bound,
     cdiv,
     check_prefill,
+    interpreter_loops,
+    poison_outputs,
     prefill_inputs,
     prefill_reference,
 )
-
-INTERPRET, _CUDA_SKIP, DEVICES, DTYPES = (
-    triton_testing.INTERPRET, triton_testing.CUDA_SKIP, triton_testing.DEVICES,
-    triton_testing.DTYPES,
+from tests.helpers.triton_testing import (  # noqa: E402
+    CUDA_SKIP,
+    DEVICES,
+    DTYPES,
+    torch_reference,
 )
-gpu_only = triton_testing.GPU_ONLY
-torch_reference, _gen = triton_testing.torch_reference, triton_testing.gen
 
-
-@pytest.fixture
-def interpreter_loops():
-    triton_testing.skip_without_interpreter_loops()
-
-
-@pytest.fixture(autouse=True)
-def poison_outputs(monkeypatch):
-    """Every buffer the kernels allocate starts as NaN, so an element left unwritten shows."""
-    triton_testing.poison(monkeypatch, triton_attention)
-
-
+_gen = triton_testing.gen
 
 PREFILL_CASES = [  # (chunks [(q_len, k_len)], Hq, Hkv, D, block_size, share)
     # First chunks only (k_len == q_len), one of a single token; G = 1.
@@ -149,7 +132,7 @@ def test_prefill_attention(device, kernel, dtype, case, prefill_launches):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("case", GPU_PREFILL_CASES, ids=_prefill_id)
 @pytest.mark.gpu
-@pytest.mark.skipif(_CUDA_SKIP is not None, reason=str(_CUDA_SKIP))
+@pytest.mark.skipif(CUDA_SKIP is not None, reason=str(CUDA_SKIP))
 @pytest.mark.parametrize("kernel", PREFILL_KERNELS)
 def test_prefill_attention_long_chunks(kernel, dtype, case):
     chunks, hq, hkv, d, page, share = case

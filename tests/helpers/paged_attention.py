@@ -30,10 +30,25 @@ module) and the fp32 -> bf16 output conversion truncates: under 1 ulp, inside th
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from server import ops, triton_attention
+from tests.helpers import triton_testing
 from tests.helpers.triton_testing import torch_reference
+
+
+@pytest.fixture
+def interpreter_loops():
+    """Skips a test whose kernels loop in ways this Triton's interpreter cannot run."""
+    triton_testing.skip_without_interpreter_loops()
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    """Every buffer the kernels allocate starts as NaN, so an element left unwritten shows
+    (autouse in each test module that imports it)."""
+    triton_testing.poison(monkeypatch, triton_attention)
 
 
 def cdiv(a: int, b: int) -> int:
