@@ -48,12 +48,12 @@ from __future__ import annotations
 
 import logging
 import queue
-import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from server.graph_runner import CaptureResult
+from server.warm_start import quick_gil_handoff
 
 log = logging.getLogger(__name__)
 
@@ -152,13 +152,10 @@ class BackgroundCapture:
             job = self._jobs.get()
             if job is None:
                 return
-            previous = sys.getswitchinterval()
-            sys.setswitchinterval(SWITCH_INTERVAL_S)
             try:
-                graph, result = job.capture()
+                with quick_gil_handoff(SWITCH_INTERVAL_S):
+                    graph, result = job.capture()
             except Exception as exc:  # capture_detached turns capture errors into results
                 reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
                 graph, result = None, CaptureResult(job.size, False, 0.0, 0, reason)
-            finally:
-                sys.setswitchinterval(previous)
             self._done.put((job, graph, result))

@@ -44,6 +44,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server import prefetch
 from server.errors import ModelLoadError
 from server.safetensors_index import TensorEntry, check_shape, load_plan, read_checkpoint
 from server.warm_start import check, load_driver, retain_primary_context
@@ -59,7 +60,6 @@ ALIGN = 256
 # part: more requests in flight (4 readers: 8.8 s for the 8B from NVMe, 16 in the pipeline 7.8 s).
 CACHED_THREADS = 4
 DISK_THREADS = 16
-NICE = 10
 # Safetensors dtype of the raw bytes that are the served tensors, per `--dtype`.
 RAW_DTYPE = {"auto": "BF16", "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
 # Parts `DecoderModel` fuses, in its order (`take_adjacent` returns them as one view).
@@ -190,10 +190,7 @@ class EarlyReader:
         events = [ctypes.c_void_p(), ctypes.c_void_p()]
         stream = ctypes.c_void_p()
         pending: list[tuple[_Slot, int] | None] = [None, None]
-        try:  # niced: where cores are scarce the torch import keeps its CPU (as in prefetch)
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
-        except (AttributeError, OSError):
-            pass
+        prefetch.lower_priority()  # where cores are scarce the torch import keeps its CPU
         try:
             check(lib.cuCtxSetCurrent(self._ctx), "cuCtxSetCurrent")
             check(lib.cuStreamCreate(ctypes.byref(stream), 1), "cuStreamCreate")  # non-blocking
@@ -323,13 +320,8 @@ def start(model: str | None, dtype: str, *, ordinal: int = 0,
 
 def default_threads(plan: list[TensorEntry]) -> int:
     """Readers for `plan`: a few if the page cache holds it all (mincore), more if not."""
-    from server.prefetch import not_resident
-
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 2
-    if not_resident(plan):
+    cpus = prefetch.usable_cpus()
+    if prefetch.not_resident(plan):
         return max(2, min(DISK_THREADS, cpus))
     return max(2, min(CACHED_THREADS, cpus // 4))
 

@@ -689,4 +689,3 @@ class ModelRunner:
         return tensor_parallel_report(sizes, self._rank_captures.copy(), procs, devices,
                                       self.world, tp.failure if tp else None,
                                       self.tp_allreduce)  # fmt: skip
-

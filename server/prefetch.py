@@ -46,7 +46,7 @@ log = logging.getLogger("graphserve.loader")
 
 READ_BYTES = 64 * 2**20  # per pread: large, so the threads seldom need the GIL
 DEFAULT_THREADS = 4
-NICE = 10  # reader threads' nice value (see _lower_priority)
+NICE = 10  # reader threads' nice value (see lower_priority)
 _local = threading.local()
 
 
@@ -135,7 +135,7 @@ class PageCacheWarmer:
             ).start()
 
     def _reader(self) -> None:
-        _lower_priority()
+        lower_priority()
         fds: dict[Path, int] = {}
         scratch = memoryview(bytearray(READ_BYTES))
         try:
@@ -210,14 +210,23 @@ def discard() -> None:
         warmer.stop()
 
 
-def _lower_priority() -> None:
+def lower_priority() -> None:
     """Nice this thread (Linux nice values are per thread) so that on a box with fewer idle
     cores than readers the import that runs meanwhile keeps its CPU; idle cores still run the
-    reads at full speed."""
+    reads at full speed. The checkpoint readers here and in `server.early_weights` call it."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
     except (AttributeError, OSError):
         pass
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity where the platform has one); what the
+    checkpoint readers' thread counts are capped by."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 2
 
 
 # -- mincore(2): which pages of a file are in the page cache ---------------------------------

@@ -156,8 +156,9 @@ LOAD_SWITCH_INTERVAL_S = 0.0005
 
 @contextlib.contextmanager
 def quick_gil_handoff(interval: float = LOAD_SWITCH_INTERVAL_S):
-    """Lower the interpreter's switch interval for the duration (process-wide; startup only:
-    the previous value is back before the engine serves)."""
+    """Lower the interpreter's switch interval to `interval` for the duration (process-wide;
+    never raised; the previous value comes back at the end). The engine thread holds it while
+    the model loads; `server.background_capture`'s worker while it records a graph."""
     previous = sys.getswitchinterval()
     sys.setswitchinterval(min(previous, interval))
     try:

@@ -62,6 +62,7 @@ from pathlib import Path
 import torch
 
 from server.errors import ModelLoadError
+from server.prefetch import usable_cpus
 from server.safetensors_index import (
     DTYPES,
     FLOAT_DTYPES,
@@ -79,11 +80,7 @@ DEFAULT_THREADS = {"cuda": 16, "cpu": 4}
 
 
 def default_threads(device_type: str) -> int:
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 2
-    return max(2, min(DEFAULT_THREADS.get(device_type, 4), cpus))
+    return max(2, min(DEFAULT_THREADS.get(device_type, 4), usable_cpus()))
 
 
 class _ShortRead(OSError):
