@@ -50,6 +50,7 @@ from server.http.schemas import (
     ChatCompletionResponse,
     CompletionRequest,
     CompletionResponse,
+    ModelCard,
     ModelList,
     SamplingFields,
 )
@@ -135,13 +136,25 @@ _GENERATION_DOCS = {200: {"content": STREAM_DOC}, **error_docs(400, 401, 404, 42
 
 
 def _add_v1_routes(app: FastAPI, state: ServerState) -> None:
+    created = int(time.time())  # the card's creation time: this app's, the same in every answer
+
+    def card() -> dict:
+        engine = state.engine
+        return {"id": engine.model_name, "object": "model", "created": created,
+                "owned_by": "graphserve", "max_model_len": engine.max_model_len}
+
     @app.get("/v1/models", response_model=ModelList, tags=["openai"],
              responses=error_docs(401, 503))
     async def list_models() -> Response:
-        engine = state.engine
-        card = {"id": engine.model_name, "object": "model", "created": int(time.time()),
-                "owned_by": "graphserve", "max_model_len": engine.max_model_len}
-        return JSONBody({"object": "list", "data": [card]})
+        return JSONBody({"object": "list", "data": [card()]})
+
+    # OpenAI's "retrieve model" (`client.models.retrieve`); `:path` because served names such as
+    # `meta-llama/Llama-3.1-8B` contain slashes.
+    @app.get("/v1/models/{model_id:path}", response_model=ModelCard, tags=["openai"],
+             responses=error_docs(401, 404, 503))
+    async def retrieve_model(model_id: str) -> Response:
+        _check_model(state.engine, model_id)
+        return JSONBody(card())
 
     @app.post("/v1/completions", response_model=CompletionResponse, tags=["openai"],
               responses=_GENERATION_DOCS)

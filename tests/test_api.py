@@ -32,6 +32,22 @@ async def test_models_lists_the_served_model():
     assert isinstance(card["created"], int) and card["owned_by"]
 
 
+async def test_a_model_is_retrieved_by_its_id_and_an_unknown_one_is_404():
+    """OpenAI's `GET /v1/models/{model}` (`client.models.retrieve`): the served model's card,
+    the same as in the list (`created` included), also for a name with slashes; any other id
+    is a 404 `model_not_found`."""
+    name = "org/tiny-model"
+    async with serve_app(engine_config=EngineConfig(served_model_name=name, max_model_len=99)) \
+            as h:
+        listed = (await h.client.get("/v1/models")).json()["data"][0]
+        resp = await h.client.get(f"/v1/models/{name}")
+        assert resp.status_code == 200, resp.text
+        assert resp.json() == listed and listed["id"] == name
+        err = assert_error(await h.client.get("/v1/models/other"), 404, "invalid_request_error")
+        assert err["code"] == "model_not_found" and err["param"] == "model"
+        assert "org/tiny-model" in err["message"]
+
+
 async def test_completion_text_usage_and_default_max_tokens():
     async with serve_app() as h:
         resp = await h.client.post(COMPL, json={"model": "fake-model", "prompt": "Hello"})
@@ -341,7 +357,8 @@ async def test_disconnect_while_queued_frees_the_queue_slot_without_waiting_for_
 # ------------------------------------------------------------------ readiness gate and drain
 async def test_v1_is_503_with_retry_after_until_ready():
     async with serve_app(wait_ready=False, gated=True) as h:
-        for path, method in (("/v1/models", "get"), (COMPL, "post")):
+        for path, method in (("/v1/models", "get"), ("/v1/models/fake-model", "get"),
+                             (COMPL, "post")):
             resp = await getattr(h.client, method)(path, **({"json": {"prompt": "x"}}
                                                               if method == "post" else {}))
             err = assert_error(resp, 503, "service_unavailable_error")

@@ -1,7 +1,8 @@
-"""End to end with the official `openai` SDK: structured outputs (`chat.completions.parse`),
-a full tool round trip, streamed tool calls, typed logprobs, `n`, echo logprobs against HF on
-CPU, and penalties / logit_bias changing the output as defined. One real server on the
-embedded default model (random weights: the grammar is what makes the output valid)."""
+"""End to end with the official `openai` SDK: the model list and retrieval, structured
+outputs (`chat.completions.parse`), a full tool round trip, streamed tool calls, typed
+logprobs, `n`, echo logprobs against HF on CPU, and penalties / logit_bias changing the
+output as defined. One real server on the embedded default model (random weights: the
+grammar is what makes the output valid)."""
 
 from __future__ import annotations
 
@@ -65,6 +66,18 @@ def hf():
 def _logits(model, ids: list[int]) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.tensor([ids]), use_cache=False).logits[0].float()
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def test_models_list_and_retrieve(server, sdk):
+    (listed,) = sdk.models.list().data
+    assert listed.id == server.model
+    card = sdk.models.retrieve(server.model)
+    assert (card.id, card.object, card.created) == (listed.id, "model", listed.created)
+    with pytest.raises(openai.NotFoundError):
+        sdk.models.retrieve("no-such-model")
 
 
 # -- structured outputs and tools ----------------------------------------------------------------
