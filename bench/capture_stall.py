@@ -12,7 +12,8 @@ ready: no capture while serving, the baseline), with idle capture held off
 * `lone`: the moment the server is ready, one stream (`--lone-tokens` tokens, a chunk per
   token): batch 1, padded into the largest graph until size 1 is captured. Reported: its
   inter-token gaps' p50 and max, and how many exceed 2x the p50 (issue 14: none that a
-  capture caused; the eager server shows the gaps that are not captures').
+  capture caused; the eager server shows the gaps that are not captures'), each with the
+  wall-clock time it ended and the gap after it.
 * `ramp`: then `--streams` streams joining every `--join-ms` (batch 1, 2, 3, ... up to
   `--streams`; each join is also a prefill), from `--client-processes` client processes:
   ITL p50 / p99 / max over all streams (issue 14: lazy's max within 1.05x eager's).
@@ -58,17 +59,26 @@ SETTINGS = {
 }
 
 
-def lone_summary(req: Request) -> dict[str, Any]:
+def lone_summary(req: Request, wall_offset: float) -> dict[str, Any]:
+    """The lone stream's gaps; those over 2x p50 with the wall-clock time they ended
+    (`time.time()`, to set beside the server's log) and, after each, the next gap (a chunk
+    held back and then sent with the next one shows as a long gap and a short one; a slow
+    step as a long gap and a normal one)."""
     if req.error:
         raise BenchError(f"the lone stream failed: {req.error}")
-    gaps = [gap for _, gap in req.gaps()]  # seconds; the first chunk's wait is TTFT
+    timed = req.gaps()  # (arrival, gap) in seconds; the first chunk's wait is TTFT
+    gaps = [gap for _, gap in timed]
     if not gaps:
         raise BenchError("the lone stream produced fewer than two chunks")
     p50 = percentile(gaps, 50)
+    slow = [[round(t + wall_offset, 4), round(g * 1e3, 2),
+             round(timed[i + 1][1] * 1e3, 2) if i + 1 < len(timed) else None]
+            for i, (t, g) in enumerate(timed) if g > 2 * p50]  # fmt: skip
     return {"tokens": req.completion_tokens, "chunks": len(req.chunks),
             "p50_ms": p50 * 1e3, "max_ms": max(gaps) * 1e3, "max_vs_p50": max(gaps) / p50,
-            "gaps_over_2x_p50": sum(g > 2 * p50 for g in gaps),
-            "largest_gaps_ms": sorted((g * 1e3 for g in gaps), reverse=True)[:5]}  # fmt: skip
+            "gaps_over_2x_p50": len(slow),
+            "largest_gaps_ms": sorted((g * 1e3 for g in gaps), reverse=True)[:5],
+            "slow_gaps": slow[:200]}  # fmt: skip
 
 
 def ramp_summary(reqs: list[Request], wall_offset: float) -> dict[str, Any]:
@@ -113,13 +123,13 @@ async def run_setting(label: str, args, model_args: list[str]) -> dict[str, Any]
                                      limits=client_limits(8)) as client:
             await wait_ready(client, server, timeout_s=600)
             result["ready_after_s"] = server.since_start()
+            wall_offset = time.time() - time.perf_counter()  # chunk times are perf_counter's
             lone = Request(random_prompt(rng, 16), args.lone_tokens, logprobs=0)
             await stream_completion(client, server.url, "", lone)
-            result["lone"] = lone_summary(lone)
+            result["lone"] = lone_summary(lone, wall_offset)
             ramp = [Request(random_prompt(rng, 16), args.tokens, i * args.join_ms / 1e3,
                             logprobs=0)
                     for i in range(args.streams)]  # fmt: skip
-            wall_offset = time.time() - time.perf_counter()
             _, clients = await run_open_loop(server.url, ramp, args.client_processes)
             result["ramp"] = {**ramp_summary(ramp, wall_offset), **clients}
             graphs = (await client.get(f"{server.url}/health/graphs")).json()

@@ -60,7 +60,7 @@ from server.gc_control import freeze_startup_heap
 from server.kernel_cache import start_seeding
 from server.request import RequestOutput, SamplingParams
 from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler, StepResult
-from server.step_timing import StepClock, StepIntervals
+from server.step_timing import StepClock, StepIntervals, trace_threshold_s
 from server.structured.grammar import GrammarBackend, tokenizer_json
 
 if TYPE_CHECKING:
@@ -396,7 +396,7 @@ class EngineCore:
         self._pending: PendingStep | None = None  # the step in flight
         self._pending_kind = "decode"  # its kind, for the step cadence
         self.step_intervals = StepIntervals()  # read by other threads (snapshot)
-        self._clock = StepClock(self.step_intervals, time.perf_counter)
+        self._clock = StepClock(self.step_intervals, time.perf_counter, trace_threshold_s())
         self._slow_logged_at = -SLOW_STEP_LOG_EVERY_S  # when a slow step was last logged
         self._step_avg = 0.0  # moving average of a step's seconds (`_log_if_slow`)
 
@@ -483,6 +483,7 @@ class EngineCore:
         step: ScheduledStep | None = None
         sched, runner = self.scheduler, self.runner
         t0 = time.perf_counter()
+        launched_at: float | None = None
         try:
             step = sched.schedule()
             read: StepResult | None = None
@@ -499,11 +500,13 @@ class EngineCore:
                     self._pending = runner.run_step(step, prev)
                 self._pending_kind = "mixed" if step.prefill else "decode"
                 sched.launched(step)
+                launched_at = time.perf_counter()
             if prev is not None:
                 if read is None:
                     read = runner.read(prev)
                     sched.advance_grammars(prev.seqs, read.tokens)
-                self._clock.read(prev_kind, more_in_flight=self._pending is not None)
+                self._clock.read(prev_kind, more_in_flight=self._pending is not None,
+                                 started=t0, launched=launched_at, context=self._trace_context)
                 sched.complete(prev.seqs, read)
             self._log_if_slow(time.perf_counter() - t0, step)
         except FatalEngineError:
@@ -524,6 +527,14 @@ class EngineCore:
             failed = list({id(s): s for s in failed}.values())
             log.exception("engine step failed; failing its %d requests", len(failed))
             self.scheduler.fail(failed, f"internal error during generation: {exc}")
+
+    def _trace_context(self) -> str:
+        """What a traced step interval adds to its line: the capture in flight, if any."""
+        background = self.runner.background
+        job = background.in_flight if background is not None else None
+        if job is None:
+            return ""
+        return f"capturing {'bucket' if job.mixed else 'size'} {job.size} on the capture thread"
 
     def _log_if_slow(self, seconds: float, step: ScheduledStep | None) -> None:
         """One warning (at most every SLOW_STEP_LOG_EVERY_S) for a step that held the engine
