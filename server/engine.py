@@ -500,6 +500,7 @@ class EngineCore:
                     self._pending = runner.run_step(step, prev)
                 self._pending_kind = "mixed" if step.prefill else "decode"
                 sched.launched(step)
+                # For the step trace; a constrained step has read the previous one by now.
                 launched_at = time.perf_counter()
             if prev is not None:
                 if read is None:

@@ -12,8 +12,8 @@ stretch: after the pipeline drains (nothing left in flight), the next read start
 many milliseconds is logged with where it went (`trace_threshold_s`): from the previous read to
 this step's start (delivering outputs, offering the gap to the capture policy, commands), the
 launch of the next step, then the wait for this one and its read, plus what the caller adds
-(the capture in flight). It is how the first second's ~2x gaps were split into engine stalls
-and delivery delays (docs/benchmarks.md 8m).
+(the capture in flight). It is how the first second's ~2x gaps were told apart into engine
+stalls and gaps that arise after the engine (docs/benchmarks.md 8m).
 
 Thread ownership: `observe` on the engine thread; `snapshot` from any thread (a lock keeps
 counts, sum and total consistent with each other).
