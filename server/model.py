@@ -405,6 +405,36 @@ class DecoderModel:
             self.comm.gather_logits(ops.linear(x, self.lm_head, None, self.zero_bias), out)
         return out
 
+    @torch.inference_mode()
+    def warm_gemms(self, rows: int, logits_rows: int) -> None:
+        """Run each projection's GEMM once at `rows` rows on zeros (the LM head's at
+        `min(rows, logits_rows)`, the most a step's logits hold), routed as the forward routes
+        them (`ops.linear`), outside any graph capture; no collectives, so a rank may run it
+        alone.
+
+        Why: cuBLAS's first call at a new row count costs 7-10 ms of host time on the H200
+        while a step runs (docs/benchmarks.md 8n), inside a torch op, so with the GIL held.
+        Made first inside a capture on the capture thread (a lazy server records the graphs of
+        sizes and buckets no warm-up ran while serving), it held every other thread that
+        long: the engine thread, between reading a step and handing its tokens over, and so a
+        running stream's next token came one step late, 4 times per bucket. A later call at
+        that row count is fast, in any thread. Every layer has the same shapes, so layer 0's
+        weights stand for all of them."""
+        if self.device.type != "cuda" or rows <= 0:
+            return
+        w = self.layers[0]
+        for weight, bias in ((w.qkv, w.qkv_bias), (w.o_proj, w.o_bias),
+                             (w.gate_up, w.gate_up_bias), (w.down, w.down_bias)):
+            x = torch.zeros(rows, weight.shape[1], dtype=self.dtype, device=self.device)
+            ops.linear(x, weight, bias, self.zero_bias)
+        n = min(rows, logits_rows)
+        if n > 0:
+            x = torch.zeros(n, self.lm_head.shape[1], dtype=self.dtype, device=self.device)
+            # One process writes the logits into the step's buffer (`out`), as `_lm_head` does.
+            out = (torch.empty(n, self.lm_head.shape[0], dtype=self.dtype, device=self.device)
+                   if self.comm is None else None)
+            ops.linear(x, self.lm_head, None, self.zero_bias, out)
+
     def _forward(self, input_ids, positions, rows, kv_cache, block_tables, attend):
         """Run all layers; `attend(k_cache, v_cache, q_rot)` computes attention for the rows."""
         cos = self.cos[positions]

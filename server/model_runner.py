@@ -339,6 +339,7 @@ class ModelRunner:
         if not graphs_possible:
             self._warm(self.max_num_seqs)  # still exercise the step, so the first one is fast
             return
+        self._warm_gemm_rows()
         # Eager runs at the largest size on the capture stream first: cuBLAS creates its
         # workspace and Triton compiles its kernels outside any graph pool.
         for n in sorted({self.max_num_seqs, 1}, reverse=True):
@@ -367,6 +368,28 @@ class ModelRunner:
         if self.tp is not None:
             self.tp.send_json(Kind.WARM, {"n": n})
         self.graphs.warm(n)
+
+    def _warm_gemm_rows(self) -> None:
+        """Every row count a graph may run its GEMMs at (each decode size, each mixed-step
+        bucket), once, before ready (`DecoderModel.warm_gemms`: cuBLAS's first call at a row
+        count stalls every thread for ~2 steps; made here, the device is idle and no stream
+        runs)."""
+        rows = self.gemm_rows()
+        t0 = time.perf_counter()
+        if self.tp is not None:  # (on CPU too, where the ranks' warm_gemms do nothing)
+            self.tp.send_json(Kind.WARM, {"gemm_rows": rows, "logits_rows": self.max_num_seqs})
+        for n in rows:
+            self.model.warm_gemms(n, self.max_num_seqs)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            log.info("GEMMs warmed at %d row counts in %.3f s", len(rows),
+                     time.perf_counter() - t0)
+
+    def gemm_rows(self) -> list[int]:
+        """The row counts a captured graph runs its projections at: each decode size and each
+        mixed-step bucket (when steps are packed)."""
+        return sorted(set(self.policy.sizes)
+                      | set(self.mixed_policy.sizes if self.mixed_policy.packing else ()))
 
     def _warm_mixed_step(self) -> None:
         """Run the `warmup_plans` mixed steps so their kernels (both prefill attention tiles

@@ -14,6 +14,7 @@ import torch
 
 from server.config import EngineConfig
 from server.mixed_graph_policy import EAGER_REASONS, MixedGraphPolicy, mixed_graph_sizes
+from server.model import DecoderModel
 from server.model_loader import load_checkpoint
 from server.request import SamplingParams
 from server.scheduler import prefill_depth_unit
@@ -235,6 +236,29 @@ async def test_prompt_logprobs_keep_the_unpacked_forward(llama_dir, reference, m
     assert tokens_of(outs) == hf_greedy(reference, [4, 8, 15, 16, 23, 42], 5)
     assert tokens_of(plain) == hf_greedy(reference, [4, 8, 15, 16, 23, 41], 5)
     assert traffic["eager_by_reason"]["prompt_logprobs"] == 1 and traffic["graph_steps"] == 1
+
+
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+def test_startup_warms_the_gemms_of_every_row_count_a_graph_runs(llama_dir, monkeypatch, mode):
+    """cuBLAS's first call at a row count holds every thread for ~2 steps (docs/benchmarks.md
+    8n); recorded first on the capture thread while serving, it delayed running streams.
+    Startup makes that call, before ready, at each decode size and mixed-step bucket."""
+    monkeypatch.setenv("GRAPHSERVE_EMULATE_GRAPHS", "1")
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(DecoderModel, "warm_gemms",
+                        lambda self, rows, logits_rows: calls.append((rows, logits_rows)))
+    engine = start_engine(llama_dir, max_num_batched_tokens=40, decode_prefill_tokens=11,
+                          graph_capture=mode)  # fmt: skip
+    try:
+        report = engine.graph_report()
+        max_seqs = engine._core.runner.max_num_seqs
+    finally:
+        engine.shutdown()
+    decode = {s["size"] for s in report["sizes"]}
+    buckets = {s["tokens"] for s in report["mixed"]["sizes"]}
+    assert buckets and decode
+    assert [rows for rows, _ in calls] == sorted(decode | buckets)  # once each
+    assert {logits for _, logits in calls} == {max_seqs}
 
 
 @pytest.mark.parametrize("mode", ["eager", "off"])

@@ -165,7 +165,12 @@ class Worker:
                     prev_tokens = torch.empty(step.num_sampled, dtype=torch.int64, device=device)
                     comm.broadcast_from_rank0(prev_tokens)
             elif msg.kind == Kind.WARM:
-                graphs.warm(msg.json()["n"])
+                order = msg.json()
+                if "gemm_rows" in order:  # `ModelRunner._warm_gemm_rows`
+                    for n in order["gemm_rows"]:
+                        model.warm_gemms(n, order["logits_rows"])
+                else:
+                    graphs.warm(order["n"])
             elif msg.kind == Kind.CAPTURE:
                 order = msg.json()
                 if order.get("mixed"):
