@@ -19,10 +19,11 @@ priority and the readiness contract (ready = the largest decode graph captured):
   thread, then the other buckets, largest first, without waiting for traffic to want them
   (a bucket's first prompt step would otherwise run eagerly: 25-40 ms on the 8B that every
   running stream waits for; recording all buckets right after ready costs a batch-1 stream
-  gaps of up to 2.2x its median for ~0.8 s instead, docs/benchmarks.md 8f). A mixed step
-  arriving before its bucket is captured runs packed, eagerly. Without the thread nothing is
-  captured while busy: an inline capture would stall every running stream for it (tens of ms
-  on the 8B), exactly the gap these graphs exist to remove.
+  one gap of ~2x its median, 6-27 before startup made cuBLAS's first call at each bucket's
+  row count, docs/benchmarks.md 8f, 8n). A mixed step arriving before its bucket is
+  captured runs packed, eagerly. Without the thread nothing is captured while busy: an
+  inline capture would stall every running stream for it (tens of ms on the 8B), exactly
+  the gap these graphs exist to remove.
 * `off`: nothing is captured (steps still run packed, eagerly).
 * No CUDA device or `--no-mixed-graphs`: no packing, no graphs; every mixed step runs the
   unpacked eager forward.
