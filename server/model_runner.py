@@ -86,13 +86,6 @@ log = logging.getLogger("graphserve.engine")
 # Test seam: on CPU, "capture" graphs that replay the eager step (graph_runner's docstring).
 EMULATE_GRAPHS_ENV = "GRAPHSERVE_EMULATE_GRAPHS"
 
-def share_cpu_threads(world: int) -> None:
-    """CPU ranks split the cores: with each rank's torch using every core, ranks that wait in
-    a collective while their peer computes oversubscribe them (20x slower steps measured on
-    a 2-core box)."""
-    torch.set_num_threads(max(1, torch.get_num_threads() // world))
-
-
 @dataclass
 class Launched:
     """A step whose forward is queued and whose draw is not (`ModelRunner.launch`)."""
@@ -177,6 +170,7 @@ class ModelRunner:
             torch.backends.cuda.enable_cudnn_sdp(False)
         emulate = not cuda and os.environ.get(EMULATE_GRAPHS_ENV) == "1"
         if not cuda and self.world > 1:
+            from server.distributed.comm import share_cpu_threads
             share_cpu_threads(self.world)
         if self.world > 1:
             self._check_workers(device)
@@ -370,11 +364,11 @@ class ModelRunner:
         self.graphs.warm(n)
 
     def _warm_gemm_rows(self) -> None:
-        """Every row count a graph may run its GEMMs at (each decode size, each mixed-step
-        bucket), once, before ready (`DecoderModel.warm_gemms`: cuBLAS's first call at a row
-        count stalls every thread for ~2 steps; made here, the device is idle and no stream
-        runs)."""
-        rows = self.gemm_rows()
+        """cuBLAS's first call at a row count holds every thread for ~2 steps
+        (`DecoderModel.warm_gemms`): make it here, before ready and with no stream running, at
+        every row count a graph runs its projections at (each decode size, each bucket)."""
+        mixed = self.mixed_policy.sizes if self.mixed_policy.packing else ()
+        rows = sorted({*self.policy.sizes, *mixed})
         t0 = time.perf_counter()
         if self.tp is not None:  # (on CPU too, where the ranks' warm_gemms do nothing)
             self.tp.send_json(Kind.WARM, {"gemm_rows": rows, "logits_rows": self.max_num_seqs})
@@ -384,12 +378,6 @@ class ModelRunner:
             torch.cuda.synchronize()
             log.info("GEMMs warmed at %d row counts in %.3f s", len(rows),
                      time.perf_counter() - t0)
-
-    def gemm_rows(self) -> list[int]:
-        """The row counts a captured graph runs its projections at: each decode size and each
-        mixed-step bucket (when steps are packed)."""
-        return sorted(set(self.policy.sizes)
-                      | set(self.mixed_policy.sizes if self.mixed_policy.packing else ()))
 
     def _warm_mixed_step(self) -> None:
         """Run the `warmup_plans` mixed steps so their kernels (both prefill attention tiles

@@ -83,12 +83,11 @@ class Worker:
 
         from server import ops
         from server.config import EngineConfig
-        from server.distributed.comm import destroy_group, init_group
+        from server.distributed.comm import destroy_group, init_group, share_cpu_threads
         from server.distributed.sharding import TPShard
         from server.kv_cache import plan_kv_cache
         from server.mixed_graph_policy import MixedGraphPolicy
         from server.model_loader import load_shard
-        from server.model_runner import share_cpu_threads
         from server.step_executor import StepExecutor
         from server.step_plan import StepPlan
 
