@@ -86,6 +86,7 @@ log = logging.getLogger("graphserve.engine")
 # Test seam: on CPU, "capture" graphs that replay the eager step (graph_runner's docstring).
 EMULATE_GRAPHS_ENV = "GRAPHSERVE_EMULATE_GRAPHS"
 
+
 @dataclass
 class Launched:
     """A step whose forward is queued and whose draw is not (`ModelRunner.launch`)."""
