@@ -19,6 +19,7 @@ padded dispatch and the ranks' capture agreement without a GPU.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import time
 from dataclasses import dataclass
@@ -27,8 +28,21 @@ import torch
 
 from server import ops
 from server.gc_control import no_collection
+from server.warm_start import check, load_driver
 
 logger = logging.getLogger(__name__)
+
+# Throwaway instantiations of the first graph, where the others come while serving (lazy
+# capture, one GPU). On the H200 (8B), one instantiation among a process's 11th-13th graphs
+# took 7-10.4 ms instead of 1-3 ms, whichever bucket it was (48; 32 once 48 was left out),
+# and the driver held back kernel launches from every thread meanwhile (the engine's next
+# launch waited 10.75 ms; its event waits did not, nor did moving the instantiation off the
+# GIL help). A batch-1 stream at ready got one 9.5-11 ms gap (over 2x its 4.3 ms p50) in
+# every run. With the first graph instantiated 14 more times at startup (all kept until the
+# last, then destroyed), no later instantiation took over 3.3 ms and no such gap came
+# (docs/benchmarks.md, 8o). Why the driver does this is not known; 14 covers the graphs a
+# lazy server captured after ready in those runs.
+THROWAWAY_INSTANTIATIONS = 14
 
 
 @dataclass
@@ -65,6 +79,34 @@ def timed_capture(what: str, size: int, capture, pool_bytes) -> tuple[object | N
     logger.info("captured %s in %.1f ms (graph pool %.1f MiB)", what, seconds * 1e3,
                 pool / 2**20)
     return graph, CaptureResult(size, True, seconds, pool)
+
+
+def throwaway_instantiations(graph, count: int) -> list[float]:
+    """Instantiate a graph recorded with `keep_graph=True` `count` times through the driver,
+    every executable kept until the last is made, then all destroyed (why: above); returns
+    each one's milliseconds. An error ends it early with a warning: it is an optimisation."""
+    lib = load_driver()
+    if lib is None:
+        return []
+    raw = ctypes.c_void_p(graph.raw_cuda_graph())
+    handles: list[ctypes.c_void_p] = []
+    times: list[float] = []
+    try:
+        for _ in range(count):
+            handle = ctypes.c_void_p()
+            t0 = time.perf_counter()
+            # Flag 1, cudaGraphInstantiateFlagAutoFreeOnLaunch: what torch passes.
+            check(lib.cuGraphInstantiateWithFlags(ctypes.byref(handle), raw,
+                                                  ctypes.c_ulonglong(1)),
+                  "cuGraphInstantiateWithFlags")  # fmt: skip
+            handles.append(handle)
+            times.append((time.perf_counter() - t0) * 1e3)
+    except RuntimeError as exc:
+        logger.warning("throwaway graph instantiations stopped after %d: %s", len(handles), exc)
+    finally:
+        for handle in handles:
+            lib.cuGraphExecDestroy(handle)
+    return times
 
 
 def capture_and_install(runner, size: int) -> CaptureResult:
@@ -138,6 +180,9 @@ class DecodeGraphRunner:
         self.cuda = self.device.type == "cuda"
         self.emulate = emulate and not self.cuda
         self._error_mode = capture_error_mode
+        # Instantiate the first graph THROWAWAY_INSTANTIATIONS more times (set by the model
+        # runner under lazy capture on one GPU: see there).
+        self.throwaways = False
         self.vocab = model.shape.vocab_size
         # Rows: token ids, positions, block-table rows (what the graphs read; padding rows and
         # warm-up runs use the scratch row, whose blocks are all the scratch block 0), and, for
@@ -259,18 +304,22 @@ class DecodeGraphRunner:
             self._fill_padding()
         torch.cuda.synchronize()
         mode = "thread_local" if background else self._error_mode
-        graph = self.record(lambda: self._decode_static(size), size, self._failed_graphs, mode)
+        throwaways = THROWAWAY_INSTANTIATIONS if self.throwaways and self._pool is None else 0
+        graph = self.record(lambda: self._decode_static(size), size, self._failed_graphs, mode,
+                            throwaways)
         if self._pool is None:
             self._pool = graph.pool()
         return graph
 
-    def record(self, forward, fault_arg: int, failed: list, error_mode: str | None = None):
+    def record(self, forward, fault_arg: int, failed: list, error_mode: str | None = None,
+               throwaways: int = 0):
         """Capture `forward()` on the capture stream into this runner's pool (the mixed-step
         graphs share it) and return the graph. On an error the graph goes to `failed` (kept
         alive: see `capture`), the device is checked and the error re-raised. `fault_arg` is
         what the tests' fault injector is called with inside the capture; `error_mode` the
-        capture mode (default: the runner's)."""
-        graph = torch.cuda.CUDAGraph()
+        capture mode (default: the runner's); `throwaways`: instantiate it that many more
+        times first (`throwaway_instantiations`)."""
+        graph = torch.cuda.CUDAGraph(keep_graph=throwaways > 0)
         try:
             with torch.cuda.stream(self._stream):
                 graph.capture_begin(pool=self._pool,
@@ -281,6 +330,12 @@ class DecodeGraphRunner:
                     forward()
                 finally:
                     graph.capture_end()
+            if throwaways:
+                times = throwaway_instantiations(graph, throwaways)
+                logger.info("instantiated the first graph %d more times and dropped them "
+                            "(%.1f ms, slowest %.1f)", len(times), sum(times),
+                            max(times, default=0.0))  # fmt: skip
+                graph.instantiate()
             torch.cuda.synchronize()
         except Exception:
             failed.append(graph)

@@ -265,6 +265,8 @@ class ModelRunner:
             self.policy.set_memory(plan.budget_bytes, plan.kv_bytes, self.checkpoint.weight_bytes)
         self.planner = StepPlanner(self.max_num_seqs, lambda n: self.policy.select(n).size or 0,
                                    self.mixed_policy.select)  # fmt: skip
+        # Lazy on one GPU: the other graphs are instantiated while serving (graph_runner).
+        self.graphs.throwaways = cfg.graph_capture == "lazy" and self.tp is None
         self._startup_graphs(cuda or emulate)
         # Busy-time captures off the engine thread (`server.background_capture`): one GPU only.
         if self.tp is None and cfg.busy_capture == "background" and self.policy.reason is None:

@@ -170,6 +170,8 @@ def _runner(model_dir, sizes, mode="eager", block_size=16):
     table = _scattered_table(max_n, width, num_blocks, seed=0)
     policy = CapturePolicy(sizes, mode)
     runner = DecodeGraphRunner(model, kv, table, max_n, scratch_row=max_n)
+    runner.throwaways = True  # as a lazy server on one GPU: the first graph is kept, then
+    # instantiated after throwaway executables (graph_runner.throwaway_instantiations)
     # As ModelRunner does: warm at the largest size and at 1, then capture the policy's plan.
     for n in sorted({max_n, 1}, reverse=True):
         runner.warm(n)

@@ -261,6 +261,24 @@ def test_startup_warms_the_gemms_of_every_row_count_a_graph_runs(llama_dir, monk
     assert {logits for _, logits in calls} == {max_seqs}
 
 
+@pytest.mark.parametrize("mode", ["lazy", "eager"])
+def test_only_a_lazy_server_instantiates_its_first_graph_ahead(llama_dir, monkeypatch, mode):
+    """Under lazy capture the graphs after the first are instantiated while serving; one of
+    them once took 7-10 ms of the driver, holding every launch (docs/benchmarks.md, 8o), so a
+    lazy server instantiates its first graph more times before ready. An eager server
+    instantiates all of them before ready anyway. Without a CUDA driver it does nothing."""
+    from server.graph_runner import throwaway_instantiations
+
+    monkeypatch.setenv("GRAPHSERVE_EMULATE_GRAPHS", "1")
+    engine = start_engine(llama_dir, graph_capture=mode)
+    try:
+        assert engine._core.runner.graphs.throwaways is (mode == "lazy")
+    finally:
+        engine.shutdown()
+    monkeypatch.setattr("server.graph_runner.load_driver", lambda: None)
+    assert throwaway_instantiations(object(), 14) == []
+
+
 @pytest.mark.parametrize("mode", ["eager", "off"])
 def test_cpu_without_emulation_never_packs(llama_dir, mode):
     """No CUDA device: mixed steps stay unpacked (padding to a bucket would cost real compute
