@@ -279,6 +279,41 @@ def test_only_a_lazy_server_instantiates_its_first_graph_ahead(llama_dir, monkey
     assert throwaway_instantiations(object(), 14) == []
 
 
+@pytest.mark.parametrize("fail_at", [None, 3])
+def test_throwaway_executables_all_live_until_the_last_then_all_destroyed(monkeypatch, fail_at):
+    """What 8o measured: every executable alive at once, then each destroyed; a driver error
+    stops early (a warning, never a failed capture) and still destroys what was made."""
+    from server import graph_runner
+
+    events: list[tuple[str, int]] = []
+
+    class FakeDriver:
+        made = 0
+
+        def cuGraphInstantiateWithFlags(self, ref, raw, flags):
+            assert raw.value == 0xABC and flags.value == 1
+            if self.made == fail_at:
+                return 700  # CUDA_ERROR_ILLEGAL_ADDRESS
+            self.made += 1
+            ref._obj.value = 1000 + self.made
+            events.append(("make", ref._obj.value))
+            return 0
+
+        def cuGraphExecDestroy(self, handle):
+            events.append(("destroy", handle.value))
+
+    class Graph:
+        def raw_cuda_graph(self):
+            return 0xABC
+
+    monkeypatch.setattr(graph_runner, "load_driver", FakeDriver)
+    times = graph_runner.throwaway_instantiations(Graph(), 5)
+    made = 5 if fail_at is None else fail_at
+    assert len(times) == made
+    handles = [1001 + i for i in range(made)]
+    assert events == [("make", h) for h in handles] + [("destroy", h) for h in handles]
+
+
 @pytest.mark.parametrize("mode", ["eager", "off"])
 def test_cpu_without_emulation_never_packs(llama_dir, mode):
     """No CUDA device: mixed steps stay unpacked (padding to a bucket would cost real compute
