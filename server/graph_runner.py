@@ -43,6 +43,10 @@ logger = logging.getLogger(__name__)
 # (docs/benchmarks.md, 8o). Why the driver does this is not known; 14 covers the graphs a
 # lazy server captured after ready in those runs.
 THROWAWAY_INSTANTIATIONS = 14
+# `keep_graph`, `instantiate` and `raw_cuda_graph` are recent in torch (2.11 has them; the
+# project allows 2.4+): without them the first graph is captured as it always was.
+_KEEPS_GRAPHS = all(hasattr(torch.cuda.CUDAGraph, name)
+                    for name in ("instantiate", "raw_cuda_graph"))
 
 
 @dataclass
@@ -304,7 +308,8 @@ class DecodeGraphRunner:
             self._fill_padding()
         torch.cuda.synchronize()
         mode = "thread_local" if background else self._error_mode
-        throwaways = THROWAWAY_INSTANTIATIONS if self.throwaways and self._pool is None else 0
+        first = self._pool is None and self.throwaways and _KEEPS_GRAPHS
+        throwaways = THROWAWAY_INSTANTIATIONS if first else 0
         graph = self.record(lambda: self._decode_static(size), size, self._failed_graphs, mode,
                             throwaways)
         if self._pool is None:
