@@ -62,7 +62,7 @@ class LoadedCheckpoint:
     model: object  # server.model.DecoderModel, weights on the target device (rope not yet built)
     config: object  # server.hf_config.ModelConfig, or a transformers PretrainedConfig
     tokenizer: object  # for the engine thread (detokenisation)
-    api_tokenizer: object  # a separate instance for the event-loop thread (tokenisation)
+    api_tokenizer: object  # for the prompt workers (tokenisation); the same object when fast
     eos_token_ids: frozenset[int]
     weight_bytes: int
     loader: str  # "fast", or "transformers" when transformers loaded the tokenizer (or all)
@@ -236,7 +236,9 @@ def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load
     weights = _open_weights(path, config, device, torch_dtype, load_format, warmer, shard)
     try:
         try:
-            tokenizer, api_tokenizer = FastTokenizer.load(path, config.model_type, copies=2)
+            # One instance for both threads (see FastTokenizer): a second from the same file
+            # was another ~0.17 s of GIL-holding parse on the way to ready (H200 box, 128k vocab).
+            tokenizer = api_tokenizer = FastTokenizer.load(path, config.model_type)
         except TokenizerLoadError as exc:
             raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
         except TokenizerDeclined as exc:

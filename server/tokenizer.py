@@ -100,7 +100,11 @@ def _token_content(value: Any) -> str | None:
 class FastTokenizer:
     """A `tokenizers.Tokenizer` plus the special-token and chat-template behaviour of transformers.
 
-    One instance per thread: the engine thread and the event loop each get their own.
+    One instance serves every thread (the engine thread's detokenisation, the prompt workers'
+    tokenisation and chat rendering): the `tokenizers` methods called here all take the Rust
+    tokenizer by shared reference, so concurrent calls never conflict, and nothing mutates it
+    after `load`. The one lazily built attribute, the compiled chat template, is at worst
+    compiled twice by two threads at once, either result being the same.
     """
 
     def __init__(self, backend, special: dict[str, str], chat_template: str | None):
@@ -120,8 +124,8 @@ class FastTokenizer:
     # -- loading ------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, model_dir: Path, model_type: str | None, copies: int = 1) -> list[FastTokenizer]:
-        """`copies` independent tokenizers for `model_dir`, or TokenizerDeclined / LoadError."""
+    def load(cls, model_dir: Path, model_type: str | None) -> FastTokenizer:
+        """The tokenizer of `model_dir`, or TokenizerDeclined / TokenizerLoadError."""
         from tokenizers import Tokenizer
 
         tok_file = model_dir / TOKENIZER_FILE
@@ -153,10 +157,9 @@ class FastTokenizer:
 
         try:
             text = tok_file.read_text(encoding="utf-8")
-            backends = [Tokenizer.from_str(text) for _ in range(copies)]
+            backend = Tokenizer.from_str(text)
         except Exception as exc:  # the Rust parser raises plain Exception subclasses
             raise TokenizerLoadError(f"tokenizer.json cannot be loaded: {exc}") from exc
-        backend = backends[0]
         if qwen2:
             cls._check_qwen2_pipeline(json.loads(text), config)
         if backend.truncation is not None or backend.padding is not None:
@@ -176,7 +179,7 @@ class FastTokenizer:
         cls._check_added_tokens(config.get("added_tokens_decoder") or {}, added)
         cls._check_post_processor(backend, config, special)
         chat_template = cls._chat_template(model_dir, config)
-        return [cls(b, special, chat_template) for b in backends]
+        return cls(backend, special, chat_template)
 
     @staticmethod
     def _check_qwen2_pipeline(data: dict, config: dict) -> None:

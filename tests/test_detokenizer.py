@@ -42,7 +42,7 @@ def byte_ids(text: str) -> list[int]:
 @pytest.fixture(scope="module")
 def default_tokenizer() -> FastTokenizer:
     """The engine-thread tokenizer of the embedded default model (built once per cache)."""
-    (tok,) = FastTokenizer.load(dm.ensure_default_model(), "llama")
+    tok = FastTokenizer.load(dm.ensure_default_model(), "llama")
     return tok
 
 

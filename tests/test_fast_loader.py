@@ -406,7 +406,7 @@ def tokenizer_pair(request, tmp_path_factory):
         else:
             build_tokenizer_variant(path, style)
             model_type = TOKENIZER_STYLES[style][0]
-    (fast,) = FastTokenizer.load(path, model_type)
+    fast = FastTokenizer.load(path, model_type)
     return fast, AutoTokenizer.from_pretrained(path, local_files_only=True)
 
 
@@ -451,7 +451,7 @@ def test_chat_template_matches(tokenizer_pair, conversation):
 
 def test_template_variables_and_filters(tmp_path):
     path = build_tokenizer_variant(tmp_path / "t", "chatml")
-    (fast,) = FastTokenizer.load(path, "qwen3")
+    fast = FastTokenizer.load(path, "qwen3")
     tools = [{"name": "f", "description": "<a & b>"}]
     text = fast.apply_chat_template(CONVERSATIONS[0], tools=tools, tokenize=False)
     assert '{"name": "f", "description": "<a & b>"}' in text  # tojson does not HTML-escape
@@ -618,7 +618,7 @@ def test_api_prompts_are_the_same_on_both_tokenizers(tmp_path, style):
     from server.http.schemas import ChatMessage
 
     path = build_tokenizer_variant(tmp_path / style, style)
-    (fast,) = FastTokenizer.load(path, TOKENIZER_STYLES[style][0])
+    fast = FastTokenizer.load(path, TOKENIZER_STYLES[style][0])
     engines = [SimpleNamespace(tokenizer=t, vocab_size=None)
                for t in (fast, AutoTokenizer.from_pretrained(path, local_files_only=True))]
     messages = [ChatMessage(role="developer", content="Be brief."),
@@ -634,3 +634,34 @@ def test_api_prompts_are_the_same_on_both_tokenizers(tmp_path, style):
     assert outcomes[0] == outcomes[1]
     if style == "bos_eos":
         assert outcomes[0][1] == (400, True)
+
+
+def test_fast_loader_shares_one_tokenizer_across_threads(tmp_path):
+    """The fast loader parses tokenizer.json once: the engine thread and the prompt workers
+    use the same object, and concurrent encode/decode from several threads give what one
+    thread alone gives."""
+    import threading
+
+    path = build_checkpoint(tmp_path / "m", "llama")
+    ckpt = load_checkpoint(str(path), "cpu", "float32", loader="fast")
+    assert ckpt.tokenizer is ckpt.api_tokenizer
+    tok = ckpt.tokenizer
+    texts = [f"request {i}: the quick brown fox {'jumps ' * (i % 7)}over {i * 31} dogs"
+             for i in range(40)]
+    expected = [(tok.encode(t), tok.decode(tok.encode(t))) for t in texts]
+    results: dict[int, list] = {}
+    errors: list[BaseException] = []
+
+    def work(k: int) -> None:
+        try:
+            results[k] = [(tok.encode(t), tok.decode(tok.encode(t))) for t in texts * 5][:40]
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(results[k] == expected for k in range(6))

@@ -269,7 +269,7 @@ def test_the_default_model_tokenizer_gets_the_same_bound_through_both_loaders():
     from server.tokenizer import FastTokenizer
 
     path = ensure_default_model()
-    (fast,) = FastTokenizer.load(path, "llama")
+    fast = FastTokenizer.load(path, "llama")
     hf = AutoTokenizer.from_pretrained(path, local_files_only=True)
     bound = max_chars_per_token(fast)
     assert bound == max_chars_per_token(hf) == 17  # "<|begin_of_text|>"

@@ -124,3 +124,59 @@ print("ok")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().endswith("ok")
+
+
+def test_torch_preload_skipped_when_disabled_imported_or_absent(monkeypatch):
+    monkeypatch.setenv(warm_start.PRELOAD_ENV, "0")
+    assert warm_start.start_torch_preload() is None
+    monkeypatch.delenv(warm_start.PRELOAD_ENV)
+    monkeypatch.setitem(sys.modules, "torch", object())  # imported already: nothing to gain
+    assert warm_start.start_torch_preload() is None
+    monkeypatch.delitem(sys.modules, "torch")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert warm_start.torch_libraries() == []
+    assert warm_start.start_torch_preload() is None
+
+
+_PRELOAD_CHILD = r"""
+import os, sys
+from server import warm_start
+
+def mapped():
+    with open("/proc/self/maps") as f:
+        return {os.path.basename(line.split()[-1]) for line in f if ".so" in line}
+
+libs = [os.path.basename(p) for p in warm_start.torch_libraries()]
+assert "libtorch_cpu.so" in libs and libs[0] == "libtorch_global_deps.so", libs
+assert "libtorch_cpu.so" not in mapped()
+thread = warm_start.start_torch_preload()
+thread.join()
+assert thread.error is None, thread.error
+assert "torch" not in sys.modules
+missing = set(libs) - mapped()
+assert not missing, missing
+import torch  # finds them loaded
+assert torch.ones(3).add(1).sum().item() == 6.0
+print("ok", len(libs))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc/self/maps, .so names")
+def test_torch_preload_loads_torchs_libraries_before_the_import():
+    """In a fresh interpreter: after the preload every library of torch's list is mapped while
+    torch is not imported yet, and the import that follows works on them."""
+    out = subprocess.run([sys.executable, "-c", _PRELOAD_CHILD], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.startswith("ok")
+
+
+def test_torch_preload_failure_is_recorded_not_raised(monkeypatch, tmp_path):
+    """A library the loader cannot load ends the preload with its reason; nothing raises."""
+    bogus = tmp_path / "libtorch_cpu.so"
+    bogus.write_bytes(b"not an ELF file")
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    monkeypatch.setattr(warm_start, "torch_libraries", lambda: [str(bogus)])
+    thread = warm_start.start_torch_preload()
+    thread.join()
+    assert thread.error is not None and "libtorch_cpu.so" in thread.error
