@@ -3,10 +3,8 @@
 Start-up order matters: bind the listening socket, start the stdlib health responder on it
 (`server/early_health.py`), and only then import FastAPI/uvicorn and build the app; the
 responder steps aside right before uvicorn accepts. Torch is never imported here; the app
-imports the engine in the background once it is serving, and meanwhile a thread has the dynamic
-loader map torch's libraries without the GIL (`server.warm_start.start_torch_preload`). So
-`/health` answers as soon as the interpreter is up and the port is bound, however long the HTTP
-stack takes to import.
+imports the engine in the background once it is serving. So `/health` answers as soon as the
+interpreter is up and the port is bound, however long the HTTP stack takes to import.
 
 SIGTERM/SIGINT are taken over from uvicorn (which would close the socket at once and re-raise
 the signal, exiting non-zero): the first one drains (readiness 503, new `/v1` requests 503,
@@ -146,10 +144,6 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
             logger.warning("early health responder not started (%s); /health waits for "
                            "uvicorn", exc)
             early = None
-        if engine_class is None:  # the real engine: torch's libraries load beside the imports
-            from server.warm_start import start_torch_preload
-
-            start_torch_preload()
         return _serve_app(config, sock, lifecycle, early, held, engine_class=engine_class,
                           access_log=access_log, tls=tls)
     except _ExitNow:

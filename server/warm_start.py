@@ -1,15 +1,11 @@
 """Startup work that needs no Python time, started early on threads so that it stops costing
-readiness: torch's shared libraries loaded beside the HTTP stack's imports; the CUDA driver's
-initialisation and Triton's cache key, both beside `import torch`; and `quick_gil_handoff`, a
-short switch interval while the model loads.
+readiness: the CUDA driver's initialisation and Triton's cache key, both beside `import torch`;
+and `quick_gil_handoff`, a short switch interval while the model loads.
 
 Both are fixed costs a fresh process pays once, and both run in C without the GIL, so on a
 thread of their own they overlap the engine thread's own work instead of following it (timeline
 of an 8B start on the H200 box, sampled with py-spy, docs/benchmarks.md 9d):
 
-* `start_torch_preload()`: `dlopen` of torch's libraries (loader and static initialisers,
-  ~0.35 s of the ~1.8 s `import torch` on the H200 box) from the launch, before the HTTP stack
-  imports; the import then finds them loaded.
 * `start_cuda_init(ordinal)`: `cuInit` and the device's primary context, through the driver
   API in ctypes (which drops the GIL for every foreign call). Torch does the same in
   `torch.cuda.is_available()` and `set_device()` right after its import, holding the GIL; when
@@ -98,80 +94,6 @@ def start_cuda_init(ordinal: int = 0) -> WarmStart | None:
     if lib is None:
         return None
     thread = WarmStart("graphserve-cuda-init", lambda: retain_primary_context(lib, ordinal))
-    thread.start()
-    return thread
-
-
-# Torch's own libraries as its import loads them: `libtorch_global_deps.so` process-wide (as torch
-# does, for the CUDA libraries it pulls in), the rest locally, as dependencies of `torch._C` are.
-# `libtorch_python.so` is left to the import: it belongs to the interpreter (10 ms anyway).
-_TORCH_LIBS = ("libtorch_global_deps.so", "libc10.so", "libc10_cuda.so", "libtorch_cpu.so",
-               "libtorch_cuda.so", "libtorch.so")
-PRELOAD_ENV = "GRAPHSERVE_TORCH_PRELOAD"  # "0": leave every library to `import torch`
-
-
-def torch_libraries() -> list[str]:
-    """Paths of `_TORCH_LIBS` in the installed torch (found by path search: nothing is
-    imported), the ones that exist, in load order; [] without torch or on another OS."""
-    try:
-        import importlib.util
-
-        spec = importlib.util.find_spec("torch")
-    except (ImportError, ValueError):
-        return []
-    if spec is None or not spec.origin:
-        return []
-    lib_dir = os.path.join(os.path.dirname(spec.origin), "lib")
-    return [p for p in (os.path.join(lib_dir, n) for n in _TORCH_LIBS) if os.path.isfile(p)]
-
-
-def _libc_dlopen():
-    """`dlopen` and `dlerror` as ctypes foreign functions (glibc 2.34+ has them in libc,
-    older ones in libdl)."""
-    for name in (None, "libdl.so.2"):
-        try:
-            lib = ctypes.CDLL(name)
-            dlopen, dlerror = lib.dlopen, lib.dlerror
-        except (OSError, AttributeError):
-            continue
-        dlopen.restype, dlopen.argtypes = ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_int]
-        dlerror.restype, dlerror.argtypes = ctypes.c_char_p, []
-        return dlopen, dlerror
-    raise OSError("no dlopen in libc or libdl")
-
-
-def start_torch_preload() -> WarmStart | None:
-    """Load torch's shared libraries on a thread, without the GIL, before anything imports
-    torch; None when torch is imported already, absent, or `GRAPHSERVE_TORCH_PRELOAD=0`.
-
-    Why: `import torch` holds the GIL for all of it, and ~0.35 s of it (H200 box, torch 2.11)
-    is the dynamic loader mapping and relocating `libtorch_cpu.so` and `libtorch_cuda.so` and
-    running their static initialisers (the operator registrations). `ctypes.CDLL` would hold
-    the GIL through that too; libc's `dlopen` called as a ctypes foreign function drops it, so
-    here it overlaps the HTTP stack's imports instead of adding to the engine's. When the
-    import comes, the loader finds each library loaded (same path, same flags as torch's own
-    load) and only counts a reference. Handles are never closed: torch never unloads either.
-
-    Thread ownership: the thread only calls the dynamic loader. The loader serialises loads
-    process-wide, so an extension module imported meanwhile waits for the library in progress
-    (never a deadlock: nothing here needs the GIL while loading). A failure stops the preload
-    and is logged at debug; `import torch` then loads what is left, as it always did.
-    """
-    if os.environ.get(PRELOAD_ENV, "1") == "0" or "torch" in sys.modules:
-        return None
-    paths = torch_libraries()
-    if not paths:
-        return None
-
-    def preload() -> None:
-        dlopen, dlerror = _libc_dlopen()
-        for path in paths:
-            scope = os.RTLD_GLOBAL if path.endswith("libtorch_global_deps.so") else os.RTLD_LOCAL
-            if not dlopen(os.fsencode(path), os.RTLD_NOW | scope):
-                reason = dlerror()
-                raise OSError(f"{os.path.basename(path)}: {reason.decode() if reason else '?'}")
-
-    thread = WarmStart("graphserve-torch-preload", preload)
     thread.start()
     return thread
 
