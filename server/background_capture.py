@@ -52,6 +52,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from server import stall_watch
 from server.graph_runner import CaptureResult
 from server.warm_start import quick_gil_handoff
 
@@ -148,14 +149,21 @@ class BackgroundCapture:
             return
         finally:
             self._prepared.set()
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                with quick_gil_handoff(SWITCH_INTERVAL_S):
-                    graph, result = job.capture()
-            except Exception as exc:  # capture_detached turns capture errors into results
-                reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
-                graph, result = None, CaptureResult(job.size, False, 0.0, 0, reason)
-            self._done.put((job, graph, result))
+        # A capture takes 10-40 ms; one held far longer is named while it lasts (stall_watch).
+        beat = stall_watch.heartbeat("capture thread")
+        try:
+            while True:
+                job = self._jobs.get()
+                if job is None:
+                    return
+                beat.begin()
+                try:
+                    with quick_gil_handoff(SWITCH_INTERVAL_S):
+                        graph, result = job.capture()
+                except Exception as exc:  # capture_detached turns capture errors into results
+                    reason = f"{type(exc).__name__}: {exc}".splitlines()[0][:500]
+                    graph, result = None, CaptureResult(job.size, False, 0.0, 0, reason)
+                beat.idle()
+                self._done.put((job, graph, result))
+        finally:
+            stall_watch.forget(beat)

@@ -45,7 +45,7 @@ import time
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING
 
-from server import early_weights, prefetch, warm_start
+from server import early_weights, prefetch, stall_watch, warm_start
 from server.block_manager import BlockManager
 from server.config import EngineConfig
 from server.engine_protocol import PhaseCallback, RequestStream, deliver
@@ -399,23 +399,33 @@ class EngineCore:
         self._clock = StepClock(self.step_intervals, time.perf_counter, trace_threshold_s())
         self._slow_logged_at = -SLOW_STEP_LOG_EVERY_S  # when a slow step was last logged
         self._step_avg = 0.0  # moving average of a step's seconds (`_log_if_slow`)
+        # Set by `serve`: `server.stall_watch` logs, while it lasts, a loop iteration (or one
+        # idle capture) holding this thread past its threshold, wherever the time goes.
+        self._beat: stall_watch.Heartbeat | None = None
 
     def serve(self, commands: queue.SimpleQueue, deliver_outputs) -> None:
         """Run until a shutdown command; raises FatalEngineError when the engine cannot go on
         (the caller then calls `fail_everything`)."""
         sched = self.scheduler
-        while True:
-            busy = sched.busy or self._pending is not None
-            if not self._apply_commands(commands, block=not busy):
-                break
-            if sched.busy or self._pending is not None:
-                self._step()
-            outputs = sched.take_outputs()
-            if outputs:
-                deliver_outputs(outputs)
-            self._offer_capture(commands)
-            if self.state is not None and not sched.busy and self._pending is None:
-                self.state.maybe_save(idle=True)
+        beat = self._beat = stall_watch.heartbeat("engine loop")
+        try:
+            while True:
+                busy = sched.busy or self._pending is not None
+                beat.idle()
+                if not self._apply_commands(commands, block=not busy):
+                    break
+                beat.begin()
+                if sched.busy or self._pending is not None:
+                    self._step()
+                outputs = sched.take_outputs()
+                if outputs:
+                    deliver_outputs(outputs)
+                self._offer_capture(commands)
+                if self.state is not None and not sched.busy and self._pending is None:
+                    self.state.maybe_save(idle=True)
+        finally:
+            stall_watch.forget(beat)
+            self._beat = None
         sched.abort_all("engine shut down")
         deliver_outputs(sched.take_outputs())
         if self.state is not None:
@@ -572,6 +582,8 @@ class EngineCore:
             size, mixed = self._next_capture(running, waiting)
             if size is None:
                 return
+            if self._beat is not None and not busy:
+                self._beat.begin()  # idle captures follow one another: each is its own unit
             runner.capture(size, mixed=mixed, background=busy)
             if runner.poll_capture():
                 return

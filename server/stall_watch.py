@@ -12,8 +12,17 @@ only just let go, so it is still at (or next to) the call that held it. One WARN
 stall, at most every `min_interval_s` (1 s), names each thread with its innermost frames in the
 server (else its innermost frame): a WARNING while serving, INFO before (a start has a few).
 
+A stall of one thread is not one of the process: the engine thread can wait in the CUDA driver
+or on a lock while Python runs on everywhere else, and a first request after ready has waited
+0.6-1.1 s that way in rare launches with no line from either watch (docs/benchmarks.md 9c, 9d,
+8p). So a thread may also hold a `Heartbeat`: it marks when its current unit of work began
+(`begin`) and when it waits for work (`idle`); a unit running past the threshold is logged once,
+while it is still running, with where every thread is at that moment (at most one such line every
+`HEARTBEAT_LOG_EVERY_S`). The engine loop holds one (`server.engine`).
+
 Torch-free and cheap: 20 wake-ups a second, each a few microseconds of Python. Started by
-`server.launch` for the process's life. Thread ownership: its own thread only; `stop()` from any.
+`server.launch` for the process's life. Thread ownership: its own thread only; `stop()` from any;
+a `Heartbeat`'s marks from the thread it watches.
 """
 
 from __future__ import annotations
@@ -30,6 +39,47 @@ log = logging.getLogger("graphserve.stall")
 PERIOD_S = 0.05
 THRESHOLD_S = 0.25  # late by more than this: a stall worth a line
 MIN_INTERVAL_S = 1.0
+HEARTBEAT_LOG_EVERY_S = 10.0  # a slow unit of work: one line per this, like a slow engine step
+
+
+class Heartbeat:
+    """When the watched thread's current unit of work began (`since`), None while it waits.
+
+    Two attribute writes per unit from the watched thread; the watch only reads them (a stale
+    read costs at most one period of lateness in a log line, never a wrong one: `reported`
+    remembers which unit was logged)."""
+
+    __slots__ = ("name", "ident", "since", "reported")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.ident = threading.get_ident()
+        self.since: float | None = None
+        self.reported: float | None = None
+
+    def begin(self) -> None:
+        self.since = time.perf_counter()
+
+    def idle(self) -> None:
+        self.since = None
+
+
+_heartbeats: list[Heartbeat] = []
+_heartbeats_lock = threading.Lock()
+
+
+def heartbeat(name: str) -> Heartbeat:
+    """A heartbeat for the calling thread, watched until `forget(hb)`."""
+    hb = Heartbeat(name)
+    with _heartbeats_lock:
+        _heartbeats.append(hb)
+    return hb
+
+
+def forget(hb: Heartbeat) -> None:
+    with _heartbeats_lock:
+        if hb in _heartbeats:
+            _heartbeats.remove(hb)
 
 
 class StallWatch(threading.Thread):
@@ -37,7 +87,8 @@ class StallWatch(threading.Thread):
     `(seconds late, description)` of the last few, for tests and diagnostics."""
 
     def __init__(self, period_s: float = PERIOD_S, threshold_s: float = THRESHOLD_S,
-                 min_interval_s: float = MIN_INTERVAL_S, serving=None):
+                 min_interval_s: float = MIN_INTERVAL_S, serving=None,
+                 beat_interval_s: float = HEARTBEAT_LOG_EVERY_S):
         super().__init__(name="graphserve-stall-watch", daemon=True)
         # `serving()`: True once requests may be waiting (WARNING); before that a stall only
         # delays readiness and is logged at INFO (every start has a few: docs 9d).
@@ -45,9 +96,13 @@ class StallWatch(threading.Thread):
         self.period_s = period_s
         self.threshold_s = threshold_s
         self.min_interval_s = min_interval_s
+        self.beat_interval_s = beat_interval_s
         self.stalls: list[tuple[float, str]] = []
         self._stop_event = threading.Event()
         self._logged_at = float("-inf")
+        self._beat_logged_at = float("-inf")
+        # (heartbeat name, seconds running when seen, description) of the last few slow units
+        self.slow_units: list[tuple[str, float, str]] = []
 
     def stop(self) -> None:
         self._stop_event.set()
@@ -58,6 +113,7 @@ class StallWatch(threading.Thread):
             now = time.perf_counter()
             late = now - expected
             expected = now + self.period_s
+            self._check_heartbeats(now)
             if late < self.threshold_s:
                 continue
             where = describe_threads(sys._current_frames(), threading.get_ident())
@@ -67,6 +123,25 @@ class StallWatch(threading.Thread):
                 level = logging.WARNING if self._serving() else logging.INFO
                 log.log(level, "process stalled %.2f s (no thread ran Python, or no CPU); "
                         "threads right after: %s", late, where)
+
+
+    def _check_heartbeats(self, now: float) -> None:
+        """Log a heartbeat's unit of work that has run past the threshold, once, while it runs."""
+        with _heartbeats_lock:
+            beats = list(_heartbeats)
+        for hb in beats:
+            since = hb.since
+            if since is None or since == hb.reported or now - since < self.threshold_s:
+                continue
+            hb.reported = since
+            where = describe_threads(sys._current_frames(), threading.get_ident())
+            self.slow_units = [*self.slow_units[-9:], (hb.name, now - since, where)]
+            if now - self._beat_logged_at < self.beat_interval_s:
+                continue
+            self._beat_logged_at = now
+            level = logging.WARNING if self._serving() else logging.INFO
+            log.log(level, "%s: one unit of work running for %.2f s (Python runs elsewhere: "
+                    "the thread waits or computes); threads now: %s", hb.name, now - since, where)
 
 
 def describe_threads(frames: dict[int, object], skip: int) -> str:

@@ -546,3 +546,42 @@ def test_steps_that_are_all_long_do_not_warn(caplog):
     warned = [r for r in caplog.records if r.name == "graphserve.engine"]
     assert len(warned) == 1  # the first: no average yet
     assert core._step_avg == pytest.approx(0.6, rel=1e-3)
+
+
+async def test_engine_loop_heartbeat_names_a_stuck_step(llama_dir):
+    """The engine loop's heartbeat is idle while the engine waits for work, and a step stuck
+    outside Python's view (here: a decode launch that waits) is named by the stall watch
+    while it is stuck."""
+    from server import stall_watch
+
+    engine = start_engine(llama_dir, max_num_seqs=2)
+    watch = stall_watch.StallWatch(period_s=0.01, threshold_s=0.15, beat_interval_s=0.0)
+    try:
+        mine = engine._thread.ident  # other tests' engines may be alive: this one's only
+        beats = [hb for hb in stall_watch._heartbeats if hb.ident == mine]
+        assert len(beats) == 1 and beats[0].name == "engine loop"
+        deadline = time.monotonic() + 5
+        while beats[0].since is not None and time.monotonic() < deadline:
+            time.sleep(0.01)  # idle captures (none on CPU) end, then it waits for requests
+        assert beats[0].since is None
+        runner = engine._core.runner.graphs
+        real_run, held = runner.run, []
+
+        def held_run(ids, *args, **kwargs):
+            if not held:
+                held.append(1)
+                time.sleep(0.5)  # like a launch waiting in the driver
+            return real_run(ids, *args, **kwargs)
+
+        runner.run = held_run
+        watch.start()
+        params = SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+        outs = await collect(engine, [5, 6, 7], params)
+        assert len(tokens_of(outs)) == 3
+        assert watch.slow_units and watch.slow_units[0][0] == "engine loop"
+        assert "held_run" in watch.slow_units[0][2]
+    finally:
+        watch.stop()
+        engine.shutdown()
+    engine._thread.join(10)
+    assert not [hb for hb in stall_watch._heartbeats if hb.ident == mine]

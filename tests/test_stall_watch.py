@@ -75,3 +75,52 @@ def test_describe_threads_prefers_the_servers_frames():
         t.join()
     assert "parked at " in text and "(park)" in text
     assert "MainThread" not in text  # the caller's own thread is skipped
+
+
+def _wait_in_driver(release: threading.Event) -> None:
+    release.wait(5)  # like a device call: no GIL held, Python runs on elsewhere
+
+
+@pytest.mark.parametrize("serving,level", [(True, logging.WARNING), (False, logging.INFO)])
+def test_a_heartbeat_unit_running_long_is_logged_once_while_it_runs(caplog, serving, level):
+    """A thread stuck without holding the GIL (no process stall) is named while still stuck,
+    once per unit of work; short units and idle waits log nothing."""
+    watch = stall_watch.StallWatch(period_s=0.01, threshold_s=0.1, serving=lambda: serving,
+                                   beat_interval_s=0.0)
+    release = threading.Event()
+    units: list[str] = []
+
+    def engine_like() -> None:
+        hb = stall_watch.heartbeat("test loop")
+        try:
+            hb.begin()
+            time.sleep(0.02)  # a short unit
+            hb.idle()
+            time.sleep(0.3)  # waiting for work: not a unit
+            hb.begin()
+            units.append("long")
+            _wait_in_driver(release)  # the long unit: still running when logged
+            hb.idle()
+        finally:
+            stall_watch.forget(hb)
+
+    with caplog.at_level(logging.INFO, logger="graphserve.stall"):
+        watch.start()
+        worker = threading.Thread(target=engine_like, name="test-engine")
+        worker.start()
+        deadline = time.monotonic() + 5
+        while not watch.slow_units and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # still stuck: must not be logged again
+        release.set()
+        worker.join(5)
+        watch.stop()
+        watch.join(5)
+    assert units == ["long"] and len(watch.slow_units) == 1, watch.slow_units
+    name, running_s, where = watch.slow_units[0]
+    assert name == "test loop" and 0.1 <= running_s < 1.0
+    assert "test-engine at " in where and "_wait_in_driver" in where
+    lines = [r for r in caplog.records if "one unit of work running" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].levelno == level and "test loop" in lines[0].getMessage()
+    assert watch.stalls == []  # no thread held the GIL: not a process stall
+    assert all(hb.name != "test loop" for hb in stall_watch._heartbeats)  # forgotten
