@@ -18,9 +18,15 @@ a second replica writing the same file never leaves a torn one; the last writer 
 
 Torch-free and free of policy logic: `CapturePlanStore` is file IO only and `PlanKeeper` moves
 data between it and `CapturePolicy.apply_saved_plan` / `demand_histogram`. Thread ownership:
-the engine thread, which calls `PlanKeeper.maybe_save(idle=...)` between steps (it writes only
+the engine thread calls `PlanKeeper.maybe_save(idle=...)` between steps (a save is due only
 when idle, at most every `SAVE_PERIOD_S`, and right after the capture plan completes) and
-`close()` at shutdown.
+`close()` at shutdown; the write itself, fsync included, runs on the keeper's writer thread.
+Why: the first save comes in the engine's first idle moment after ready, which is when a client
+waiting for readiness sends its first request, and an fsync can take long on a busy disk or a
+network volume (the K8s manifests put the state dir on one). The rare 0.64 and 1.1 s first
+answers after ready (docs/benchmarks.md 8p) waited in exactly that stretch of the engine loop;
+an fsync there could not be made slow on purpose (12 launches under forced writeback), so it
+is a candidate cause, not a proven one. Either way no file IO is left on the serving thread.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import logging
 import math
 import os
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +50,8 @@ STATE_VERSION = 1
 DECAY = 0.5
 MAX_RUNS = 10
 SAVE_PERIOD_S = 60.0
+CLOSE_FLUSH_S = 5.0  # at shutdown, the longest `close()` waits for the last write
+SLOW_WRITE_S = 0.1  # a write (fsync included) slower than this is logged
 
 
 def default_state_dir() -> Path:
@@ -189,8 +198,61 @@ def _timings(value) -> list[dict]:
     return value
 
 
+class _Writer:
+    """One daemon thread writing the latest plan handed to it (`submit`): the file IO and its
+    fsync never run on the engine thread. A plan submitted while another waits replaces it
+    (only the newest matters); `flush` waits until nothing is queued or being written.
+    Thread ownership: `submit` and `flush` from the engine thread; the thread it starts
+    (at the first submit) only calls `store.save` and `on_error`."""
+
+    def __init__(self, store: CapturePlanStore, on_error):
+        self._store = store
+        self._on_error = on_error
+        self._cond = threading.Condition()
+        self._pending: tuple | None = None
+        self._writing = False
+        self._thread: threading.Thread | None = None
+
+    def submit(self, args: tuple) -> None:
+        with self._cond:
+            self._pending = args
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="graphserve-state-writer",
+                                                daemon=True)  # fmt: skip
+                self._thread.start()
+            self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait for the queued and in-progress writes; False if `timeout` ran out first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending is None and not self._writing,
+                                       timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None)
+                args, self._pending = self._pending, None
+                self._writing = True
+            t0 = time.perf_counter()
+            try:
+                self._store.save(*args)
+            except (OSError, TypeError, ValueError) as exc:
+                self._on_error(exc)
+            else:
+                seconds = time.perf_counter() - t0
+                if seconds >= SLOW_WRITE_S:  # what the engine thread no longer waits for
+                    log.info("capture plan written to %s in %.2f s (off the engine thread)",
+                             self._store.path, seconds)
+            finally:
+                with self._cond:
+                    self._writing = False
+                    self._cond.notify_all()
+
+
 class PlanKeeper:
-    """Feeds the saved plan to the policy at start and saves this run's demand. Engine thread.
+    """Feeds the saved plan to the policy at start and saves this run's demand. Engine thread
+    (the writes go to a `_Writer` thread of its own).
 
     `policy`: a `CapturePolicy`; `run_info()`: this run's timings as a JSON-able dict, called at
     each save (so it reflects the latest captures).
@@ -207,7 +269,9 @@ class PlanKeeper:
         self._prior = SavedPlan("missing", store.path)
         self._last_save: float | None = None
         self._saved_state: tuple | None = None
-        self._broken = False  # one failed write: stop trying (and logging) for this run
+        # One failed write: stop trying (and logging) for this run. Set by the writer thread.
+        self._broken = False
+        self._writer = _Writer(store, self._write_failed)
 
     def start(self) -> SavedPlan:
         self._prior = self.store.load()
@@ -235,26 +299,40 @@ class PlanKeeper:
             return False
         return self._save(state)
 
-    def close(self) -> bool:
-        """At shutdown: save whatever changed since the last save."""
+    def close(self, timeout: float = CLOSE_FLUSH_S) -> bool:
+        """At shutdown: save whatever changed since the last save and wait (up to `timeout`)
+        for the writes; True if this call saved something and every write so far succeeded."""
         if self._broken:
             return False
         state = (self._policy.complete, tuple(sorted(self._policy.demand_histogram().items())))
-        return state != self._saved_state and self._save(state)
+        saved = state != self._saved_state and self._save(state)
+        if not self.flush(timeout):
+            log.warning("the capture plan's last write to %s did not finish within %.0f s",
+                        self.store.path, timeout)
+            return False
+        return saved and not self._broken
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until the queued writes are done (tests, shutdown); False on timeout."""
+        return self._writer.flush(timeout)
 
     def _save(self, state: tuple) -> bool:
+        """Hand this run's plan to the writer thread; True if queued."""
+        if self._broken:
+            return False
         timings = [t for t in self._prior.startup_timings if t.get("run_id") != self._run_id]
         timings.append({"run_id": self._run_id, "started_at": time.time(), **self._run_info()})
-        try:
-            self.store.save(self.merged_demand(), self._prior.runs + 1, timings)
-        except (OSError, TypeError, ValueError) as exc:  # saving must never stop serving
-            self._broken = True
-            log.warning("cannot save the capture plan to %s (%s); not trying again this run",
-                        self.store.path, exc)
-            return False
+        self._writer.submit((self.merged_demand(), self._prior.runs + 1, timings))
         self._saved_state = state
         self._last_save = self._clock()
         return True
+
+    def _write_failed(self, exc: Exception) -> None:
+        """Writer thread: saving must never stop serving; one warning, no more attempts."""
+        if not self._broken:
+            self._broken = True
+            log.warning("cannot save the capture plan to %s (%s); not trying again this run",
+                        self.store.path, exc)
 
 
 def open_plan_keeper(config, runner) -> PlanKeeper | None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -223,6 +225,7 @@ def test_saves_only_when_idle_due_or_complete_and_something_changed(tmp_path):
     policy.select(3)
     clock.now += 61
     assert keeper.maybe_save(idle=True) is True
+    assert keeper.flush(5)
     runs = json.loads(keeper.store.path.read_text())["startup_timings"]
     assert len(runs) == 1  # one run, saved three times: one entry
     assert keeper.close() is False  # nothing new since
@@ -246,7 +249,8 @@ def test_unwritable_directory_warns_once_and_serving_goes_on(tmp_path, caplog):
                            clock=clock)
     with caplog.at_level(logging.INFO, logger="graphserve.state"):
         keeper.start()
-        assert keeper.maybe_save(idle=True) is False
+        assert keeper.maybe_save(idle=True) is True  # queued; it fails on the writer thread
+        assert keeper.flush(5)
         policy.select(1)
         clock.now += 1000
         assert keeper.maybe_save(idle=True) is False and keeper.close() is False
@@ -368,3 +372,42 @@ def test_engine_loop_saves_after_idle_captures_and_at_shutdown(tmp_path):
     assert captured == [24, 16, 8, 4, 2, 1]
     assert saves == [True, True]  # after the plan completed (idle), then at shutdown
     assert json.loads(keeper.store.path.read_text())["demand"] == {"2": 1.0}
+
+
+class _SlowStore(sd.CapturePlanStore):
+    """A store whose writes wait for `release`, like an fsync behind a busy disk."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.release = threading.Event()
+        self.writing = threading.Event()
+        self.runs_written: list[int] = []
+
+    def save(self, demand, runs, startup_timings):
+        self.writing.set()
+        assert self.release.wait(10)
+        super().save(demand, runs, startup_timings)
+        self.runs_written.append(len(demand))
+
+
+def test_a_slow_write_never_holds_the_engine_thread(tmp_path):
+    """The save the first idle moment after ready makes returns at once even when the disk
+    takes its time (the write and fsync run on the writer thread); a plan queued meanwhile
+    replaces the waiting one, and close() waits for the last write."""
+    clock = Clock()
+    policy = _ready_policy(clock)
+    store = _SlowStore(tmp_path, "/m", FP)
+    keeper = sd.PlanKeeper(store, policy, lambda: {"timings_s": {}}, clock=clock, period_s=1.0)
+    keeper.start()
+    t0 = time.perf_counter()
+    assert keeper.maybe_save(idle=True) is True
+    assert time.perf_counter() - t0 < 0.5  # did not wait for the write
+    assert store.writing.wait(5) and not keeper.flush(0.05)  # still writing
+    for size in (1, 8):  # two more saves queue while the first write waits: the last wins
+        policy.select(size)
+        clock.now += 2
+        assert keeper.maybe_save(idle=True) is True
+    store.release.set()
+    assert keeper.close() is False  # nothing new since the last save; all written
+    assert store.runs_written == [0, 2]  # the first plan, then only the newest of the other two
+    assert json.loads(store.path.read_text())["demand"] == {"1": 1.0, "8": 1.0}
