@@ -124,7 +124,6 @@ class StallWatch(threading.Thread):
                 log.log(level, "process stalled %.2f s (no thread ran Python, or no CPU); "
                         "threads right after: %s", late, where)
 
-
     def _check_heartbeats(self, now: float) -> None:
         """Log a heartbeat's unit of work that has run past the threshold, once, while it runs."""
         with _heartbeats_lock:

@@ -211,10 +211,12 @@ class _Writer:
         self._cond = threading.Condition()
         self._pending: tuple | None = None
         self._writing = False
+        self._stopping = False
         self._thread: threading.Thread | None = None
 
     def submit(self, args: tuple) -> None:
         with self._cond:
+            self._stopping = False
             self._pending = args
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="graphserve-state-writer",
@@ -228,10 +230,19 @@ class _Writer:
             return self._cond.wait_for(lambda: self._pending is None and not self._writing,
                                        timeout)
 
+    def stop(self) -> None:
+        """Let the thread end once nothing is queued (a later `submit` starts another)."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+
     def _run(self) -> None:
         while True:
             with self._cond:
-                self._cond.wait_for(lambda: self._pending is not None)
+                self._cond.wait_for(lambda: self._pending is not None or self._stopping)
+                if self._pending is None:  # stopping, nothing left to write
+                    self._thread = None
+                    return
                 args, self._pending = self._pending, None
                 self._writing = True
             t0 = time.perf_counter()
@@ -303,10 +314,13 @@ class PlanKeeper:
         """At shutdown: save whatever changed since the last save and wait (up to `timeout`)
         for the writes; True if this call saved something and every write so far succeeded."""
         if self._broken:
+            self._writer.stop()
             return False
         state = (self._policy.complete, tuple(sorted(self._policy.demand_histogram().items())))
         saved = state != self._saved_state and self._save(state)
-        if not self.flush(timeout):
+        flushed = self.flush(timeout)
+        self._writer.stop()  # its thread ends after the last write
+        if not flushed:
             log.warning("the capture plan's last write to %s did not finish within %.0f s",
                         self.store.path, timeout)
             return False

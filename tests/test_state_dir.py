@@ -411,3 +411,7 @@ def test_a_slow_write_never_holds_the_engine_thread(tmp_path):
     assert keeper.close() is False  # nothing new since the last save; all written
     assert store.runs_written == [0, 2]  # the first plan, then only the newest of the other two
     assert json.loads(store.path.read_text())["demand"] == {"1": 1.0, "8": 1.0}
+    deadline = time.monotonic() + 5
+    while keeper._writer._thread is not None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert keeper._writer._thread is None  # the writer thread ended with close()
