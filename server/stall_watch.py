@@ -16,9 +16,10 @@ A stall of one thread is not one of the process: the engine thread can wait in t
 or on a lock while Python runs on everywhere else, and a first request after ready has waited
 0.6-1.1 s that way in rare launches with no line from either watch (docs/benchmarks.md 9c, 9d,
 8p). So a thread may also hold a `Heartbeat`: it marks when its current unit of work began
-(`begin`) and when it waits for work (`idle`); a unit running past the threshold is logged once,
-while it is still running, with where every thread is at that moment (at most one such line every
-`HEARTBEAT_LOG_EVERY_S`). The engine loop holds one (`server.engine`).
+(`begin`) and when it waits for work (`idle`); a unit running past the threshold (and ten times
+the thread's recent units) is logged once, while it is still running, with where every thread
+is at that moment (at most one such line every `HEARTBEAT_LOG_EVERY_S`). The engine loop and
+the capture thread hold one (`server.engine`, `server.background_capture`).
 
 Torch-free and cheap: 20 wake-ups a second, each a few microseconds of Python. Started by
 `server.launch` for the process's life. Thread ownership: its own thread only; `stop()` from any;
@@ -40,27 +41,37 @@ PERIOD_S = 0.05
 THRESHOLD_S = 0.25  # late by more than this: a stall worth a line
 MIN_INTERVAL_S = 1.0
 HEARTBEAT_LOG_EVERY_S = 10.0  # a slow unit of work: one line per this, like a slow engine step
+HEARTBEAT_FACTOR = 10.0  # ... and slow means this many times the thread's recent units too
 
 
 class Heartbeat:
-    """When the watched thread's current unit of work began (`since`), None while it waits.
+    """When the watched thread's current unit of work began (`since`), None while it waits,
+    and a moving average of the units' lengths (`average`): a unit counts as slow past
+    `HEARTBEAT_FACTOR` times that as well as past the watch's threshold, as a slow engine step
+    does (a CPU server's steps take tenths of a second every time; that is no news).
 
-    Two attribute writes per unit from the watched thread; the watch only reads them (a stale
-    read costs at most one period of lateness in a log line, never a wrong one: `reported`
-    remembers which unit was logged)."""
+    A few attribute writes per unit from the watched thread; the watch only reads them (a
+    stale read costs at most one period of lateness in a log line, never a wrong one:
+    `reported` remembers which unit was logged)."""
 
-    __slots__ = ("name", "ident", "since", "reported")
+    __slots__ = ("name", "ident", "since", "reported", "average")
 
     def __init__(self, name: str):
         self.name = name
         self.ident = threading.get_ident()
         self.since: float | None = None
         self.reported: float | None = None
+        self.average = 0.0
 
     def begin(self) -> None:
-        self.since = time.perf_counter()
+        now = time.perf_counter()
+        if self.since is not None:  # the previous unit ends here
+            self.average = 0.9 * self.average + 0.1 * (now - self.since)
+        self.since = now
 
     def idle(self) -> None:
+        if self.since is not None:
+            self.average = 0.9 * self.average + 0.1 * (time.perf_counter() - self.since)
         self.since = None
 
 
@@ -130,7 +141,9 @@ class StallWatch(threading.Thread):
             beats = list(_heartbeats)
         for hb in beats:
             since = hb.since
-            if since is None or since == hb.reported or now - since < self.threshold_s:
+            if since is None or since == hb.reported:
+                continue
+            if now - since < max(self.threshold_s, HEARTBEAT_FACTOR * hb.average):
                 continue
             hb.reported = since
             where = describe_threads(sys._current_frames(), threading.get_ident())

@@ -124,3 +124,27 @@ def test_a_heartbeat_unit_running_long_is_logged_once_while_it_runs(caplog, serv
     assert len(lines) == 1 and lines[0].levelno == level and "test loop" in lines[0].getMessage()
     assert watch.stalls == []  # no thread held the GIL: not a process stall
     assert all(hb.name != "test loop" for hb in stall_watch._heartbeats)  # forgotten
+
+
+def test_a_heartbeat_counts_slow_against_its_own_recent_units():
+    """Units that are always long (a CPU server's steps) are not news; one ten times the recent
+    ones, past the threshold, is."""
+    hb = stall_watch.Heartbeat("test")
+    watch = stall_watch.StallWatch(threshold_s=0.1, beat_interval_s=0.0)
+    hb.average = 0.05  # recent units of 50 ms: slow means past 0.5 s
+    hb.since = time.perf_counter() - 0.3
+    stall_watch._heartbeats.append(hb)
+    try:
+        watch._check_heartbeats(time.perf_counter())
+        assert watch.slow_units == []  # 0.3 s: past the threshold, not past 10x its units
+        hb.since = time.perf_counter() - 0.6
+        watch._check_heartbeats(time.perf_counter())
+        assert [u[0] for u in watch.slow_units] == ["test"]
+    finally:
+        stall_watch.forget(hb)
+    hb.average = 0.0
+    hb.since = time.perf_counter() - 0.2
+    hb.begin()  # the 0.2 s unit ends as the next begins: it enters the average
+    assert 0.015 < hb.average < 0.03
+    hb.idle()
+    assert hb.since is None
