@@ -24,7 +24,7 @@ when idle, at most every `SAVE_PERIOD_S`, and right after the capture plan compl
 Why: the first save comes in the engine's first idle moment after ready, which is when a client
 waiting for readiness sends its first request, and an fsync can take long on a busy disk or a
 network volume (the K8s manifests put the state dir on one). The rare 0.64 and 1.1 s first
-answers after ready (docs/benchmarks.md 8p) waited in exactly that stretch of the engine loop;
+answers after ready (docs/benchmarks.md 8p) may have waited in that stretch of the engine loop;
 an fsync there could not be made slow on purpose (12 launches under forced writeback), so it
 is a candidate cause, not a proven one. Either way no file IO is left on the serving thread.
 """
