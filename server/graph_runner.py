@@ -324,7 +324,8 @@ class DecodeGraphRunner:
         what the tests' fault injector is called with inside the capture; `error_mode` the
         capture mode (default: the runner's); `throwaways`: instantiate it that many more
         times first (`throwaway_instantiations`)."""
-        graph = torch.cuda.CUDAGraph(keep_graph=throwaways > 0)
+        # `keep_graph` only when asked for: torch before 2.11 takes no arguments here.
+        graph = torch.cuda.CUDAGraph(keep_graph=True) if throwaways else torch.cuda.CUDAGraph()
         try:
             with torch.cuda.stream(self._stream):
                 graph.capture_begin(pool=self._pool,

@@ -331,9 +331,7 @@ class PlanKeeper:
         return self._writer.flush(timeout)
 
     def _save(self, state: tuple) -> bool:
-        """Hand this run's plan to the writer thread; True if queued."""
-        if self._broken:
-            return False
+        """Hand this run's plan to the writer thread (callers checked `_broken`); True."""
         timings = [t for t in self._prior.startup_timings if t.get("run_id") != self._run_id]
         timings.append({"run_id": self._run_id, "started_at": time.time(), **self._run_info()})
         self._writer.submit((self.merged_demand(), self._prior.runs + 1, timings))
