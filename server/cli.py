@@ -28,6 +28,7 @@ from server.config import (
     ServerConfig,
     parse_byte_size,
 )
+from server.gc_control import end_startup_pause, pause_until_ready
 from server.launch import serve, tls_context
 from server.logging_setup import LOG_LEVELS, setup_logging
 
@@ -370,8 +371,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"graphserve: error: {exc}", file=sys.stderr)
         return EXIT_CONFIG_ERROR
     setup_logging(config.log_format, config.log_level)
-    code = serve(config, engine_class=args.engine_class,
-                 access_log=not args.disable_access_log, tls=tls)
+    pause_until_ready()  # before the heavy imports: no collection slows the start (gc_control)
+    try:
+        code = serve(config, engine_class=args.engine_class,
+                     access_log=not args.disable_access_log, tls=tls)
+    finally:
+        end_startup_pause()
     logger.info("exiting with code %d", code)
     logging.shutdown()
     stuck = [t for t in threading.enumerate()

@@ -56,7 +56,7 @@ from server.errors import (
     QueueFullError,
     StartupError,
 )
-from server.gc_control import freeze_startup_heap
+from server.gc_control import end_startup_pause, freeze_startup_heap
 from server.kernel_cache import start_seeding
 from server.request import RequestOutput, SamplingParams
 from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler, StepResult
@@ -200,6 +200,7 @@ class AsyncEngine:
             reason = str(exc) or type(exc).__name__
             expected = isinstance(exc, (StartupError, ValueError))
             log.error("engine startup failed: %s", reason, exc_info=not expected)
+            end_startup_pause()  # the process lives on a while, failed: collect as usual
             self._set_phase("failed", reason)
             return
         plan = runner.kv_plan

@@ -77,6 +77,13 @@ def test_liveness_comes_before_the_model(server):
     assert server.phases_seen[0] in ("starting", "loading_weights")
 
 
+def test_no_collection_ran_until_ready_and_collection_is_on_after(server):
+    # server.gc_control: `graphserve serve` pauses collection first thing; the ready freeze
+    # ends the pause (the log line says so only when it was that pause that ended).
+    assert "froze the startup heap" in server.log
+    assert "collection on again" in server.log, server.log
+
+
 def test_readiness_went_through_every_phase_in_order(server):
     history = [p["phase"] for p in server.ready_body["phases"]]
     assert history == ENGINE_PHASES

@@ -6,7 +6,13 @@ import asyncio
 import gc
 import time
 
-from server.gc_control import no_collection
+import server.gc_control as gc_control
+from server.gc_control import (
+    end_startup_pause,
+    freeze_startup_heap,
+    no_collection,
+    pause_until_ready,
+)
 from server.request import SamplingParams
 from tests.helpers.tiny_models import build_checkpoint
 from tests.test_engine import collect, start_engine
@@ -27,6 +33,48 @@ def test_no_collection_pauses_automatic_collection_and_restores_it():
         assert not gc.isenabled()  # it was off before: it stays off
     finally:
         gc.enable()
+
+
+def test_the_startup_pause_lasts_until_the_ready_freeze():
+    assert gc.isenabled()
+    pause_until_ready()
+    try:
+        assert not gc.isenabled()
+        with no_collection():  # a capture before ready
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # still paused after it
+        assert freeze_startup_heap() > 0
+        assert gc.isenabled()
+        end_startup_pause()  # the server returning later: nothing left to do
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+        gc_control._paused = False
+
+
+def test_a_failed_start_ends_the_pause():
+    pause_until_ready()
+    try:
+        assert not gc.isenabled()
+        end_startup_pause()
+        assert gc.isenabled()
+    finally:
+        gc.enable()
+        gc_control._paused = False
+
+
+def test_collection_switched_off_elsewhere_stays_off():
+    gc.disable()
+    try:
+        pause_until_ready()  # not its pause: neither the freeze nor the end turns it on
+        freeze_startup_heap()
+        end_startup_pause()
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+        gc.unfreeze()
+        gc_control._paused = False
 
 
 async def test_the_startup_heap_stays_frozen_through_idle_captures_and_serving(

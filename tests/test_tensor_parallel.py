@@ -605,6 +605,8 @@ def test_the_server_serves_with_two_ranks_and_exits_nonzero_when_one_dies(checkp
         tp = server.client.get("/health/graphs").json()["tensor_parallel"]
         assert [r["rank"] for r in tp["ranks"]] == [0, 1]
         assert tp["ranks"][0]["pid"] == server.proc.pid
+        # Each rank paused collection from its start to its ready freeze (server.gc_control).
+        assert server.log.count("collection on again") == 2, server.log
         worker = tp["ranks"][1]["pid"]
         os.kill(worker, signal.SIGKILL)
         body = server.wait_phase("failed", timeout=30)

@@ -35,7 +35,7 @@ import sys
 import threading
 
 from server.distributed.protocol import Kind, PeerGone, frame_json, read_message, write_all
-from server.gc_control import freeze_startup_heap
+from server.gc_control import freeze_startup_heap, pause_until_ready
 from server.logging_setup import setup_logging
 
 log = logging.getLogger("graphserve.tp.worker")
@@ -196,6 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reply-fd", type=int, required=True)
     ap.add_argument("--lifeline-fd", type=int, required=True)
     args = ap.parse_args(argv)
+    pause_until_ready()  # until `freeze_startup_heap` at READY (server.gc_control)
     # Rank 0 decides when the group stops (after draining); a terminal's Ctrl-C is its to act on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     _watch_lifeline(args.lifeline_fd)
