@@ -149,6 +149,7 @@ class AsyncEngine:
 
     def _thread_main(self) -> None:
         launcher = None
+        grammars: list[GrammarBackend] = []
         try:
             t_start = time.perf_counter()
             # Torch-free, beside the torch import; joined before any Triton lookup (the
@@ -176,13 +177,11 @@ class AsyncEngine:
                 launcher = start_workers(self.config, on_failure=self._on_worker_failure)
             from server.model_runner import ModelRunner  # torch: part of loading, see above
 
-            grammars: list[GrammarBackend] = []
-
             def build_grammars(tokenizer, eos_ids, vocab_size: int) -> None:
-                # Started while the weights stream: llguidance builds its tokenizer holding the
-                # GIL (0.3-0.6 s for a 128k vocabulary), which started at ready froze the
-                # first captures and requests (a 512-token prompt sent at ready: 560-712 ms TTFT
-                # on the H200, 57-92 ms with the build here; docs/benchmarks.md 8e).
+                # Started while the weights stream, in a process of its own: llguidance builds
+                # its tokenizer holding the GIL (0.3-0.6 s for a 128k vocabulary). Started at
+                # ready in this process it froze the first requests (8e: 560-712 ms TTFT);
+                # here in this process it sat on the path to ready (8p).
                 grammars.append(GrammarBackend(tokenizer_json(tokenizer), vocab_size, eos_ids))
 
             runner = ModelRunner(self.config, self._set_phase, launcher, build_grammars)
@@ -197,6 +196,8 @@ class AsyncEngine:
                 launcher.kill()
             prefetch.discard()
             early_weights.discard()
+            for backend in grammars:
+                backend.close()
             reason = str(exc) or type(exc).__name__
             expected = isinstance(exc, (StartupError, ValueError))
             log.error("engine startup failed: %s", reason, exc_info=not expected)
@@ -251,6 +252,8 @@ class AsyncEngine:
         except BaseException:
             runner.close(kill=True)
             raise
+        finally:
+            scheduler.grammars.close()  # its process ends with the engine
         runner.close()
         runner.release()
 
@@ -504,8 +507,10 @@ class EngineCore:
                     launched = runner.launch(step, prev)
                     if prev is not None:
                         read = runner.read(prev)  # N+1's forward keeps the device busy
-                        sched.advance_grammars(prev.seqs, read.tokens)
-                    masks = sched.fill_masks(sampled, runner.mask_words)
+                        masks = sched.advance_and_fill(prev.seqs, read.tokens, sampled,
+                                                       runner.mask_words)
+                    else:
+                        masks = sched.fill_masks(sampled, runner.mask_words)
                     self._pending = runner.sample(launched, masks)
                 else:
                     self._pending = runner.run_step(step, prev)

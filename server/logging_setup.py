@@ -50,3 +50,12 @@ def setup_logging(log_format: str = "text", level: str = "info") -> None:
         lg.handlers.clear()
         lg.propagate = True
         lg.setLevel(level.upper())
+
+
+def current_settings() -> dict[str, str]:
+    """This process's format and level, for a child process to log the same way to the same
+    stderr (`setup_logging(**current_settings())` there)."""
+    root = logging.getLogger()
+    json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
+    return {"log_format": "json" if json_lines else "text",
+            "level": logging.getLevelName(root.getEffectiveLevel()).lower()}  # fmt: skip

@@ -37,11 +37,13 @@ admitted alone; the others wait until its prompt is prefilled (its full blocks c
 the prefix cache), then hit the cache and recompute at most one partial block each: one
 prefill for all choices.
 
-Constrained sequences (a grammar, `server.structured.grammar`) carry a matcher. The engine
-advances it with each token right after reading the step (`advance_grammars`), before it fills
-the next step's masks (`fill_masks`): the matcher has always consumed exactly the tokens read.
-A constrained sequence ends only where its grammar accepts (EOS is allowed only there) or at
-its token budget ("length").
+Constrained sequences (a grammar, `server.structured.grammar`) carry a handle to a matcher in
+the grammar process. The engine advances it with each token right after reading the step,
+before it fills the next step's masks (`advance_and_fill`, one round trip to that process;
+`advance_grammars` or `fill_masks` alone where only one is due): the matcher has always
+consumed exactly the tokens read. A constrained sequence ends only where its grammar accepts
+(EOS is allowed only there) or at its token budget ("length"). A grammar process that dies
+fails the constrained sequences it held; the others run on.
 
 Thread ownership: everything here runs on the engine thread, except `Admission`, which the
 event loop's `add_request` enters and the engine thread leaves.
@@ -58,6 +60,7 @@ from server.block_manager import BlockManager
 from server.detokenizer import IncrementalDetokenizer
 from server.request import RequestOutput, SamplingParams, TokenLogprob
 from server.seeds import choice_key
+from server.structured.grammar import GrammarWorkerError
 
 # Prompt chunks of a sequence that wants prompt logprobs: every position's logits are kept,
 # so the chunk bounds that memory (256 x 128k vocabulary x 4 bytes = 128 MB).
@@ -246,6 +249,13 @@ class ScheduledStep:
     @property
     def num_tokens(self) -> int:
         return len(self.decode) + sum(item.length for item in self.prefill)
+
+
+def _unconstrained(rows: int, words: int):
+    """Masks that allow every token (the rows of sequences being failed are discarded)."""
+    import numpy as np
+
+    return np.full((rows, words), -1, dtype=np.int32)
 
 
 class Scheduler:
@@ -520,24 +530,46 @@ class Scheduler:
 
     def advance_grammars(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """Feed the tokens just read to the matchers of the constrained sequences among `seqs`
-        (a step's sampled list). Called once per step, before `fill_masks` of the next."""
-        for seq, token in zip(seqs, tokens, strict=True):
-            if seq.grammar is not None and not seq.finished and not seq.grammar.consume(token):
-                self.finish(seq, "error", error="internal error: the grammar rejected a token "
-                            f"it had allowed ({seq.grammar.error})")
+        (a step's sampled list) when no masks are due next (else `advance_and_fill`)."""
+        self._grammar_step(seqs, tokens, [])
 
     def fill_masks(self, seqs: list[Sequence], words: int):
         """The token bitmasks of a step's sampled rows (numpy int32 `[len(seqs), words]`):
         each constrained row's grammar, every other row all ones. None if none is
         constrained."""
-        import numpy as np
+        return self._grammar_step([], [], seqs)
 
-        if not self.has_constrained(seqs):
+    def advance_and_fill(self, read_seqs: list[Sequence], tokens: list[int],
+                         seqs: list[Sequence], words: int):
+        """`advance_grammars(read_seqs, tokens)` then `fill_masks(seqs, words)`, in one round
+        trip to the grammar process."""
+        return self._grammar_step(read_seqs, tokens, seqs)
+
+    def _grammar_step(self, read_seqs: list[Sequence], tokens: list[int],
+                      seqs: list[Sequence]):
+        advance = [(seq.grammar, token) for seq, token in zip(read_seqs, tokens, strict=True)
+                   if seq.grammar is not None and not seq.finished]
+        constrained = self.has_constrained(seqs)
+        fill = [(seq.grammar, row) for row, seq in enumerate(seqs)
+                if seq.grammar is not None and not seq.finished]
+        if not advance and not constrained:
             return None
-        masks = np.full((len(seqs), words), -1, dtype=np.int32)
-        for i, seq in enumerate(seqs):
-            if seq.grammar is not None and not seq.finished:
-                seq.grammar.fill(masks, i)
+        try:
+            rejected, lost, masks = self.grammars.step(
+                advance, fill, len(seqs) if constrained else 0)
+        except GrammarWorkerError as exc:  # every constrained sequence here fails; others run
+            for seq in {*read_seqs, *seqs}:
+                if seq.grammar is not None and not seq.finished:
+                    self.finish(seq, "error", error=f"grammar: {exc}")
+            return _unconstrained(len(seqs), self.grammars.mask_words) if constrained else None
+        for seq in (*read_seqs, *seqs):
+            if seq.grammar is None or seq.finished:
+                continue
+            if seq.grammar in lost:
+                self.finish(seq, "error", error=f"grammar: {lost[seq.grammar]}")
+            elif seq.grammar in rejected:
+                self.finish(seq, "error", error="internal error: the grammar rejected a token "
+                            f"it had allowed ({rejected[seq.grammar]})")
         return masks
 
     def _commit(self, seq: Sequence) -> None:

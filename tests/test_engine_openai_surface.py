@@ -273,6 +273,36 @@ async def test_grammar_truncated_by_max_tokens_reports_length(engine):
     assert outs[-1].finish_reason == "length" and len(tokens_of(outs)) == 3
 
 
+async def test_a_dead_grammar_process_fails_only_the_constrained_requests(engine):
+    """The matchers live in the grammar process (server.structured.grammar_worker). Killed
+    mid-stream, it takes only the constrained sequences with it; the next grammar starts a
+    new process."""
+    import os
+    import signal
+
+    backend = engine._core.scheduler.grammars
+    # At least 100 numbers: the document cannot end before the kill takes effect.
+    long_doc = json_schema_grammar({"type": "array", "items": {"type": "integer"},
+                                    "minItems": 100})
+    constrained = engine.add_request(_rid(), [3, 4], SamplingParams(
+        max_tokens=400, temperature=1.0, seed=1, grammar=long_doc))
+    plain = asyncio.ensure_future(collect(engine, [9, 9, 9], SamplingParams(
+        max_tokens=40, temperature=0.0, ignore_eos=True)))
+    old_pid = backend._proc.pid
+    outs = []
+    async for out in constrained:
+        outs.append(out)
+        if len(outs) == 2:
+            os.kill(old_pid, signal.SIGKILL)
+    assert outs[-1].finish_reason == "error" and "grammar process" in outs[-1].error
+    assert (await plain)[-1].finish_reason == "length"
+    again = await collect(engine, [3, 4], SamplingParams(
+        max_tokens=20, temperature=0.0, grammar=json_schema_grammar({"type": "boolean"})))
+    assert again[-1].finish_reason == "stop"
+    assert "".join(o.text for o in again) in ("true", "false")
+    assert backend._proc.pid != old_pid
+
+
 async def test_a_bad_grammar_fails_only_its_request(engine):
     stream = engine.add_request(_rid(), [1, 2], SamplingParams(max_tokens=4,
                                                                grammar="start: %json {\"x\""))

@@ -84,67 +84,180 @@ def test_text_that_is_not_a_call_stays_content():
     assert parse_tool_calls(LLAMA, "hello {\"name\": \"a\"}").calls == []
 
 
-def _drive(grammar: str, text: str) -> bool:
+@pytest.fixture(scope="module")
+def backend():
+    """One grammar process for this module's tests (each starts in ~0.1 s; most need one)."""
+    b = GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS})
+    yield b
+    b.close()
+
+
+def _allowed(masks, row: int, token: int) -> bool:
+    return bool(masks[row, token // 32] >> (token % 32) & 1)
+
+
+def _drive(grammar: str, text: str, backend: GrammarBackend) -> bool:
     """Whether the fake's byte vocabulary can write `text` under `grammar` and then end."""
-    backend = GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS})
     m = backend.matcher(grammar)
-    mask = np.zeros((1, backend.mask_words), dtype=np.int32)
     for byte in [*text.encode(), EOS]:
-        mask[:] = 0
-        m.fill(mask, 0)
-        if not mask[0, byte // 32] >> (byte % 32) & 1:
+        _, _, masks = backend.step([], [(m, 0)], 1)
+        if not _allowed(masks, 0, byte):
             return False
-        assert m.consume(byte)
+        rejected, lost, _ = backend.step([(m, byte)], [], 0)
+        assert not rejected and not lost
     return True
 
 
-def test_tool_grammar_enforces_names_schemas_and_parallelism():
+def test_tool_grammar_enforces_names_schemas_and_parallelism(backend):
     one = '<tool_call>\n{"name":"a","arguments":{"x":5}}\n</tool_call>'
     two = one + '\n<tool_call>\n{"name":"b","arguments":{"s":"q"}}\n</tool_call>'
     parallel = tool_grammar(HERMES, TOOLS, parallel=True)
     single = tool_grammar(HERMES, TOOLS, parallel=False)
-    assert _drive(parallel, one) and _drive(parallel, two)
-    assert _drive(single, one) and not _drive(single, two)
-    assert not _drive(parallel, one.replace("5", '"5"'))  # arguments follow the schema
-    assert not _drive(parallel, one.replace('"a"', '"c"'))  # only declared functions
+    assert _drive(parallel, one, backend) and _drive(parallel, two, backend)
+    assert _drive(single, one, backend) and not _drive(single, two, backend)
+    assert not _drive(parallel, one.replace("5", '"5"'), backend)  # arguments follow the schema
+    assert not _drive(parallel, one.replace('"a"', '"c"'), backend)  # only declared functions
     named = tool_grammar(HERMES, TOOLS[1:], parallel=False)
-    assert not _drive(named, one)
+    assert not _drive(named, one, backend)
     llama = tool_grammar(LLAMA, TOOLS, parallel=True)
-    assert _drive(llama, '{"name":"a","parameters":{"x":1}}; {"name":"b","parameters":{"s":"p"}}')
+    assert _drive(llama, '{"name":"a","parameters":{"x":1}}; {"name":"b","parameters":{"s":"p"}}',
+                  backend)
 
 
-def test_json_schema_grammar_and_errors():
+def test_json_schema_grammar_and_errors(backend):
     g = json_schema_grammar({"type": "object", "properties": {"k": {"type": "boolean"}},
                              "required": ["k"], "additionalProperties": False})
-    assert _drive(g, '{"k":true}') and not _drive(g, '{"k": true}')  # compact whitespace
+    assert _drive(g, '{"k":true}', backend)
+    assert not _drive(g, '{"k": true}', backend)  # compact whitespace
     with pytest.raises(GrammarError):
-        GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS}).matcher("start: %json {\"x\"")
+        backend.matcher("start: %json {\"x\"")
 
 
 def test_wait_built_waits_for_the_build_and_gives_up_at_its_timeout(monkeypatch, caplog):
-    """Readiness waits for the tokenizer build (it holds the GIL) but not forever: past the
-    timeout it goes on, logs why, and the build still finishes for the requests that need it."""
-    import threading
+    """Readiness waits for the tokenizer build (in the grammar process) but not forever: past
+    the timeout it goes on, logs why, and the first grammar waits for the rest of the build."""
+    monkeypatch.setenv("GRAPHSERVE_GRAMMAR_TEST_FAULT", "build_delay:1.0")
+    b = GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS})
+    try:
+        with caplog.at_level("INFO", logger="graphserve.grammar"):
+            assert 0.05 <= b.wait_built(0.05) < 0.9
+            assert "still building after 0.1 s" in caplog.text
+            assert 0.1 <= b.wait_built(10) < 5.0
+            assert "ready waited" in caplog.text
+            assert "grammar tokenizer built" in caplog.text
+        assert b.wait_built(10) < 0.01  # built: no wait
+        assert b.matcher(json_schema_grammar({"type": "boolean"})) is not None
+    finally:
+        b.close()
 
-    import llguidance
 
-    release = threading.Event()
-    real = llguidance.LLTokenizer
+def test_the_first_grammar_waits_for_a_build_still_running(monkeypatch):
+    monkeypatch.setenv("GRAPHSERVE_GRAMMAR_TEST_FAULT", "build_delay:0.5")
+    b = GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS})
+    try:
+        b.wait_built(0.01)  # readiness gave up on it
+        m = b.matcher(json_schema_grammar({"type": "boolean"}))
+        assert _drive(json_schema_grammar({"type": "boolean"}), "true", b)
+        assert m.generation == 1
+    finally:
+        b.close()
 
-    def slow(*args, **kwargs):
-        release.wait(10)
-        return real(*args, **kwargs)
 
-    monkeypatch.setattr(llguidance, "LLTokenizer", slow)
-    backend = GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS})
-    with caplog.at_level("INFO", logger="graphserve.grammar"):
-        assert 0.05 <= backend.wait_built(0.05) < 1.0
-        assert "still building after 0.1 s" in caplog.text
-        threading.Timer(0.2, release.set).start()
-        assert 0.1 <= backend.wait_built(10) < 5.0
-        assert "ready waited" in caplog.text
-    assert backend.wait_built(10) < 0.01  # built: no wait
-    assert backend.matcher(json_schema_grammar({"type": "boolean"})) is not None
+def test_one_round_trip_advances_then_fills_and_rows_without_a_grammar_allow_everything(
+        backend):  # fmt: skip
+    g = json_schema_grammar({"type": "object", "properties": {"k": {"type": "boolean"}},
+                             "required": ["k"], "additionalProperties": False})
+    a, b = backend.matcher(g), backend.matcher(g)
+    for byte in b'{"k":':
+        backend.step([(a, byte), (b, byte)], [], 0)
+    # Row 0: `a` after "t"; row 1: nothing constrained; row 2: `b` still before the value.
+    rejected, lost, masks = backend.step([(a, ord("t"))], [(a, 0), (b, 2)], 3)
+    assert not rejected and not lost
+    assert _allowed(masks, 0, ord("r")) and not _allowed(masks, 0, ord("f"))
+    assert (masks[1] == -1).all()
+    assert _allowed(masks, 2, ord("t")) and _allowed(masks, 2, ord("f"))
+    assert not _allowed(masks, 2, ord("1"))
+    # A token the grammar does not allow is reported, with llguidance's reason.
+    rejected, _, _ = backend.step([(b, ord("1"))], [], 0)
+    assert list(rejected) == [b] and rejected[b]
+
+
+def test_the_mask_buffer_grows_with_the_step(backend):
+    g = json_schema_grammar({"type": "boolean"})
+    handles = [backend.matcher(g) for _ in range(3)]
+    rows = 200  # past the first buffer's 64 rows
+    _, _, masks = backend.step([], [(h, 70 + 50 * i) for i, h in enumerate(handles)], rows)
+    assert masks.shape == (rows, backend.mask_words)
+    for i in range(3):
+        assert _allowed(masks, 70 + 50 * i, ord("t")) and not _allowed(masks, 70 + 50 * i, 0)
+    assert (masks[0] == -1).all() and (masks[rows - 1] == -1).all()
+
+
+def test_dropped_sequences_free_their_matchers(backend):
+    import gc
+
+    g = json_schema_grammar({"type": "boolean"})
+    handles = [backend.matcher(g) for _ in range(5)]
+    slots = {h.slot for h in handles}
+    del handles
+    gc.collect()
+    assert slots <= {slot for _, slot in backend._freed}
+    keep = backend.matcher(g)  # the frees go out first
+    assert not backend._freed
+    assert backend.step([], [(keep, 0)], 1)[2] is not None
+
+
+def test_a_dead_grammar_process_fails_its_sequences_and_the_next_grammar_starts_another(
+        monkeypatch, caplog):  # fmt: skip
+    from server.structured.grammar import GrammarWorkerError
+
+    monkeypatch.setenv("GRAPHSERVE_GRAMMAR_TEST_FAULT", "exit_at_step:2")
+    b = GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS})
+    try:
+        g = json_schema_grammar({"type": "boolean"})
+        m = b.matcher(g)
+        b.step([], [(m, 0)], 1)
+        with pytest.raises(GrammarWorkerError, match="grammar process exited"):
+            b.step([(m, ord("t"))], [(m, 0)], 1)
+        # Its sequences are reported lost, and their rows allow everything (they are failed).
+        rejected, lost, masks = b.step([(m, ord("r"))], [(m, 0)], 1)
+        assert not rejected and list(lost) == [m] and (masks == -1).all()
+        monkeypatch.delenv("GRAPHSERVE_GRAMMAR_TEST_FAULT")
+        with caplog.at_level("WARNING", logger="graphserve.grammar"):
+            fresh = b.matcher(g)
+        assert "starting a new grammar process" in caplog.text
+        assert fresh.generation == 2
+        assert _drive(g, "false", b)
+    finally:
+        b.close()
+
+
+def test_a_grammar_process_that_stops_answering_is_replaced(monkeypatch):
+    from server.structured.grammar import GrammarWorkerError
+
+    monkeypatch.setenv("GRAPHSERVE_GRAMMAR_TEST_FAULT", "hang_at_step:1")
+    b = GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS}, step_timeout_s=0.3)
+    try:
+        g = json_schema_grammar({"type": "boolean"})
+        m = b.matcher(g)
+        hung = b._proc
+        with pytest.raises(GrammarWorkerError, match="did not answer within"):
+            b.step([], [(m, 0)], 1)
+        assert hung.poll() is not None  # killed, not left behind
+        monkeypatch.delenv("GRAPHSERVE_GRAMMAR_TEST_FAULT")
+        assert _drive(g, "true", b)
+    finally:
+        b.close()
+
+
+def test_a_tokenizer_the_build_rejects_refuses_grammars(backend):
+    b = GrammarBackend('{"not": "a tokenizer"}', VOCAB, {EOS})
+    try:
+        b.wait_built(10)
+        with pytest.raises(GrammarError, match="grammar tokenizer could not be built"):
+            b.matcher(json_schema_grammar({"type": "boolean"}))
+    finally:
+        b.close()
 
 
 def test_bitmask_application_matches_a_per_row_reference():
@@ -163,14 +276,16 @@ def test_bitmask_application_matches_a_per_row_reference():
             assert out[r, t].item() == (logits[r, t].item() if allowed else float("-inf"))
 
 
-def test_auto_grammar_for_strict_tools_is_text_or_valid_calls():
+def test_auto_grammar_for_strict_tools_is_text_or_valid_calls(backend):
     one = '<tool_call>\n{"name":"a","arguments":{"x":5}}\n</tool_call>'
     g = auto_grammar(HERMES, TOOLS, parallel=True)
-    assert _drive(g, "just words, < and all") and _drive(g, one) and _drive(g, one + "\n" + one)
-    assert not _drive(g, one.replace("5", '"5"'))  # a call must match its schema
-    assert not _drive(g, "text then " + one)  # text may not open a call
+    assert _drive(g, "just words, < and all", backend) and _drive(g, one, backend)
+    assert _drive(g, one + "\n" + one, backend)
+    assert not _drive(g, one.replace("5", '"5"'), backend)  # a call must match its schema
+    assert not _drive(g, "text then " + one, backend)  # text may not open a call
     single = auto_grammar(HERMES, TOOLS, parallel=False)
-    assert _drive(single, one) and not _drive(single, one + "\n" + one)
+    assert _drive(single, one, backend) and not _drive(single, one + "\n" + one, backend)
     llama = auto_grammar(LLAMA, TOOLS, parallel=True)
-    assert _drive(llama, "no call") and _drive(llama, '{"name":"b","parameters":{"s":"p"}}')
-    assert not _drive(llama, '{"name":"b","parameters":{"s":"z"}}')
+    assert _drive(llama, "no call", backend)
+    assert _drive(llama, '{"name":"b","parameters":{"s":"p"}}', backend)
+    assert not _drive(llama, '{"name":"b","parameters":{"s":"z"}}', backend)

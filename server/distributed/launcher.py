@@ -49,7 +49,7 @@ from server.distributed.protocol import (
 )
 from server.distributed.sharding import check_divisible
 from server.errors import FatalEngineError
-from server.logging_setup import JsonFormatter
+from server.logging_setup import current_settings
 
 log = logging.getLogger("graphserve.tp")
 
@@ -344,7 +344,5 @@ def _release(worker: _Worker) -> None:
 
 def _logging_config() -> dict[str, str]:
     """The workers log like this process: same format, same level, to the same stderr."""
-    root = logging.getLogger()
-    json_lines = any(isinstance(h.formatter, JsonFormatter) for h in root.handlers)
-    return {"log_format": "json" if json_lines else "text",
-            "log_level": logging.getLevelName(root.getEffectiveLevel()).lower()}  # fmt: skip
+    settings = current_settings()
+    return {"log_format": settings["log_format"], "log_level": settings["level"]}

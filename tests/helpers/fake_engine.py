@@ -167,6 +167,8 @@ class FakeEngine:
         self.max_queue = config.max_queue
         self.vocab_size = VOCAB
         self.tokenizer: FakeTokenizer | None = None
+        # Its grammar process starts with the first constrained request (most tests have none).
+        self._grammars: GrammarBackend | None = None
         # Observable by tests.
         self.submitted: list[tuple[str, list[int], SamplingParams]] = []
         self.aborted: list[str] = []
@@ -221,7 +223,6 @@ class FakeEngine:
         if not self._phase("loading_weights"):
             return
         self.tokenizer = FakeTokenizer()
-        self._grammars = GrammarBackend(self.tokenizer.to_json(), VOCAB, {EOS})
         if not self._phase("allocating_kv_cache"):
             return
         largest = self._sizes[-1]
@@ -257,6 +258,8 @@ class FakeEngine:
             grammar = None
             if params.grammar is not None:
                 try:
+                    if self._grammars is None:
+                        self._grammars = GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS})
                     grammar = self._grammars.matcher(params.grammar)
                 except GrammarError as exc:
                     raise InvalidRequestError(f"grammar: {exc}", "grammar") from None
@@ -326,6 +329,8 @@ class FakeEngine:
             self._lock.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
+        if self._grammars is not None:
+            self._grammars.close()
         self.shut_down = True
 
     # ---------------------------------------------------------------- engine thread
@@ -444,17 +449,15 @@ class FakeEngine:
                                       prompt_logprobs=self._prompt_logprobs(req)))
         return False
 
-    @staticmethod
-    def _constrained(req: _Request, wanted: int) -> int:
+    def _constrained(self, req: _Request, wanted: int) -> int:
         """The grammar's choice (see the module docstring), consumed by the matcher."""
-        import numpy as np
-
-        mask = np.zeros((1, (VOCAB + 31) // 32), dtype=np.int32)
-        req.grammar.fill(mask, 0)
+        _, _, masks = self._grammars.step([], [(req.grammar, 0)], 1)
+        mask = masks.copy()
         allowed = [t for t in range(VOCAB) if mask[0, t // 32] >> (t % 32) & 1]
         token = next((t for t in (EOS, ord('"'), ord("}"), ord("]"), wanted) if t in allowed),
                      allowed[0])
-        req.grammar.consume(token)
+        rejected, _, _ = self._grammars.step([(req.grammar, token)], [], 0)
+        assert not rejected, rejected
         return token
 
 
