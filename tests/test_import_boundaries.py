@@ -74,6 +74,7 @@ TORCH_FREE = (
     "server.http.logprobs",
     "server.structured.__init__",
     "server.structured.grammar",
+    "server.structured.grammar_worker",
     "server.structured.tool_calls",
     "server.api",
     "server.early_health",
