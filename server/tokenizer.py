@@ -107,8 +107,12 @@ class FastTokenizer:
     compiled twice by two threads at once, either result being the same.
     """
 
-    def __init__(self, backend, special: dict[str, str], chat_template: str | None):
+    def __init__(self, backend, special: dict[str, str], chat_template: str | None,
+                 source_json: str | None = None):
         self._tok = backend
+        # The tokenizer.json text it was built from (never changed after): `to_json` hands it
+        # to the grammar process instead of re-serialising MBs on the engine thread.
+        self._source_json = source_json
         self._special = special  # named special tokens that are set, e.g. {"bos_token": "<s>"}
         self.chat_template = chat_template
         self.bos_token = special.get("bos_token")
@@ -179,7 +183,7 @@ class FastTokenizer:
         cls._check_added_tokens(config.get("added_tokens_decoder") or {}, added)
         cls._check_post_processor(backend, config, special)
         chat_template = cls._chat_template(model_dir, config)
-        return cls(backend, special, chat_template)
+        return cls(backend, special, chat_template, source_json=text)
 
     @staticmethod
     def _check_qwen2_pipeline(data: dict, config: dict) -> None:
@@ -326,6 +330,8 @@ class FastTokenizer:
 
     def to_json(self) -> str:
         """The tokenizers-library JSON of this tokenizer (grammar engines build from it)."""
+        if self._source_json is not None:
+            return self._source_json
         return self._tok.to_str()
 
     def convert_ids_to_tokens(self, ids: list[int]) -> list[str | None]:

@@ -424,6 +424,16 @@ def test_token_ids_and_length_match(tokenizer_pair):
     assert (fast.bos_token, fast.eos_token) == (hf.bos_token, hf.eos_token)
 
 
+def test_the_grammar_json_is_the_tokenizer_it_was_loaded_from(tokenizer_pair):
+    # `to_json` hands the file's own text to the grammar process (no re-serialising): it must
+    # describe exactly the tokenizer in use, and HF's fast tokenizer agrees with it.
+    from tokenizers import Tokenizer
+
+    fast, hf = tokenizer_pair
+    assert Tokenizer.from_str(fast.to_json()).to_str() == fast._tok.to_str()
+    assert Tokenizer.from_str(fast.to_json()).get_vocab() == hf.backend_tokenizer.get_vocab()
+
+
 @pytest.mark.parametrize("text", TEXTS)
 def test_encode_and_decode_match(tokenizer_pair, text):
     fast, hf = tokenizer_pair

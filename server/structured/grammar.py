@@ -35,7 +35,6 @@ import os
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -172,7 +171,14 @@ class GrammarBackend:
         self._channel = gw.Channel(ours)
         self._built = False
         self._buffer, self._rows = None, 0
-        self._channel.send(gw.Kind.BUILD, gw.encode_build(self._json, self.vocab_size, self._eos))
+        # The JSON (MBs) goes in a shared file: a socket write that size would wait for the
+        # new process to start reading, and this is the engine thread on the path to ready.
+        fd = gw.shared_file(self._json.encode("utf-8"))
+        try:
+            self._channel.send(gw.Kind.BUILD, json.dumps(
+                {"vocab_size": self.vocab_size, "eos_ids": self._eos}).encode(), fds=(fd,))
+        finally:
+            os.close(fd)
 
     def _stop(self, reason: str) -> None:
         """The process is unusable (`reason`): close our end, make sure it is gone."""
@@ -255,11 +261,7 @@ class GrammarBackend:
 
         rows = max(64, 1 << (rows - 1).bit_length())
         size = rows * self.mask_words * 4
-        memfd = getattr(os, "memfd_create", None)
-        if memfd is not None:
-            fd = memfd("graphserve-grammar-masks")
-        else:  # not Linux: an unlinked temporary file
-            fd = os.dup(tempfile.TemporaryFile().fileno())
+        fd = gw.shared_file(b"")
         try:
             os.ftruncate(fd, size)
             buffer = mmap.mmap(fd, size)

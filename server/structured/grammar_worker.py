@@ -14,8 +14,9 @@ engine process's GIL.
 
 The engine (`server.structured.grammar.GrammarBackend`) talks to it over a Unix socket pair:
 
-* `BUILD` (tokenizer JSON, vocabulary size, EOS ids) -> `BUILT` (the error, if any; the
-  seconds it took);
+* `BUILD` (vocabulary size and EOS ids; with a file descriptor holding the tokenizer JSON, so
+  the engine never waits for this process to start reading) -> `BUILT` (the error, if any;
+  the seconds it took);
 * `NEW` (a slot number the engine chose, the grammar) -> `CREATED` (the error, if any):
   compiled grammars are cached as prototypes (least recently used dropped), each sequence
   gets a copy;
@@ -110,7 +111,7 @@ class Channel:
         payload = bytes(self._buf[_HEADER.size:_HEADER.size + size])
         del self._buf[:_HEADER.size + size]
         fds: list[int] = []
-        if kind == Kind.MAP and self._fds:
+        if kind in (Kind.BUILD, Kind.MAP) and self._fds:  # the kinds sent with one
             fds.append(self._fds.popleft())
         return Kind(kind), payload, fds
 
@@ -158,9 +159,25 @@ def decode_step(payload: bytes) -> tuple[list[tuple[int, int]], list[tuple[int, 
     return adv, fill, rows
 
 
-def encode_build(tokenizer_json: str, vocab_size: int, eos_ids: list[int]) -> bytes:
-    meta = json.dumps({"vocab_size": vocab_size, "eos_ids": eos_ids}).encode()
-    return struct.pack("<I", len(meta)) + meta + tokenizer_json.encode("utf-8")
+def shared_file(data: bytes) -> int:
+    """A descriptor of an anonymous file holding `data` (memfd on Linux), to send along."""
+    memfd = getattr(os, "memfd_create", None)
+    if memfd is not None:
+        fd = memfd("graphserve-grammar")
+    else:  # not Linux: an unlinked temporary file
+        import tempfile
+
+        with tempfile.TemporaryFile() as f:
+            fd = os.dup(f.fileno())
+    try:
+        if data:
+            os.ftruncate(fd, len(data))
+            with mmap.mmap(fd, len(data)) as view:
+                view[:] = data
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def _faults() -> dict[str, float]:
@@ -198,12 +215,17 @@ class Worker:
                 raise RuntimeError(f"unexpected message kind {kind}")
             handler(payload, fds)
 
-    def build(self, payload: bytes, _fds) -> None:
+    def build(self, payload: bytes, fds: list[int]) -> None:
         t0 = time.perf_counter()
         time.sleep(self.faults.get("build_delay", 0.0))
-        (meta_len,) = struct.unpack_from("<I", payload)
-        meta = json.loads(payload[4:4 + meta_len])
-        text = payload[4 + meta_len:].decode("utf-8")
+        meta = json.loads(payload)
+        if not fds:
+            raise RuntimeError("BUILD came without its file descriptor")
+        try:
+            with open(fds[0], "rb", closefd=False) as f:
+                text = f.read().decode("utf-8")
+        finally:
+            os.close(fds[0])
         self.error = None
         try:
             import llguidance
