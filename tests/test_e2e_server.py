@@ -7,6 +7,7 @@ need their own processes. CPU only: the default model is tiny, decode is ~10 ms 
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import threading
@@ -272,6 +273,8 @@ def test_overload_auth_and_sigterm_drain():
         assert resp.status_code == 429 and resp.headers["retry-after"]
         assert resp.json()["error"]["type"] == "rate_limit_error"
 
+        grammar = _grammar_children(srv.proc.pid)
+        assert len(grammar) == 1  # started with the load, whether or not a grammar is asked for
         srv.signal(signal.SIGTERM)
         deadline = time.monotonic() + 5
         while srv.client.get("/health/ready").json()["phase"] != "draining":
@@ -287,6 +290,51 @@ def test_overload_auth_and_sigterm_drain():
             assert events[-2]["choices"][0]["finish_reason"] == "length"
         assert srv.wait_exit(30) == 0
         assert "drain complete" in srv.log and "engine shut down" in srv.log
+        assert not _alive(grammar[0])  # the engine's shutdown ended it
+
+
+# ------------------------------------------------------------------ the grammar process
+def _grammar_children(pid: int) -> list[int]:
+    """The grammar processes (server.structured.grammar_worker) whose parent is `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if ppid == pid and b"server.structured.grammar_worker" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_the_grammar_process_goes_with_the_server_even_when_it_is_killed():
+    with ServerProcess("--max-num-seqs", "2", "--max-model-len", "256") as srv:
+        srv.wait_phase("ready")
+        body = {"prompt": "x", "max_tokens": 8, "temperature": 0,
+                "response_format": {"type": "json_object"}}
+        resp = srv.client.post(COMPL, json=body)
+        assert resp.status_code == 200, resp.text
+        children = _grammar_children(srv.proc.pid)
+        assert len(children) == 1, children
+        srv.proc.kill()  # no drain, no engine shutdown: only the socket's end of file is left
+        srv.proc.wait(10)
+        deadline = time.monotonic() + 10
+        while _alive(children[0]):
+            assert time.monotonic() < deadline, "the grammar process outlived its server"
+            time.sleep(0.05)
 
 
 # ------------------------------------------------------------------ startup failure
