@@ -613,5 +613,7 @@ class EngineCore:
         return size, size is not None
 
     def counters(self) -> dict:
+        grammars = self.scheduler.grammars
         return {**self.scheduler.counters(), "step_errors": self.step_errors,
-                "step_intervals": self.step_intervals.snapshot()}
+                "step_intervals": self.step_intervals.snapshot(),
+                "grammar_restarts": grammars.restarts if grammars is not None else 0}

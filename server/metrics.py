@@ -191,6 +191,9 @@ class EngineCollector(Collector):
                 yield g
         for key, name, doc in (
             ("step_errors", "graphserve_step_errors", "Engine steps that raised."),
+            ("grammar_restarts", "graphserve_grammar_process_restarts",
+             "Grammar processes started again after one died or stopped answering (each "
+             "failed the constrained requests it was serving)."),
             (
                 "discarded_tokens",
                 "graphserve_discarded_tokens",

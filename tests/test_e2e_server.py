@@ -110,6 +110,7 @@ def test_graph_report_and_metrics_on_the_real_engine(server, sdk):
     assert metric(text, 'graphserve_kv_blocks{state="used"}') == 0
     assert metric(text, "graphserve_prefix_cache_hit_rate") is not None
     assert metric(text, "graphserve_step_errors_total") == 0
+    assert metric(text, "graphserve_grammar_process_restarts_total") == 0
     assert metric(text, "graphserve_discarded_tokens_total") is not None
 
 

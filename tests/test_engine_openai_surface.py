@@ -301,6 +301,7 @@ async def test_a_dead_grammar_process_fails_only_the_constrained_requests(engine
     assert again[-1].finish_reason == "stop"
     assert "".join(o.text for o in again) in ("true", "false")
     assert backend._proc.pid != old_pid
+    assert engine.stats()["grammar_restarts"] == 1  # graphserve_grammar_process_restarts_total
 
 
 async def test_a_bad_grammar_fails_only_its_request(engine):

@@ -131,6 +131,7 @@ class GrammarBackend:
         self._channel: Any = None
         self._built = False
         self._generation = 0
+        self.restarts = 0  # processes started after the first (one died or hung)
         self._next_slot = 0
         self._freed: list[tuple[int, int]] = []  # (generation, slot) of dropped sequences
         self._buffer: mmap.mmap | None = None
@@ -168,6 +169,7 @@ class GrammarBackend:
         finally:
             theirs.close()
         self._generation += 1
+        self.restarts = self._generation - 1  # read by /metrics (another thread): one int
         self._channel = gw.Channel(ours)
         self._built = False
         self._buffer, self._rows = None, 0
