@@ -27,6 +27,7 @@ in whitespace, and the output is what OpenAI's strict mode produces.
 
 from __future__ import annotations
 
+import collections
 import functools
 import json
 import logging
@@ -133,7 +134,9 @@ class GrammarBackend:
         self._generation = 0
         self.restarts = 0  # processes started after the first (one died or hung)
         self._next_slot = 0
-        self._freed: list[tuple[int, int]] = []  # (generation, slot) of dropped sequences
+        # (generation, slot) of dropped sequences; a deque, as finalizers may append from any
+        # thread while the engine thread pops.
+        self._freed: collections.deque[tuple[int, int]] = collections.deque()
         self._buffer: mmap.mmap | None = None
         self._rows = 0
         self._lock = threading.RLock()
@@ -247,15 +250,16 @@ class GrammarBackend:
     def _send_frees(self) -> None:
         from server.structured import grammar_worker as gw
 
-        if not self._freed:
-            return
-        freed, self._freed = self._freed, []
-        slots = array("i", [slot for gen, slot in freed if gen == self._generation])
+        slots = array("i")
+        while self._freed:
+            gen, slot = self._freed.popleft()
+            if gen == self._generation:
+                slots.append(slot)
         if slots:
             self._channel.send(gw.Kind.FREE, slots.tobytes())
 
     def _release(self, generation: int, slot: int) -> None:
-        self._freed.append((generation, slot))  # any thread: list.append is atomic
+        self._freed.append((generation, slot))  # any thread
 
     def _map(self, rows: int) -> None:
         """A shared mask buffer of at least `rows` rows, sent to the process."""
