@@ -531,22 +531,22 @@ class Scheduler:
     def advance_grammars(self, seqs: list[Sequence], tokens: list[int]) -> None:
         """Feed the tokens just read to the matchers of the constrained sequences among `seqs`
         (a step's sampled list) when no masks are due next (else `advance_and_fill`)."""
-        self._grammar_step(seqs, tokens, [])
+        self._grammar_step(seqs, tokens, [], 0)
 
     def fill_masks(self, seqs: list[Sequence], words: int):
         """The token bitmasks of a step's sampled rows (numpy int32 `[len(seqs), words]`):
         each constrained row's grammar, every other row all ones. None if none is
         constrained."""
-        return self._grammar_step([], [], seqs)
+        return self._grammar_step([], [], seqs, words)
 
     def advance_and_fill(self, read_seqs: list[Sequence], tokens: list[int],
                          seqs: list[Sequence], words: int):
         """`advance_grammars(read_seqs, tokens)` then `fill_masks(seqs, words)`, in one round
         trip to the grammar process."""
-        return self._grammar_step(read_seqs, tokens, seqs)
+        return self._grammar_step(read_seqs, tokens, seqs, words)
 
     def _grammar_step(self, read_seqs: list[Sequence], tokens: list[int],
-                      seqs: list[Sequence]):
+                      seqs: list[Sequence], words: int):
         advance = [(seq.grammar, token) for seq, token in zip(read_seqs, tokens, strict=True)
                    if seq.grammar is not None and not seq.finished]
         constrained = self.has_constrained(seqs)
@@ -558,10 +558,10 @@ class Scheduler:
             rejected, lost, masks = self.grammars.step(
                 advance, fill, len(seqs) if constrained else 0)
         except GrammarWorkerError as exc:  # every constrained sequence here fails; others run
-            for seq in {*read_seqs, *seqs}:
+            for seq in dict.fromkeys((*read_seqs, *seqs)):
                 if seq.grammar is not None and not seq.finished:
                     self.finish(seq, "error", error=f"grammar: {exc}")
-            return _unconstrained(len(seqs), self.grammars.mask_words) if constrained else None
+            return _unconstrained(len(seqs), words) if constrained else None
         for seq in (*read_seqs, *seqs):
             if seq.grammar is None or seq.finished:
                 continue

@@ -250,6 +250,31 @@ def test_a_grammar_process_that_stops_answering_is_replaced(monkeypatch):
         b.close()
 
 
+def test_a_grammar_process_that_cannot_start_fails_grammars_not_the_engine(monkeypatch):
+    import subprocess
+
+    from server.structured.grammar import GrammarWorkerError
+
+    real = subprocess.Popen
+
+    def no_processes(*args, **kwargs):
+        raise OSError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "Popen", no_processes)
+    b = GrammarBackend(FakeTokenizer().to_json(), VOCAB, {EOS})  # no exception: logged
+    try:
+        assert b.wait_built(1.0) < 0.5
+        g = json_schema_grammar({"type": "boolean"})
+        with pytest.raises(GrammarWorkerError, match="could not start"):
+            b.matcher(g)
+        monkeypatch.setattr(subprocess, "Popen", real)
+        assert _drive(g, "true", b)  # the next grammar tries again
+    finally:
+        b.close()
+    with pytest.raises(GrammarWorkerError, match="closed"):
+        b.matcher(g)
+
+
 def test_a_tokenizer_the_build_rejects_refuses_grammars(backend):
     b = GrammarBackend('{"not": "a tokenizer"}', VOCAB, {EOS})
     try:

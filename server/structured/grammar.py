@@ -144,11 +144,13 @@ class GrammarBackend:
             self._error = "this model's tokenizer has no tokenizer.json for grammars"
             self._built = True
             return
-        self._start()
+        self._start()  # a failure is logged; the first grammar tries again
 
     # -- the process ------------------------------------------------------------------------
 
-    def _start(self) -> None:
+    def _start(self) -> str | None:
+        """Start a process and send it the build; returns why that failed, or None. A failure
+        here never fails the engine: the next grammar tries again."""
         from server.logging_setup import current_settings
         from server.structured import grammar_worker as gw
 
@@ -164,11 +166,10 @@ class GrammarBackend:
                  "--log-level", settings["level"]],
                 pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env,
             )  # fmt: skip
-        except OSError as exc:
+        except OSError as exc:  # out of processes or memory, for instance
             ours.close()
-            self._error = f"grammar process could not start: {exc}"
-            self._built = True
-            return
+            log.error("grammar process could not start: %s", exc)
+            return f"grammar process could not start: {exc}"
         finally:
             theirs.close()
         self._generation += 1
@@ -178,12 +179,17 @@ class GrammarBackend:
         self._buffer, self._rows = None, 0
         # The JSON (MBs) goes in a shared file: a socket write that size would wait for the
         # new process to start reading, and this is the engine thread on the path to ready.
-        fd = gw.shared_file(self._json.encode("utf-8"))
         try:
-            self._channel.send(gw.Kind.BUILD, json.dumps(
-                {"vocab_size": self.vocab_size, "eos_ids": self._eos}).encode(), fds=(fd,))
-        finally:
-            os.close(fd)
+            fd = gw.shared_file(self._json.encode("utf-8"))
+            try:
+                self._channel.send(gw.Kind.BUILD, json.dumps(
+                    {"vocab_size": self.vocab_size, "eos_ids": self._eos}).encode(), fds=(fd,))
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._stop(f"could not send it the tokenizer: {exc}")
+            return f"grammar process could not start: {exc}"
+        return None
 
     def _stop(self, reason: str) -> None:
         """The process is unusable (`reason`): close our end, make sure it is gone."""
@@ -198,9 +204,13 @@ class GrammarBackend:
 
     def _ensure(self) -> None:
         """A process that has finished its build; started again if the last one died."""
-        if self._channel is None and self._json is not None and self._error is None:
+        if self._channel is None:
+            if self._json is None:
+                raise GrammarWorkerError("the grammar process is closed")
             log.warning("starting a new grammar process")
-            self._start()
+            failed = self._start()
+            if failed is not None:
+                raise GrammarWorkerError(failed)
         if not self._built:
             self._await_build(self._timeout)
             if not self._built:
