@@ -60,6 +60,7 @@ _HEADER = struct.Struct("<4sBxxxI")  # magic, kind, payload bytes
 _MAGIC = b"GSGW"
 _STEP_HEAD = struct.Struct("<III")  # tokens to consume, rows to fill, rows in the step
 _MAX_FDS = 4
+_SEND_TIMEOUT_S = 10.0
 PROTOTYPES = 64  # compiled grammars kept (least recently used dropped)
 
 
@@ -90,6 +91,9 @@ class Channel:
         self._fds: collections.deque[int] = collections.deque()
 
     def send(self, kind: Kind, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
+        # Messages are small (the big ones travel as descriptors) and the other end reads all
+        # the time: a send that cannot go out within this is a peer that stopped reading.
+        self.sock.settimeout(_SEND_TIMEOUT_S)
         data = _HEADER.pack(_MAGIC, kind, len(payload)) + payload
         if fds:
             sent = socket.send_fds(self.sock, [data], list(fds))
@@ -124,8 +128,10 @@ class Channel:
         else:
             self.sock.settimeout(None)
         try:
+            # 64 KiB: every message fits, and a buffer under malloc's mmap threshold costs no
+            # system calls of its own on each step's read.
             data, ancillary, _flags, _addr = self.sock.recvmsg(
-                1 << 20, socket.CMSG_SPACE(_MAX_FDS * 4))
+                1 << 16, socket.CMSG_SPACE(_MAX_FDS * 4))
         except TimeoutError:
             raise TimeoutError("no answer from the grammar process") from None
         except OSError as exc:
