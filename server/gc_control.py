@@ -52,19 +52,16 @@ def pause_until_ready() -> None:
         _paused = True
 
 
-def _resume() -> bool:
+def end_startup_pause() -> bool:
+    """Collection back on if `pause_until_ready` is still in force (the ready freeze, a start
+    that failed and lives on a while answering health probes, a server that returned); True
+    if it was."""
     global _paused
     if not _paused:
         return False
     _paused = False
     gc.enable()
     return True
-
-
-def end_startup_pause() -> None:
-    """Collection back on if `pause_until_ready` is still in force: a start that failed (the
-    process may live on a while, answering health probes) or a server that returned."""
-    _resume()
 
 
 @contextlib.contextmanager
@@ -84,7 +81,7 @@ def freeze_startup_heap() -> int:
     `pause_until_ready`; returns how many objects are frozen."""
     gc.freeze()
     frozen = gc.get_freeze_count()
-    resumed = _resume()
+    resumed = end_startup_pause()
     log.info("froze the startup heap: %d objects no collection will scan%s", frozen,
              "; collection on again" if resumed else "")
     return frozen
