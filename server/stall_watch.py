@@ -65,14 +65,16 @@ class Heartbeat:
 
     def begin(self) -> None:
         now = time.perf_counter()
-        if self.since is not None:  # the previous unit ends here
-            self.average = 0.9 * self.average + 0.1 * (now - self.since)
+        self._end_unit(now)  # the previous unit, if any, ends here
         self.since = now
 
     def idle(self) -> None:
-        if self.since is not None:
-            self.average = 0.9 * self.average + 0.1 * (time.perf_counter() - self.since)
+        self._end_unit(time.perf_counter())
         self.since = None
+
+    def _end_unit(self, now: float) -> None:
+        if self.since is not None:
+            self.average = 0.9 * self.average + 0.1 * (now - self.since)
 
 
 _heartbeats: list[Heartbeat] = []
