@@ -122,13 +122,15 @@ def _add_health_routes(app: FastAPI, state: ServerState) -> None:
 
     @app.head("/health/graphs", include_in_schema=False)  # HEAD probes: same answer, no body
     @app.get("/health/graphs", tags=["health"], summary="CUDA graph capture report")
-    async def graphs() -> Response:
+    def graphs() -> Response:
+        # A plain function, so FastAPI runs it on its thread pool: with the engine in its own
+        # process the report is a round trip (server.engine_process), never the loop's wait.
         return JSONBody(graphs_body(lifecycle, state.engine))
 
     @app.head("/metrics", include_in_schema=False)  # HEAD probes: same answer, no body
     @app.get("/metrics", tags=["health"], summary="Prometheus metrics",
              responses={200: {"content": {"text/plain": {"schema": {"type": "string"}}}}})
-    async def metrics() -> Response:
+    def metrics() -> Response:  # on the thread pool too: it reads the engine's stats
         return Response(state.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
 

@@ -251,6 +251,11 @@ def add_serve_arguments(p: argparse.ArgumentParser) -> None:
                         help="serve HTTPS with this certificate chain (health probes too)")
     server.add_argument("--ssl-keyfile", default=None, metavar="PEM",
                         help="private key for --ssl-certfile (default: inside the certfile)")
+    server.add_argument("--engine-process", action=argparse.BooleanOptionalAction,
+                        default=srv.engine_process,
+                        help="run the engine in a process of its own, which starts before the "
+                        "HTTP stack imports and keeps HTTP work off the engine's GIL "
+                        "(default: on; --no-engine-process runs it in the HTTP process)")
 
     limits = p.add_argument_group(
         "limits", "what one client may cost the server (docs/deployment.md, Reliability)")
@@ -342,6 +347,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_connections=args.max_connections,
         ssl_certfile=args.ssl_certfile,
         ssl_keyfile=args.ssl_keyfile,
+        engine_process=args.engine_process,
     )
     config.validate()
     if config.startup_failure_grace < 0:

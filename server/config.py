@@ -236,6 +236,8 @@ class ServerConfig:
     max_connections: int = 4096  # open connections; idle ones are closed first beyond it
     ssl_certfile: str | None = None  # PEM certificate chain: serve HTTPS
     ssl_keyfile: str | None = None  # PEM private key (may be inside ssl_certfile)
+    # The engine in a process of its own (server.engine_process); False: in the HTTP process.
+    engine_process: bool = True
 
     def validate(self) -> None:
         self.engine.validate()

@@ -58,7 +58,7 @@ from server.errors import (
 )
 from server.gc_control import end_startup_pause, freeze_startup_heap
 from server.kernel_cache import start_seeding
-from server.request import RequestOutput, SamplingParams
+from server.request import RequestOutput, SamplingParams, validate_prompt
 from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler, StepResult
 from server.step_timing import StepClock, StepIntervals, trace_threshold_s
 from server.structured.grammar import GrammarBackend, tokenizer_json
@@ -299,7 +299,7 @@ class AsyncEngine:
         if not self._accepting:
             raise EngineNotReadyError(f"engine is not accepting requests (phase: {self.phase})")
         params.validate()
-        self._validate_prompt(prompt_ids)
+        validate_prompt(prompt_ids, self.vocab_size, self.max_model_len)
         if request_id in self._streams:
             raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
         if not self._admission.try_enter():
@@ -327,23 +327,6 @@ class AsyncEngine:
     def abort(self, request_id: str) -> None:
         """Thread-safe and idempotent; the slot is freed before the engine's next step."""
         self._commands.put(("abort", request_id))
-
-    def _validate_prompt(self, prompt_ids) -> None:
-        if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
-            raise InvalidRequestError("the prompt is empty", "prompt")
-        vocab = self.vocab_size or 0
-        for t in prompt_ids:
-            if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-                raise InvalidRequestError(
-                    f"prompt token ids must be integers in [0, {vocab}); got {t!r}", "prompt"
-                )
-        if len(prompt_ids) >= self.max_model_len:
-            raise InvalidRequestError(
-                f"the prompt has {len(prompt_ids)} tokens; this model's maximum context is "
-                f"{self.max_model_len} tokens (prompt + completion), so at most "
-                f"{self.max_model_len - 1} prompt tokens fit",
-                "prompt",
-            )
 
     # -- outputs (called on the engine thread) ----------------------------------------------
 

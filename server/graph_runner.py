@@ -445,7 +445,7 @@ class DecodeGraphRunner:
         return self.logits[:n, : self.vocab]
 
     def device_info(self) -> dict:
-        info = {"type": self.device.type, "torch": torch.__version__}
+        info = {"type": self.device.type, "torch": str(torch.__version__)}  # a plain str
         if self.cuda:
             info["name"] = torch.cuda.get_device_name(self.device)
             info["total_memory_bytes"] = torch.cuda.get_device_properties(self.device).total_memory

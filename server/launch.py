@@ -118,6 +118,9 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
     except OSError as exc:
         logger.error("cannot listen on %s:%d: %s", config.host, config.port, exc)
         return EXIT_STARTUP_FAILURE
+    # The engine process first: it imports torch and loads the model on another core while
+    # this process imports the HTTP stack below (`server.engine_process`).
+    engine = _spawn_engine(config) if config.engine_process and engine_class is None else None
     # Progress bars (weight loading) are terminal art, not log lines; and transformers logs
     # through its own stderr handler, so keep it to errors. Both read at their first import,
     # which happens later on the engine thread; explicit settings in the environment win.
@@ -145,6 +148,7 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
                            "uvicorn", exc)
             early = None
         return _serve_app(config, sock, lifecycle, early, held, engine_class=engine_class,
+                          engine_factory=None if engine is None else engine.attach,
                           access_log=access_log, tls=tls)
     except _ExitNow:
         logger.warning("signal again before serving: exiting without waiting")
@@ -154,6 +158,23 @@ def serve(config: ServerConfig, *, engine_class: str | None = None,
         if early is not None:
             early.stop(wait=0)  # no-op after a handover; else it must not outlive the socket
         sock.close()
+        if engine is not None:
+            engine.close()  # normally stopped by the app's shutdown already; else ended here
+
+
+def _spawn_engine(config: ServerConfig):
+    """The engine's process, started; None (the engine then runs in this process) if it
+    cannot start."""
+    from server.engine_process import EngineProcess
+
+    engine = EngineProcess(config.engine)
+    try:
+        engine.spawn()
+    except OSError as exc:
+        logger.error("the engine process could not start (%s); running the engine in this "
+                     "process", exc)
+        return None
+    return engine
 
 
 class _ExitNow(SystemExit):
@@ -197,7 +218,8 @@ class HeldSignals:
 
 def _serve_app(config: ServerConfig, sock: socket.socket, lifecycle: Lifecycle,
                early: EarlyHealthResponder | None, held: HeldSignals, *,
-               engine_class: str | None, access_log: bool, tls: ssl.SSLContext | None) -> int:
+               engine_class: str | None, engine_factory: Any = None, access_log: bool,
+               tls: ssl.SSLContext | None) -> int:
     """Import the HTTP stack, build the app and run uvicorn on `sock` until it exits."""
     host, port = sock.getsockname()[:2]
     # Heavy-ish imports only now that probes are answered (FastAPI, pydantic, uvicorn).
@@ -213,7 +235,7 @@ def _serve_app(config: ServerConfig, sock: socket.socket, lifecycle: Lifecycle,
         _start_exit_watchdog(code, EXIT_WATCHDOG_S)
 
     app = create_app(config, engine_class=engine_class or DEFAULT_ENGINE_CLASS,
-                     lifecycle=lifecycle, on_exit=on_exit)
+                     engine_factory=engine_factory, lifecycle=lifecycle, on_exit=on_exit)
     uv_config, _ = uvicorn_config(app, config, host, port, access_log=access_log, tls=tls)
     server = DrainingServer(uv_config, state=app.state.graphserve,
                             drain_timeout=config.drain_timeout, held_signals=held.take,

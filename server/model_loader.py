@@ -394,6 +394,30 @@ def _describe(stats: dict | None) -> str:
     return text
 
 
+def load_api_tokenizer(path: Path, loader: str = "auto"):
+    """The tokenizer the HTTP process's prompt workers use, loaded as `load` would (the fast
+    tokenizer, else transformers' unless `loader` is "fast"); no weights, no torch for the
+    fast one."""
+    from server.tokenizer import FastTokenizer, TokenizerDeclined, TokenizerLoadError
+
+    config = read_config(path)
+    if loader != "transformers":
+        try:
+            return FastTokenizer.load(path, config.model_type)
+        except TokenizerLoadError as exc:
+            raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
+        except TokenizerDeclined as exc:
+            if loader == "fast":
+                raise ModelLoadError(f"{path}: --loader fast cannot reproduce this tokenizer "
+                                     f"({exc})") from exc
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
+
+
 def _transformers_tokenizers(path: Path):
     """Two AutoTokenizer instances (engine thread, event loop) and transformers' import time."""
     t0 = time.perf_counter()

@@ -190,3 +190,23 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob | None] | None = None
     cumulative_logprob: float | None = None
+
+
+def validate_prompt(prompt_ids, vocab_size: int | None, max_model_len: int | None) -> None:
+    """Raise InvalidRequestError unless `prompt_ids` is a non-empty list of token ids of this
+    vocabulary that leaves room for at least one token in the context."""
+    if not isinstance(prompt_ids, (list, tuple)) or not prompt_ids:
+        raise InvalidRequestError("the prompt is empty", "prompt")
+    vocab = vocab_size or 0
+    for t in prompt_ids:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+            raise InvalidRequestError(
+                f"prompt token ids must be integers in [0, {vocab}); got {t!r}", "prompt"
+            )
+    if max_model_len is not None and len(prompt_ids) >= max_model_len:
+        raise InvalidRequestError(
+            f"the prompt has {len(prompt_ids)} tokens; this model's maximum context is "
+            f"{max_model_len} tokens (prompt + completion), so at most "
+            f"{max_model_len - 1} prompt tokens fit",
+            "prompt",
+        )

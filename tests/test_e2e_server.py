@@ -7,7 +7,6 @@ need their own processes. CPU only: the default model is tiny, decode is ~10 ms 
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import threading
@@ -18,7 +17,7 @@ import openai
 import pytest
 
 from tests.helpers.api_cases import BAD_REQUESTS, CHAT, COMPL, USER_HI
-from tests.helpers.server_process import ServerProcess, sse_events
+from tests.helpers.server_process import ServerProcess, alive, descendants, sse_events
 
 pytestmark = pytest.mark.slow
 
@@ -291,34 +290,14 @@ def test_overload_auth_and_sigterm_drain():
             assert events[-2]["choices"][0]["finish_reason"] == "length"
         assert srv.wait_exit(30) == 0
         assert "drain complete" in srv.log and "engine shut down" in srv.log
-        assert not _alive(grammar[0])  # the engine's shutdown ended it
+        assert not alive(grammar[0])  # the engine's shutdown ended it
 
 
 # ------------------------------------------------------------------ the grammar process
 def _grammar_children(pid: int) -> list[int]:
-    """The grammar processes (server.structured.grammar_worker) whose parent is `pid`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == pid and b"server.structured.grammar_worker" in cmdline:
-            found.append(int(entry))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
+    """The grammar processes (server.structured.grammar_worker) under `pid` (in the engine
+    process, itself a child of the server, unless the engine runs in the server's process)."""
+    return descendants(pid, b"server.structured.grammar_worker")
 
 
 def test_the_grammar_process_goes_with_the_server_even_when_it_is_killed():
@@ -333,7 +312,7 @@ def test_the_grammar_process_goes_with_the_server_even_when_it_is_killed():
         srv.proc.kill()  # no drain, no engine shutdown: only the socket's end of file is left
         srv.proc.wait(10)
         deadline = time.monotonic() + 10
-        while _alive(children[0]):
+        while alive(children[0]):
             assert time.monotonic() < deadline, "the grammar process outlived its server"
             time.sleep(0.05)
 

@@ -23,6 +23,40 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def descendants(pid: int, marker: bytes | None = None) -> list[int]:
+    """The live processes below `pid` (children, their children, ...) whose command line
+    contains `marker` (all of them when None)."""
+    parents: dict[int, int] = {}
+    cmdlines: dict[int, bytes] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, ValueError, IndexError):
+            continue
+        if fields[0] != "Z":
+            parents[int(entry)] = int(fields[1])
+            cmdlines[int(entry)] = cmdline
+    found, frontier = [], {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier}
+        found.extend(sorted(frontier))
+    return [p for p in found if marker is None or marker in cmdlines.get(p, b"")]
+
+
+def alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
 class ServerProcess:
     """A server subprocess: its port, its log, and helpers to wait on it and stop it."""
 

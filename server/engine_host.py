@@ -1,0 +1,194 @@
+"""The engine process: the engine of `server.engine`, in a process without the HTTP stack.
+
+    python -m server.engine_host --fd N [--log-format F --log-level L]
+
+Why a process of its own: startup is bound by Python work that holds the GIL, and in one
+process the HTTP stack (FastAPI, pydantic, uvicorn: ~0.5 s) and the engine's `import torch`
+(~1.9 s) took turns on it, one after the other (docs/benchmarks.md 8p, 8q). Here they run at
+the same time on two cores. While serving, the HTTP layer's per-request and per-token work
+(parsing, SSE framing, JSON) no longer competes with the engine thread for a GIL either.
+
+What runs here: `HostedEngine`, the in-process `AsyncEngine` with two seams changed — outputs
+go to the socket instead of asyncio streams, and the waiting-queue bound is the HTTP side's
+(this side only counts the requests that leave the queue and reports them with the outputs).
+Everything else — the engine thread, loading, capture, the grammar process and tensor-parallel
+workers (this process is rank 0) — is the same code as in one process.
+
+Threads: the main thread reads the socket and applies each message in order (`ADD` queues a
+request, `QUERY` answers at once); the engine thread sends `PHASE`, `INFO` and `OUTPUTS`.
+End of file on the socket (the HTTP process closed it or died) stops the engine and ends this
+process. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a signal to the whole process
+group is the HTTP process's to act on (it drains, then sends `SHUTDOWN`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+
+from server import stall_watch
+from server.engine import AsyncEngine
+from server.engine_ipc import Channel, ChannelClosed, Kind
+from server.gc_control import pause_until_ready
+from server.scheduler import Admission, NewRequest
+
+log = logging.getLogger("graphserve.engine.host")
+
+# After end of file (the HTTP process is gone): how long the engine may take to stop before
+# this process ends anyway. Nobody is left to serve, so only the GPU's release matters.
+ORPHAN_SHUTDOWN_S = 5.0
+
+
+class CountingAdmission(Admission):
+    """No bound here (the HTTP side holds it); counts the requests that left the waiting
+    queue, for the next `OUTPUTS`."""
+
+    def __init__(self) -> None:
+        super().__init__(limit=1 << 62)
+        self._left = 0
+
+    def leave(self, n: int = 1) -> None:
+        with self._lock:
+            self._waiting -= n
+            self._left += n
+
+    def take_left(self) -> int:
+        with self._lock:
+            left, self._left = self._left, 0
+        return left
+
+
+class HostedEngine(AsyncEngine):
+    """`AsyncEngine` whose outputs, phases and queue exits go to the HTTP process.
+
+    `submit` runs on the main thread (the socket's reader); `_deliver` and `_send_phase` on
+    the engine thread (and a TP launcher's watch thread, for "failed").
+    """
+
+    def __init__(self, config, channel: Channel) -> None:
+        super().__init__(config, on_phase=self._send_phase)
+        self._channel = channel
+        self._admission = CountingAdmission()  # handed to the scheduler at load
+
+    def _send_phase(self, phase: str, detail: str | None) -> None:
+        try:
+            if phase == "ready":
+                # Before the phase itself: the HTTP side needs these to accept requests.
+                checkpoint = self._core.runner.checkpoint if self._core is not None else None
+                self._channel.send(Kind.INFO, {
+                    "model_name": self.model_name,
+                    "max_model_len": self.max_model_len,
+                    "vocab_size": self.vocab_size,
+                    "path": None if checkpoint is None else str(checkpoint.path),
+                    "loader": None if checkpoint is None else checkpoint.loader,
+                })  # fmt: skip
+            self._channel.send(Kind.PHASE, (phase, detail))
+        except ChannelClosed:
+            pass  # the main thread sees the end of file and stops the engine
+
+    def submit(self, request_id: str, prompt_ids: list[int], params, seed: int) -> None:
+        """Main thread: the HTTP side already validated and admitted the request."""
+        self._admission.try_enter()
+        self._commands.put(("add", NewRequest(request_id, prompt_ids, params, seed)))
+
+    def _deliver(self, outputs) -> None:
+        # One message per step, whoever the outputs are for.
+        try:
+            self._channel.send(Kind.OUTPUTS, (outputs, self._admission.take_left()))
+        except ChannelClosed:
+            pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m server.engine_host")
+    ap.add_argument("--fd", type=int, required=True)
+    ap.add_argument("--log-format", default="text")
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    pause_until_ready()  # as in the HTTP process: no collection before ready (gc_control)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+    from server.logging_setup import setup_logging
+
+    setup_logging(args.log_format, args.log_level)
+    channel = Channel(socket.socket(fileno=args.fd))
+    try:
+        kind, config = channel.recv()
+    except ChannelClosed:
+        return 0
+    if kind is not Kind.CONFIG:
+        log.error("engine process: expected CONFIG first, got %s", kind.name)
+        return 1
+    engine = HostedEngine(config, channel)
+    stall_watch.start(serving=lambda: engine.phase == "ready")
+    engine.start()
+    code = serve_messages(channel, engine)
+    logging.shutdown()
+    # Past the engine's bounded shutdown: threads still running (a device call that never
+    # returns) must not keep this process, and the GPU it holds, alive.
+    os._exit(code)
+
+
+def serve_messages(channel: Channel, engine: HostedEngine) -> int:
+    """The main thread's loop: apply the HTTP process's messages in order until `SHUTDOWN` or
+    end of file; returns the exit code."""
+    while True:
+        try:
+            kind, obj = channel.recv()
+        except ChannelClosed:
+            log.warning("the HTTP process is gone; stopping the engine")
+            _bounded(engine.shutdown, ORPHAN_SHUTDOWN_S)
+            return 0
+        if kind is Kind.ADD:
+            engine.submit(*obj)
+        elif kind is Kind.ABORT:
+            engine.abort(obj)
+        elif kind is Kind.STOP_ACCEPTING:
+            engine.stop_accepting()
+        elif kind is Kind.QUERY:
+            seq, what = obj
+            try:
+                value = engine.stats() if what == "stats" else engine.graph_report()
+                reply = (seq, True, plain(value))
+            except Exception as exc:  # diagnostics: the asker reports it, the engine serves on
+                reply = (seq, False, f"{type(exc).__name__}: {exc}")
+            try:
+                channel.send(Kind.REPLY, reply)
+            except ChannelClosed:
+                continue  # the next recv sees the end of file
+        elif kind is Kind.SHUTDOWN:
+            engine.shutdown(obj)
+            return 0
+        else:
+            log.error("engine process: unexpected message %s", kind.name)
+
+
+def plain(value):
+    """`value` with builtin types only (a str subclass such as torch's version string becomes a
+    str): the HTTP side unpickles nothing else (`engine_ipc`)."""
+    if isinstance(value, dict):
+        return {plain(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        return [plain(v) for v in value]
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    return str(value)
+
+
+def _bounded(fn, seconds: float) -> None:
+    """Run `fn` on a daemon thread; wait for it at most `seconds`."""
+    thread = threading.Thread(target=fn, name="graphserve-engine-stop", daemon=True)
+    thread.start()
+    thread.join(seconds)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
