@@ -151,6 +151,7 @@ async def main_async(args) -> dict[str, Any]:
                    "--drain-timeout", "5"]
     if args.model:
         server_args = ["--model", args.model, *server_args]
+    server_args += args.server_arg
     result: dict[str, Any] = {"script": "openai_overheads", "smoke": args.smoke,
                               "environment": environment(), "args": vars(args)}
     limits = client_limits(64)
@@ -230,6 +231,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--steady-timeout", type=float, default=60.0)
     ap.add_argument("--request-timeout", type=float, default=300.0)
     ap.add_argument("--log", default=None, help="server log file")
+    ap.add_argument("--server-arg", action="append", default=[], metavar="FLAG",
+                    help="one more server flag, e.g. --server-arg=--no-engine-process (repeat)")
     ap.add_argument("--out", default=None, help="JSON results file")
     ap.add_argument("--smoke", action="store_true", help="CPU check: embedded model, tiny sizes")
     args = ap.parse_args(argv)

@@ -158,9 +158,13 @@ class EngineProcess:
         self._reap(timeout + SHUTDOWN_GRACE_S)
 
     def close(self) -> None:
-        """End the process now if it still runs (a server that never served)."""
+        """End the process now if it still runs (a server that stopped before the engine was
+        ready, or whose shutdown gave up on it)."""
         self._closing = True
-        self._reap(0.0)
+        if self._proc is not None and self._proc.poll() is None:
+            log.info("ending the engine process (pid %d)", self._proc.pid)
+            self._kill()
+        self._reap(SHUTDOWN_GRACE_S)
 
     def _kill(self) -> None:
         if self._proc is not None and self._proc.poll() is None:
@@ -343,8 +347,11 @@ class EngineProcess:
                 freeze_startup_heap()  # this process's startup heap: HTTP stack, tokenizer
                 self._accepting = True
         if phase == "failed":
+            from server.gc_control import end_startup_pause
+
             self._accepting = False
             self.error = detail
+            end_startup_pause()  # this process lives on a while, failed: collect as usual
         self.phase = phase
         with self._phase_lock:
             on_phase = self._on_phase

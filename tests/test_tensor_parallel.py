@@ -38,7 +38,7 @@ from server.engine import AsyncEngine
 from server.errors import FatalEngineError
 from server.request import SamplingParams
 from server.step_plan import StepPlan
-from tests.helpers.server_process import ServerProcess
+from tests.helpers.server_process import ServerProcess, descendants
 from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint
 
 _ids = itertools.count()
@@ -604,9 +604,11 @@ def test_the_server_serves_with_two_ranks_and_exits_nonzero_when_one_dies(checkp
         assert r.json()["usage"]["completion_tokens"] == 4
         tp = server.client.get("/health/graphs").json()["tensor_parallel"]
         assert [r["rank"] for r in tp["ranks"]] == [0, 1]
-        assert tp["ranks"][0]["pid"] == server.proc.pid
-        # Each rank paused collection from its start to its ready freeze (server.gc_control).
-        assert server.log.count("collection on again") == 2, server.log
+        # Rank 0 is the engine process, under the HTTP process (server.engine_process).
+        assert descendants(server.proc.pid, b"server.engine_host") == [tp["ranks"][0]["pid"]]
+        # Each process paused collection from its start to its ready freeze (server.gc_control):
+        # the HTTP process and both ranks.
+        assert server.log.count("collection on again") == 3, server.log
         worker = tp["ranks"][1]["pid"]
         os.kill(worker, signal.SIGKILL)
         body = server.wait_phase("failed", timeout=30)
