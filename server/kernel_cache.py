@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -110,16 +111,60 @@ def _skip(t0: float, reason: str, copied: int = 0, present: int = 0) -> SeedResu
     return SeedResult(copied, present, time.perf_counter() - t0, reason)
 
 
-def start_seeding(shipped: str | None) -> threading.Thread | None:
-    """`seed_from_config` on a thread of its own (None when nothing is configured): copying
-    tens of MiB costs from milliseconds to most of a second depending on the disk, and the
-    engine thread has `import torch` to do meanwhile. Join it before Triton's first lookup."""
+class Seeding:
+    """A seeding in progress: `join()` waits for its end (at most `timeout` seconds)."""
+
+    def __init__(self, proc: subprocess.Popen | None = None,
+                 thread: threading.Thread | None = None):
+        self._proc = proc
+        self._thread = thread
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout)  # waitpid: the GIL is free meanwhile
+            except subprocess.TimeoutExpired:
+                pass
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def is_alive(self) -> bool:
+        if self._proc is not None:
+            return self._proc.poll() is None
+        return self._thread is not None and self._thread.is_alive()
+
+
+def start_seeding(shipped: str | None) -> Seeding | None:
+    """`seed_from_config` in a process of its own (None when nothing is configured; a thread
+    if the process cannot start). Join it before Triton's first lookup.
+
+    Why a process: the copy is many small file operations, each of which gives up the GIL and
+    must win it back. On a thread beside the engine's `import torch` each of them waited out
+    the import's switch interval: 53 entries took 1.8-2.3 s on the H200 box, longer than the
+    import itself, so the engine waited for it (docs/benchmarks.md 8r). Alone it takes tens of
+    milliseconds.
+    """
     if not (shipped or os.environ.get(KERNEL_CACHE_ENV)):
         return None
-    thread = threading.Thread(target=seed_from_config, args=(shipped,),
-                              name="graphserve-kernel-seed", daemon=True)  # fmt: skip
-    thread.start()
-    return thread
+    from server.logging_setup import current_settings
+
+    settings = current_settings()
+    root = str(Path(__file__).resolve().parents[1])  # this checkout's `server` package
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "server.kernel_cache", *([shipped] if shipped else []),
+             "--log-format", settings["log_format"], "--log-level", settings["level"]],
+            stdin=subprocess.DEVNULL, env=env,
+        )  # fmt: skip
+    except OSError as exc:
+        log.info("kernel seeding on a thread (no process: %s)", exc)
+        thread = threading.Thread(target=seed_from_config, args=(shipped,),
+                                  name="graphserve-kernel-seed", daemon=True)  # fmt: skip
+        thread.start()
+        return Seeding(thread=thread)
+    return Seeding(proc=proc)
 
 
 def seed_from_config(shipped: str | None) -> SeedResult | None:
@@ -140,3 +185,23 @@ def seed_from_config(shipped: str | None) -> SeedResult | None:
                  triton_cache_dir(), result.copied, shipped, result.present,
                  result.seconds * 1e3)  # fmt: skip
     return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m server.kernel_cache [DIR]`: the seeding process (`start_seeding`)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m server.kernel_cache")
+    ap.add_argument("shipped", nargs="?", default=None)
+    ap.add_argument("--log-format", default="text")
+    ap.add_argument("--log-level", default="info")
+    args = ap.parse_args(argv)
+    from server.logging_setup import setup_logging
+
+    setup_logging(args.log_format, args.log_level)
+    seed_from_config(args.shipped)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
