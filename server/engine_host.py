@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     pause_until_ready()  # as in the HTTP process: no collection before ready (gc_control)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    from server.logging_setup import setup_logging
+    from server.logging_setup import seconds_since_exec, setup_logging
 
     setup_logging(args.log_format, args.log_level)
     channel = Channel(socket.socket(fileno=args.fd))
@@ -127,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     engine = HostedEngine(config, channel)
     stall_watch.start(serving=lambda: engine.phase == "ready")
     engine.start()
+    age = seconds_since_exec()
+    log.info("engine process %d: engine thread started%s", os.getpid(),
+             "" if age is None else f" {age:.2f} s after this process's exec")
     code = serve_messages(channel, engine)
     logging.shutdown()
     # Past the engine's bounded shutdown: threads still running (a device call that never

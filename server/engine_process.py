@@ -102,7 +102,7 @@ class EngineProcess:
     def spawn(self) -> None:
         """Start the engine process and its reader thread (phases are held until `attach`).
         Raises OSError when the process cannot start."""
-        from server.logging_setup import current_settings
+        from server.logging_setup import current_settings, seconds_since_exec
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         settings = current_settings()
@@ -122,7 +122,9 @@ class EngineProcess:
             theirs.close()
         self._channel = Channel(ours, strict=True)
         self._channel.send(Kind.CONFIG, self.config)
-        log.info("engine process started (pid %d)", self._proc.pid)
+        age = seconds_since_exec()
+        log.info("engine process started (pid %d)%s", self._proc.pid,
+                 "" if age is None else f", {age:.2f} s after exec")
         self._reader = threading.Thread(target=self._read, name="graphserve-engine-reader",
                                         daemon=True)
         self._reader.start()
