@@ -10,7 +10,7 @@ the same time on two cores. While serving, the HTTP layer's per-request and per-
 
 What runs here: `HostedEngine`, the in-process `AsyncEngine` with two seams changed — outputs
 go to the socket instead of asyncio streams, and the waiting-queue bound is the HTTP side's
-(this side only counts the requests that leave the queue and reports them with the outputs).
+(this side reports each request that leaves the queue).
 Everything else — the engine thread, loading, capture, the grammar process and tensor-parallel
 workers (this process is rank 0) — is the same code as in one process.
 
@@ -44,36 +44,35 @@ log = logging.getLogger("graphserve.engine.host")
 ORPHAN_SHUTDOWN_S = 5.0
 
 
-class CountingAdmission(Admission):
-    """No bound here (the HTTP side holds it); counts the requests that left the waiting
-    queue, for the next `OUTPUTS`."""
+class ReportingAdmission(Admission):
+    """No bound here (the HTTP side holds it): every request that leaves the waiting queue is
+    reported at once (`LEFT`, a few microseconds, once per request), so the HTTP side's count
+    stays exact."""
 
-    def __init__(self) -> None:
+    def __init__(self, channel: Channel) -> None:
         super().__init__(limit=1 << 62)
-        self._left = 0
+        self._channel = channel
 
     def leave(self, n: int = 1) -> None:
-        with self._lock:
-            self._waiting -= n
-            self._left += n
-
-    def take_left(self) -> int:
-        with self._lock:
-            left, self._left = self._left, 0
-        return left
+        super().leave(n)
+        try:
+            self._channel.send(Kind.LEFT, n)
+        except ChannelClosed:
+            pass  # the main thread sees the end of file and stops the engine
 
 
 class HostedEngine(AsyncEngine):
     """`AsyncEngine` whose outputs, phases and queue exits go to the HTTP process.
 
-    `submit` runs on the main thread (the socket's reader); `_deliver` and `_send_phase` on
-    the engine thread (and a TP launcher's watch thread, for "failed").
+    `submit` runs on the main thread (the socket's reader); `_deliver`, `_send_phase` and the
+    admission's reports on the engine thread (and a TP launcher's watch thread sends
+    "failed").
     """
 
     def __init__(self, config, channel: Channel) -> None:
         super().__init__(config, on_phase=self._send_phase)
         self._channel = channel
-        self._admission = CountingAdmission()  # handed to the scheduler at load
+        self._admission = ReportingAdmission(channel)  # handed to the scheduler at load
 
     def _send_phase(self, phase: str, detail: str | None) -> None:
         try:
@@ -99,7 +98,7 @@ class HostedEngine(AsyncEngine):
     def _deliver(self, outputs) -> None:
         # One message per step, whoever the outputs are for.
         try:
-            self._channel.send(Kind.OUTPUTS, (outputs, self._admission.take_left()))
+            self._channel.send(Kind.OUTPUTS, outputs)
         except ChannelClosed:
             pass
 

@@ -12,8 +12,8 @@ The engine process (`server.engine_host`) sends:
 
 * `PHASE` (phase, detail), as the in-process engine calls `on_phase`;
 * `INFO` (model name, context length, vocabulary, checkpoint path), right before `PHASE` ready;
-* `OUTPUTS` (one step's `RequestOutput`s, and how many requests left the waiting queue since
-  the last `OUTPUTS`: the HTTP side bounds that queue);
+* `OUTPUTS` (one step's `RequestOutput`s);
+* `LEFT` (a number of requests that left the waiting queue: the HTTP side bounds that queue);
 * `REPLY` (sequence number, value).
 
 Payloads are pickles: both ends are this package, started together; nothing from a client is
@@ -53,6 +53,7 @@ class Kind(IntEnum):
     INFO = 21
     OUTPUTS = 22
     REPLY = 23
+    LEFT = 24
 
 
 class ChannelClosed(ConnectionError):

@@ -8,7 +8,7 @@ workers (docs/benchmarks.md 8r). `--no-engine-process` keeps the engine in this 
 
 What stays here: admission (the same checks, in the same order, as `AsyncEngine.add_request`,
 so a bad or excess request is still refused before anything is queued: the waiting-queue bound
-is counted here, the engine process reports the requests that left the queue), the seeds drawn
+is counted here, and the engine process reports each request that leaves the queue), the seeds drawn
 for unseeded requests, and the API tokenizer. What crosses the socket: each accepted request
 once, aborts, and one message of outputs per engine step (`server.engine_ipc`).
 
@@ -137,11 +137,11 @@ class EngineProcess:
                on_phase: PhaseCallback | None = None) -> EngineProcess:
         """The engine factory handed to the app (`factory(config, on_phase=cb)`): from now on
         phases go to `on_phase`, the held ones first, in order."""
-        with self._phase_lock:
+        with self._phase_lock:  # the reader's next phase waits for the held ones
             held, self._held = self._held, []
             self._on_phase = on_phase
-        for phase, detail in held:
-            self._report(on_phase, phase, detail)
+            for phase, detail in held:
+                self._report(on_phase, phase, detail)
         return self
 
     def start(self) -> None:
@@ -287,7 +287,9 @@ class EngineProcess:
                 break
             try:
                 if kind is Kind.OUTPUTS:
-                    self._deliver(*obj)
+                    self._deliver(obj)
+                elif kind is Kind.LEFT:
+                    self._admission.leave(obj)
                 elif kind is Kind.PHASE:
                     self._phase(*obj)
                 elif kind is Kind.INFO:
@@ -304,9 +306,7 @@ class EngineProcess:
                 log.exception("handling %s from the engine process failed", kind.name)
         self._gone(reason)
 
-    def _deliver(self, outputs: list[RequestOutput], left: int) -> None:
-        if left:
-            self._admission.leave(left)
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
         items = []
         for out in outputs:
             remote = self._remotes.get(out.request_id)
@@ -355,12 +355,11 @@ class EngineProcess:
             self.error = detail
             end_startup_pause()  # this process lives on a while, failed: collect as usual
         self.phase = phase
-        with self._phase_lock:
-            on_phase = self._on_phase
-            if on_phase is None:
+        with self._phase_lock:  # in order with `attach`'s replay of the held ones
+            if self._on_phase is None:
                 self._held.append((phase, detail))
-                return
-        self._report(on_phase, phase, detail)
+            else:
+                self._report(self._on_phase, phase, detail)
 
     @staticmethod
     def _report(on_phase: PhaseCallback | None, phase: str, detail: str | None) -> None:

@@ -144,9 +144,9 @@ def test_channel_frames_survive_many_senders_and_report_the_end():
                                                     for j in range(50))
     assert sum(obj[1] == big for _, obj in got) == 4
     assert all(obj[2] == params for _, obj in got)
-    right.send(Kind.OUTPUTS, ([RequestOutput("r", text="é", finished=True)], 1))
-    kind, (outs, left_n) = left.recv()
-    assert kind is Kind.OUTPUTS and outs[0].text == "é" and left_n == 1
+    right.send(Kind.OUTPUTS, [RequestOutput("r", text="é", finished=True)])
+    kind, outs = left.recv()
+    assert kind is Kind.OUTPUTS and outs[0].text == "é"
     left.close()
     with pytest.raises(ChannelClosed):
         right.recv()
@@ -183,10 +183,63 @@ def test_the_http_side_refuses_before_anything_is_queued():
             engine.add_request("a", [1, 2], params)  # the id is in use
         with pytest.raises(QueueFullError):
             engine.add_request("b", [1, 2], params)
-        engine._deliver([], left=1)  # "a" left the waiting queue in the engine process
+        engine._admission.leave(1)  # what a LEFT from the engine process does: "a" was admitted
         engine.add_request("b", [1, 2], params)
 
     asyncio.run(run())
     assert [kind for kind, _ in sent] == [Kind.ADD, Kind.ADD]
     seeds = [obj[3] for _, obj in sent]
     assert all(isinstance(s, int) for s in seeds) and seeds[0] != seeds[1]
+
+
+def test_the_strict_side_refuses_foreign_classes_and_the_stream_stays_whole():
+    import decimal
+    import pickle
+    import socket
+
+    a, b = socket.socketpair()
+    strict, other = Channel(a, strict=True), Channel(b)
+    other.send(Kind.REPLY, (1, True, {"value": decimal.Decimal("1.5")}))
+    other.send(Kind.REPLY, (2, True, {"value": 1.5}))
+    with pytest.raises(pickle.UnpicklingError, match="decimal.Decimal"):
+        strict.recv()
+    assert strict.recv() == (Kind.REPLY, (2, True, {"value": 1.5}))
+    # Plain values of any builtin subclass cross once `engine_host.plain` made them builtins.
+    from server.engine_host import plain
+
+    class Version(str):
+        pass
+
+    assert type(plain({"torch": Version("2.11")})["torch"]) is str
+    strict.close()
+    other.close()
+
+
+def test_the_reader_counts_queue_exits_reports_phases_in_order_and_fails_on_a_foreign_object():
+    import decimal
+    import socket
+
+    from server.engine_process import EngineProcess
+
+    engine = EngineProcess(EngineConfig(max_queue=4))
+    a, b = socket.socketpair()
+    engine._channel, child = Channel(a, strict=True), Channel(b)
+    seen: list = []
+    child.send(Kind.PHASE, ("loading_weights", None))  # before anyone listens: held
+    engine._reader = threading.Thread(target=engine._read, daemon=True)
+    engine._reader.start()
+    deadline = time.monotonic() + 5
+    while not engine._held:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    engine.attach(on_phase=lambda phase, detail: seen.append((phase, detail)))
+    child.send(Kind.PHASE, ("allocating_kv_cache", None))
+    assert engine._admission.try_enter() and engine._admission.try_enter()
+    child.send(Kind.LEFT, 2)
+    child.send(Kind.OUTPUTS, [decimal.Decimal(1)])  # a bug on the engine side
+    engine._reader.join(5)
+    assert not engine._reader.is_alive()
+    assert engine._admission.waiting == 0
+    assert [p for p, _ in seen] == ["loading_weights", "allocating_kv_cache", "failed"]
+    assert "decimal.Decimal" in seen[-1][1]
+    child.close()
