@@ -15,7 +15,8 @@ Everything else — the engine thread, loading, capture, the grammar process and
 workers (this process is rank 0) — is the same code as in one process.
 
 Threads: the main thread reads the socket and applies each message in order (`ADD` queues a
-request, `QUERY` answers at once); the engine thread sends `PHASE`, `INFO` and `OUTPUTS`.
+request, `ABORT` an abort); a query thread answers `QUERY` (stats, the graph report); the
+engine thread sends `PHASE`, `INFO`, `OUTPUTS` and `LEFT`.
 End of file on the socket (the HTTP process closed it or died) stops the engine and ends this
 process. SIGINT and SIGTERM are ignored: a terminal's Ctrl-C or a signal to the whole process
 group is the HTTP process's to act on (it drains, then sends `SHUTDOWN`).
@@ -26,6 +27,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import signal
 import socket
 import sys
@@ -138,7 +140,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def serve_messages(channel: Channel, engine: HostedEngine) -> int:
     """The main thread's loop: apply the HTTP process's messages in order until `SHUTDOWN` or
-    end of file; returns the exit code."""
+    end of file; returns the exit code. Reports (`QUERY`) are answered on a thread of their
+    own, so a slow one never holds up the requests and aborts behind it."""
+    queries: queue.SimpleQueue = queue.SimpleQueue()
+    threading.Thread(target=_answer_queries, args=(channel, engine, queries),
+                     name="graphserve-engine-queries", daemon=True).start()
     while True:
         try:
             kind, obj = channel.recv()
@@ -153,21 +159,27 @@ def serve_messages(channel: Channel, engine: HostedEngine) -> int:
         elif kind is Kind.STOP_ACCEPTING:
             engine.stop_accepting()
         elif kind is Kind.QUERY:
-            seq, what = obj
-            try:
-                value = engine.stats() if what == "stats" else engine.graph_report()
-                reply = (seq, True, plain(value))
-            except Exception as exc:  # diagnostics: the asker reports it, the engine serves on
-                reply = (seq, False, f"{type(exc).__name__}: {exc}")
-            try:
-                channel.send(Kind.REPLY, reply)
-            except ChannelClosed:
-                continue  # the next recv sees the end of file
+            queries.put(obj)
         elif kind is Kind.SHUTDOWN:
             engine.shutdown(obj)
             return 0
         else:
             log.error("engine process: unexpected message %s", kind.name)
+
+
+def _answer_queries(channel: Channel, engine: HostedEngine, queries: queue.SimpleQueue) -> None:
+    """The query thread: each `(seq, "stats" | "graph_report")` answered with a `REPLY`."""
+    while True:
+        seq, what = queries.get()
+        try:
+            value = engine.stats() if what == "stats" else engine.graph_report()
+            reply = (seq, True, plain(value))
+        except Exception as exc:  # diagnostics: the asker reports it, the engine serves on
+            reply = (seq, False, f"{type(exc).__name__}: {exc}")
+        try:
+            channel.send(Kind.REPLY, reply)
+        except ChannelClosed:
+            return  # the main thread sees the end of file
 
 
 def plain(value):

@@ -14,7 +14,9 @@ once, aborts, and one message of outputs per engine step (`server.engine_ipc`).
 
 Readiness: the engine process reports `ready` after its own checks (largest graph captured);
 this side passes it on once its tokenizer is loaded too (parsed beside the engine's start when
-the checkpoint directory is known up front, else after `INFO` names it).
+the checkpoint directory is known up front, else after `INFO` names it). A tokenizer the fast
+loader declines (or `--loader transformers`) is loaded with transformers here too, which then
+imports torch into this process: the exception, not the rule.
 
 Failure: when the engine process dies, every unfinished request ends with an error and the
 phase becomes `failed` (the server then exits non-zero, as for a failed in-process engine).

@@ -243,3 +243,16 @@ def test_the_reader_counts_queue_exits_reports_phases_in_order_and_fails_on_a_fo
     assert [p for p, _ in seen] == ["loading_weights", "allocating_kv_cache", "failed"]
     assert "decimal.Decimal" in seen[-1][1]
     child.close()
+
+
+def test_a_server_whose_engine_process_cannot_start_runs_the_engine_itself(monkeypatch, caplog):
+    from server import launch
+    from server.config import ServerConfig
+    from server.engine_process import EngineProcess
+
+    def refuse(self):
+        raise OSError("Resource temporarily unavailable")
+
+    monkeypatch.setattr(EngineProcess, "spawn", refuse)
+    assert launch._spawn_engine(ServerConfig()) is None
+    assert "running the engine in this process" in caplog.text
