@@ -50,15 +50,12 @@ from server.block_manager import BlockManager
 from server.config import EngineConfig
 from server.engine_protocol import PhaseCallback, RequestStream, deliver
 from server.errors import (
-    EngineNotReadyError,
     FatalEngineError,
-    InvalidRequestError,
-    QueueFullError,
     StartupError,
 )
 from server.gc_control import end_startup_pause, freeze_startup_heap
 from server.kernel_cache import start_seeding
-from server.request import RequestOutput, SamplingParams, validate_prompt
+from server.request import RequestOutput, SamplingParams
 from server.scheduler import Admission, NewRequest, ScheduledStep, Scheduler, StepResult
 from server.step_timing import StepClock, StepIntervals, trace_threshold_s
 from server.structured.grammar import GrammarBackend, tokenizer_json
@@ -296,16 +293,9 @@ class AsyncEngine:
         Raises InvalidRequestError, QueueFullError or EngineNotReadyError before anything is
         queued, so the caller can still answer with a plain HTTP error.
         """
-        if not self._accepting:
-            raise EngineNotReadyError(f"engine is not accepting requests (phase: {self.phase})")
-        params.validate()
-        validate_prompt(prompt_ids, self.vocab_size, self.max_model_len)
-        if request_id in self._streams:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        if not self._admission.try_enter():
-            raise QueueFullError(
-                f"the waiting queue is full ({self.config.max_queue} requests); retry later"
-            )
+        self._admission.admit(request_id, prompt_ids, params, accepting=self._accepting,
+                              phase=self.phase, in_use=self._streams, vocab_size=self.vocab_size,
+                              max_model_len=self.max_model_len)  # fmt: skip
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(64)
         stream = RequestStream(request_id, asyncio.get_running_loop(), choices=params.n)
         self._streams[request_id] = stream

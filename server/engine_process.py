@@ -33,12 +33,10 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import pickle
 import random
 import socket
 import subprocess
-import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -46,8 +44,8 @@ from typing import Any
 from server.config import EngineConfig
 from server.engine_ipc import Channel, ChannelClosed, Kind
 from server.engine_protocol import PhaseCallback, RequestStream, deliver
-from server.errors import EngineNotReadyError, InvalidRequestError, QueueFullError
-from server.request import RequestOutput, SamplingParams, validate_prompt
+from server.errors import EngineNotReadyError
+from server.request import RequestOutput, SamplingParams
 
 log = logging.getLogger("graphserve.engine.process")
 
@@ -104,19 +102,13 @@ class EngineProcess:
     def spawn(self) -> None:
         """Start the engine process and its reader thread (phases are held until `attach`).
         Raises OSError when the process cannot start."""
-        from server.logging_setup import current_settings, seconds_since_exec
+        from server.child_process import spawn_module
+        from server.logging_setup import seconds_since_exec
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        settings = current_settings()
-        root = str(Path(__file__).resolve().parents[1])  # this checkout's `server` package
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "server.engine_host", "--fd", str(theirs.fileno()),
-                 "--log-format", settings["log_format"], "--log-level", settings["level"]],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env,
-            )  # fmt: skip
+            self._proc = spawn_module("server.engine_host", "--fd", str(theirs.fileno()),
+                                      pass_fds=(theirs.fileno(),))
         except OSError:
             ours.close()
             raise
@@ -206,16 +198,9 @@ class EngineProcess:
         """As `AsyncEngine.add_request`: raises before anything is queued."""
         import asyncio
 
-        if not self._accepting:
-            raise EngineNotReadyError(f"engine is not accepting requests (phase: {self.phase})")
-        params.validate()
-        validate_prompt(prompt_ids, self.vocab_size, self.max_model_len)
-        if request_id in self._remotes:
-            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
-        if not self._admission.try_enter():
-            raise QueueFullError(
-                f"the waiting queue is full ({self.config.max_queue} requests); retry later"
-            )
+        self._admission.admit(request_id, prompt_ids, params, accepting=self._accepting,
+                              phase=self.phase, in_use=self._remotes, vocab_size=self.vocab_size,
+                              max_model_len=self.max_model_len)  # fmt: skip
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(64)
         stream = RequestStream(request_id, asyncio.get_running_loop(), choices=params.n)
         self._remotes[request_id] = _Remote(stream)

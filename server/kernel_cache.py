@@ -146,18 +146,10 @@ def start_seeding(shipped: str | None) -> Seeding | None:
     """
     if not (shipped or os.environ.get(KERNEL_CACHE_ENV)):
         return None
-    from server.logging_setup import current_settings
+    from server.child_process import spawn_module
 
-    settings = current_settings()
-    root = str(Path(__file__).resolve().parents[1])  # this checkout's `server` package
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "server.kernel_cache", *([shipped] if shipped else []),
-             "--log-format", settings["log_format"], "--log-level", settings["level"]],
-            stdin=subprocess.DEVNULL, env=env,
-        )  # fmt: skip
+        proc = spawn_module("server.kernel_cache", *([shipped] if shipped else []))
     except OSError as exc:
         log.info("kernel seeding on a thread (no process: %s)", exc)
         thread = threading.Thread(target=seed_from_config, args=(shipped,),

@@ -58,7 +58,8 @@ from dataclasses import dataclass, field
 
 from server.block_manager import BlockManager
 from server.detokenizer import IncrementalDetokenizer
-from server.request import RequestOutput, SamplingParams, TokenLogprob
+from server.errors import EngineNotReadyError, InvalidRequestError, QueueFullError
+from server.request import RequestOutput, SamplingParams, TokenLogprob, validate_prompt
 from server.seeds import choice_key
 from server.structured.grammar import GrammarWorkerError
 
@@ -148,6 +149,24 @@ class Admission:
     @property
     def waiting(self) -> int:
         return self._waiting
+
+    def admit(self, request_id: str, prompt_ids, params: SamplingParams, *, accepting: bool,
+              phase: str, in_use, vocab_size: int | None, max_model_len: int | None) -> None:
+        """Every submission's checks, in this order, before anything is queued: accepting
+        (else EngineNotReadyError), the parameters and the prompt (InvalidRequestError), the id
+        not `in_use`, then a place in the waiting queue (QueueFullError). On success the request
+        counts as waiting until `leave`. Both engine fronts call this (`server.engine`, and
+        `server.engine_process` for an engine in its own process)."""
+        if not accepting:
+            raise EngineNotReadyError(f"engine is not accepting requests (phase: {phase})")
+        params.validate()
+        validate_prompt(prompt_ids, vocab_size, max_model_len)
+        if request_id in in_use:
+            raise InvalidRequestError(f"request id {request_id!r} is already in use", "request_id")
+        if not self.try_enter():
+            raise QueueFullError(
+                f"the waiting queue is full ({self.limit} requests); retry later"
+            )
 
 
 @dataclass

@@ -29,6 +29,7 @@ TORCH_FREE = (
     "server.engine_ipc",
     "server.engine_process",
     "server.engine_host",
+    "server.child_process",
     "server.graph_warmup",
     "server.graph_memory",
     "server.capture_records",

@@ -35,12 +35,10 @@ import mmap
 import os
 import socket
 import subprocess
-import sys
 import threading
 import time
 import weakref
 from array import array
-from pathlib import Path
 from typing import Any
 
 from server.errors import GrammarError
@@ -151,21 +149,13 @@ class GrammarBackend:
     def _start(self) -> str | None:
         """Start a process and send it the build; returns why that failed, or None. A failure
         here never fails the engine: the next grammar tries again."""
-        from server.logging_setup import current_settings
+        from server.child_process import spawn_module
         from server.structured import grammar_worker as gw
 
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        settings = current_settings()
-        root = str(Path(__file__).resolve().parents[2])  # this checkout's `server` package
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         try:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "server.structured.grammar_worker",
-                 "--fd", str(theirs.fileno()), "--log-format", settings["log_format"],
-                 "--log-level", settings["level"]],
-                pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL, env=env,
-            )  # fmt: skip
+            self._proc = spawn_module("server.structured.grammar_worker",
+                                      "--fd", str(theirs.fileno()), pass_fds=(theirs.fileno(),))
         except OSError as exc:  # out of processes or memory, for instance
             ours.close()
             log.error("grammar process could not start: %s", exc)
