@@ -6,11 +6,11 @@ imports the HTTP stack: the engine process imports torch and loads the model on 
 while this process imports FastAPI, starts uvicorn and parses the tokenizer for the prompt
 workers (docs/benchmarks.md 8r). `--no-engine-process` keeps the engine in this process.
 
-What stays here: admission (the same checks, in the same order, as `AsyncEngine.add_request`,
-so a bad or excess request is still refused before anything is queued: the waiting-queue bound
-is counted here, and the engine process reports each request that leaves the queue), the seeds drawn
-for unseeded requests, and the API tokenizer. What crosses the socket: each accepted request
-once, aborts, and one message of outputs per engine step (`server.engine_ipc`).
+What stays here: admission (`Admission.admit`, as in `AsyncEngine.add_request`, so a bad or
+excess request is still refused before anything is queued; the waiting-queue bound is counted
+here, and the engine process reports each request that leaves the queue), the seeds drawn for
+unseeded requests, and the API tokenizer. What crosses the socket: each accepted request once,
+aborts, and one message of outputs per engine step (`server.engine_ipc`).
 
 Readiness: the engine process reports `ready` after its own checks (largest graph captured);
 this side passes it on once its tokenizer is loaded too (parsed beside the engine's start when
