@@ -1,7 +1,9 @@
 """The engine contract the HTTP layer relies on, and the stream type both sides share.
 
 `EngineProtocol` is what `server.api` may call on an engine; `server.engine.AsyncEngine`
-implements it, and so does the torch-free fake the API tests use (`tests/helpers/fake_engine.py`).
+implements it, so does `server.engine_process.EngineProcess` (the HTTP side of an engine in a
+process of its own, the default), and so does the torch-free fake the API tests use
+(`tests/helpers/fake_engine.py`).
 `RequestStream` is the one stream type: the engine puts a request's `RequestOutput` increments
 into it (from its own thread, through `loop.call_soon_threadsafe`), the HTTP layer iterates it.
 

@@ -1,6 +1,7 @@
 """server/engine_protocol.py: both engines satisfy `EngineProtocol`, and the one stream type.
 
-The real engine (`AsyncEngine`) and the API tests' fake are checked against the same protocol:
+The real engine (`AsyncEngine`), its front for an engine in its own process (`EngineProcess`)
+and the API tests' fake are checked against the same protocol:
 `isinstance` (every member present, attributes included) and call signatures (each method
 accepts the protocol's arguments), so the fake cannot drift from what the API may call.
 """
@@ -83,6 +84,18 @@ def test_async_engine_satisfies_the_protocol():
     assert signature_mismatches(engine) == []
     hints = typing.get_type_hints(AsyncEngine.add_request)
     assert hints["return"] is RequestStream
+
+
+def test_the_engine_process_front_satisfies_the_protocol():
+    from server.engine_process import EngineProcess
+
+    engine = EngineProcess(EngineConfig(device="cpu"))  # cheap: nothing spawned until spawn()
+    assert isinstance(engine, EngineProtocol)
+    assert signature_mismatches(engine) == []
+    hints = typing.get_type_hints(EngineProcess.add_request)
+    assert hints["return"] is RequestStream
+    # The app's factory signature: factory(config, on_phase=cb) returns the engine itself.
+    assert engine.attach(EngineConfig(device="cpu"), on_phase=lambda *_: None) is engine
 
 
 def test_the_checks_catch_a_drifted_engine():
