@@ -4,9 +4,10 @@
 
 Why a process of its own: startup is bound by Python work that holds the GIL, and in one
 process the HTTP stack (FastAPI, pydantic, uvicorn: ~0.5 s) and the engine's `import torch`
-(~1.9 s) took turns on it, one after the other (docs/benchmarks.md 8p, 8q). Here they run at
-the same time on two cores. While serving, the HTTP layer's per-request and per-token work
-(parsing, SSE framing, JSON) no longer competes with the engine thread for a GIL either.
+(1.3-2.4 s, by box) took turns on it, one after the other (docs/benchmarks.md 8p, 8r). Here
+they run at the same time on two cores. While serving, the HTTP layer's per-request and
+per-token work (parsing, SSE framing, JSON) no longer competes with the engine thread for a GIL
+either.
 
 What runs here: `HostedEngine`, the in-process `AsyncEngine` with two seams changed — outputs
 go to the socket instead of asyncio streams, and the waiting-queue bound is the HTTP side's
