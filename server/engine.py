@@ -48,7 +48,7 @@ from typing import TYPE_CHECKING
 from server import early_weights, prefetch, stall_watch, warm_start
 from server.block_manager import BlockManager
 from server.config import EngineConfig
-from server.engine_protocol import PhaseCallback, RequestStream, deliver
+from server.engine_protocol import PhaseCallback, RequestStream, route
 from server.errors import (
     FatalEngineError,
     StartupError,
@@ -321,17 +321,7 @@ class AsyncEngine:
     # -- outputs (called on the engine thread) ----------------------------------------------
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        items = []
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            if out.finished:
-                stream.open_choices -= 1  # engine thread only: see RequestStream
-                if stream.open_choices <= 0:
-                    self._streams.pop(out.request_id, None)
-            items.append((stream, out))
-        deliver(items)
+        route(outputs, self._streams)
 
     # -- introspection ----------------------------------------------------------------------
 

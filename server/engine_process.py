@@ -43,7 +43,7 @@ from typing import Any
 
 from server.config import EngineConfig
 from server.engine_ipc import Channel, ChannelClosed, Kind
-from server.engine_protocol import PhaseCallback, RequestStream, deliver
+from server.engine_protocol import PhaseCallback, RequestStream, deliver, route
 from server.errors import EngineNotReadyError
 from server.request import RequestOutput, SamplingParams
 
@@ -53,17 +53,6 @@ log = logging.getLogger("graphserve.engine.process")
 # answers in well under 1 ms; a loaded 2-core box can hold its main thread off for a while).
 QUERY_TIMEOUT_S = 5.0
 SHUTDOWN_GRACE_S = 5.0  # past the engine's own shutdown timeout, before the process is killed
-
-
-class _Remote:
-    """A request in the engine process, as this side tracks it (reader thread only, after
-    `add_request` created it)."""
-
-    __slots__ = ("stream", "finished")
-
-    def __init__(self, stream: RequestStream):
-        self.stream = stream
-        self.finished: set[int] = set()  # choice indices whose last output came
 
 
 class EngineProcess:
@@ -81,7 +70,7 @@ class EngineProcess:
         self._proc: subprocess.Popen | None = None
         self._channel: Channel | None = None
         self._reader: threading.Thread | None = None
-        self._remotes: dict[str, _Remote] = {}
+        self._remotes: dict[str, RequestStream] = {}  # requests in the engine process
         from server.scheduler import Admission  # torch-free; bounds the waiting queue
 
         self._admission = Admission(config.max_queue)
@@ -203,7 +192,7 @@ class EngineProcess:
                               max_model_len=self.max_model_len)  # fmt: skip
         seed = params.seed if params.seed is not None else self._seed_rng.getrandbits(64)
         stream = RequestStream(request_id, asyncio.get_running_loop(), choices=params.n)
-        self._remotes[request_id] = _Remote(stream)
+        self._remotes[request_id] = stream
         try:
             self._channel.send(Kind.ADD, (request_id, list(prompt_ids), params, seed))
         except ChannelClosed:
@@ -274,7 +263,7 @@ class EngineProcess:
                 break
             try:
                 if kind is Kind.OUTPUTS:
-                    self._deliver(obj)
+                    route(obj, self._remotes)
                 elif kind is Kind.LEFT:
                     self._admission.leave(obj)
                 elif kind is Kind.PHASE:
@@ -292,20 +281,6 @@ class EngineProcess:
             except Exception:  # one bad message must not end the server's only reader
                 log.exception("handling %s from the engine process failed", kind.name)
         self._gone(reason)
-
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
-        items = []
-        for out in outputs:
-            remote = self._remotes.get(out.request_id)
-            if remote is None:
-                continue
-            if out.finished:
-                remote.finished.add(out.index)
-                remote.stream.open_choices -= 1
-                if remote.stream.open_choices <= 0:
-                    self._remotes.pop(out.request_id, None)
-            items.append((remote.stream, out))
-        deliver(items)
 
     def _info(self, info: dict) -> None:
         """`INFO` comes right before `PHASE` ready: take the tokenizer (waiting for its load,
@@ -373,12 +348,11 @@ class EngineProcess:
                + ("" if not reason or reason == "end of file" else f" ({reason})"))
         self._accepting = False
         items = []
-        for request_id, remote in list(self._remotes.items()):
-            for index in range(remote.stream.open_choices + len(remote.finished)):
-                if index not in remote.finished:
-                    items.append((remote.stream, RequestOutput(
-                        request_id, finished=True, finish_reason="error", error=why,
-                        index=index)))  # fmt: skip
+        for request_id, stream in list(self._remotes.items()):
+            for index in sorted(stream.open_choices):
+                items.append((stream, RequestOutput(request_id, finished=True,
+                                                    finish_reason="error", error=why,
+                                                    index=index)))  # fmt: skip
         self._remotes.clear()
         deliver(items)
         if self._closing:

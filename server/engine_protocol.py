@@ -31,7 +31,7 @@ class RequestStream:
 
     A request with `choices` > 1 (n) interleaves its choices' outputs (`RequestOutput.index`);
     the stream ends after the last choice's finished output. `open_choices` is the producer's
-    own count of choices not finished yet (only the producer's thread touches it).
+    own set of the choices not finished yet (only the producer's thread touches it: `route`).
     """
 
     def __init__(self, request_id: str, loop: asyncio.AbstractEventLoop, choices: int = 1):
@@ -39,7 +39,7 @@ class RequestStream:
         self.loop = loop
         self._queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self.finished = False
-        self.open_choices = choices
+        self.open_choices = set(range(choices))
         self._unfinished = choices
 
     def put(self, out: RequestOutput) -> None:
@@ -58,6 +58,23 @@ class RequestStream:
             if self._unfinished <= 0:
                 self.finished = True
         return out
+
+
+def route(outputs: list[RequestOutput], streams: dict[str, RequestStream]) -> None:
+    """The producer's thread: hand each output to its request's stream in `streams` (outputs
+    of requests not there are dropped); a stream leaves `streams` with its last choice's
+    finished output."""
+    items = []
+    for out in outputs:
+        stream = streams.get(out.request_id)
+        if stream is None:
+            continue
+        if out.finished:
+            stream.open_choices.discard(out.index)
+            if not stream.open_choices:
+                streams.pop(out.request_id, None)
+        items.append((stream, out))
+    deliver(items)
 
 
 def deliver(items: list[tuple[RequestStream, RequestOutput]]) -> None:

@@ -256,3 +256,32 @@ def test_a_server_whose_engine_process_cannot_start_runs_the_engine_itself(monke
     monkeypatch.setattr(EngineProcess, "spawn", refuse)
     assert launch._spawn_engine(ServerConfig()) is None
     assert "running the engine in this process" in caplog.text
+
+
+def test_a_gone_engine_process_ends_exactly_the_choices_still_open():
+    import asyncio
+
+    from server.engine_process import EngineProcess
+    from server.engine_protocol import route
+
+    engine = EngineProcess(EngineConfig())
+
+    class FakeChannel:
+        def send(self, kind, obj=None):
+            pass
+
+    engine._channel = FakeChannel()
+    engine.tokenizer, engine.vocab_size, engine.max_model_len = object(), 10, 8
+    engine._accepting, engine._closing = True, True
+
+    async def run() -> list:
+        stream = engine.add_request("a", [1, 2], SamplingParams(max_tokens=2, n=3))
+        route([RequestOutput("a", text="x", finished=True, finish_reason="length", index=1)],
+              engine._remotes)
+        engine._gone(None)
+        return [out async for out in stream]
+
+    outs = asyncio.run(run())
+    assert [(o.index, o.finish_reason) for o in outs] == [(1, "length"), (0, "error"),
+                                                          (2, "error")]
+    assert "engine process exited" in outs[-1].error and engine._remotes == {}
