@@ -223,33 +223,23 @@ def load_checkpoint(
 def _load_fast(path: Path, name: str, device: str, dtype: str, loader: str, load_format: str,
                warmer, shard=None, on_tokenizer=None) -> LoadedCheckpoint:
     from server.hf_config import generation_eos_ids
-    from server.tokenizer import FastTokenizer, TokenizerDeclined, TokenizerLoadError
 
     config = read_config(path)
 
     from server.weights import DummyWeights, unused_tensors
 
     torch_dtype = resolve_dtype(dtype, device)
-    fallback = None
     import_s = 0.0
     # The weight source starts reading before the tokenizer loads, so the two overlap.
     weights = _open_weights(path, config, device, torch_dtype, load_format, warmer, shard)
     try:
-        try:
-            # One instance for both threads (see FastTokenizer): a second from the same file
-            # was another ~0.17 s of GIL-holding parse on the way to ready (H200 box, 128k vocab).
-            tokenizer = api_tokenizer = FastTokenizer.load(path, config.model_type)
-        except TokenizerLoadError as exc:
-            raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
-        except TokenizerDeclined as exc:
-            if loader == "fast":
-                raise ModelLoadError(
-                    f"{path}: --loader fast cannot reproduce this tokenizer ({exc}); "
-                    "use --loader auto or transformers"
-                ) from exc
+        # One instance for both threads (see FastTokenizer): a second from the same file was
+        # another ~0.17 s of GIL-holding parse on the way to ready (H200 box, 128k vocab).
+        tokenizer, fallback = _fast_tokenizer(path, config.model_type, loader)
+        api_tokenizer = tokenizer
+        if tokenizer is None:
             log.info("loading %s's tokenizer with transformers (weights and config.json still "
-                     "read directly): %s", path, exc)
-            fallback = str(exc)
+                     "read directly): %s", path, fallback)
             tokenizer, api_tokenizer, import_s = _transformers_tokenizers(path)
         eos_ids = _eos_ids(config, tokenizer, generation_eos_ids(path))
         if on_tokenizer is not None:
@@ -394,22 +384,38 @@ def _describe(stats: dict | None) -> str:
     return text
 
 
-def load_api_tokenizer(path: Path, loader: str = "auto"):
-    """The tokenizer the HTTP process's prompt workers use, loaded as `load` would (the fast
-    tokenizer, else transformers' unless `loader` is "fast"); no weights, no torch for the
-    fast one."""
+def _fast_tokenizer(path: Path, model_type: str | None, loader: str):
+    """(`FastTokenizer`, None), or (None, why) when it declines this tokenizer and `loader`
+    lets transformers load it instead; ModelLoadError when it cannot be loaded at all or
+    `loader` is "fast"."""
     from server.tokenizer import FastTokenizer, TokenizerDeclined, TokenizerLoadError
 
+    try:
+        return FastTokenizer.load(path, model_type), None
+    except TokenizerLoadError as exc:
+        raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
+    except TokenizerDeclined as exc:
+        if loader == "fast":
+            raise ModelLoadError(
+                f"{path}: --loader fast cannot reproduce this tokenizer ({exc}); "
+                "use --loader auto or transformers"
+            ) from exc
+        return None, str(exc)
+
+
+def load_api_tokenizer(path: Path, loader: str = "auto"):
+    """The tokenizer the HTTP process's prompt workers use, chosen as `load` chooses (the fast
+    tokenizer, else transformers' unless `loader` is "fast"); no weights, no torch for the
+    fast one."""
     config = read_config(path)
     if loader != "transformers":
-        try:
-            return FastTokenizer.load(path, config.model_type)
-        except TokenizerLoadError as exc:
-            raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
-        except TokenizerDeclined as exc:
-            if loader == "fast":
-                raise ModelLoadError(f"{path}: --loader fast cannot reproduce this tokenizer "
-                                     f"({exc})") from exc
+        tokenizer, _ = _fast_tokenizer(path, config.model_type, loader)
+        if tokenizer is not None:
+            return tokenizer
+    return _auto_tokenizer(path)
+
+
+def _auto_tokenizer(path: Path):
     from transformers import AutoTokenizer
 
     try:
@@ -421,15 +427,10 @@ def load_api_tokenizer(path: Path, loader: str = "auto"):
 def _transformers_tokenizers(path: Path):
     """Two AutoTokenizer instances (engine thread, event loop) and transformers' import time."""
     t0 = time.perf_counter()
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer  # noqa: F401  (timed here: the first import)
 
     import_s = time.perf_counter() - t0
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-        api_tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    except (OSError, ValueError, TypeError) as exc:
-        raise ModelLoadError(f"{path}: tokenizer cannot be loaded: {exc}") from exc
-    return tokenizer, api_tokenizer, import_s
+    return _auto_tokenizer(path), _auto_tokenizer(path), import_s
 
 
 def _load_with_transformers(path: Path, name: str, device: str, dtype: str, why: str,

@@ -566,6 +566,21 @@ def test_auto_falls_back_with_a_logged_reason(tmp_path, caplog):
         load_checkpoint(str(path), "cpu", "float32", loader="fast")
 
 
+def test_the_api_tokenizer_is_chosen_as_the_load_chooses(tmp_path):
+    from server.model_loader import load_api_tokenizer
+
+    llama = build_checkpoint(tmp_path / "l", "llama")
+    qwen = build_checkpoint(tmp_path / "q", "qwen2")  # declined by the fast tokenizer
+    assert isinstance(load_api_tokenizer(llama), FastTokenizer)
+    assert not isinstance(load_api_tokenizer(llama, "transformers"), FastTokenizer)
+    fallback = load_api_tokenizer(qwen)
+    ref = load_checkpoint(str(qwen), "cpu", "float32").api_tokenizer
+    assert not isinstance(fallback, FastTokenizer)
+    assert fallback.encode("hello world") == ref.encode("hello world")
+    with pytest.raises(ModelLoadError, match="--loader fast cannot reproduce"):
+        load_api_tokenizer(qwen, "fast")
+
+
 def test_forced_transformers_loader_is_honoured(tmp_path):
     path = build_checkpoint(tmp_path / "l", "llama")
     assert load_checkpoint(str(path), "cpu", "float32").loader == "fast"
