@@ -1,4 +1,5 @@
-"""How the server starts its helper processes: `python -m server.<module> ...`.
+"""How the server starts its helper processes, `python -m server.<module> ...`, and how they
+read the command line it gives them.
 
 The engine process (`server.engine_host`), the grammar process
 (`server.structured.grammar_worker`) and the kernel seeding (`server.kernel_cache`) all start
@@ -11,12 +12,13 @@ Stdlib only: the HTTP process spawns the engine before it imports anything heavy
 
 from __future__ import annotations
 
+import argparse
 import os
 import subprocess
 import sys
 from pathlib import Path
 
-from server.logging_setup import current_settings
+from server.logging_setup import current_settings, setup_logging
 
 _ROOT = str(Path(__file__).resolve().parents[1])  # the directory holding `server`
 
@@ -32,3 +34,17 @@ def spawn_module(module: str, *args: str, pass_fds: tuple[int, ...] = ()) -> sub
          "--log-format", settings["log_format"], "--log-level", settings["level"]],
         pass_fds=pass_fds, stdin=subprocess.DEVNULL, env=env,
     )  # fmt: skip
+
+
+def child_arguments(module: str) -> argparse.ArgumentParser:
+    """The parser of `python -m module`'s command line, with the flags `spawn_module` adds
+    already in (the process adds its own)."""
+    ap = argparse.ArgumentParser(prog=f"python -m {module}")
+    ap.add_argument("--log-format", default="text")
+    ap.add_argument("--log-level", default="info")
+    return ap
+
+
+def start_logging(args: argparse.Namespace) -> None:
+    """Log as the parent does (its settings came in `child_arguments`' flags)."""
+    setup_logging(args.log_format, args.log_level)

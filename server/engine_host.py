@@ -25,7 +25,6 @@ group is the HTTP process's to act on (it drains, then sends `SHUTDOWN`).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import queue
@@ -35,9 +34,11 @@ import sys
 import threading
 
 from server import stall_watch
+from server.child_process import child_arguments, start_logging
 from server.engine import AsyncEngine
 from server.engine_ipc import Channel, ChannelClosed, Kind
 from server.gc_control import pause_until_ready
+from server.logging_setup import seconds_since_exec
 from server.scheduler import Admission, NewRequest
 
 log = logging.getLogger("graphserve.engine.host")
@@ -107,17 +108,13 @@ class HostedEngine(AsyncEngine):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m server.engine_host")
+    ap = child_arguments("server.engine_host")
     ap.add_argument("--fd", type=int, required=True)
-    ap.add_argument("--log-format", default="text")
-    ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
     pause_until_ready()  # as in the HTTP process: no collection before ready (gc_control)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)
-    from server.logging_setup import seconds_since_exec, setup_logging
-
-    setup_logging(args.log_format, args.log_level)
+    start_logging(args)
     channel = Channel(socket.socket(fileno=args.fd))
     try:
         kind, config = channel.recv()

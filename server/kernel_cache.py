@@ -181,16 +181,12 @@ def seed_from_config(shipped: str | None) -> SeedResult | None:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m server.kernel_cache [DIR]`: the seeding process (`start_seeding`)."""
-    import argparse
+    from server.child_process import child_arguments, start_logging
 
-    ap = argparse.ArgumentParser(prog="python -m server.kernel_cache")
+    ap = child_arguments("server.kernel_cache")
     ap.add_argument("shipped", nargs="?", default=None)
-    ap.add_argument("--log-format", default="text")
-    ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
-    from server.logging_setup import setup_logging
-
-    setup_logging(args.log_format, args.log_level)
+    start_logging(args)
     seed_from_config(args.shipped)
     return 0
 

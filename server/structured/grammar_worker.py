@@ -38,7 +38,6 @@ there).
 
 from __future__ import annotations
 
-import argparse
 import collections
 import ctypes
 import json
@@ -332,17 +331,15 @@ class Worker:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m server.structured.grammar_worker")
+    from server.child_process import child_arguments, start_logging
+
+    ap = child_arguments("server.structured.grammar_worker")
     ap.add_argument("--fd", type=int, required=True)
-    ap.add_argument("--log-format", default="text")
-    ap.add_argument("--log-level", default="info")
     args = ap.parse_args(argv)
     # The engine decides when this process ends (it closes the socket); a terminal's Ctrl-C
     # reaches the whole process group and is the server's to act on.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    from server.logging_setup import setup_logging
-
-    setup_logging(args.log_format, args.log_level)
+    start_logging(args)
     sock = socket.socket(fileno=args.fd)
     try:
         Worker(Channel(sock)).serve()
