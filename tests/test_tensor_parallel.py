@@ -38,7 +38,7 @@ from server.engine import AsyncEngine
 from server.errors import FatalEngineError
 from server.request import SamplingParams
 from server.step_plan import StepPlan
-from tests.helpers.server_process import ServerProcess, descendants
+from tests.helpers.server_process import ServerProcess, alive, descendants
 from tests.helpers.tiny_models import ARCHITECTURES, build_checkpoint
 
 _ids = itertools.count()
@@ -616,15 +616,7 @@ def test_the_server_serves_with_two_ranks_and_exits_nonzero_when_one_dies(checkp
         assert server.wait_exit(60) == 1
         with pytest.raises(httpx.TransportError):
             httpx.get(server.base_url + "/health", timeout=1)
-    assert not _running(worker)
-
-
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            return not any(line.startswith("State:") and "Z" in line.split()[1] for line in f)
-    except FileNotFoundError:
-        return False
+    assert not alive(worker)
 
 
 def test_a_new_group_waits_for_the_previous_groups_teardown(monkeypatch):
