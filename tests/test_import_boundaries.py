@@ -45,6 +45,7 @@ TORCH_FREE = (
     "server.state_dir",
     "server.kernel_cache",
     "server.warm_start",
+    "server.torch_import",
     "server.early_weights",
     "server.stall_watch",
     "server.default_model",

@@ -79,6 +79,9 @@ class Worker:
         write_all(self.reply, frame_json(kind, seq, obj))
 
     def run(self, cfg: dict) -> None:
+        from server.torch_import import defer_unused
+
+        defer_unused()  # as on rank 0: before torch's first import in this process
         import torch
 
         from server import ops
