@@ -48,6 +48,37 @@ def test_torch_imports_and_runs_with_its_meta_kernels_deferred():
     assert got["autoload"] == "0"
 
 
+@pytest.mark.gpu
+def test_cuda_graphs_and_pynvml_with_the_deferral():
+    """On the CUDA build: kernels, a captured graph's replay, and torch's NVML queries (which
+    import the deferred `pynvml` on their first use, where it is installed)."""
+    got = _fresh(
+        "import json, sys\n"
+        "from server.torch_import import defer_unused\n"
+        "deferred = defer_unused()\n"
+        "import torch\n"
+        "x = torch.randn(64, 64, device='cuda', dtype=torch.bfloat16)\n"
+        "y = torch.empty_like(x)\n"
+        "torch.matmul(x, x, out=y)  # cuBLAS's workspace outside the graph\n"
+        "torch.cuda.synchronize()\n"
+        "g = torch.cuda.CUDAGraph()\n"
+        "with torch.cuda.graph(g):\n"
+        "    torch.matmul(x, x, out=y)\n"
+        "x.copy_(torch.eye(64, device='cuda', dtype=torch.bfloat16))\n"
+        "g.replay(); torch.cuda.synchronize()\n"
+        "util = None\n"
+        "if 'pynvml' in deferred:\n"
+        "    util = torch.cuda.utilization()\n"
+        "print(json.dumps({'eye': bool(torch.equal(y, x)), 'deferred': deferred,\n"
+        "  'util': util, 'meta': sys.modules['torch._meta_registrations']._deferred_state,\n"
+        "  'nvml': getattr(sys.modules.get('pynvml'), '_deferred_state', None)}))\n"
+    )
+    assert got["eye"]
+    assert got["meta"] == "deferred"  # CUDA kernels and graphs never needed it
+    if "pynvml" in got["deferred"]:
+        assert got["nvml"] == "loaded" and isinstance(got["util"], int)
+
+
 def test_first_attribute_use_imports_it():
     got = _fresh(
         "import json, sys\n"
