@@ -489,11 +489,6 @@ def _hf_state_dict(path: Path, device: str, torch_dtype) -> dict:
     """transformers' own load of the weights (the reference path; see the module docstring)."""
     from transformers import AutoModelForCausalLM
 
-    from server.torch_import import load_deferred
-
-    # transformers may build the model on the meta device: torch's meta kernels first, if
-    # the engine deferred them (`server.torch_import`).
-    load_deferred()
     # With accelerate installed, transformers writes weights straight into device memory;
     # without it, load on the CPU and move (slower, twice the host memory, but it works).
     direct = device != "cpu" and importlib.util.find_spec("accelerate") is not None

@@ -1,27 +1,24 @@
-"""`import torch` without executing the two modules it imports that the engine never uses:
-`defer_unused()`, called before torch's first import in an engine's process.
+"""`import torch` without the work it does that the engine never uses: `defer_unused()`, called
+before torch's first import in an engine's process (the engine thread, a TP worker).
 
 Why: `import torch` is most of the engine's path to ready (1.2-1.9 s on the H200 box, holding
-the GIL), and two of the modules it executes serve nothing the engine does
-(docs/benchmarks.md 8s, `-X importtime` on the box, torch 2.11):
+the GIL; docs/benchmarks.md 8s). Two pieces of it serve nothing the engine does:
 
-* `torch._meta_registrations` (~0.3 s with the decompositions it imports): Python kernels for the
-  Meta dispatch key, for meta and fake tensors (`torch.compile`, `torch.export`, models built on
-  the meta device). The engine runs every op on real CUDA or CPU tensors.
-* `pynvml` (~0.06 s): `torch.cuda` imports it for `utilization()`, `temperature()` and the like,
-  which the server never asks.
+* `pynvml` (0.06-0.08 s): `torch.cuda` imports it for `utilization()`, `temperature()` and the
+  like, which the server never asks. Torch's import only binds it by name, so it is put in
+  `sys.modules` first as a `DeferredModule`: the module object with the real spec, empty, whose
+  first missing attribute runs the real module's code into it (logged). Whoever uses it gets the
+  same module as before; the first use pays the import.
+* The device-plugin autoload (~0.02 s: an entry-point scan of every installed distribution):
+  `TORCH_DEVICE_BACKEND_AUTOLOAD`, torch's documented switch, becomes 0 in this process unless
+  the environment sets it. The engine knows CUDA and CPU only.
 
-Torch's own import only binds each by name; nothing reads from them while torch imports. So each
-is put in `sys.modules` first as a `DeferredModule`: the module object with the real spec, empty,
-whose first missing attribute runs the real module's code into it. Code that uses either module
-sees the same module as before, and the first use pays the import (logged). What moves is only
-the side effect of `torch._meta_registrations`: its kernels reach the dispatcher when something
-first reads from the module (`torch._decomp`, fake tensors do), not at `import torch`. Code that
-runs ops on meta tensors without that calls `load_deferred()` first.
+Not deferred, although the engine never uses it either: `torch._meta_registrations` (~0.3 s with
+the decompositions and prims under it). Deferred, it left torch 2.13 unable to create a
+`torch.Generator` (its metaclass is set by `torch._prims.rng_prims`, imported only through that
+chain), so dummy weights and the embedded model's first build failed. Torch's internal import
+order is not an interface; only leaf modules outside torch are deferred here.
 
-Also: `TORCH_DEVICE_BACKEND_AUTOLOAD` (torch's documented switch for out-of-tree device plugins,
-found through an entry-point scan of every installed distribution: ~0.02 s; the engine knows CUDA
-and CPU only) becomes 0 in this process unless the environment sets it.
 `GRAPHSERVE_DEFER_TORCH_MODULES=0` leaves torch's import as it is, both parts.
 
 Torch-free. Thread ownership: `defer_unused()` runs once, on the thread about to import torch;
@@ -43,8 +40,7 @@ import types
 log = logging.getLogger("graphserve.torch_import")
 
 DEFER_ENV = "GRAPHSERVE_DEFER_TORCH_MODULES"  # "0": import torch as it comes
-# (parent package or None for a top-level module, module name)
-DEFERRED = (("torch", "torch._meta_registrations"), (None, "pynvml"))
+DEFERRED = ("pynvml",)  # top-level source modules only (`_find_leaf`)
 
 
 class DeferredModule(types.ModuleType):
@@ -98,10 +94,10 @@ def defer_unused() -> list[str]:
         return []
     os.environ.setdefault("TORCH_DEVICE_BACKEND_AUTOLOAD", "0")
     deferred = []
-    for parent, name in DEFERRED:
+    for name in DEFERRED:
         if name in sys.modules:
             continue
-        spec = _find_leaf(parent, name)
+        spec = _find_leaf(name)
         if spec is None:
             continue
         sys.modules[name] = DeferredModule(spec)
@@ -111,26 +107,13 @@ def defer_unused() -> list[str]:
     return deferred
 
 
-def load_deferred() -> None:
-    """Run every still-deferred module now (before ops on meta tensors, for instance)."""
-    for _, name in DEFERRED:
-        module = sys.modules.get(name)
-        if isinstance(module, DeferredModule):
-            module._deferred_load("load_deferred()")
-
-
-def _find_leaf(parent: str | None, name: str) -> importlib.machinery.ModuleSpec | None:
-    """`name`'s spec, found without importing `parent`; None unless it is a plain source or
-    bytecode module (a package or an extension is left to the normal import)."""
+def _find_leaf(name: str) -> importlib.machinery.ModuleSpec | None:
+    """Top-level `name`'s spec, found without importing it; None unless it is a plain source
+    or bytecode module (a package or an extension is left to the normal import)."""
+    if "." in name:
+        return None  # a submodule's spec would import its parent
     try:
-        if parent is None:
-            spec = importlib.util.find_spec(name)
-        else:
-            parent_spec = importlib.util.find_spec(parent)  # a top-level spec imports nothing
-            if parent_spec is None or not parent_spec.submodule_search_locations:
-                return None
-            spec = importlib.machinery.PathFinder.find_spec(
-                name, list(parent_spec.submodule_search_locations))
+        spec = importlib.util.find_spec(name)
     except (ImportError, ValueError):
         return None
     if (spec is None or spec.submodule_search_locations is not None

@@ -15,37 +15,71 @@ from server.torch_import import DeferredModule, _find_leaf
 from tests.helpers import REPO
 
 
-def _fresh(code: str, **env: str) -> dict:
-    """Run `code` in a fresh interpreter (torch not imported yet); its last line is JSON."""
-    full = {**os.environ, **env, "PYTHONPATH": str(REPO)}
+def _fresh(code: str, path: str | None = None, **env: str) -> dict:
+    """Run `code` in a fresh interpreter (torch not imported yet), with `path` first on the
+    module path; its last line is JSON."""
+    full = {**os.environ, **env,
+            "PYTHONPATH": os.pathsep.join(p for p in (path, str(REPO)) if p)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=full, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def test_torch_imports_and_runs_with_its_meta_kernels_deferred():
+@pytest.fixture
+def fake_pynvml(tmp_path):
+    """A `pynvml` of our own (CI has none): it records that it ran."""
+    (tmp_path / "pynvml.py").write_text(
+        "import os\nos.environ['GRAPHSERVE_TEST_PYNVML_RAN'] = '1'\n"
+        "def nvmlInit():\n    return 'initialised'\n"
+    )
+    return str(tmp_path)
+
+
+def test_torch_imports_and_works_with_pynvml_deferred(fake_pynvml):
     got = _fresh(
         "import json, os, sys\n"
-        "from server.torch_import import defer_unused, load_deferred\n"
+        "from server.torch_import import defer_unused\n"
         "deferred = defer_unused()\n"
         "import torch\n"
-        "m = sys.modules['torch._meta_registrations']\n"
-        "x = torch.nn.functional.silu(torch.randn(8, 8)) @ torch.randn(8, 8)\n"
-        "after_ops = m._deferred_state\n"
+        "nvml = sys.modules['pynvml']\n"
+        "ran_at_import = os.environ.get('GRAPHSERVE_TEST_PYNVML_RAN')\n"
+        "g = torch.Generator(device='cpu').manual_seed(0)  # torch 2.13: needs torch._prims\n"
+        "x = torch.nn.functional.silu(torch.randn(8, 8, generator=g)) @ torch.randn(8, 8)\n"
         "meta = (torch.empty(4, 4, device='meta') @ torch.empty(4, 4, device='meta')).shape\n"
-        "load_deferred()\n"
-        "print(json.dumps({'deferred': deferred, 'same': torch._meta_registrations is m,\n"
-        "  'after_ops': after_ops, 'state': m._deferred_state, 'meta': list(meta),\n"
-        "  'fn': callable(m.activate_meta),\n"
-        "  'autoload': os.environ.get('TORCH_DEVICE_BACKEND_AUTOLOAD')}))\n"
+        "print(json.dumps({'deferred': deferred, 'ran_at_import': ran_at_import,\n"
+        "  'torch_has_it': bool(torch.cuda._HAS_PYNVML), 'state': nvml._deferred_state,\n"
+        "  'init': nvml.nvmlInit(), 'state_after': nvml._deferred_state,\n"
+        "  'meta_module': type(sys.modules['torch._meta_registrations']).__name__,\n"
+        "  'meta': list(meta), 'autoload': os.environ.get('TORCH_DEVICE_BACKEND_AUTOLOAD')}))\n",
+        path=fake_pynvml,
     )
-    assert "torch._meta_registrations" in got["deferred"]
-    assert got["same"]  # torch's own name for it is the deferred module itself
-    assert got["after_ops"] == "deferred"  # ops on real tensors never needed it
-    assert got["state"] == "loaded" and got["fn"]
+    assert got["deferred"] == ["pynvml"]
+    assert got["ran_at_import"] is None  # torch bound it by name only
+    assert got["torch_has_it"]  # and believes it has it, as it would
+    assert got["state"] == "deferred"
+    assert got["init"] == "initialised" and got["state_after"] == "loaded"  # the first use
+    assert got["meta_module"] == "module"  # torch's own modules are imported as they come
     assert got["meta"] == [4, 4]
     assert got["autoload"] == "0"
+
+
+def test_dummy_weights_and_the_embedded_model_build_with_the_deferral(tmp_path):
+    """Both draw with a `torch.Generator`; the engine process builds the embedded model on a
+    first run and dummy weights under `--load-format dummy` (a deferral of torch's own
+    `_meta_registrations` once broke both on torch 2.13)."""
+    got = _fresh(
+        "import json, sys\n"
+        "from server.torch_import import defer_unused\n"
+        "defer_unused()\n"
+        "import torch\n"
+        "from server.default_model import build_default_model, is_complete\n"
+        "from server.weights import DummyWeights\n"
+        "w = DummyWeights('cpu', torch.float32).take('layers.0.mlp.down_proj.weight', (8, 4))\n"
+        f"build_default_model({str(tmp_path / 'model')!r})\n"
+        f"print(json.dumps([list(w.shape), is_complete({str(tmp_path / 'model')!r})]))\n",
+    )
+    assert got == [[8, 4], True]
 
 
 @pytest.mark.gpu
@@ -66,39 +100,41 @@ def test_cuda_graphs_and_pynvml_with_the_deferral():
         "    torch.matmul(x, x, out=y)\n"
         "x.copy_(torch.eye(64, device='cuda', dtype=torch.bfloat16))\n"
         "g.replay(); torch.cuda.synchronize()\n"
+        "gen = torch.Generator(device='cuda').manual_seed(1)\n"
+        "r = torch.randn(4, device='cuda', generator=gen)\n"
         "util = None\n"
         "if 'pynvml' in deferred:\n"
         "    util = torch.cuda.utilization()\n"
         "print(json.dumps({'eye': bool(torch.equal(y, x)), 'deferred': deferred,\n"
-        "  'util': util, 'meta': sys.modules['torch._meta_registrations']._deferred_state,\n"
-        "  'nvml': getattr(sys.modules.get('pynvml'), '_deferred_state', None)}))\n"
+        "  'util': util, 'nvml': getattr(sys.modules.get('pynvml'), '_deferred_state', None)}))\n"
     )
     assert got["eye"]
-    assert got["meta"] == "deferred"  # CUDA kernels and graphs never needed it
     if "pynvml" in got["deferred"]:
         assert got["nvml"] == "loaded" and isinstance(got["util"], int)
 
 
-def test_first_attribute_use_imports_it():
+def test_first_use_through_from_import(fake_pynvml):
     got = _fresh(
         "import json, sys\n"
         "from server.torch_import import defer_unused\n"
         "defer_unused()\n"
         "import torch\n"
-        "from torch._meta_registrations import activate_meta\n"
-        "print(json.dumps(sys.modules['torch._meta_registrations']._deferred_state))\n"
+        "from pynvml import nvmlInit\n"
+        "print(json.dumps([nvmlInit(), sys.modules['pynvml']._deferred_state]))\n",
+        path=fake_pynvml,
     )
-    assert got == "loaded"
+    assert got == ["initialised", "loaded"]
 
 
-def test_the_switch_leaves_torch_as_it_is():
+def test_the_switch_leaves_torch_as_it_is(fake_pynvml):
     got = _fresh(
         "import json, os, sys\n"
         "from server.torch_import import defer_unused\n"
         "d = defer_unused()\n"
         "import torch\n"
-        "print(json.dumps([d, type(sys.modules['torch._meta_registrations']).__name__,\n"
+        "print(json.dumps([d, type(sys.modules['pynvml']).__name__,\n"
         "                  os.environ.get('TORCH_DEVICE_BACKEND_AUTOLOAD')]))\n",
+        path=fake_pynvml,
         GRAPHSERVE_DEFER_TORCH_MODULES="0",
     )
     assert got == [[], "module", None]
@@ -140,7 +176,7 @@ def leaf(tmp_path, monkeypatch):
     sys.graphserve_test_runs = 0
 
     def defer() -> DeferredModule:
-        spec = _find_leaf(None, name)
+        spec = _find_leaf(name)
         assert spec is not None
         module = DeferredModule(spec)
         sys.modules[name] = module
@@ -188,7 +224,7 @@ def test_a_failing_module_raises_once_then_has_nothing(tmp_path, monkeypatch):
     name = f"graphserve_deferred_broken_{os.getpid()}"
     (tmp_path / f"{name}.py").write_text("raise RuntimeError('broken on purpose')\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    module = DeferredModule(_find_leaf(None, name))
+    module = DeferredModule(_find_leaf(name))
     try:
         with pytest.raises(RuntimeError, match="broken on purpose"):
             module.anything  # noqa: B018
@@ -198,7 +234,7 @@ def test_a_failing_module_raises_once_then_has_nothing(tmp_path, monkeypatch):
         sys.modules.pop(name, None)
 
 
-def test_packages_and_missing_modules_are_not_deferred():
-    assert _find_leaf(None, "json") is None  # a package: left to the normal import
-    assert _find_leaf(None, "graphserve_no_such_module") is None
-    assert _find_leaf("graphserve_no_such_package", "graphserve_no_such_package.x") is None
+def test_packages_submodules_and_missing_modules_are_not_deferred():
+    assert _find_leaf("json") is None  # a package: left to the normal import
+    assert _find_leaf("graphserve_no_such_module") is None
+    assert _find_leaf("server.torch_import") is None  # a submodule: its parent would import
