@@ -149,8 +149,8 @@ class AsyncEngine:
         grammars: list[GrammarBackend] = []
         try:
             t_start = time.perf_counter()
-            # Before anything imports torch: ~0.3 s of its import is modules the engine never
-            # uses (`server.torch_import`).
+            # Before anything imports torch: what its import does for features the engine never
+            # uses waits for their first use (`server.torch_import`).
             torch_import.defer_unused()
             # Torch-free, beside the torch import; joined before any Triton lookup (the
             # workers' come later still: they warm up when rank 0 tells them to).
