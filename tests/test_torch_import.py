@@ -18,8 +18,9 @@ from tests.helpers import REPO
 def _fresh(code: str, path: str | None = None, **env: str) -> dict:
     """Run `code` in a fresh interpreter (torch not imported yet), with `path` first on the
     module path; its last line is JSON."""
+    kept = os.environ.get("PYTHONPATH")
     full = {**os.environ, **env,
-            "PYTHONPATH": os.pathsep.join(p for p in (path, str(REPO)) if p)}
+            "PYTHONPATH": os.pathsep.join(p for p in (path, str(REPO), kept) if p)}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env=full, cwd=REPO, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
