@@ -56,9 +56,15 @@ ALIGN = 256
 # Few readers, niced, when the checkpoint is in the page cache: they finish inside the torch
 # import anyway (4 x 64 MiB read the 8B's 16 GB with 0.00 s left to wait at the load, H200
 # box), and every extra busy thread slows that import, which is on the path to ready (16
-# readers: import 2.7-3.8 s vs 2.5-2.9 s with 4, one call). From disk, reading is the longer
-# part: more requests in flight (4 readers: 8.8 s for the 8B from NVMe, 16 in the pipeline 7.8 s).
+# readers: import 2.7-3.8 s vs 2.5-2.9 s with 4, one call). So only as many as the bytes need:
+# one reader per `CACHED_BYTES_PER_READER`, up to `CACHED_THREADS`. Fresh processes on the H200
+# box, median of 4 (bench/results/probe-early-readers-h200-s21.json): the 1B's 2.5 GB were on
+# the device at 1.72 s with 1 reader, 1.86 s with 2, 1.98 s with 4 (1 reader at ~4.8 GB/s
+# still ends well inside the import); the 8B's 16 GB at 2.22 s with 4, 2.88 s with 2. From
+# disk, reading is the longer part: more requests in flight (4 readers: 8.8 s for the 8B from
+# NVMe, 16 in the pipeline 7.8 s).
 CACHED_THREADS = 4
+CACHED_BYTES_PER_READER = 4 * 2**30
 DISK_THREADS = 16
 # Safetensors dtype of the raw bytes that are the served tensors, per `--dtype`.
 RAW_DTYPE = {"auto": "BF16", "bfloat16": "BF16", "float16": "F16", "float32": "F32"}
@@ -319,11 +325,14 @@ def start(model: str | None, dtype: str, *, ordinal: int = 0,
 
 
 def default_threads(plan: list[TensorEntry]) -> int:
-    """Readers for `plan`: a few if the page cache holds it all (mincore), more if not."""
+    """Readers for `plan`: if the page cache holds it all (mincore), one per
+    `CACHED_BYTES_PER_READER` bytes, at most `CACHED_THREADS` and a quarter of the usable
+    CPUs; more if not."""
     cpus = prefetch.usable_cpus()
     if prefetch.not_resident(plan):
         return max(2, min(DISK_THREADS, cpus))
-    return max(2, min(CACHED_THREADS, cpus // 4))
+    wanted = -(-sum(e.nbytes for e in plan) // CACHED_BYTES_PER_READER)  # ceil
+    return max(1, min(CACHED_THREADS, cpus // 4, wanted))
 
 
 def claim(model_dir: Path) -> EarlyReader | None:

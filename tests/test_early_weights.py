@@ -267,13 +267,24 @@ def test_reader_count_follows_the_page_cache(tmp_path, monkeypatch):
     reader = early_weights.start(str(tmp_path), "auto", threads=2, lib=FakeDriver())
     early_weights.discard()
     plan = [s.entry for s in reader.slots.values()]
+    total = sum(e.nbytes for e in plan)
     monkeypatch.setattr(early_weights.os, "sched_getaffinity", lambda pid: set(range(16)))
     monkeypatch.setattr(prefetch, "not_resident", lambda p: [])
+    # From the page cache: one reader per CACHED_BYTES_PER_READER bytes (more only slow the
+    # torch import beside them), up to CACHED_THREADS.
+    assert early_weights.default_threads(plan) == 1  # a small checkpoint: one reader
+    monkeypatch.setattr(early_weights, "CACHED_BYTES_PER_READER", total // 2)
+    assert early_weights.default_threads(plan) == 2
+    monkeypatch.setattr(early_weights, "CACHED_BYTES_PER_READER", total // 2 + 1)
+    assert early_weights.default_threads(plan) == 2  # rounded up
+    monkeypatch.setattr(early_weights, "CACHED_BYTES_PER_READER", 1)
     assert early_weights.default_threads(plan) == early_weights.CACHED_THREADS
     monkeypatch.setattr(prefetch, "not_resident", lambda p: p[:1])  # a page on disk: read wide
     assert early_weights.default_threads(plan) == early_weights.DISK_THREADS
     monkeypatch.setattr(early_weights.os, "sched_getaffinity", lambda pid: {0, 1})
     assert early_weights.default_threads(plan) == 2
+    monkeypatch.setattr(prefetch, "not_resident", lambda p: [])
+    assert early_weights.default_threads(plan) == 1  # two CPUs: one reader, however large
 
 
 def test_the_engine_reads_early_only_where_it_applies():
