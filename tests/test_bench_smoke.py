@@ -301,7 +301,8 @@ def test_scripts_run_as_modules_without_path_edits():
     # One readiness poll for every script (cold_start.py records phases on its own way there).
     assert sum(text.count("def wait_ready") for text in sources.values()) == 1
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    for name in ("decode", "make_checkpoint", "gemm_routes", "decode_routes_ab", *SCRIPTS):
+    for name in ("decode", "make_checkpoint", "gemm_routes", "decode_routes_ab", "gemm_first_calls",
+                 *SCRIPTS):
         # (op_timing needs Triton at import)
         out = subprocess.run(
             [sys.executable, "-m", f"bench.{name}", "--help"],
@@ -452,3 +453,18 @@ def test_bytecode_cached_tells_compiled_packages_from_bare_sources(tmp_path, mon
     assert compileall.compile_dir(str(pkg), quiet=1)
     assert common.bytecode_cached(names)["gs_bytecode_probe"] is True
     assert "gs_bytecode_probe" not in sys.modules  # looked up, never imported
+
+
+def test_gemm_first_calls_smoke(tmp_path):
+    """Each trial in a process of its own, every (shape, threads) pair once, a median each."""
+    out = tmp_path / "gemm.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.gemm_first_calls", "--smoke", "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(out.read_text())
+    assert [(t["shape"], t["threads"]) for t in data["trials"]] == [("tiny", 1), ("tiny", 2)]
+    assert all(t["first_s"] > 0 and t["again_s"] > 0 and t["rows"] == 3 for t in data["trials"])
+    assert data["median_first_s"] == {f"tiny x{t['threads']}": t["first_s"]
+                                      for t in data["trials"]}
