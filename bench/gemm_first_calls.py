@@ -42,7 +42,7 @@ def trial(shape: str, threads: int) -> dict:
 
     hidden, qkv, inter, vocab = SHAPES[shape]
     cuda = torch.cuda.is_available()
-    dev = torch.device("cuda" if cuda else "cpu")
+    dev = torch.device("cuda", 0) if cuda else torch.device("cpu")
     dt = torch.bfloat16 if cuda else torch.float32
     weights = [torch.zeros(n, k, dtype=dt, device=dev) for n, k in
                ((qkv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter))]
@@ -102,7 +102,9 @@ def main() -> None:
         for shape in shapes:
             for t in counts:
                 out = subprocess.run([sys.executable, "-m", "bench.gemm_first_calls", "--trial",
-                                      shape, str(t)], capture_output=True, text=True, check=True)
+                                      shape, str(t)], capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.exit(f"trial {shape} x{t} failed:\n{out.stderr[-3000:]}")
                 trials.append(json.loads(out.stdout.strip().splitlines()[-1]))
                 print(json.dumps(trials[-1]), flush=True)
     summary = {f"{s} x{t}": median(r["first_s"] for r in trials
