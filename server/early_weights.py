@@ -60,11 +60,11 @@ ALIGN = 256
 # one reader per `CACHED_BYTES_PER_READER`, up to `CACHED_THREADS`. Fresh processes on the H200
 # box, median of 4 (twenty-first session's probe): the 1B's 2.5 GB were on the device at 1.72 s
 # with 1 reader, 1.86 s with 2, 1.98 s with 4 (1 reader at ~4.8 GB/s still ends inside the
-# import); the 8B's 16 GB at 2.22 s with 4, 2.88 s with 2. Exec -> ready in the same call
-# (bench/results/cold-start-{1b,8b}-h200-s22-readers-*.json): the 1B 3.26 s with 1 reader vs
-# 3.46 s with 4; the 8B 3.59 s with 4 vs 4.44 s with 2 (weights phase 0.35 vs 1.08 s). From
-# disk, reading is the longer part: more requests in flight (4 readers: 8.8 s for the 8B from
-# NVMe, 16 in the pipeline 7.8 s).
+# import); the 8B's 16 GB at 2.22 s with 4, 2.88 s with 2. Exec -> ready, launches alternating
+# with the other count in one call (bench/results/cold-start-{1b,8b}-h200-s22-readers-*.json):
+# the 1B 3.26 s with 1 reader vs 3.46 s with 4; the 8B 3.59 s with 4 vs 4.44 s with 2 (weights
+# phase 0.35 vs 1.08 s). From disk, reading is the longer part: more requests in flight (4
+# readers: 8.8 s for the 8B from NVMe, 16 in the pipeline 7.8 s).
 CACHED_THREADS = 4
 CACHED_BYTES_PER_READER = 4 * 2**30
 DISK_THREADS = 16
