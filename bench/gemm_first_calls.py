@@ -22,14 +22,22 @@ import sys
 import time
 
 from bench.common import environment, median, write_json
+from server.config import EngineConfig, default_capture_sizes
+from server.mixed_graph_policy import mixed_graph_sizes
 
 # (hidden, fused q/k/v rows, intermediate, vocab) of the bench checkpoints' architectures.
 SHAPES = {"1b": (2048, 3072, 8192, 128256), "8b": (4096, 6144, 14336, 128256),
           "tiny": (64, 96, 128, 256)}
-# The server's cuBLAS-routed warm-up rows at --max-num-seqs 64: decode sizes above 16 and the
-# mixed-step buckets; the LM head at min(rows, 64), as `DecoderModel.warm_gemms` runs it.
-ROWS = [24, 32, 40, 48, 56, 64, 96, 128, 160, 192, 224, 256, 288, 320]
-LOGITS_ROWS = 64
+MAX_NUM_SEQS = 64  # the benchmarks' server setting; the LM head runs at min(rows, this)
+
+
+def warmup_rows(max_num_seqs: int = MAX_NUM_SEQS) -> list[int]:
+    """The row counts `ModelRunner._warm_gemm_rows` warms on CUDA with the default flags: every
+    decode graph size and every mixed-step bucket."""
+    cfg = EngineConfig(max_num_seqs=max_num_seqs)
+    buckets = mixed_graph_sizes(max_num_seqs, cfg.decode_prefill_tokens_for("cuda"),
+                                cfg.max_num_batched_tokens_for("cuda"))
+    return sorted({*default_capture_sizes(max_num_seqs), *buckets})
 
 
 def trial(shape: str, threads: int) -> dict:
@@ -48,18 +56,25 @@ def trial(shape: str, threads: int) -> dict:
                ((qkv, hidden), (hidden, hidden), (2 * inter, hidden), (hidden, inter))]
     lm_head = torch.zeros(vocab, hidden, dtype=dt, device=dev)
     zero_bias = torch.zeros(2 * inter, dtype=dt, device=dev)
-    rows = ROWS if cuda else ROWS[:3]
+    if cuda:  # the rows cuBLAS takes; fewer go to `skinny_linear` (Triton)
+        from server.triton_ops import SKINNY_MAX_ROWS
+
+        rows = [n for n in warmup_rows() if n > SKINNY_MAX_ROWS]
+    else:
+        rows = warmup_rows()[:3]
 
     def sync() -> None:
         if cuda:
             torch.cuda.synchronize()
 
     def warm(n: int) -> None:
+        """`DecoderModel.warm_gemms` at `n` rows, on zero weights of the layer's shapes (no
+        model is built: the first calls depend only on the shapes)."""
         if cuda:
             torch.cuda.set_device(dev)  # the current device is per thread
         for w in weights:
             ops.linear(torch.zeros(n, w.shape[1], dtype=dt, device=dev), w, None, zero_bias)
-        m = min(n, LOGITS_ROWS)
+        m = min(n, MAX_NUM_SEQS)
         out = torch.empty(m, vocab, dtype=dt, device=dev)
         ops.linear(torch.zeros(m, hidden, dtype=dt, device=dev), lm_head, None, zero_bias, out)
         sync()
@@ -76,7 +91,7 @@ def trial(shape: str, threads: int) -> dict:
     for n in rows:
         warm(n)
     t2 = time.perf_counter()
-    return {"shape": shape, "threads": threads, "cuda": cuda, "rows": len(rows),
+    return {"shape": shape, "threads": threads, "cuda": cuda, "rows": rows,
             "first_s": t1 - t0, "again_s": t2 - t1}
 
 
@@ -113,7 +128,7 @@ def main() -> None:
     for key, value in summary.items():
         print(f"{key:>8}: first calls, median {value:.4f} s")
     write_json(args.out, {"script": "gemm_first_calls", "smoke": args.smoke, "args": vars(args),
-                          "environment": environment(), "rows": ROWS, "trials": trials,
+                          "environment": environment(), "trials": trials,
                           "median_first_s": summary})
 
 
